@@ -1,0 +1,176 @@
+"""Console entry points; thin layers over engine.pipeline.Engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from engine.config import DTYPES, STEER_POSITIONS, TRUNCATE_MODES, ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults
+from engine.models import ModelNotFound
+from engine.pipeline import Engine, EngineError, read_requests
+from engine.writer import JsonlWriter, ManifestMismatch, check_manifest, scan_done_ids
+
+EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give layer indices like 6 or 4,6,8") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an engine."""
+    p.add_argument("--model", default="embedded", help="embedded | local HF dir | file.gguf | random:<preset>")
+    p.add_argument("--tokenizer", help="tokenizer.json (or its dir) to use instead of the model's")
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-model-len", type=int, help="prompt + new tokens limit (default: the model's)")
+    p.add_argument("--tokenizer-workers", type=int, default=1)
+    p.add_argument("--decoder-workers", type=int, default=1)
+    p.add_argument("--truncate", default="none", choices=TRUNCATE_MODES, help="cut prompts that are too long")
+    g = p.add_argument_group("generation defaults (a record's own fields win)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="base seed; a record without 'seed' gets one derived from it and its id")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
+    s = p.add_argument_group("steering (a record's 'steering' object replaces it)")
+    s.add_argument("--steer", metavar="FILE", help="vector file: .safetensors, .pt or .npy")
+    s.add_argument("--steer-layer", type=_layers, default=[], metavar="L[,L2..]", help="decoder layer(s) whose output is steered")
+    s.add_argument("--steer-coef", type=float, default=1.0)
+    s.add_argument("--steer-positions", default="all", choices=STEER_POSITIONS)
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, tokenizer_workers=args.tokenizer_workers,
+        decoder_workers=args.decoder_workers, truncate=args.truncate,
+        return_tokens=getattr(args, "return_tokens", False),
+        sampling=SamplingDefaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos),
+        steering=SteeringDefaults(vector=args.steer, layers=args.steer_layer, coef=args.steer_coef,
+                                  positions=args.steer_positions),
+    )
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine-run", description="Generate completions for a JSONL file of prompts.")
+    p.add_argument("--input", required=True, help="JSONL: one {\"prompt\": ...} or {\"messages\": ...} per line")
+    p.add_argument("--output", help="results JSONL (default: <input stem>.out.jsonl beside the input)")
+    p.add_argument("--ordered", action="store_true", help="write results in input order")
+    p.add_argument("--force", action="store_true", help="settings changed: move old results aside and start again")
+    p.add_argument("--return-tokens", action="store_true", help="add completion_token_ids to each record")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_args(p)
+    return p
+
+
+def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) for each non-blank line; bytes so bad UTF-8 is reported per line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
+                yield number, raw
+
+
+def manifest_of(config: EngineConfig) -> dict:
+    """The settings that make an output what it is; a resume must match them."""
+    return {
+        "version": 1, "model": config.model, "tokenizer": config.tokenizer,
+        "dtype": config.dtype, "max_model_len": config.max_model_len, "truncate": config.truncate,
+        "sampling": config.to_dict()["sampling"], "steering": config.to_dict()["steering"],
+    }
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+class Progress:
+    """A tqdm bar on a terminal (prompts/s, output tok/s, ETA); silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.started = time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="prompt", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, tokens: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{tokens / max(time.perf_counter() - self.started, 1e-9):,.0f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    args = run_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    source = Path(args.input)
+    if not source.is_file():
+        print(f"engine-run: --input {source}: no such file", file=sys.stderr)
+        return EXIT_FATAL
+    output = Path(args.output) if args.output else source.with_name(source.stem + ".out.jsonl")
+    try:
+        config = config_from_args(args)
+        return _run(config, source, output, args)
+    except (ConfigError, ModelNotFound, ManifestMismatch) as exc:
+        print(f"engine-run: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except EngineError as exc:
+        print(f"engine-run: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("engine-run: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
+    wall = time.perf_counter()
+    manifest = manifest_of(config)
+    check_manifest(output, manifest, args.force)
+    done = scan_done_ids(output)
+    with Engine(config) as engine:
+        writer = JsonlWriter(output, manifest, args.ordered)
+        progress = Progress(max(_count_lines(source) - len(done), 0), not args.quiet)
+        stop = lambda signum, frame: engine.interrupt()  # noqa: E731 - stop admitting, then flush below
+        old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        gen_started = time.perf_counter()
+        try:
+            for outcome in engine.run(read_requests(input_lines(source), config, done)):
+                writer.write(outcome)
+                progress.update(writer.num_tokens)
+        finally:
+            writer.close()
+            progress.close()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        elapsed = time.perf_counter() - gen_started
+        interrupted = engine.is_interrupted
+    print(
+        f"engine-run: {writer.num_results} records, {writer.num_errors} errors, {writer.num_tokens} tokens in "
+        f"{elapsed:.1f} s ({writer.num_tokens / max(elapsed, 1e-9):,.0f} tok/s); start-up {engine.startup_s:.1f} s, "
+        f"wall {time.perf_counter() - wall:.1f} s; {engine.device} {engine.dtype}; skipped {len(done)} done"
+        + ("; interrupted" if interrupted else ""),
+        file=sys.stderr,
+    )
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_REJECTED if writer.num_errors else EXIT_OK

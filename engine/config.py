@@ -1,0 +1,117 @@
+"""The one typed configuration of a run, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRUNCATE_MODES = ("none", "left", "right")
+STEER_POSITIONS = ("prompt", "generated", "all")
+
+
+class ConfigError(ValueError):
+    """A setting a user gave is invalid; the message names it and the fix."""
+
+
+@dataclass(slots=True)
+class SamplingDefaults:
+    """Generation settings a record may override field by field."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, ConfigError)
+
+
+def check_sampling(max_new_tokens, temperature, top_p, top_k, error) -> None:
+    """Shared checks for run-level defaults and per-record values; raises `error`."""
+    if max_new_tokens < 1:
+        raise error(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise error(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if not 0 < top_p <= 1:
+        raise error(f"top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+        raise error(f"top_k={top_k} must be >= 0 (0 means no top-k filter)")
+
+
+@dataclass(slots=True)
+class SteeringDefaults:
+    """The job-wide steering (`--steer ...`); a record's `steering` object replaces it."""
+
+    vector: str | None = None
+    layers: list[int] = field(default_factory=list)
+    coef: float = 1.0
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.vector is None:
+            return
+        if not self.layers:
+            raise ConfigError("--steer needs --steer-layer (e.g. --steer-layer 6 or 4,6,8)")
+        if self.positions not in STEER_POSITIONS:
+            raise ConfigError(f"--steer-positions {self.positions!r}: use one of {', '.join(STEER_POSITIONS)}")
+        if not Path(self.vector).is_file():
+            raise ConfigError(f"--steer {self.vector}: no such file")
+
+    def as_record(self) -> dict | None:
+        if self.vector is None:
+            return None
+        return {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": self.positions}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine's processes need; built once by the CLI or the Python API."""
+
+    model: str = "embedded"
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    tokenizer_workers: int = 1
+    decoder_workers: int = 1
+    ring_slots: int = 8
+    slot_tokens: int = 1 << 16
+    truncate: str = "none"
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    steering: SteeringDefaults = field(default_factory=SteeringDefaults)
+    return_tokens: bool = False
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.truncate not in TRUNCATE_MODES:
+            raise ConfigError(f"--truncate {self.truncate!r}: use left or right")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        for name in ("max_num_seqs", "tokenizer_workers", "decoder_workers", "ring_slots"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len {self.max_model_len}: must be at least 2")
+        if self.slot_tokens < 1024:
+            raise ConfigError(f"slot_tokens={self.slot_tokens}: must be at least 1024")
+        if not self.cache_dir:
+            self.cache_dir = os.environ.get("ENGINE_CACHE_DIR") or str(Path.home() / ".cache" / "steer-engine")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineConfig":
+        data = dict(data)
+        data["sampling"] = SamplingDefaults(**data["sampling"])
+        data["steering"] = SteeringDefaults(**data["steering"])
+        return cls(**data)

@@ -1,0 +1,160 @@
+"""EngineCore: the step loop (usable in one process), and core_main, its process wrapper.
+
+The core is the only process that touches the device. It takes token ids out of ring slots, runs the
+scheduler and model runner, and sends finished sequences to the decoder workers.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.models import ModelSource, load_model, resolve_device, resolve_dtype
+from engine.procs import MsgQueue, ParentWatch
+from engine.request import RecordError
+from engine.ring import ShmRing
+from engine.scheduler import Scheduler, Sequence
+from engine.steering import SteeringTable
+from engine.tokenizer_worker import load_tokenizer
+
+
+def _as_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
+class EngineCore:
+    """Holds the model; `add` queues a tokenized request, `step` advances every running sequence by one token."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        tok = load_tokenizer(source.tokenizer_dir)
+        self.model = load_model(source, self.dtype, self.device, vocab_size=len(tok))
+        self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok.eos_token_id)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.steering = SteeringTable(self.model, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, self.steering, pad_id)
+        self.scheduler = Scheduler(config.max_num_seqs)
+        self._last_tokens: torch.Tensor | None = None
+
+    def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
+        """Queue one request; RecordError if its steering cannot apply to this model."""
+        spec = request["steering"]
+        rows = self.steering.resolve(spec)
+        self.scheduler.add(Sequence(
+            index=request["index"], prompt_ids=prompt_ids, max_new_tokens=request["max_new_tokens"],
+            temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
+            seed=request["seed"], ignore_eos=request["ignore_eos"], stop=request["stop"], steer_rows=rows,
+            steer_coef=spec["coef"] if spec else 0.0, steer_positions=spec["positions"] if spec else "all",
+        ))
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Sequence]:
+        batch = self.scheduler.schedule()
+        tokens = self.runner.step(batch, None if batch.is_prefill else self._last_tokens)
+        finished = self.scheduler.update(batch, tokens.tolist(), self.eos_ids)
+        if finished:
+            done = {id(s) for s in finished}
+            keep = [i for i, s in enumerate(batch.seqs) if id(s) not in done]
+            tokens = tokens[torch.tensor(keep, dtype=torch.int64, device=tokens.device)]
+        self._last_tokens = tokens
+        return finished
+
+    def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
+        """In-process convenience: run requests to completion; returns finished sequences by index."""
+        for request, ids in zip(requests, prompts):
+            self.add(request, torch.tensor(ids, dtype=torch.int64, device=self.device))
+        done: dict[int, Sequence] = {}
+        while self.has_work:
+            done.update((s.index, s) for s in self.step())
+        return done
+
+
+def finished_msg(seq: Sequence) -> dict:
+    return {
+        "index": seq.index, "tokens": np.asarray(seq.output_ids, dtype=np.int32).tobytes(),
+        "finish_reason": seq.finish_reason, "num_prompt_tokens": seq.num_prompt_tokens, "stop": seq.stop,
+    }
+
+
+class SlotReader:
+    """Moves a slot's tokens to the device with one copy and frees the slot once that copy is done."""
+
+    def __init__(self, ring: ShmRing, device: str):
+        self.ring, self.device = ring, device
+        self.is_cuda = device.startswith("cuda")
+        self.pinned = ring.pin() if self.is_cuda else False
+        self._pending: list[tuple[torch.cuda.Event, int]] = []
+
+    def read(self, slot: int, seq: int) -> list[tuple[int, torch.Tensor]]:
+        views = self.ring.read(slot, seq)
+        total = sum(len(v) for _, v in views)
+        host = torch.from_numpy(self.ring.tokens[slot, :total])
+        if self.is_cuda:
+            flat = host.to(self.device, non_blocking=self.pinned).long()
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((event, slot))
+        else:
+            flat = host.long()  # a copy, so the slot can go back at once
+            self.ring.release(slot)
+        out, offset = [], 0
+        for index, view in views:
+            out.append((index, flat[offset:offset + len(view)]))
+            offset += len(view)
+        return out
+
+    def release_done(self) -> None:
+        still = []
+        for event, slot in self._pending:
+            if event.query():
+                self.ring.release(slot)
+            else:
+                still.append((event, slot))
+        self._pending = still
+
+
+def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue, dec_q: MsgQueue,
+              events: MsgQueue) -> None:
+    started = time.perf_counter()
+    config = EngineConfig.from_dict(config_msg)
+    core = EngineCore(config, ModelSource(**source_msg))
+    reader = SlotReader(ring, core.device)
+    name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"
+    events.put({"t": "ready", "startup_s": time.perf_counter() - started, "device": name,
+                "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
+    watch = ParentWatch()
+    max_waiting = 2 * config.max_num_seqs
+    while watch.parent_alive():
+        reader.release_done()
+        while len(core.scheduler.waiting) < max_waiting:
+            try:
+                msg = inbox.get_nowait() if core.has_work else inbox.get(timeout=0.5)
+            except queue.Empty:
+                break
+            if msg["t"] == "shutdown":
+                return
+            _admit(core, reader, msg, events)
+        if core.has_work:
+            finished = core.step()
+            if finished:
+                dec_q.put({"seqs": [finished_msg(s) for s in finished]})
+
+
+def _admit(core: EngineCore, reader: SlotReader, msg: dict, events: MsgQueue) -> None:
+    for request, (index, ids) in zip(msg["requests"], reader.read(msg["slot"], msg["seq"])):
+        try:
+            core.add(request, ids)
+        except RecordError as exc:
+            events.put({"t": "error", "index": index, "error": str(exc)})

@@ -1,0 +1,60 @@
+"""DecoderWorker: finished token ids -> text, cut at stop strings, with the finish reason."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+
+from engine.procs import MsgQueue, ParentWatch
+from engine.tokenizer_worker import load_tokenizer
+
+
+def cut_at_stop(tok, token_ids: list[int], text: str, stops: list[str]) -> tuple[str, int] | None:
+    """If a stop string occurs, the text before it and how many tokens it took to reach it; else None."""
+    hits = [(text.find(s), s) for s in stops if s in text]
+    if not hits:
+        return None
+    at, stop = min(hits)
+    # The fewest tokens whose text contains the stop string (containment only grows with more tokens).
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stop in tok.decode(token_ids[:mid], skip_special_tokens=True):
+            hi = mid
+        else:
+            lo = mid + 1
+    return text[:at], lo
+
+
+def finalize(tok, items: list[dict], return_tokens: bool) -> list[dict]:
+    """Decode a batch of finished sequences into result fields."""
+    id_lists = [np.frombuffer(item["tokens"], dtype=np.int32).tolist() for item in items]
+    texts = tok.batch_decode(id_lists, skip_special_tokens=True)
+    results = []
+    for item, ids, text in zip(items, id_lists, texts):
+        reason = item["finish_reason"]
+        cut = cut_at_stop(tok, ids, text, item["stop"]) if item["stop"] else None
+        if cut is not None:
+            text, count = cut
+            ids, reason = ids[:count], "stop"
+        result = {"t": "result", "index": item["index"], "completion": text, "finish_reason": reason,
+                  "num_prompt_tokens": item["num_prompt_tokens"], "num_completion_tokens": len(ids)}
+        if return_tokens:
+            result["completion_token_ids"] = ids
+        results.append(result)
+    return results
+
+
+def decoder_main(tokenizer_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue) -> None:
+    tok = load_tokenizer(tokenizer_dir)
+    watch = ParentWatch()
+    while watch.parent_alive():
+        try:
+            msg = inbox.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if msg is None:
+            return
+        for result in finalize(tok, msg["seqs"], return_tokens):
+            events.put(result)

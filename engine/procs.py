@@ -1,0 +1,79 @@
+"""Process plumbing: msgpack message queues, child start-up, liveness of the parent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import traceback
+
+import msgpack
+
+log = logging.getLogger("engine")
+
+
+class MsgQueue:
+    """A multiprocessing queue of msgpack-encoded messages (bytes only cross the process boundary)."""
+
+    def __init__(self, ctx, maxsize: int = 0):
+        self._q = ctx.Queue(maxsize)
+
+    def put(self, msg, timeout: float | None = None) -> None:
+        self._q.put(msgpack.packb(msg, use_bin_type=True), timeout=timeout)
+
+    def get(self, timeout: float | None = None):
+        """The next message; raises queue.Empty after `timeout` seconds."""
+        return msgpack.unpackb(self._q.get(timeout=timeout), raw=False, strict_map_key=False)
+
+    def get_nowait(self):
+        return msgpack.unpackb(self._q.get_nowait(), raw=False, strict_map_key=False)
+
+    def put_until(self, msg, should_stop, poll: float = 0.5) -> bool:
+        """Blocking put that gives up (False) once `should_stop()` is true; for bounded queues."""
+        data = msgpack.packb(msg, use_bin_type=True)
+        while not should_stop():
+            try:
+                self._q.put(data, timeout=poll)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        self._q.cancel_join_thread()
+        self._q.close()
+
+
+class ParentWatch:
+    """Lets a child notice that the parent died (kill -9), so no orphan keeps running."""
+
+    def __init__(self):
+        self.ppid = os.getppid()
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.ppid
+
+
+def child_main(stage: str, events: MsgQueue, target, *args) -> None:
+    """Entry point of every spawned process: the parent owns signals; errors become one fatal message."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.basicConfig(level=logging.WARNING, format=f"[{stage}] %(message)s", stream=sys.stderr)
+    try:
+        target(*args)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as this stage's fatal error
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        tb = traceback.format_exc(limit=-3)
+        try:
+            events.put({"t": "fatal", "stage": stage, "error": detail, "traceback": tb}, timeout=5)
+        except queue.Full:
+            pass
+        sys.exit(1)
+
+
+def start(ctx, stage: str, events: MsgQueue, target, *args):
+    proc = ctx.Process(target=child_main, args=(stage, events, target, *args), name=stage, daemon=True)
+    proc.start()
+    return proc

@@ -1,0 +1,167 @@
+"""Input records: parsing and validating one JSONL line into a Request."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from engine.config import STEER_POSITIONS, SamplingDefaults, check_sampling
+
+KNOWN_FIELDS = {
+    "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+    "ignore_eos", "steering",
+}
+MAX_SEED = (1 << 63) - 1
+
+
+class RecordError(ValueError):
+    """A record cannot run; the message says which field and why."""
+
+
+@dataclass(slots=True)
+class Request:
+    """One prompt to generate from, with its resolved settings; travels as a msgpack dict."""
+
+    index: int
+    line: int
+    id: str
+    prompt: str | None
+    messages: list | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: list[str]
+    ignore_eos: bool
+    steering: dict | None
+    extra: dict = field(default_factory=dict)
+
+    def to_msg(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_msg(cls, msg: dict) -> "Request":
+        return cls(**msg)
+
+
+def derive_seed(base_seed: int, request_id: str) -> int:
+    """A stable per-request seed, so an unseeded record is still reproducible."""
+    digest = hashlib.blake2b(f"{base_seed}:{request_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def decode_line(raw: bytes, line: int) -> dict:
+    """Bytes of one input line -> the JSON object, or RecordError naming the problem."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"line {line} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"line {line} is a JSON {type(obj).__name__}, expected an object with a 'prompt' or 'messages'")
+    return obj
+
+
+def _typed(obj: dict, name: str, kinds: tuple, label: str):
+    value = obj[name]
+    if isinstance(value, bool) and bool not in kinds:
+        raise RecordError(f"field '{name}' is {value!r}; it must be {label}")
+    if not isinstance(value, kinds):
+        raise RecordError(f"field '{name}' is {json.dumps(value)[:60]}; it must be {label}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(f"field '{name}' is {value}; it must be a finite number")
+    return value
+
+
+def _get(obj: dict, name: str, default, kinds: tuple, label: str):
+    return _typed(obj, name, kinds, label) if name in obj else default
+
+
+def parse_steering(value, where: str = "field 'steering'") -> dict | None:
+    """A steering object -> normalised dict {vector, layers, coef, positions}; None means unsteered."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RecordError(f"{where} must be an object like {{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}} or null")
+    unknown = set(value) - {"vector", "layer", "layers", "coef", "positions"}
+    if unknown:
+        raise RecordError(f"{where} has unknown key(s) {sorted(unknown)}; use vector, layers, coef, positions")
+    vector = value.get("vector")
+    if not isinstance(vector, str) or not vector:
+        raise RecordError(f"{where}.vector must be a path to a .safetensors, .pt or .npy file")
+    layers = value.get("layers", value.get("layer"))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise RecordError(f"{where}.layers must be a layer index or a non-empty list of them, got {json.dumps(layers)}")
+    coef = value.get("coef", 1.0)
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+        raise RecordError(f"{where}.coef must be a finite number, got {json.dumps(coef)}")
+    positions = value.get("positions", "all")
+    if positions not in STEER_POSITIONS:
+        raise RecordError(f"{where}.positions is {json.dumps(positions)}; use one of {', '.join(STEER_POSITIONS)}")
+    return {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
+
+
+def _messages(obj: dict) -> list:
+    messages = obj["messages"]
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok:
+        raise RecordError("field 'messages' must be a non-empty list of {\"role\": str, \"content\": str} objects")
+    return messages
+
+
+def _stop(obj: dict) -> list[str] | None:
+    if "stop" not in obj:
+        return None
+    stop = obj["stop"]
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RecordError("field 'stop' must be a non-empty string or a list of non-empty strings")
+    return stop
+
+
+def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: dict | None) -> Request:
+    """A decoded JSON object -> Request with defaults filled in; RecordError on any bad field."""
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise RecordError("a record needs exactly one of 'prompt' (string) or 'messages' (chat list)")
+    prompt = _typed(obj, "prompt", (str,), "a string") if has_prompt else None
+    messages = _messages(obj) if has_messages else None
+    request_id = _get(obj, "id", str(line), (str,), "a string")
+    if not request_id:
+        raise RecordError("field 'id' is empty; give a non-empty string or leave it out")
+    max_new_tokens = _get(obj, "max_new_tokens", defaults.max_new_tokens, (int,), "an integer >= 1")
+    temperature = float(_get(obj, "temperature", defaults.temperature, (int, float), "a number >= 0"))
+    top_p = float(_get(obj, "top_p", defaults.top_p, (int, float), "a number in (0, 1]"))
+    top_k = _get(obj, "top_k", defaults.top_k, (int,), "an integer >= 0")
+    check_sampling(max_new_tokens, temperature, top_p, top_k, RecordError)
+    seed = _get(obj, "seed", None, (int,), f"an integer in [0, {MAX_SEED}]")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RecordError(f"field 'seed' is {seed}; it must be in [0, {MAX_SEED}]")
+    stop = _stop(obj)
+    return Request(
+        index=index,
+        line=line,
+        id=request_id,
+        prompt=prompt,
+        messages=messages,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=derive_seed(defaults.seed, request_id) if seed is None else seed,
+        stop=list(defaults.stop) if stop is None else stop,
+        ignore_eos=_get(obj, "ignore_eos", defaults.ignore_eos, (bool,), "true or false"),
+        steering=parse_steering(obj["steering"]) if "steering" in obj else steering,
+        extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
+    )

@@ -1,0 +1,95 @@
+"""Sampler: per-row greedy / temperature / top-k / top-p on the device, reproducible per request.
+
+Each row's randomness is one uniform number hashed from (seed, step) with integer arithmetic, turned into a
+token by inverse-CDF over the row's (filtered) distribution. Nothing depends on the other rows of the batch,
+so a request's tokens do not depend on its batch-mates, and the hash gives the same number on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finalizer on int64 tensors holding 32-bit values (products wrap; low bits stay exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One float32 in [0, 1) per row from int64 (seed, step); 24 bits so the float is exact."""
+    h = _fmix32((seed & _M32) ^ 0x9E3779B9)
+    h = _fmix32(h ^ ((seed >> 32) & _M32))
+    h = _fmix32(h ^ (step & _M32))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-row sampling settings as device tensors, built once per batch composition."""
+
+    temperature: torch.Tensor  # float32 [B]; 0 rows are greedy
+    top_p: torch.Tensor  # float32 [B]
+    top_k: torch.Tensor  # int64 [B]; 0 = off
+    seed: torch.Tensor  # int64 [B]
+    is_all_greedy: bool
+    max_top_k: int  # 0 unless every sampled row has a top_k and none uses top_p
+    needs_sort: bool  # some sampled row uses top_p (or top_k beside top_p)
+
+    @classmethod
+    def build(cls, rows: list[tuple[float, float, int, int]], device) -> "SamplingParams":
+        temps = [r[0] for r in rows]
+        sampled = [r for r in rows if r[0] > 0]
+        uses_p = any(r[1] < 1.0 for r in sampled)
+        all_k = bool(sampled) and all(r[2] > 0 for r in sampled) and not uses_p
+        return cls(
+            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+            top_p=torch.tensor([r[1] for r in rows], dtype=torch.float32, device=device),
+            top_k=torch.tensor([r[2] for r in rows], dtype=torch.int64, device=device),
+            seed=torch.tensor([r[3] for r in rows], dtype=torch.int64, device=device),
+            is_all_greedy=not sampled,
+            max_top_k=max(r[2] for r in sampled) if all_k else 0,
+            needs_sort=uses_p or (any(r[2] > 0 for r in sampled) and not all_k),
+        )
+
+
+class Sampler:
+    """Turns last-position logits into next tokens, one row per request."""
+
+    def __call__(self, logits: torch.Tensor, params: SamplingParams, step: torch.Tensor) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if params.is_all_greedy:
+            return greedy
+        scaled = logits.float() / params.temperature.clamp_min(1e-5)[:, None]
+        if params.needs_sort:
+            values, order = scaled.sort(dim=-1, descending=True)
+            values = self._filter_sorted(values, params)
+        elif params.max_top_k:
+            values, order = scaled.topk(min(params.max_top_k, scaled.shape[-1]), dim=-1)
+            values = self._filter_sorted(values, params)
+        else:
+            values, order = scaled, None
+        weights = torch.exp(values - values.max(dim=-1, keepdim=True).values)
+        cdf = weights.cumsum(dim=-1)
+        target = uniform(params.seed, step)[:, None] * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
+        sampled = pick.squeeze(-1) if order is None else order.gather(-1, pick).squeeze(-1)
+        return torch.where(params.temperature > 0, sampled, greedy)
+
+    @staticmethod
+    def _filter_sorted(values: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Mask sorted-descending values outside each row's top-k, then its top-p nucleus, as HF's warpers do."""
+        ranks = torch.arange(values.shape[-1], device=values.device)[None, :]
+        k = torch.where(params.top_k > 0, params.top_k, values.shape[-1])[:, None]
+        values = values.masked_fill(ranks >= k, float("-inf"))
+        probs = torch.softmax(values, dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p[:, None]
+        drop[:, 0] = False  # the most likely token always stays
+        return values.masked_fill(drop, float("-inf"))

@@ -1,0 +1,102 @@
+"""TokenizerWorker: batches of requests -> token ids in ring slots, plus one small message per slot."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+
+from engine.procs import MsgQueue, ParentWatch
+from engine.request import RecordError
+from engine.ring import ShmRing
+
+# What the engine core needs of a request; everything else stays with the parent.
+CORE_FIELDS = ("index", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "steering")
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """The fast (Rust) tokenizer of a directory holding tokenizer.json; never touches the network."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+def encode(tok, requests: list[dict]) -> list[list[int] | RecordError]:
+    """Token ids per request: `prompt` via one batch encode, `messages` via the chat template."""
+    texts = [r["prompt"] for r in requests if r["prompt"] is not None]
+    encoded = iter(tok(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
+    out: list[list[int] | RecordError] = []
+    for request in requests:
+        if request["prompt"] is not None:
+            out.append(next(encoded))
+        elif not tok.chat_template:
+            out.append(RecordError(
+                "this model's tokenizer has no chat template (it is a base model): send 'prompt' text instead of "
+                "'messages', or pass --tokenizer with a tokenizer that has one"
+            ))
+        else:
+            text = tok.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+            out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def fit_length(ids: list[int], max_new_tokens: int, max_model_len: int, truncate: str, bos_id: int | None) -> list[int]:
+    """Check prompt + max_new_tokens against max_model_len; truncate if asked (a leading BOS is kept)."""
+    room = max_model_len - max_new_tokens
+    if room < 1:
+        raise RecordError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within max_model_len={max_model_len}")
+    if not ids:
+        raise RecordError("the prompt encodes to zero tokens; give a non-empty prompt")
+    if len(ids) <= room:
+        return ids
+    if truncate == "none":
+        raise RecordError(
+            f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds max_model_len="
+            f"{max_model_len}: shorten it, lower max_new_tokens, or pass --truncate left|right"
+        )
+    if truncate == "right":
+        return ids[:room]
+    keep_bos = bos_id is not None and ids[0] == bos_id
+    return ids[:1] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
+
+
+def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: ShmRing, inbox: MsgQueue,
+                   core_q: MsgQueue, events: MsgQueue) -> None:
+    tok = load_tokenizer(tokenizer_dir)
+    watch = ParentWatch()
+    while watch.parent_alive():
+        try:
+            msg = inbox.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if msg is None:
+            return
+        requests = msg["requests"]
+        entries = []
+        for request, ids in zip(requests, encode(tok, requests)):
+            try:
+                if isinstance(ids, RecordError):
+                    raise ids
+                ids = fit_length(ids, request["max_new_tokens"], max_model_len, truncate, tok.bos_token_id)
+            except RecordError as exc:
+                events.put({"t": "error", "index": request["index"], "error": str(exc)})
+                continue
+            entries.append((request, np.asarray(ids, dtype=np.int32)))
+        _send(entries, ring, core_q, watch)
+
+
+def _send(entries: list[tuple[dict, np.ndarray]], ring: ShmRing, core_q: MsgQueue, watch: ParentWatch) -> None:
+    """Pack encoded requests into as few slots as fit; one message per filled slot."""
+    while entries:
+        count = 1
+        while count < len(entries) and ring.fits([len(ids) for _, ids in entries[:count + 1]]):
+            count += 1
+        batch, entries = entries[:count], entries[count:]
+        slot = None
+        while slot is None:
+            if not watch.parent_alive():
+                return
+            slot = ring.acquire(timeout=1.0)
+        seq = ring.write(slot, [(r["index"], ids) for r, ids in batch])
+        core_q.put({"t": "slot", "slot": slot, "seq": seq,
+                    "requests": [{k: r[k] for k in CORE_FIELDS} for r, _ in batch]})
