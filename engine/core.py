@@ -136,20 +136,30 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
                 "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
     watch = ParentWatch()
     max_waiting = 2 * config.max_num_seqs
+    stats = {"t": "stats", "steps": 0, "idle_s": 0.0}  # idle: no sequence to run, waiting for the ring
+    last_report = time.monotonic()
     while watch.parent_alive():
         reader.release_done()
         while len(core.scheduler.waiting) < max_waiting:
+            idle_from = None if core.has_work else time.perf_counter()
             try:
-                msg = inbox.get_nowait() if core.has_work else inbox.get(timeout=0.5)
+                msg = inbox.get_nowait() if idle_from is None else inbox.get(timeout=0.5)
             except queue.Empty:
                 break
+            finally:
+                if idle_from is not None:
+                    stats["idle_s"] += time.perf_counter() - idle_from
             if msg["t"] == "shutdown":
                 return
             _admit(core, reader, msg, events)
         if core.has_work:
             finished = core.step()
+            stats["steps"] += 1
             if finished:
                 dec_q.put({"seqs": [finished_msg(s) for s in finished]})
+        if time.monotonic() - last_report > 1.0:
+            events.put(stats)
+            last_report = time.monotonic()
 
 
 def _admit(core: EngineCore, reader: SlotReader, msg: dict, events: MsgQueue) -> None:

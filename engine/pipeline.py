@@ -103,6 +103,7 @@ class Engine:
         self._next_index = 0
         self._stop = threading.Event()
         self._closed = False
+        self.core_stats: dict = {"steps": 0, "idle_s": 0.0}  # cumulative, reported by the core every second
         ready = self._wait_ready()
         self.device, self.dtype = ready["device"], ready["dtype"]
         self.startup_s = time.perf_counter() - started
@@ -131,7 +132,9 @@ class Engine:
             self._handle_control(msg)
 
     def _handle_control(self, msg: dict) -> None:
-        if msg["t"] == "fatal":
+        if msg["t"] == "stats":
+            self.core_stats = msg
+        elif msg["t"] == "fatal":
             self.close()
             raise EngineError(f"{msg['stage']} failed: {msg['error']}\n{msg.get('traceback', '')}".rstrip())
 
