@@ -34,8 +34,13 @@ class ModelRunner:
         self.params: SamplingParams | None = None
 
     @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, last_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Last-position logits [B, V] of each row: the prompt's for a prefill, the new token's for a decode."""
+        return self._prefill(batch.seqs) if batch.is_prefill else self._decode(batch.seqs, last_tokens)
+
+    @torch.inference_mode()
     def step(self, batch: ScheduledBatch, last_tokens: torch.Tensor | None) -> torch.Tensor:
-        logits = self._prefill(batch.seqs) if batch.is_prefill else self._decode(batch.seqs, last_tokens)
+        logits = self.forward(batch, last_tokens)
         steps = torch.tensor([len(s.output_ids) for s in batch.seqs], dtype=torch.int64, device=self.device)
         return self.sampler(logits.float(), self.params, steps)
 

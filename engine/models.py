@@ -199,7 +199,9 @@ def load_model(source: ModelSource, dtype, device: str, vocab_size: int):
     """Load the HF causal LM in eval mode on `device`; random presets are seeded so every load is identical."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if source.preset is not None:
         config = random_config(source.preset, vocab_size)
         torch.manual_seed(0)

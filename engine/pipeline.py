@@ -7,6 +7,7 @@ Build it once from an EngineConfig; `generate(records)` yields result records as
 from __future__ import annotations
 
 import logging
+import os
 import multiprocessing as mp
 import queue
 import signal
@@ -88,6 +89,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig):
         started = time.perf_counter()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub, in any process
         self.config = config
         self.source = resolve_model(config.model, config.tokenizer, config.cache_dir)
         self.max_model_len = min(config.max_model_len or self.source.max_position_embeddings,

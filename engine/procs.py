@@ -58,6 +58,7 @@ class ParentWatch:
 
 def child_main(stage: str, events: MsgQueue, target, *args) -> None:
     """Entry point of every spawned process: the parent owns signals; errors become one fatal message."""
+    _set_name(stage)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=logging.WARNING, format=f"[{stage}] %(message)s", stream=sys.stderr)
@@ -71,6 +72,16 @@ def child_main(stage: str, events: MsgQueue, target, *args) -> None:
         except queue.Full:
             pass
         sys.exit(1)
+
+
+def _set_name(stage: str) -> None:
+    """Name the process after its stage (what `top` and psutil show), e.g. engine-core, engine-tok-0."""
+    short = "engine-" + stage.replace("tokenizer worker ", "tok-").replace("decoder worker ", "dec-").replace("engine ", "")
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(short[:15])
+    except OSError:
+        pass  # not Linux: names are cosmetic
 
 
 def start(ctx, stage: str, events: MsgQueue, target, *args):

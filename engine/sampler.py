@@ -1,8 +1,9 @@
 """Sampler: per-row greedy / temperature / top-k / top-p on the device, reproducible per request.
 
-Each row's randomness is one uniform number hashed from (seed, step) with integer arithmetic, turned into a
-token by inverse-CDF over the row's (filtered) distribution. Nothing depends on the other rows of the batch,
-so a request's tokens do not depend on its batch-mates, and the hash gives the same number on CPU and GPU.
+Sampling is Gumbel-max: next token = argmax(logits / T + g), with g[v] hashed from (seed, step, v) by
+integer arithmetic. The noise of a row depends only on its own request, so a request's tokens do not
+depend on its batch-mates, the hash gives the same numbers on CPU and GPU, and (unlike inverse-CDF
+sampling) a last-bit difference in the logits almost never changes the pick.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """One float32 in [0, 1) per row from int64 (seed, step); 24 bits so the float is exact."""
+def row_key(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """A 32-bit key per row from int64 (seed, step)."""
     h = _fmix32((seed & _M32) ^ 0x9E3779B9)
     h = _fmix32(h ^ ((seed >> 32) & _M32))
-    h = _fmix32(h ^ (step & _M32))
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return _fmix32(h ^ (step & _M32))
+
+
+def gumbel(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel noise [B, V] keyed by (seed, step, token id); 24-bit uniforms in (0, 1), exact in float32."""
+    tokens = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
+    h = _fmix32(tokens[None, :] ^ row_key(seed, step)[:, None])
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
 
 
 @dataclass(slots=True)
@@ -69,27 +77,29 @@ class Sampler:
             return greedy
         scaled = logits.float() / params.temperature.clamp_min(1e-5)[:, None]
         if params.needs_sort:
-            values, order = scaled.sort(dim=-1, descending=True)
-            values = self._filter_sorted(values, params)
+            scaled = self._top_k_top_p(scaled, params)
         elif params.max_top_k:
-            values, order = scaled.topk(min(params.max_top_k, scaled.shape[-1]), dim=-1)
-            values = self._filter_sorted(values, params)
-        else:
-            values, order = scaled, None
-        weights = torch.exp(values - values.max(dim=-1, keepdim=True).values)
-        cdf = weights.cumsum(dim=-1)
-        target = uniform(params.seed, step)[:, None] * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, target, right=True).clamp_max(cdf.shape[-1] - 1)
-        sampled = pick.squeeze(-1) if order is None else order.gather(-1, pick).squeeze(-1)
+            scaled = self._top_k(scaled, params)
+        sampled = (scaled + gumbel(params.seed, step, scaled.shape[-1])).argmax(dim=-1)
         return torch.where(params.temperature > 0, sampled, greedy)
 
     @staticmethod
-    def _filter_sorted(values: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-        """Mask sorted-descending values outside each row's top-k, then its top-p nucleus, as HF's warpers do."""
+    def _top_k(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Keep each row's top_k tokens (ties at the edge stay); no full sort."""
+        top = scaled.topk(min(params.max_top_k, scaled.shape[-1]), dim=-1).values
+        k = params.top_k.clamp(1, top.shape[-1])[:, None] - 1
+        edge = torch.where(params.top_k[:, None] > 0, top.gather(-1, k), float("-inf"))
+        return scaled.masked_fill(scaled < edge, float("-inf"))
+
+    @staticmethod
+    def _top_k_top_p(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """Mask tokens outside each row's top-k, then its top-p nucleus, as HF's warpers do."""
+        values, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(values.shape[-1], device=values.device)[None, :]
         k = torch.where(params.top_k > 0, params.top_k, values.shape[-1])[:, None]
         values = values.masked_fill(ranks >= k, float("-inf"))
         probs = torch.softmax(values, dim=-1)
         drop = (probs.cumsum(dim=-1) - probs) >= params.top_p[:, None]
+        drop |= ranks >= k
         drop[:, 0] = False  # the most likely token always stays
-        return values.masked_fill(drop, float("-inf"))
+        return scaled.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))

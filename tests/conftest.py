@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models for speed, the embedded Gemma 3 270M for the slow real checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import EngineConfig, SamplingDefaults
+from engine.models import load_model, resolve_model
+from engine.tokenizer_worker import load_tokenizer
+
+TINY = "random:tiny"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_config(**overrides) -> EngineConfig:
+    sampling = overrides.pop("sampling", SamplingDefaults(max_new_tokens=8, ignore_eos=True))
+    base = dict(model=TINY, device="cpu", max_num_seqs=4, return_tokens=True, sampling=sampling)
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    return resolve_model(TINY, None, EngineConfig().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_source):
+    return load_tokenizer(tiny_source.tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_source, tokenizer):
+    """The exact model the engine builds for random:tiny (seeded), for HF reference runs."""
+    return load_model(tiny_source, torch.float32, "cpu", vocab_size=len(tokenizer))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a dragon who",
+    "Hi",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+    "The quick brown fox jumps over",
+    "In 1969, astronauts",
+    "def fibonacci(n):",
+]

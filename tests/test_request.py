@@ -1,0 +1,71 @@
+"""Parsing input records: defaults, carried fields, and a clear error for each bad field."""
+
+import pytest
+
+from engine.config import SamplingDefaults
+from engine.request import RecordError, decode_line, derive_seed, parse_record, parse_steering
+
+DEFAULTS = SamplingDefaults(max_new_tokens=32, temperature=0.5, seed=9)
+
+
+def parse(obj, steering=None):
+    return parse_record(obj, 0, 3, DEFAULTS, steering)
+
+
+def test_defaults_fill_in_and_extra_fields_carry_through():
+    r = parse({"prompt": "hi", "topic": "x", "meta": {"a": 1}})
+    assert (r.id, r.max_new_tokens, r.temperature, r.top_p, r.top_k) == ("3", 32, 0.5, 1.0, 0)
+    assert r.extra == {"topic": "x", "meta": {"a": 1}}
+    assert r.seed == derive_seed(9, "3") and r.seed != derive_seed(10, "3")
+
+
+def test_record_fields_override_defaults():
+    r = parse({"prompt": "hi", "id": "a", "max_new_tokens": 5, "temperature": 0, "top_p": 0.9, "top_k": 4,
+               "seed": 123, "stop": "\n", "ignore_eos": True})
+    assert (r.id, r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.seed, r.stop, r.ignore_eos) == (
+        "a", 5, 0.0, 0.9, 4, 123, ["\n"], True)
+
+
+@pytest.mark.parametrize("obj, fragment", [
+    ({}, "exactly one of 'prompt'"),
+    ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one of 'prompt'"),
+    ({"prompt": 5}, "field 'prompt'"),
+    ({"prompt": "a", "id": 7}, "field 'id'"),
+    ({"prompt": "a", "id": ""}, "field 'id' is empty"),
+    ({"prompt": "a", "max_new_tokens": "10"}, "field 'max_new_tokens'"),
+    ({"prompt": "a", "max_new_tokens": 0}, "max_new_tokens=0"),
+    ({"prompt": "a", "max_new_tokens": True}, "field 'max_new_tokens'"),
+    ({"prompt": "a", "temperature": -1}, "temperature=-1"),
+    ({"prompt": "a", "top_p": 0}, "top_p=0"),
+    ({"prompt": "a", "top_k": -2}, "top_k=-2"),
+    ({"prompt": "a", "seed": -1}, "field 'seed'"),
+    ({"prompt": "a", "stop": [""]}, "field 'stop'"),
+    ({"messages": []}, "field 'messages'"),
+    ({"messages": [{"role": "user"}]}, "field 'messages'"),
+    ({"prompt": "a", "steering": "v.pt"}, "must be an object"),
+    ({"prompt": "a", "steering": {"vector": "v.pt"}}, ".layers"),
+    ({"prompt": "a", "steering": {"vector": "v.pt", "layers": [1], "positions": "middle"}}, ".positions"),
+    ({"prompt": "a", "steering": {"vector": "v.pt", "layers": 1, "coef": "big"}}, ".coef"),
+    ({"prompt": "a", "steering": {"vector": "v.pt", "layers": 1, "scale": 2}}, "unknown key"),
+])
+def test_bad_fields_are_named(obj, fragment):
+    with pytest.raises(RecordError, match=None) as info:
+        parse(obj)
+    assert fragment in str(info.value)
+
+
+def test_decode_line_errors_name_the_line():
+    with pytest.raises(RecordError, match="line 4 is not valid JSON"):
+        decode_line(b"{nope", 4)
+    with pytest.raises(RecordError, match="line 5 is not valid UTF-8"):
+        decode_line(b'{"prompt": "\xff"}', 5)
+    with pytest.raises(RecordError, match="line 6 is a JSON list"):
+        decode_line(b"[1, 2]", 6)
+
+
+def test_steering_normalised_and_null_disables_job_steering():
+    spec = parse_steering({"vector": "v.npy", "layer": 3, "coef": 2})
+    assert spec == {"vector": "v.npy", "layers": [3], "coef": 2.0, "positions": "all"}
+    job = {"vector": "j.npy", "layers": [1], "coef": 1.0, "positions": "all"}
+    assert parse({"prompt": "a"}, steering=job).steering == job
+    assert parse({"prompt": "a", "steering": None}, steering=job).steering is None
