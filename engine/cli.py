@@ -174,3 +174,7 @@ def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_REJECTED if writer.num_errors else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(run_main())

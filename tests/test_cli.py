@@ -1,0 +1,170 @@
+"""engine-run end to end: bad input, exit codes, resume, interruption, a dead stage, the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import PROMPTS, read_jsonl, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_ARGS = ["--model", "random:tiny", "--device", "cpu", "--quiet", "--max-new-tokens", "6"]
+
+
+def engine_run(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_run(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout=240) -> None:
+    deadline = time.monotonic() + timeout
+    while len(read_jsonl(path)) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no output in time"
+        time.sleep(0.2)
+
+
+def test_bad_input_is_reported_per_line_and_the_rest_completes(tmp_path):
+    vector = tmp_path / "v.npy"
+    np.save(vector, np.ones(32, dtype=np.float32))  # tiny model's hidden size is 64: wrong width
+    lines = [
+        json.dumps({"id": "ok1", "prompt": "Hello there", "colour": "blue"}),     # 1
+        "{this is not json",                                                       # 2
+        json.dumps({"id": "np", "text": "no prompt field"}),                       # 3
+        json.dumps({"id": "bad-type", "prompt": "x", "max_new_tokens": "many"}),   # 4
+        json.dumps({"id": "ok1", "prompt": "duplicate id"}),                       # 5
+        json.dumps({"id": "nofile", "prompt": "x", "steering": {"vector": str(tmp_path / "missing.pt"), "layers": [1]}}),
+        json.dumps({"id": "width", "prompt": "x", "steering": {"vector": str(vector), "layers": [1]}}),  # 7
+        json.dumps({"id": "long", "prompt": "word " * 200}),                       # 8
+        json.dumps({"id": "empty", "prompt": ""}),                                 # 9
+        '{"id": "utf", "prompt": "caf\xe9"}',                                      # 10 (latin-1 bytes below)
+        json.dumps({"id": "huge", "prompt": "a" * 10_000_000}),                    # 11: a 10 MB line
+        json.dumps({"id": "chat", "messages": [{"role": "user", "content": "hi"}]}),  # 12
+        "",                                                                        # 13: blank, skipped
+        json.dumps({"id": "layer", "prompt": "x", "steering": {"vector": str(vector), "layers": [99]}}),  # 14
+        json.dumps({"id": "ok2", "prompt": "Bye", "max_new_tokens": 3}),           # 15
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").replace("caf\xe9", "caf\udcff").encode("utf-8", "surrogateescape"))
+    out = tmp_path / "out.jsonl"
+    result = engine_run("--input", str(path), "--output", str(out), "--max-model-len", "64", *TINY_ARGS)
+    assert result.returncode == 3, result.stderr
+    done = {r["id"]: r for r in read_jsonl(out)}
+    assert set(done) == {"ok1", "empty", "ok2"}
+    assert done["ok1"]["colour"] == "blue" and done["ok2"]["num_completion_tokens"] == 3
+    errors = {e["line"]: e for e in read_jsonl(tmp_path / "errors.jsonl")}
+    expect = {2: "not valid JSON", 3: "exactly one of 'prompt'", 4: "field 'max_new_tokens'", 5: "duplicate id",
+              6: "no such file", 7: "hidden size is 64", 8: "exceeds max_model_len=64", 10: "not valid UTF-8",
+              11: "exceeds max_model_len=64", 12: "no chat template", 14: "out of range"}
+    assert set(errors) == set(expect)
+    for line, fragment in expect.items():
+        assert fragment in errors[line]["error"], (line, errors[line])
+    assert errors[8]["id"] == "long" and "id" not in errors[2]
+    assert "3 records, 11 errors" in result.stderr
+
+
+def test_truncate_left_keeps_the_end_of_a_long_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "long", "prompt": "word " * 200}])
+    out = tmp_path / "out.jsonl"
+    result = engine_run("--input", str(path), "--output", str(out), "--max-model-len", "64", "--truncate", "left",
+                        *TINY_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert read_jsonl(out)[0]["num_prompt_tokens"] == 64 - 6
+
+
+def test_empty_input_file_is_a_clean_run(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    result = engine_run("--input", str(path), *TINY_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert "0 records, 0 errors" in result.stderr
+    assert (tmp_path / "empty.out.jsonl").read_text() == ""
+
+
+def test_missing_model_and_missing_input_are_one_line_errors(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    result = engine_run("--input", str(path), "--model", str(tmp_path / "nowhere"), "--quiet")
+    assert result.returncode == 1 and "not found; looked for a local Hugging Face directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = engine_run("--input", str(tmp_path / "nope.jsonl"))
+    assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def many_prompts(tmp_path: Path, count: int) -> Path:
+    return write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": PROMPTS[i % len(PROMPTS)] + f" {i}",
+                                                "max_new_tokens": 48} for i in range(count)])
+
+
+def assert_complete(out: Path, count: int) -> None:
+    ids = [r["id"] for r in read_jsonl(out)]  # read_jsonl fails on any invalid line
+    assert len(ids) == len(set(ids)) == count
+
+
+def test_sigint_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
+    path, out = many_prompts(tmp_path, 120), tmp_path / "out.jsonl"
+    args = ("--input", str(path), "--output", str(out), "--max-num-seqs", "2", *TINY_ARGS)
+    proc = start_run(*args)
+    wait_for_records(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    partial = read_jsonl(out)
+    assert 3 <= len(partial) < 120
+    with out.open("a") as f:
+        f.write('{"id": "half-writ')  # what a power cut mid-write would leave
+    result = engine_run(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {len(partial)} done" in result.stderr
+    assert_complete(out, 120)
+
+
+def test_changed_settings_are_refused_unless_forced(tmp_path):
+    path, out = many_prompts(tmp_path, 2), tmp_path / "out.jsonl"
+    assert engine_run("--input", str(path), "--output", str(out), *TINY_ARGS).returncode == 0
+    result = engine_run("--input", str(path), "--output", str(out), *TINY_ARGS, "--temperature", "0.5")
+    assert result.returncode == 1 and "was made with other settings" in result.stderr and "--force" in result.stderr
+    result = engine_run("--input", str(path), "--output", str(out), *TINY_ARGS, "--temperature", "0.5", "--force")
+    assert result.returncode == 0, result.stderr
+    assert len(list(tmp_path.glob("out.jsonl.replaced-*"))) == 1
+    assert_complete(out, 2)
+
+
+def test_a_killed_engine_core_is_reported_and_finished_records_stay(tmp_path):
+    path, out = many_prompts(tmp_path, 120), tmp_path / "out.jsonl"
+    proc = start_run("--input", str(path), "--output", str(out), "--max-num-seqs", "2", *TINY_ARGS)
+    wait_for_records(out, 2, proc)
+    core = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "engine-core"]
+    assert len(core) == 1
+    os.kill(core[0].pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "engine core" in stderr and "SIGKILL" in stderr
+    records = read_jsonl(out)
+    assert 2 <= len(records) < 120 and all(r["num_completion_tokens"] == 48 for r in records)
+
+
+@pytest.mark.slow
+def test_example_file_with_the_embedded_model(tmp_path):
+    out = tmp_path / "examples.out.jsonl"
+    result = engine_run("--input", str(ROOT / "examples" / "prompts.jsonl"), "--output", str(out), "--quiet",
+                        "--ordered", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == ["capital", "story", "recipe", "science", "list", "poem"]
+    assert "Paris" in records[0]["completion"] or "France" in records[0]["completion"]
+    assert records[3]["topic"] == "biology"
+    assert records[2]["finish_reason"] == "stop" and "\n\n" not in records[2]["completion"]
