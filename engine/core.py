@@ -15,7 +15,7 @@ import torch
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.models import ModelSource, load_model, resolve_device, resolve_dtype
-from engine.procs import MsgQueue, ParentWatch
+from engine.procs import Lifeline, MsgQueue
 from engine.request import RecordError
 from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
@@ -126,7 +126,7 @@ class SlotReader:
 
 
 def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue, dec_q: MsgQueue,
-              events: MsgQueue) -> None:
+              events: MsgQueue, lifeline: Lifeline) -> None:
     started = time.perf_counter()
     config = EngineConfig.from_dict(config_msg)
     core = EngineCore(config, ModelSource(**source_msg))
@@ -134,11 +134,10 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"
     events.put({"t": "ready", "startup_s": time.perf_counter() - started, "device": name,
                 "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
-    watch = ParentWatch()
     max_waiting = 2 * config.max_num_seqs
     stats = {"t": "stats", "steps": 0, "idle_s": 0.0}  # idle: no sequence to run, waiting for the ring
     last_report = time.monotonic()
-    while watch.parent_alive():
+    while lifeline.ok():
         reader.release_done()
         while len(core.scheduler.waiting) < max_waiting:
             idle_from = None if core.has_work else time.perf_counter()
@@ -149,8 +148,6 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
             finally:
                 if idle_from is not None:
                     stats["idle_s"] += time.perf_counter() - idle_from
-            if msg["t"] == "shutdown":
-                return
             _admit(core, reader, msg, events)
         if core.has_work:
             finished = core.step()

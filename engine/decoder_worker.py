@@ -6,7 +6,7 @@ import queue
 
 import numpy as np
 
-from engine.procs import MsgQueue, ParentWatch
+from engine.procs import Lifeline, MsgQueue
 from engine.tokenizer_worker import load_tokenizer
 
 
@@ -46,15 +46,12 @@ def finalize(tok, items: list[dict], return_tokens: bool) -> list[dict]:
     return results
 
 
-def decoder_main(tokenizer_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue) -> None:
+def decoder_main(tokenizer_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
     tok = load_tokenizer(tokenizer_dir)
-    watch = ParentWatch()
-    while watch.parent_alive():
+    while lifeline.ok():
         try:
-            msg = inbox.get(timeout=1.0)
+            msg = inbox.get(timeout=0.5)
         except queue.Empty:
             continue
-        if msg is None:
-            return
         for result in finalize(tok, msg["seqs"], return_tokens):
             events.put(result)

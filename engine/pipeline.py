@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.core import core_main
 from engine.decoder_worker import decoder_main
 from engine.models import resolve_model
-from engine.procs import MsgQueue, start
+from engine.procs import Lifeline, MsgQueue, start
 from engine.request import Request, RecordError, decode_line, parse_record
 from engine.ring import ShmRing
 from engine.tokenizer_worker import tokenizer_main
@@ -100,6 +100,7 @@ class Engine:
         self.core_q = MsgQueue(ctx)
         self.dec_q = MsgQueue(ctx)
         self.ring = ShmRing(ctx, config.ring_slots, max(config.slot_tokens, self.max_model_len), max_requests=256)
+        self.lifeline = Lifeline(ctx)
         self.procs = self._start(ctx)
         self.pending: dict[int, tuple[int, Request]] = {}
         self._next_index = 0
@@ -113,12 +114,12 @@ class Engine:
     def _start(self, ctx) -> list:
         c = self.config
         procs = [start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main, self.source.tokenizer_dir,
-                       self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events)
+                       self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events, self.lifeline)
                  for i in range(c.tokenizer_workers)]
         procs.append(start(ctx, "engine core", self.events, core_main, c.to_dict(), self.source.to_msg(),
-                           self.ring, self.core_q, self.dec_q, self.events))
+                           self.ring, self.core_q, self.dec_q, self.events, self.lifeline))
         procs += [start(ctx, f"decoder worker {i}", self.events, decoder_main, self.source.tokenizer_dir,
-                        c.return_tokens, self.dec_q, self.events)
+                        c.return_tokens, self.dec_q, self.events, self.lifeline)
                   for i in range(c.decoder_workers)]
         return procs
 
@@ -213,11 +214,7 @@ class Engine:
             return
         self._closed = True
         self._stop.set()
-        for _ in range(self.config.tokenizer_workers):
-            self._try_put(self.tok_in, None)
-        self._try_put(self.core_q, {"t": "shutdown"})
-        for _ in range(self.config.decoder_workers):
-            self._try_put(self.dec_q, None)
+        self.lifeline.stop()
         deadline = time.monotonic() + 10
         for proc in self.procs:
             proc.join(timeout=max(0.1, deadline - time.monotonic()))
@@ -228,13 +225,6 @@ class Engine:
         for q in (self.events, self.tok_in, self.core_q, self.dec_q):
             q.close()
         self.ring.close()
-
-    @staticmethod
-    def _try_put(q: MsgQueue, msg) -> None:
-        try:
-            q.put(msg, timeout=0.5)
-        except queue.Full:
-            pass
 
     def __enter__(self) -> "Engine":
         return self

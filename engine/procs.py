@@ -46,14 +46,18 @@ class MsgQueue:
         self._q.close()
 
 
-class ParentWatch:
-    """Lets a child notice that the parent died (kill -9), so no orphan keeps running."""
+class Lifeline:
+    """Made by the parent, passed to every child: tells a child to stop when the parent asks or has died."""
 
-    def __init__(self):
-        self.ppid = os.getppid()
+    def __init__(self, ctx):
+        self._stop = ctx.Event()
+        self._parent_pid = os.getpid()
 
-    def parent_alive(self) -> bool:
-        return os.getppid() == self.ppid
+    def ok(self) -> bool:
+        return not self._stop.is_set() and os.getppid() == self._parent_pid
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def child_main(stage: str, events: MsgQueue, target, *args) -> None:

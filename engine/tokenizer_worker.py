@@ -6,7 +6,7 @@ import queue
 
 import numpy as np
 
-from engine.procs import MsgQueue, ParentWatch
+from engine.procs import Lifeline, MsgQueue
 from engine.request import RecordError
 from engine.ring import ShmRing
 
@@ -61,16 +61,13 @@ def fit_length(ids: list[int], max_new_tokens: int, max_model_len: int, truncate
 
 
 def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: ShmRing, inbox: MsgQueue,
-                   core_q: MsgQueue, events: MsgQueue) -> None:
+                   core_q: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
     tok = load_tokenizer(tokenizer_dir)
-    watch = ParentWatch()
-    while watch.parent_alive():
+    while lifeline.ok():
         try:
-            msg = inbox.get(timeout=1.0)
+            msg = inbox.get(timeout=0.5)
         except queue.Empty:
             continue
-        if msg is None:
-            return
         requests = msg["requests"]
         entries = []
         for request, ids in zip(requests, encode(tok, requests)):
@@ -82,10 +79,10 @@ def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: 
                 events.put({"t": "error", "index": request["index"], "error": str(exc)})
                 continue
             entries.append((request, np.asarray(ids, dtype=np.int32)))
-        _send(entries, ring, core_q, watch)
+        _send(entries, ring, core_q, lifeline)
 
 
-def _send(entries: list[tuple[dict, np.ndarray]], ring: ShmRing, core_q: MsgQueue, watch: ParentWatch) -> None:
+def _send(entries: list[tuple[dict, np.ndarray]], ring: ShmRing, core_q: MsgQueue, lifeline: Lifeline) -> None:
     """Pack encoded requests into as few slots as fit; one message per filled slot."""
     while entries:
         count = 1
@@ -94,9 +91,9 @@ def _send(entries: list[tuple[dict, np.ndarray]], ring: ShmRing, core_q: MsgQueu
         batch, entries = entries[:count], entries[count:]
         slot = None
         while slot is None:
-            if not watch.parent_alive():
+            if not lifeline.ok():
                 return
-            slot = ring.acquire(timeout=1.0)
+            slot = ring.acquire(timeout=0.5)
         seq = ring.write(slot, [(r["index"], ids) for r, ids in batch])
         core_q.put({"t": "slot", "slot": slot, "seq": seq,
                     "requests": [{k: r[k] for k in CORE_FIELDS} for r, _ in batch]})

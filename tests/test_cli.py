@@ -115,21 +115,21 @@ def assert_complete(out: Path, count: int) -> None:
 
 
 def test_sigint_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
-    path, out = many_prompts(tmp_path, 120), tmp_path / "out.jsonl"
-    args = ("--input", str(path), "--output", str(out), "--max-num-seqs", "2", *TINY_ARGS)
-    proc = start_run(*args)
+    path, out = many_prompts(tmp_path, 60), tmp_path / "out.jsonl"
+    args = ("--input", str(path), "--output", str(out), *TINY_ARGS)
+    proc = start_run(*args, "--max-num-seqs", "1")
     wait_for_records(out, 3, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     partial = read_jsonl(out)
-    assert 3 <= len(partial) < 120
+    assert 3 <= len(partial) < 60
     with out.open("a") as f:
         f.write('{"id": "half-writ')  # what a power cut mid-write would leave
-    result = engine_run(*args)
+    result = engine_run(*args, "--max-num-seqs", "16")  # batch size is not part of the settings
     assert result.returncode == 0, result.stderr
     assert f"skipped {len(partial)} done" in result.stderr
-    assert_complete(out, 120)
+    assert_complete(out, 60)
 
 
 def test_changed_settings_are_refused_unless_forced(tmp_path):
@@ -144,8 +144,8 @@ def test_changed_settings_are_refused_unless_forced(tmp_path):
 
 
 def test_a_killed_engine_core_is_reported_and_finished_records_stay(tmp_path):
-    path, out = many_prompts(tmp_path, 120), tmp_path / "out.jsonl"
-    proc = start_run("--input", str(path), "--output", str(out), "--max-num-seqs", "2", *TINY_ARGS)
+    path, out = many_prompts(tmp_path, 60), tmp_path / "out.jsonl"
+    proc = start_run("--input", str(path), "--output", str(out), "--max-num-seqs", "1", *TINY_ARGS)
     wait_for_records(out, 2, proc)
     core = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "engine-core"]
     assert len(core) == 1
@@ -154,7 +154,7 @@ def test_a_killed_engine_core_is_reported_and_finished_records_stay(tmp_path):
     assert proc.returncode == 1
     assert "engine core" in stderr and "SIGKILL" in stderr
     records = read_jsonl(out)
-    assert 2 <= len(records) < 120 and all(r["num_completion_tokens"] == 48 for r in records)
+    assert 2 <= len(records) < 60 and all(r["num_completion_tokens"] == 48 for r in records)
 
 
 @pytest.mark.slow

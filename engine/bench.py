@@ -1,0 +1,760 @@
+"""engine-bench: the same prompts through the naive loop, the batched HF loop and the engine, side by side.
+
+Each system runs in its own spawned process (the baselines share one: naive, then each HF batch size), so
+CPU time, GPU memory and start-up belong to that system alone. The parent samples the card through NVML and
+turns each system's timed window into metrics; the JSON, Markdown table and PNG chart are written per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+from engine.config import DTYPES, ConfigError, EngineConfig, SamplingDefaults
+from engine.models import ModelNotFound, resolve_device, resolve_dtype, resolve_model
+from engine.procs import MsgQueue, child_main
+from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload, prompts_from_msg,
+                              prompts_to_msg)
+
+SYSTEMS = ("naive", "hf", "engine")
+NUM_WARMUP_PROMPTS = 2
+MAX_WARMUP_TOKENS = 8
+STATS_WAIT_S = 3.0  # the core reports its idle time about once a second
+GIB = float(1 << 30)
+RESULTS_FILE = "benchmarks/RESULTS.md"
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run or produced wrong output; the message names the system and the cause."""
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@dataclass(slots=True)
+class BenchConfig:
+    """Everything one engine-bench invocation needs; validated once."""
+
+    model: str = "random:gemma-2b"
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    workloads: list[str] = field(default_factory=lambda: ["short"])
+    input: str | None = None
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    num_prompts: int = 256
+    naive_prompts: int = 8
+    batch_sizes: list[int] = field(default_factory=lambda: [64, 128, 256])
+    max_num_seqs: int = 256
+    max_new_tokens: int = 150  # for --input records without their own
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    sample_hz: float = 20.0
+    out: str = "bench-out"
+    append_results: str | None = None
+    is_saving_outputs: bool = False
+    is_quiet: bool = False
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown or not self.systems:
+            raise ConfigError(f"--systems {','.join(self.systems)}: use a comma list of {', '.join(SYSTEMS)}")
+        if self.input is None:
+            bad = [w for w in self.workloads if w not in WORKLOADS]
+            if bad or not self.workloads:
+                raise ConfigError(f"--workload {','.join(self.workloads)}: use a comma list of {', '.join(WORKLOADS)}"
+                                  " or --input FILE.jsonl")
+        for name in ("num_prompts", "naive_prompts", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"--batch-sizes {self.batch_sizes}: give batch sizes >= 1, like 64,128,256")
+        if self.sample_hz < 10:
+            raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
+        self.cache_dir = self.engine_config().cache_dir  # EngineConfig checks device, dtype, sampling; fills cache_dir
+
+    def sampling(self) -> SamplingDefaults:
+        return SamplingDefaults(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, seed=self.seed, ignore_eos=True)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, device=self.device,
+                            max_num_seqs=self.max_num_seqs, sampling=self.sampling(), return_tokens=True,
+                            cache_dir=self.cache_dir)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- child side: one process per system group
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its descendants (the engine's workers included)."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+class PhaseReporter:
+    """Times one system's run inside its process and tells the parent: start, progress, outcome."""
+
+    def __init__(self, events: MsgQueue, system: str, num_prompts: int):
+        self.events, self.system, self.num_prompts = events, system, num_prompts
+        self.started = self.ended = self.cpu_s = 0.0
+        self.first_result_at: float | None = None
+
+    def start(self) -> None:
+        self.cpu_s = tree_cpu_seconds()
+        self.started = time.monotonic()
+        self.events.put({"t": "start", "system": self.system, "num_prompts": self.num_prompts})
+
+    def on_result(self, num: int) -> None:
+        if self.first_result_at is None:
+            self.first_result_at = time.monotonic()
+        self.events.put({"t": "progress", "n": num})
+
+    def stop(self) -> float:
+        self.ended = time.monotonic()
+        self.cpu_s = tree_cpu_seconds() - self.cpu_s
+        return self.ended
+
+    def report(self, token_ids: list[list[int]], texts: list[str], num_generated_tokens: int, **extra) -> None:
+        self.events.put({
+            "t": "done", "system": self.system, "start": self.started, "end": self.ended,
+            "first_result": self.first_result_at, "cpu_s": self.cpu_s, "token_ids": token_ids, "texts": texts,
+            "num_generated_tokens": num_generated_tokens, **extra,
+        })
+
+
+def _warmup(prompts: list[Prompt]) -> list[Prompt]:
+    """A few short generations first, so CUDA start-up and kernel selection stay out of the timed window."""
+    return [dataclasses.replace(p, id=f"warmup-{p.id}", max_new_tokens=min(p.max_new_tokens, MAX_WARMUP_TOKENS))
+            for p in prompts[:NUM_WARMUP_PROMPTS]]
+
+
+def baselines_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
+    """Child: the naive loop on its subset, then the batched HF loop at each batch size, one model load."""
+    import torch
+
+    from engine.baselines import batched_loop, load_hf, naive_loop
+
+    config = BenchConfig(**config_msg)
+    prompts = prompts_from_msg(prompts_msg)
+    started = time.monotonic()
+    source = resolve_model(config.model, config.tokenizer, config.cache_dir)
+    model, tok, attn = load_hf(source, resolve_dtype(config.dtype, config.device), config.device)
+    load_s = time.monotonic() - started
+    sampling = config.sampling()
+    runs = []
+    if "naive" in config.systems:
+        runs.append(("naive", prompts[:config.naive_prompts], lambda ps, cb: naive_loop(model, tok, ps, sampling, cb)))
+    if "hf" in config.systems:
+        runs += [(f"hf-b{b}", prompts, lambda ps, cb, b=b: batched_loop(model, tok, ps, b, sampling, cb))
+                 for b in config.batch_sizes]
+    for system, subset, loop in runs:
+        loop(_warmup(subset), lambda n: None)
+        torch.manual_seed(config.seed)
+        reporter = PhaseReporter(events, system, len(subset))
+        reporter.start()
+        out = loop(subset, reporter.on_result)  # ends in .tolist(), so the device is done when it returns
+        reporter.stop()
+        reporter.report(out.token_ids, out.texts, out.num_generated_tokens, startup_s=load_s, attn=attn)
+        if config.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the next system's memory peak starts from the model alone
+    events.put({"t": "exit"})
+
+
+def _engine_records(prompts: list[Prompt]) -> list[dict]:
+    return [{"id": p.id, "prompt": p.text, "max_new_tokens": p.max_new_tokens, "ignore_eos": True} for p in prompts]
+
+
+def _fresh_core_idle(engine) -> tuple[float, float] | None:
+    """(the core's cumulative idle seconds, when that was reported), from a report sent after this call began.
+
+    Reports already queued are older, so they are drained first. Only 'stats' and 'fatal' messages can arrive
+    while no request is pending.
+    """
+    try:
+        while True:
+            _check_core_msg(engine.events.get_nowait())
+    except queue.Empty:
+        pass
+    deadline = time.monotonic() + STATS_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            msg = engine.events.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if msg["t"] == "stats":
+            return float(msg["idle_s"]), time.monotonic()
+        _check_core_msg(msg)
+    return None
+
+
+def _check_core_msg(msg: dict) -> None:
+    if msg["t"] == "fatal":
+        raise BenchError(f"engine: {msg['stage']} failed: {msg['error']}")
+
+
+def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
+    """Child: the engine over all prompts; its ring-empty share comes from the core's idle time."""
+    from engine.pipeline import Engine
+
+    config = BenchConfig(**config_msg)
+    prompts = prompts_from_msg(prompts_msg)
+    with Engine(config.engine_config()) as engine:
+        engine.generate_all(_engine_records(_warmup(prompts)))
+        idle_before = _fresh_core_idle(engine)
+        reporter = PhaseReporter(events, "engine", len(prompts))
+        reporter.start()
+        by_id: dict[str, dict] = {}
+        for record in engine.generate(_engine_records(prompts)):
+            if "error" in record:
+                raise BenchError(f"engine: prompt {record.get('id')} failed: {record['error']}")
+            by_id[record["id"]] = record
+            reporter.on_result(1)
+        ended = reporter.stop()
+        idle_after = _fresh_core_idle(engine)
+        ordered = [by_id[p.id] for p in prompts]
+        token_ids = [r["completion_token_ids"] for r in ordered]
+        reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),
+                        startup_s=engine.startup_s, attn="engine",
+                        ring_empty_s=_ring_empty_s(idle_before, idle_after, ended))
+    events.put({"t": "exit"})
+
+
+def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, ended: float) -> float | None:
+    """Core idle seconds inside the timed window. After the last result the core has no work, so everything
+    between the window's end and the closing report was idle and is taken off."""
+    if before is None or after is None:
+        return None
+    return max(0.0, after[0] - before[0] - (after[1] - ended))
+
+
+# ---------------------------------------------------------------- parent side: processes, sampling, metrics
+
+
+class GpuMonitor:
+    """Samples one card's utilisation and memory through NVML in a background thread."""
+
+    def __init__(self, device: str, hz: float):
+        self.nvml = _nvml()
+        self.handle = _nvml_handle(self.nvml, device)
+        self.period = 1.0 / hz
+        self.samples: list[tuple[float, int, int]] = []  # (monotonic time, util %, memory used bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gpu-monitor", daemon=True)
+
+    def __enter__(self) -> "GpuMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def memory_used(self) -> int:
+        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            self.samples.append((time.monotonic(), int(util), self.memory_used()))
+            next_at = max(next_at + self.period, time.monotonic())  # a slow read delays, never bunches, samples
+
+    def window(self, start: float, end: float) -> dict:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return no_gpu_metrics()
+        utils = [u for _, u, _ in inside]
+        span = inside[-1][0] - inside[0][0]
+        return {
+            "gpu_util_mean_pct": sum(utils) / len(utils),
+            "gpu_util_above_90_share": sum(u > 90 for u in utils) / len(utils),
+            "gpu_mem_peak_gib": max(m for _, _, m in inside) / GIB,
+            "gpu_samples": len(inside),
+            "gpu_sample_hz": (len(inside) - 1) / span if span > 0 else None,
+        }
+
+
+def no_gpu_metrics() -> dict:
+    return {"gpu_util_mean_pct": None, "gpu_util_above_90_share": None, "gpu_mem_peak_gib": None,
+            "gpu_samples": 0, "gpu_sample_hz": None}
+
+
+def _nvml():
+    try:
+        import pynvml
+    except ImportError:
+        raise BenchError("GPU metrics need NVML bindings: pip install nvidia-ml-py") from None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise BenchError(f"NVML did not start ({exc}); is the NVIDIA driver loaded? (nvidia-smi)") from None
+    return pynvml
+
+
+def _nvml_handle(nvml, device: str):
+    """The NVML handle of the torch device, honouring CUDA_VISIBLE_DEVICES (NVML ignores it)."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    visible = _csv(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    if not visible:
+        return nvml.nvmlDeviceGetHandleByIndex(index)
+    entry = visible[index]
+    return nvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit() else nvml.nvmlDeviceGetHandleByUUID(entry)
+
+
+class _Progress:
+    """One tqdm bar per system on a terminal; silent otherwise (or with --quiet)."""
+
+    def __init__(self, label: str, is_quiet: bool):
+        self.label, self.is_quiet, self.bar = label, is_quiet, None
+
+    def start(self, system: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"{self.label} {system}", unit="prompt", dynamic_ncols=True,
+                        file=sys.stderr, disable=True if self.is_quiet else None)
+
+    def update(self, num: int) -> None:
+        if self.bar is not None:
+            self.bar.update(num)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_child(target, config: BenchConfig, prompts: list[Prompt], label: str) -> list[dict]:
+    """Run one system group in a fresh process; returns its 'done' messages. The process is not a daemon
+    because the engine starts processes of its own."""
+    ctx = mp.get_context("spawn")
+    events = MsgQueue(ctx)
+    stage = f"bench {target.__name__.removesuffix('_main')}"
+    proc = ctx.Process(target=child_main, name=stage,
+                       args=(stage, events, target, config.to_dict(), prompts_to_msg(prompts), events))
+    proc.start()
+    progress = _Progress(label, config.is_quiet)
+    done: list[dict] = []
+    try:
+        while True:
+            try:
+                msg = events.get(timeout=0.5)
+            except queue.Empty:
+                if proc.exitcode is not None:
+                    raise BenchError(f"{stage} (pid {proc.pid}) exited with code {proc.exitcode} before finishing")
+                continue
+            if msg["t"] == "start":
+                progress.start(msg["system"], msg["num_prompts"])
+            elif msg["t"] == "progress":
+                progress.update(msg["n"])
+            elif msg["t"] == "done":
+                progress.close()
+                done.append(msg)
+                print(f"engine-bench: {label} {_done_line(msg)}", file=sys.stderr, flush=True)
+            elif msg["t"] == "fatal":
+                raise BenchError(f"{msg['stage']} failed: {msg['error']}\n{msg.get('traceback', '')}".rstrip())
+            elif msg["t"] == "exit":
+                return done
+    finally:
+        progress.close()
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+        events.close()
+
+
+def _done_line(done: dict) -> str:
+    seconds = done["end"] - done["start"]
+    tokens = sum(len(ids) for ids in done["token_ids"])
+    return f"{done['system']}: {len(done['token_ids'])} prompts in {seconds:.1f} s ({tokens / seconds:,.0f} output tok/s)"
+
+
+def check_lengths(done: dict, prompts: list[Prompt]) -> None:
+    """Every system must produce exactly max_new_tokens per prompt, or the comparison is not like for like."""
+    for prompt, ids in zip(prompts, done["token_ids"]):
+        if len(ids) != prompt.max_new_tokens:
+            raise BenchError(f"{done['system']} produced {len(ids)} tokens for prompt {prompt.id}, expected "
+                             f"{prompt.max_new_tokens}: the forced-length setting did not hold")
+
+
+def system_metrics(done: dict, workload: Workload, gpu: GpuMonitor | None) -> dict:
+    """One system's metrics; a subset run (the naive loop) is extrapolated to the workload by output tokens."""
+    num_prompts, num_run = len(workload.prompts), len(done["token_ids"])
+    measured = done["end"] - done["start"]
+    tokens_run = sum(len(ids) for ids in done["token_ids"])
+    wall = measured * workload.num_output_tokens / tokens_run
+    ring_empty = done.get("ring_empty_s")
+    return {
+        "system": done["system"], "num_prompts": num_prompts, "num_prompts_run": num_run,
+        "is_extrapolated": num_run < num_prompts, "wall_s": wall, "measured_wall_s": measured,
+        "num_output_tokens_run": tokens_run, "num_generated_tokens": done["num_generated_tokens"],
+        "output_tokens_per_s": tokens_run / measured, "prompts_per_s": num_prompts / wall,
+        "s_per_1k_prompts": 1000 * wall / num_prompts,
+        "time_to_first_result_s": done["first_result"] - done["start"],
+        "cpu_util_pct": 100 * done["cpu_s"] / measured,
+        "ring_empty_share": None if ring_empty is None else ring_empty / measured,
+        "startup_s": done["startup_s"], "attn_implementation": done["attn"],
+        **(gpu.window(done["start"], done["end"]) if gpu is not None else no_gpu_metrics()),
+    }
+
+
+def agreement(outputs: dict[str, list[list[int]]], reference: str) -> dict[str, dict]:
+    """Per system: over the prompts both ran, how many token sequences equal the reference's, and the mean
+    share of each sequence before the first difference."""
+    ref = outputs[reference]
+    result = {}
+    for system, rows in outputs.items():
+        pairs = list(zip(rows, ref))
+        prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in pairs]
+        result[system] = {"reference": reference, "num_compared": len(pairs),
+                          "num_identical": sum(a == b for a, b in pairs), "mean_prefix_share": sum(prefix) / len(prefix)}
+    return result
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+# ---------------------------------------------------------------- environment and report
+
+
+def card_info(device: str, gpu: GpuMonitor | None) -> dict:
+    import torch
+
+    if gpu is None:
+        return {"name": f"CPU: {_cpu_name()}", "driver": None, "cuda": None, "memory_gib": None,
+                "memory_used_before_gib": None}
+    nvml, handle = gpu.nvml, gpu.handle
+    name = nvml.nvmlDeviceGetName(handle)
+    driver = nvml.nvmlSystemGetDriverVersion()
+    return {"name": name if isinstance(name, str) else name.decode(), "device": device,
+            "driver": driver if isinstance(driver, str) else driver.decode(), "cuda": torch.version.cuda,
+            "memory_gib": nvml.nvmlDeviceGetMemoryInfo(handle).total / GIB,
+            "memory_used_before_gib": gpu.memory_used() / GIB}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    try:
+        engine_version = metadata.version("steer-engine")
+    except metadata.PackageNotFoundError:
+        engine_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "engine": engine_version, "commit": _git_commit()}
+
+
+def _fmt(value, digits: int = 1, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:,.{digits}f}"
+
+
+COLUMNS = ("system", "prompts run", "wall s", "output tok/s", "prompts/s", "s per 1k prompts", "first result s",
+           "GPU util %", "GPU >90%", "GPU mem peak GiB", "CPU %", "ring empty %", "same ids as {ref}")
+
+
+def _row(m: dict, agree: dict | None) -> list[str]:
+    run = f"{m['num_prompts_run']} of {m['num_prompts']}*" if m["is_extrapolated"] else str(m["num_prompts_run"])
+    same = "n/a" if agree is None else (
+        "ref" if agree["reference"] == m["system"] else f"{agree['num_identical']}/{agree['num_compared']}")
+    return [m["system"], run, _fmt(m["wall_s"]), _fmt(m["output_tokens_per_s"], 0), _fmt(m["prompts_per_s"], 2),
+            _fmt(m["s_per_1k_prompts"]), _fmt(m["time_to_first_result_s"], 2), _fmt(m["gpu_util_mean_pct"]),
+            _fmt(m["gpu_util_above_90_share"], 0, 100), _fmt(m["gpu_mem_peak_gib"], 2), _fmt(m["cpu_util_pct"], 0),
+            _fmt(m["ring_empty_share"], 1, 100), same]
+
+
+def markdown(report: dict) -> str:
+    """The run as a Markdown section: heading with card and date, settings line, table, notes."""
+    card, ver, s, w = report["card"], report["versions"], report["settings"], report["workload"]
+    ref = next(iter(report["agreement"].values()))["reference"] if report["agreement"] else "ref"
+    sampling = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}"
+    attn = next((m["attn_implementation"] for m in report["systems"] if m["system"] != "engine"), "n/a")
+    lines = [
+        f"### {w['name']} · {card['name']} · {report['created'][:10]}", "",
+        f"`{s['model']}` {report['dtype']} on {card['name']} (driver {card['driver'] or 'n/a'}, CUDA "
+        f"{card['cuda'] or 'n/a'}); torch {ver['torch']}, transformers {ver['transformers']}, engine {ver['engine']}"
+        f" ({ver['commit'] or 'no git'}).",
+        f"Workload {w['name']}: {w['num_prompts']} prompts of {_span(w['prompt_tokens'])} tokens, "
+        f"{_span(w['new_tokens'])} new tokens each (exact, EOS ignored), {w['num_output_tokens']:,} output tokens; "
+        f"{sampling}; HF attention {attn}, batch sizes {', '.join(map(str, s['batch_sizes']))}; engine max_num_seqs "
+        f"{s['max_num_seqs']}.",
+        "",
+        "| " + " | ".join(c.format(ref=ref) for c in COLUMNS) + " |",
+        "|---|" + "---:|" * (len(COLUMNS) - 1),
+    ]
+    for m in report["systems"]:
+        lines.append("| " + " | ".join(_row(m, report["agreement"].get(m["system"]))) + " |")
+    lines += [""] + [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _span(spread: dict) -> str:
+    if spread["min"] == spread["max"]:
+        return str(spread["min"])
+    return f"{spread['min']}–{spread['max']} (mean {spread['mean']})"
+
+
+def notes(report: dict) -> list[str]:
+    out = []
+    for m in report["systems"]:
+        if m["is_extrapolated"]:
+            out.append(f"\\* {m['system']} ran the first {m['num_prompts_run']} of {m['num_prompts']} prompts; its wall "
+                       "time, prompts/s and s per 1k prompts are extrapolated by output tokens (measured tok/s over "
+                       "all the workload's tokens).")
+    out += [
+        "Wall time is the timed run after model load and a short warm-up; start-up (load, process spawn) is in the "
+        "JSON as startup_s.",
+        f"CPU % sums all of a system's processes (100 = one core; this host has {report['host']['num_cpus']}).",
+        "GPU util is NVML utilization.gpu (share of time a kernel ran, over the driver's sample period), sampled "
+        f"at {report['settings']['sample_hz']:g} Hz; GPU mem is the card's used memory (NVML), peak in the window.",
+        "Ring empty: share of the engine's wall time in which its core had no sequence to run and waited for "
+        "tokenized prompts (the core's idle_s).",
+    ]
+    if report["agreement"]:
+        out.append("Same ids: greedy completions token-for-token equal to the reference's, over the prompts both ran"
+                   " (batching may reorder floating-point sums, so bf16 runs can differ a little).")
+    return out
+
+
+def write_chart(report: dict, path: Path) -> None:
+    """Throughput and GPU utilisation per system, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = [m["system"] for m in report["systems"]]
+    rates = [m["output_tokens_per_s"] for m in report["systems"]]
+    utils = [m["gpu_util_mean_pct"] for m in report["systems"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(systems) + 2.2))
+    left.barh(systems, rates, color="#3b6ea8")
+    is_log = max(rates) > 20 * min(rates)  # the naive loop is often ~100x slower than the rest
+    if is_log:
+        left.set_xscale("log")
+    left.set_xlabel("output tokens/s" + (" (log scale)" if is_log else ""))
+    for y, rate in enumerate(rates):
+        left.text(rate, y, f" {rate:,.0f}", va="center")
+    right.barh(systems, [u or 0 for u in utils], color="#5a9e5a")
+    right.set_xlim(0, 100)
+    right.set_xlabel("GPU utilisation, mean %")
+    for y, util in enumerate(utils):
+        right.text(util or 0, y, " n/a (no GPU)" if util is None else f" {util:.0f}", va="center")
+    for axis in (left, right):
+        axis.invert_yaxis()
+    fig.suptitle(f"{report['workload']['name']}: {report['settings']['model']} on {report['card']['name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, outputs: dict[str, dict], out_dir: Path, stem: str, is_saving: bool) -> list[Path]:
+    """The JSON, Markdown and PNG of one run (and the completions with --save-outputs); returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    write_chart(report, paths[2])
+    if is_saving:
+        paths.append(out_dir / f"{stem}-outputs.jsonl")
+        with paths[-1].open("w") as f:
+            for system, done in outputs.items():
+                for prompt_id, ids, text in zip(done["prompt_ids"], done["token_ids"], done["texts"]):
+                    f.write(json.dumps({"system": system, "id": prompt_id, "completion": text,
+                                        "completion_token_ids": ids}) + "\n")
+    return paths
+
+
+def append_results(report: dict, path: str) -> None:
+    target = Path(path)
+    if not target.is_file():
+        raise BenchError(f"--append-results {path}: no such file; run from the repository root or give the path "
+                         f"of {RESULTS_FILE}")
+    with target.open("a") as f:
+        f.write("\n" + markdown(report))
+
+
+# ---------------------------------------------------------------- orchestration and CLI
+
+
+def load_workloads(config: BenchConfig, tok, max_positions: int) -> list[Workload]:
+    if config.input is not None:
+        workloads = [load_input(config.input, tok, config.max_new_tokens, config.num_prompts)]
+    else:
+        workloads = [make_workload(name, tok, config.num_prompts, config.seed) for name in config.workloads]
+    for workload in workloads:
+        for p in workload.prompts:
+            if p.num_prompt_tokens + p.max_new_tokens > max_positions:
+                raise WorkloadError(f"prompt {p.id}: {p.num_prompt_tokens} tokens + {p.max_new_tokens} new exceed the "
+                                    f"model's {max_positions} positions; shorten it or lower max_new_tokens")
+    return workloads
+
+
+def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None, env: dict) -> tuple[dict, dict]:
+    """All chosen systems on one workload -> (report, outputs by system)."""
+    done: list[dict] = []
+    if "naive" in config.systems or "hf" in config.systems:
+        done += run_child(baselines_main, config, workload.prompts, workload.name)
+    if "engine" in config.systems:
+        done += run_child(engine_main, config, workload.prompts, workload.name)
+    outputs = {}
+    for d in done:
+        check_lengths(d, workload.prompts)
+        d["prompt_ids"] = [p.id for p in workload.prompts[:len(d["token_ids"])]]
+        outputs[d["system"]] = d
+    report = {
+        "schema": 1, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
+        "settings": config.to_dict(), "workload": workload.describe(),
+        "systems": [system_metrics(d, workload, gpu) for d in done],
+        "agreement": agreement({s: d["token_ids"] for s, d in outputs.items()}, done[0]["system"])
+        if config.is_greedy else {},
+    }
+    report["notes"] = notes(report)
+    return report, outputs
+
+
+def run_bench(config: BenchConfig) -> list[dict]:
+    """Every workload of the config; each run's files are written as soon as it finishes."""
+    from engine.tokenizer_worker import load_tokenizer
+
+    config = dataclasses.replace(config, device=resolve_device(config.device))
+    source = resolve_model(config.model, config.tokenizer, config.cache_dir)
+    workloads = load_workloads(config, load_tokenizer(source.tokenizer_dir), source.max_position_embeddings)
+    gpu = GpuMonitor(config.device, config.sample_hz) if config.device.startswith("cuda") else None
+    env = {"card": card_info(config.device, gpu), "versions": versions(),
+           "host": {"cpu": _cpu_name(), "num_cpus": psutil.cpu_count()},
+           "dtype": str(resolve_dtype(config.dtype, config.device)).removeprefix("torch.")}
+    reports = []
+    with gpu if gpu is not None else contextlib.nullcontext():
+        for workload in workloads:
+            report, outputs = run_workload(config, workload, gpu, env)
+            stem = f"{workload.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+            paths = write_outputs(report, outputs, Path(config.out), stem, config.is_saving_outputs)
+            if config.append_results:
+                append_results(report, config.append_results)
+            print(markdown(report))
+            print(f"engine-bench: wrote {', '.join(map(str, paths))}", file=sys.stderr)
+            reports.append(report)
+    return reports
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers like 64,128,256") from None
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engine-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="random:gemma-2b", help="random:<preset> | local HF dir | file.gguf | embedded")
+    p.add_argument("--tokenizer", help="tokenizer.json (or its dir) to use instead of the model's")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--workload", type=_csv, help=f"comma list of {', '.join(WORKLOADS)} (default short)")
+    p.add_argument("--input", help="JSONL of {\"prompt\": ..., \"max_new_tokens\"?: N} instead of a workload")
+    p.add_argument("--systems", type=_csv, default=list(SYSTEMS), help="comma list of naive, hf, engine")
+    p.add_argument("--num-prompts", type=int, default=256, help="prompts per workload (an --input file: at most)")
+    p.add_argument("--naive-prompts", type=int, default=8, help="the naive loop runs the first N; the rest is extrapolated")
+    p.add_argument("--batch-sizes", type=_ints, default=[64, 128, 256], help="batch sizes of the HF loop")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's sequences decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=150, help="for --input records without their own")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (and completions are compared)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
+    p.add_argument("--sample-hz", type=float, default=20.0, help="NVML sampling rate (>= 10)")
+    p.add_argument("--out", default="bench-out", help="directory for the JSON, Markdown and PNG of each run")
+    p.add_argument("--append-results", nargs="?", const=RESULTS_FILE, metavar="FILE",
+                   help=f"append each run's table to FILE (default {RESULTS_FILE})")
+    p.add_argument("--save-outputs", action="store_true", help="also write every system's completions as JSONL")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    if args.input is not None and args.workload is not None:
+        raise ConfigError("give --workload or --input, not both")
+    return BenchConfig(
+        model=args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        workloads=args.workload or ([] if args.input else ["short"]), input=args.input, systems=args.systems, num_prompts=args.num_prompts,
+        naive_prompts=args.naive_prompts, batch_sizes=args.batch_sizes, max_num_seqs=args.max_num_seqs,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
+        is_saving_outputs=args.save_outputs, is_quiet=args.quiet,
+    )
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    args = bench_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        run_bench(config_from_args(args))
+    except (BenchError, ConfigError, ModelNotFound, WorkloadError) as exc:
+        print(f"engine-bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("engine-bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main())
