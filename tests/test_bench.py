@@ -1,0 +1,150 @@
+"""engine-bench: exact workloads, and all three systems end to end on CPU with identical greedy completions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import read_jsonl, write_jsonl
+from engine.bench import BenchConfig, agreement, bench_main, markdown, notes, system_metrics
+from engine.config import ConfigError
+from engine.workloads import WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload
+
+NEW_TOKENS = [5, 12, 3, 9]  # unequal within each HF batch of 2, so the per-row cut of a static batch is tested
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_workload_prompts_encode_to_their_exact_length(tokenizer, name):
+    spec = WORKLOADS[name]
+    workload = make_workload(name, tokenizer, 6, seed=3)
+    for p in workload.prompts:
+        assert len(tokenizer(p.text)["input_ids"]) == p.num_prompt_tokens
+        assert spec.min_prompt_tokens <= p.num_prompt_tokens <= spec.max_prompt_tokens
+        assert spec.min_new_tokens <= p.max_new_tokens <= spec.max_new_tokens
+    assert len({p.text for p in workload.prompts}) == 6
+    assert len({p.num_prompt_tokens for p in workload.prompts}) > 1
+    # Prompt i does not depend on how many prompts were asked for: the naive subset is a true prefix.
+    assert make_workload(name, tokenizer, 2, seed=3).prompts == workload.prompts[:2]
+    assert make_workload(name, tokenizer, 2, seed=4).prompts != workload.prompts[:2]
+
+
+def test_input_file_errors_name_the_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "fine"}, {"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(WorkloadError, match="line 2.*'prompt'"):
+        load_input(str(path), tokenizer, 8)
+    write_jsonl(path, [{"prompt": "a", "max_new_tokens": 0}])
+    with pytest.raises(WorkloadError, match="line 1.*max_new_tokens"):
+        load_input(str(path), tokenizer, 8)
+    with pytest.raises(WorkloadError, match="no such file"):
+        load_input(str(tmp_path / "missing.jsonl"), tokenizer, 8)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(systems=["naive", "vllm"]), "--systems"),
+    (dict(workloads=["huge"]), "--workload"),
+    (dict(sample_hz=5), "--sample-hz"),
+    (dict(batch_sizes=[0]), "--batch-sizes"),
+    (dict(device="tpu"), "--device"),
+])
+def test_config_rejects_bad_values(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        BenchConfig(**bad)
+
+
+def _done(system: str, ids: list[list[int]], seconds: float) -> dict:
+    return {"system": system, "start": 100.0, "end": 100.0 + seconds, "first_result": 100.5, "cpu_s": seconds / 2,
+            "token_ids": ids, "texts": [""] * len(ids), "num_generated_tokens": sum(map(len, ids)),
+            "startup_s": 1.0, "attn": "sdpa"}
+
+
+def test_subset_run_is_extrapolated_by_output_tokens_and_says_so():
+    workload = Workload("t", 0, [Prompt(f"p{i}", "x", 3, n) for i, n in enumerate([10, 30, 20, 40])])
+    naive = system_metrics(_done("naive", [[1] * 10, [2] * 30], 4.0), workload, None)
+    assert naive["is_extrapolated"] and naive["num_prompts_run"] == 2
+    assert naive["output_tokens_per_s"] == pytest.approx(10.0)  # 40 tokens in 4 s
+    assert naive["wall_s"] == pytest.approx(10.0)  # all 100 tokens at that rate
+    assert naive["prompts_per_s"] == pytest.approx(0.4) and naive["s_per_1k_prompts"] == pytest.approx(2500)
+    assert naive["cpu_util_pct"] == pytest.approx(50) and naive["time_to_first_result_s"] == pytest.approx(0.5)
+    assert naive["gpu_util_mean_pct"] is None and naive["ring_empty_share"] is None
+    report = {"systems": [naive], "host": {"num_cpus": 2}, "settings": {"sample_hz": 20}, "agreement": {}}
+    assert any("first 2 of 4 prompts" in n and "extrapolated" in n for n in notes(report))
+
+
+def test_agreement_counts_identical_sequences_and_prefixes():
+    outputs = {"naive": [[1, 2, 3, 4], [5, 6]], "engine": [[1, 2, 9, 9], [5, 6], [7, 7]]}
+    result = agreement(outputs, "naive")
+    assert result["naive"]["num_identical"] == 2
+    assert result["engine"] == {"reference": "naive", "num_compared": 2, "num_identical": 1, "mean_prefix_share": 0.75}
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tokenizer, tmp_path_factory):
+    """All three systems over one input file on CPU: varied prompt lengths, unequal new-token counts."""
+    folder = tmp_path_factory.mktemp("bench")
+    prompts = make_workload("varied", tokenizer, len(NEW_TOKENS)).prompts
+    rows = [{"id": p.id, "prompt": p.text, "max_new_tokens": n} for p, n in zip(prompts, NEW_TOKENS)]
+    source = write_jsonl(folder / "prompts.jsonl", rows)
+    results = write_jsonl(folder / "RESULTS.md", ["# Results"])
+    with pytest.MonkeyPatch.context() as patch:
+        # One thread per spawned process: on a 2-core CI runner the systems' threads would otherwise fight.
+        patch.setenv("OMP_NUM_THREADS", "1")
+        code = bench_main(["--model", "random:tiny", "--device", "cpu", "--input", str(source), "--naive-prompts", "4",
+                           "--batch-sizes", "2,4", "--max-num-seqs", "4", "--out", str(folder / "out"),
+                           "--save-outputs", "--append-results", str(results), "--quiet"])
+    assert code == 0
+    return folder, rows
+
+
+def test_cpu_run_systems_give_identical_greedy_completions(cpu_run):
+    folder, rows = cpu_run
+    outputs = read_jsonl(next((folder / "out").glob("*-outputs.jsonl")))
+    by_system: dict[str, dict[str, list[int]]] = {}
+    for record in outputs:
+        by_system.setdefault(record["system"], {})[record["id"]] = record["completion_token_ids"]
+        assert isinstance(record["completion"], str) and record["completion"]
+    assert list(by_system) == ["naive", "hf-b2", "hf-b4", "engine"]
+    naive = by_system["naive"]
+    assert [len(naive[r["id"]]) for r in rows] == NEW_TOKENS
+    assert len({tuple(ids[:3]) for ids in naive.values()}) == len(rows)  # real, prompt-dependent generations
+    for system, ids in by_system.items():
+        assert ids == naive, f"{system} differs from the naive loop"
+
+
+def test_cpu_run_writes_json_table_chart_and_results(cpu_run):
+    folder, rows = cpu_run
+    report = json.loads(next((folder / "out").glob("prompts-*.json")).read_text())
+    assert report["card"]["name"].startswith("CPU") and report["card"]["driver"] is None
+    assert {"torch", "transformers", "python"} <= set(report["versions"])
+    assert report["settings"]["batch_sizes"] == [2, 4] and report["workload"]["num_output_tokens"] == sum(NEW_TOKENS)
+    by_name = {m["system"]: m for m in report["systems"]}
+    for m in by_name.values():
+        assert m["num_prompts_run"] == len(rows) and not m["is_extrapolated"]
+        assert m["wall_s"] > 0 and m["output_tokens_per_s"] > 0 and m["cpu_util_pct"] > 0
+        assert 0 < m["time_to_first_result_s"] <= m["wall_s"]
+        assert m["gpu_util_mean_pct"] is None and m["gpu_mem_peak_gib"] is None
+        assert report["agreement"][m["system"]]["num_identical"] == len(rows)
+    assert by_name["hf-b2"]["num_generated_tokens"] == 2 * 12 + 2 * 9  # each batch runs to its longest row
+    assert 0 <= by_name["engine"]["ring_empty_share"] <= 1
+    table = next((folder / "out").glob("prompts-*.md")).read_text()
+    assert table == markdown(report)
+    engine_row = next(line for line in table.splitlines() if line.startswith("| engine |"))
+    assert engine_row.count("n/a") == 3  # GPU util, >90%, memory: not zero on a CPU run
+    assert next((folder / "out").glob("prompts-*.png")).read_bytes()[:4] == b"\x89PNG"
+    results = (folder / "RESULTS.md").read_text()
+    assert results.startswith("# Results") and "| hf-b4 |" in results and report["card"]["name"] in results
+
+
+@pytest.mark.gpu
+def test_gpu_run_samples_nvml(tmp_path):
+    code = bench_main(["--model", "random:tiny", "--device", "cuda", "--workload", "short", "--num-prompts", "8",
+                       "--naive-prompts", "2", "--batch-sizes", "8", "--max-num-seqs", "8", "--out", str(tmp_path),
+                       "--quiet"])
+    assert code == 0
+    report = json.loads(next(Path(tmp_path).glob("short-*.json")).read_text())
+    assert report["card"]["driver"]
+    for m in report["systems"]:
+        assert m["gpu_util_mean_pct"] is not None and m["gpu_mem_peak_gib"] > 0
+        assert m["gpu_sample_hz"] is None or m["gpu_sample_hz"] >= 10
+    assert next(m for m in report["systems"] if m["system"] == "naive")["is_extrapolated"]
