@@ -11,22 +11,20 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import queue
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import psutil
 
+from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, markdown, no_gpu_metrics, notes,
+                                 references, system_metrics, versions, write_outputs)
 from engine.config import DTYPES, ConfigError, EngineConfig, SamplingDefaults
 from engine.models import ModelNotFound, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
@@ -37,7 +35,6 @@ SYSTEMS = ("naive", "hf", "engine")
 NUM_WARMUP_PROMPTS = 2
 MAX_WARMUP_TOKENS = 8
 STATS_WAIT_S = 3.0  # the core reports its idle time about once a second
-GIB = float(1 << 30)
 RESULTS_FILE = "benchmarks/RESULTS.md"
 
 
@@ -90,6 +87,9 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"--batch-sizes {self.batch_sizes}: give batch sizes >= 1, like 64,128,256")
+        if self.append_results is not None and not Path(self.append_results).is_file():
+            raise ConfigError(f"--append-results {self.append_results}: no such file; run from the repository root "
+                              f"or give the path of {RESULTS_FILE}")
         if self.sample_hz < 10:
             raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
         self.cache_dir = self.engine_config().cache_dir  # EngineConfig checks device, dtype, sampling; fills cache_dir
@@ -295,6 +295,15 @@ class GpuMonitor:
             self.samples.append((time.monotonic(), int(util), self.memory_used()))
             next_at = max(next_at + self.period, time.monotonic())  # a slow read delays, never bunches, samples
 
+    def card(self, device: str) -> dict:
+        import torch
+
+        name, driver = self.nvml.nvmlDeviceGetName(self.handle), self.nvml.nvmlSystemGetDriverVersion()
+        return {"name": name if isinstance(name, str) else name.decode(), "device": device,
+                "driver": driver if isinstance(driver, str) else driver.decode(), "cuda": torch.version.cuda,
+                "memory_gib": self.nvml.nvmlDeviceGetMemoryInfo(self.handle).total / GIB,
+                "memory_used_before_gib": self.memory_used() / GIB}
+
     def window(self, start: float, end: float) -> dict:
         inside = [s for s in self.samples if start <= s[0] <= end]
         if not inside:
@@ -308,11 +317,6 @@ class GpuMonitor:
             "gpu_samples": len(inside),
             "gpu_sample_hz": (len(inside) - 1) / span if span > 0 else None,
         }
-
-
-def no_gpu_metrics() -> dict:
-    return {"gpu_util_mean_pct": None, "gpu_util_above_90_share": None, "gpu_mem_peak_gib": None,
-            "gpu_samples": 0, "gpu_sample_hz": None}
 
 
 def _nvml():
@@ -413,224 +417,6 @@ def check_lengths(done: dict, prompts: list[Prompt]) -> None:
                              f"{prompt.max_new_tokens}: the forced-length setting did not hold")
 
 
-def system_metrics(done: dict, workload: Workload, gpu: GpuMonitor | None) -> dict:
-    """One system's metrics; a subset run (the naive loop) is extrapolated to the workload by output tokens."""
-    num_prompts, num_run = len(workload.prompts), len(done["token_ids"])
-    measured = done["end"] - done["start"]
-    tokens_run = sum(len(ids) for ids in done["token_ids"])
-    wall = measured * workload.num_output_tokens / tokens_run
-    ring_empty = done.get("ring_empty_s")
-    return {
-        "system": done["system"], "num_prompts": num_prompts, "num_prompts_run": num_run,
-        "is_extrapolated": num_run < num_prompts, "wall_s": wall, "measured_wall_s": measured,
-        "num_output_tokens_run": tokens_run, "num_generated_tokens": done["num_generated_tokens"],
-        "output_tokens_per_s": tokens_run / measured, "prompts_per_s": num_prompts / wall,
-        "s_per_1k_prompts": 1000 * wall / num_prompts,
-        "time_to_first_result_s": done["first_result"] - done["start"],
-        "cpu_util_pct": 100 * done["cpu_s"] / measured,
-        "ring_empty_share": None if ring_empty is None else ring_empty / measured,
-        "startup_s": done["startup_s"], "attn_implementation": done["attn"],
-        **(gpu.window(done["start"], done["end"]) if gpu is not None else no_gpu_metrics()),
-    }
-
-
-def agreement(outputs: dict[str, list[list[int]]], reference: str) -> dict[str, dict]:
-    """Per system: over the prompts both ran, how many token sequences equal the reference's, and the mean
-    share of each sequence before the first difference."""
-    ref = outputs[reference]
-    result = {}
-    for system, rows in outputs.items():
-        pairs = list(zip(rows, ref))
-        prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in pairs]
-        result[system] = {"reference": reference, "num_compared": len(pairs),
-                          "num_identical": sum(a == b for a, b in pairs), "mean_prefix_share": sum(prefix) / len(prefix)}
-    return result
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
-
-
-# ---------------------------------------------------------------- environment and report
-
-
-def card_info(device: str, gpu: GpuMonitor | None) -> dict:
-    import torch
-
-    if gpu is None:
-        return {"name": f"CPU: {_cpu_name()}", "driver": None, "cuda": None, "memory_gib": None,
-                "memory_used_before_gib": None}
-    nvml, handle = gpu.nvml, gpu.handle
-    name = nvml.nvmlDeviceGetName(handle)
-    driver = nvml.nvmlSystemGetDriverVersion()
-    return {"name": name if isinstance(name, str) else name.decode(), "device": device,
-            "driver": driver if isinstance(driver, str) else driver.decode(), "cuda": torch.version.cuda,
-            "memory_gib": nvml.nvmlDeviceGetMemoryInfo(handle).total / GIB,
-            "memory_used_before_gib": gpu.memory_used() / GIB}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def versions() -> dict:
-    import torch
-    import transformers
-
-    try:
-        engine_version = metadata.version("steer-engine")
-    except metadata.PackageNotFoundError:
-        engine_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "engine": engine_version, "commit": _git_commit()}
-
-
-def _fmt(value, digits: int = 1, scale: float = 1.0) -> str:
-    return "n/a" if value is None else f"{value * scale:,.{digits}f}"
-
-
-COLUMNS = ("system", "prompts run", "wall s", "output tok/s", "prompts/s", "s per 1k prompts", "first result s",
-           "GPU util %", "GPU >90%", "GPU mem peak GiB", "CPU %", "ring empty %", "same ids as {ref}")
-
-
-def _row(m: dict, agree: dict | None) -> list[str]:
-    run = f"{m['num_prompts_run']} of {m['num_prompts']}*" if m["is_extrapolated"] else str(m["num_prompts_run"])
-    same = "n/a" if agree is None else (
-        "ref" if agree["reference"] == m["system"] else f"{agree['num_identical']}/{agree['num_compared']}")
-    return [m["system"], run, _fmt(m["wall_s"]), _fmt(m["output_tokens_per_s"], 0), _fmt(m["prompts_per_s"], 2),
-            _fmt(m["s_per_1k_prompts"]), _fmt(m["time_to_first_result_s"], 2), _fmt(m["gpu_util_mean_pct"]),
-            _fmt(m["gpu_util_above_90_share"], 0, 100), _fmt(m["gpu_mem_peak_gib"], 2), _fmt(m["cpu_util_pct"], 0),
-            _fmt(m["ring_empty_share"], 1, 100), same]
-
-
-def markdown(report: dict) -> str:
-    """The run as a Markdown section: heading with card and date, settings line, table, notes."""
-    card, ver, s, w = report["card"], report["versions"], report["settings"], report["workload"]
-    ref = next(iter(report["agreement"].values()))["reference"] if report["agreement"] else "ref"
-    sampling = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}"
-    attn = next((m["attn_implementation"] for m in report["systems"] if m["system"] != "engine"), "n/a")
-    lines = [
-        f"### {w['name']} · {card['name']} · {report['created'][:10]}", "",
-        f"`{s['model']}` {report['dtype']} on {card['name']} (driver {card['driver'] or 'n/a'}, CUDA "
-        f"{card['cuda'] or 'n/a'}); torch {ver['torch']}, transformers {ver['transformers']}, engine {ver['engine']}"
-        f" ({ver['commit'] or 'no git'}).",
-        f"Workload {w['name']}: {w['num_prompts']} prompts of {_span(w['prompt_tokens'])} tokens, "
-        f"{_span(w['new_tokens'])} new tokens each (exact, EOS ignored), {w['num_output_tokens']:,} output tokens; "
-        f"{sampling}; HF attention {attn}, batch sizes {', '.join(map(str, s['batch_sizes']))}; engine max_num_seqs "
-        f"{s['max_num_seqs']}.",
-        "",
-        "| " + " | ".join(c.format(ref=ref) for c in COLUMNS) + " |",
-        "|---|" + "---:|" * (len(COLUMNS) - 1),
-    ]
-    for m in report["systems"]:
-        lines.append("| " + " | ".join(_row(m, report["agreement"].get(m["system"]))) + " |")
-    lines += [""] + [f"- {note}" for note in report["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def _span(spread: dict) -> str:
-    if spread["min"] == spread["max"]:
-        return str(spread["min"])
-    return f"{spread['min']}–{spread['max']} (mean {spread['mean']})"
-
-
-def notes(report: dict) -> list[str]:
-    out = []
-    for m in report["systems"]:
-        if m["is_extrapolated"]:
-            out.append(f"\\* {m['system']} ran the first {m['num_prompts_run']} of {m['num_prompts']} prompts; its wall "
-                       "time, prompts/s and s per 1k prompts are extrapolated by output tokens (measured tok/s over "
-                       "all the workload's tokens).")
-    out += [
-        "Wall time is the timed run after model load and a short warm-up; start-up (load, process spawn) is in the "
-        "JSON as startup_s.",
-        f"CPU % sums all of a system's processes (100 = one core; this host has {report['host']['num_cpus']}).",
-        "GPU util is NVML utilization.gpu (share of time a kernel ran, over the driver's sample period), sampled "
-        f"at {report['settings']['sample_hz']:g} Hz; GPU mem is the card's used memory (NVML), peak in the window.",
-        "Ring empty: share of the engine's wall time in which its core had no sequence to run and waited for "
-        "tokenized prompts (the core's idle_s).",
-    ]
-    if report["agreement"]:
-        out.append("Same ids: greedy completions token-for-token equal to the reference's, over the prompts both ran"
-                   " (batching may reorder floating-point sums, so bf16 runs can differ a little).")
-    return out
-
-
-def write_chart(report: dict, path: Path) -> None:
-    """Throughput and GPU utilisation per system, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = [m["system"] for m in report["systems"]]
-    rates = [m["output_tokens_per_s"] for m in report["systems"]]
-    utils = [m["gpu_util_mean_pct"] for m in report["systems"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(systems) + 2.2))
-    left.barh(systems, rates, color="#3b6ea8")
-    is_log = max(rates) > 20 * min(rates)  # the naive loop is often ~100x slower than the rest
-    if is_log:
-        left.set_xscale("log")
-    left.set_xlabel("output tokens/s" + (" (log scale)" if is_log else ""))
-    for y, rate in enumerate(rates):
-        left.text(rate, y, f" {rate:,.0f}", va="center")
-    right.barh(systems, [u or 0 for u in utils], color="#5a9e5a")
-    right.set_xlim(0, 100)
-    right.set_xlabel("GPU utilisation, mean %")
-    for y, util in enumerate(utils):
-        right.text(util or 0, y, " n/a (no GPU)" if util is None else f" {util:.0f}", va="center")
-    for axis in (left, right):
-        axis.invert_yaxis()
-    fig.suptitle(f"{report['workload']['name']}: {report['settings']['model']} on {report['card']['name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(report: dict, outputs: dict[str, dict], out_dir: Path, stem: str, is_saving: bool) -> list[Path]:
-    """The JSON, Markdown and PNG of one run (and the completions with --save-outputs); returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(markdown(report))
-    write_chart(report, paths[2])
-    if is_saving:
-        paths.append(out_dir / f"{stem}-outputs.jsonl")
-        with paths[-1].open("w") as f:
-            for system, done in outputs.items():
-                for prompt_id, ids, text in zip(done["prompt_ids"], done["token_ids"], done["texts"]):
-                    f.write(json.dumps({"system": system, "id": prompt_id, "completion": text,
-                                        "completion_token_ids": ids}) + "\n")
-    return paths
-
-
-def append_results(report: dict, path: str) -> None:
-    target = Path(path)
-    if not target.is_file():
-        raise BenchError(f"--append-results {path}: no such file; run from the repository root or give the path "
-                         f"of {RESULTS_FILE}")
-    with target.open("a") as f:
-        f.write("\n" + markdown(report))
-
-
 # ---------------------------------------------------------------- orchestration and CLI
 
 
@@ -662,9 +448,10 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     report = {
         "schema": 1, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
         "settings": config.to_dict(), "workload": workload.describe(),
-        "systems": [system_metrics(d, workload, gpu) for d in done],
-        "agreement": agreement({s: d["token_ids"] for s, d in outputs.items()}, done[0]["system"])
-        if config.is_greedy else {},
+        "systems": [system_metrics(d, workload, gpu.window(d["start"], d["end"]) if gpu else no_gpu_metrics())
+                    for d in done],
+        "agreement": {ref: agreement({s: d["token_ids"] for s, d in outputs.items()}, ref)
+                      for ref in references(done, len(workload.prompts))} if config.is_greedy else {},
     }
     report["notes"] = notes(report)
     return report, outputs
@@ -678,8 +465,8 @@ def run_bench(config: BenchConfig) -> list[dict]:
     source = resolve_model(config.model, config.tokenizer, config.cache_dir)
     workloads = load_workloads(config, load_tokenizer(source.tokenizer_dir), source.max_position_embeddings)
     gpu = GpuMonitor(config.device, config.sample_hz) if config.device.startswith("cuda") else None
-    env = {"card": card_info(config.device, gpu), "versions": versions(),
-           "host": {"cpu": _cpu_name(), "num_cpus": psutil.cpu_count()},
+    env = {"card": gpu.card(config.device) if gpu else cpu_card(), "versions": versions(),
+           "host": {"cpu": cpu_name(), "num_cpus": psutil.cpu_count()},
            "dtype": str(resolve_dtype(config.dtype, config.device)).removeprefix("torch.")}
     reports = []
     with gpu if gpu is not None else contextlib.nullcontext():

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from engine.bench import BenchConfig, agreement, bench_main, markdown, notes, system_metrics
+from engine.bench import BenchConfig, bench_main
+from engine.bench_report import agreement, markdown, no_gpu_metrics, notes, references, system_metrics
 from engine.config import ConfigError
 from engine.workloads import WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload
 
@@ -47,6 +48,7 @@ def test_input_file_errors_name_the_line(tokenizer, tmp_path):
     (dict(sample_hz=5), "--sample-hz"),
     (dict(batch_sizes=[0]), "--batch-sizes"),
     (dict(device="tpu"), "--device"),
+    (dict(append_results="/nowhere/RESULTS.md"), "--append-results"),
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -61,7 +63,7 @@ def _done(system: str, ids: list[list[int]], seconds: float) -> dict:
 
 def test_subset_run_is_extrapolated_by_output_tokens_and_says_so():
     workload = Workload("t", 0, [Prompt(f"p{i}", "x", 3, n) for i, n in enumerate([10, 30, 20, 40])])
-    naive = system_metrics(_done("naive", [[1] * 10, [2] * 30], 4.0), workload, None)
+    naive = system_metrics(_done("naive", [[1] * 10, [2] * 30], 4.0), workload, no_gpu_metrics())
     assert naive["is_extrapolated"] and naive["num_prompts_run"] == 2
     assert naive["output_tokens_per_s"] == pytest.approx(10.0)  # 40 tokens in 4 s
     assert naive["wall_s"] == pytest.approx(10.0)  # all 100 tokens at that rate
@@ -69,6 +71,8 @@ def test_subset_run_is_extrapolated_by_output_tokens_and_says_so():
     assert naive["cpu_util_pct"] == pytest.approx(50) and naive["time_to_first_result_s"] == pytest.approx(0.5)
     assert naive["gpu_util_mean_pct"] is None and naive["ring_empty_share"] is None
     report = {"systems": [naive], "host": {"num_cpus": 2}, "settings": {"sample_hz": 20}, "agreement": {}}
+    assert references([_done("naive", [[1]], 1.0), _done("hf-b2", [[1]] * 4, 1.0)], 4) == ["naive", "hf-b2"]
+    assert references([_done("naive", [[1]] * 4, 1.0), _done("hf-b2", [[1]] * 4, 1.0)], 4) == ["naive"]
     assert any("first 2 of 4 prompts" in n and "extrapolated" in n for n in notes(report))
 
 
@@ -118,13 +122,14 @@ def test_cpu_run_writes_json_table_chart_and_results(cpu_run):
     assert report["card"]["name"].startswith("CPU") and report["card"]["driver"] is None
     assert {"torch", "transformers", "python"} <= set(report["versions"])
     assert report["settings"]["batch_sizes"] == [2, 4] and report["workload"]["num_output_tokens"] == sum(NEW_TOKENS)
+    assert list(report["agreement"]) == ["naive"]  # the naive loop ran every prompt: one reference is enough
     by_name = {m["system"]: m for m in report["systems"]}
     for m in by_name.values():
         assert m["num_prompts_run"] == len(rows) and not m["is_extrapolated"]
         assert m["wall_s"] > 0 and m["output_tokens_per_s"] > 0 and m["cpu_util_pct"] > 0
         assert 0 < m["time_to_first_result_s"] <= m["wall_s"]
         assert m["gpu_util_mean_pct"] is None and m["gpu_mem_peak_gib"] is None
-        assert report["agreement"][m["system"]]["num_identical"] == len(rows)
+        assert report["agreement"]["naive"][m["system"]]["num_identical"] == len(rows)
     assert by_name["hf-b2"]["num_generated_tokens"] == 2 * 12 + 2 * 9  # each batch runs to its longest row
     assert 0 <= by_name["engine"]["ring_empty_share"] <= 1
     table = next((folder / "out").glob("prompts-*.md")).read_text()

@@ -1,0 +1,233 @@
+"""What an engine-bench run reports: per-system metrics, agreement of completions, the environment, and the
+JSON, Markdown table and PNG chart that carry them."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from engine.workloads import Workload
+
+GIB = float(1 << 30)
+
+
+def no_gpu_metrics() -> dict:
+    """The GPU columns of a run without a GPU (or a window too short for a sample): n/a, never zero."""
+    return {"gpu_util_mean_pct": None, "gpu_util_above_90_share": None, "gpu_mem_peak_gib": None,
+            "gpu_samples": 0, "gpu_sample_hz": None}
+
+
+def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
+    """One system's metrics from its 'done' message and the GPU samples of its window; a subset run (the naive
+    loop) is extrapolated to the workload by output tokens."""
+    num_prompts, num_run = len(workload.prompts), len(done["token_ids"])
+    measured = done["end"] - done["start"]
+    tokens_run = sum(len(ids) for ids in done["token_ids"])
+    wall = measured * workload.num_output_tokens / tokens_run
+    ring_empty = done.get("ring_empty_s")
+    return {
+        "system": done["system"], "num_prompts": num_prompts, "num_prompts_run": num_run,
+        "is_extrapolated": num_run < num_prompts, "wall_s": wall, "measured_wall_s": measured,
+        "num_output_tokens_run": tokens_run, "num_generated_tokens": done["num_generated_tokens"],
+        "output_tokens_per_s": tokens_run / measured, "prompts_per_s": num_prompts / wall,
+        "s_per_1k_prompts": 1000 * wall / num_prompts,
+        "time_to_first_result_s": done["first_result"] - done["start"],
+        "cpu_util_pct": 100 * done["cpu_s"] / measured,
+        "ring_empty_share": None if ring_empty is None else ring_empty / measured,
+        "startup_s": done["startup_s"], "attn_implementation": done["attn"],
+        **gpu_metrics,
+    }
+
+
+def references(done: list[dict], num_prompts: int) -> list[str]:
+    """Systems to compare completions with: the first one run (the naive loop, often on a subset), and the first
+    that ran every prompt, so the rest are also compared over the whole workload."""
+    full = next((d["system"] for d in done if len(d["token_ids"]) == num_prompts), done[0]["system"])
+    return list(dict.fromkeys([done[0]["system"], full]))
+
+
+def agreement(outputs: dict[str, list[list[int]]], reference: str) -> dict[str, dict]:
+    """Per system: over the prompts both ran, how many token sequences equal the reference's, and the mean
+    share of each sequence before the first difference."""
+    ref = outputs[reference]
+    result = {}
+    for system, rows in outputs.items():
+        pairs = list(zip(rows, ref))
+        prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in pairs]
+        result[system] = {"reference": reference, "num_compared": len(pairs),
+                          "num_identical": sum(a == b for a, b in pairs), "mean_prefix_share": sum(prefix) / len(prefix)}
+    return result
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+# ---------------------------------------------------------------- environment and report
+
+
+def cpu_card() -> dict:
+    """The 'card' of a CPU run: named, and the GPU fields n/a."""
+    return {"name": f"CPU: {cpu_name()}", "driver": None, "cuda": None, "memory_gib": None,
+            "memory_used_before_gib": None}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    try:
+        engine_version = metadata.version("steer-engine")
+    except metadata.PackageNotFoundError:
+        engine_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "engine": engine_version, "commit": _git_commit()}
+
+
+def _fmt(value, digits: int = 1, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:,.{digits}f}"
+
+
+COLUMNS = ("system", "prompts run", "wall s", "output tok/s", "prompts/s", "s per 1k prompts", "first result s",
+           "GPU util %", "GPU >90%", "GPU mem peak GiB", "CPU %", "ring empty %")
+
+
+def _row(m: dict, agreements: dict[str, dict]) -> list[str]:
+    run = f"{m['num_prompts_run']} of {m['num_prompts']}*" if m["is_extrapolated"] else str(m["num_prompts_run"])
+    same = ["ref" if ref == m["system"] else f"{a[m['system']]['num_identical']}/{a[m['system']]['num_compared']}"
+            for ref, a in agreements.items()]
+    return [m["system"], run, _fmt(m["wall_s"]), _fmt(m["output_tokens_per_s"], 0), _fmt(m["prompts_per_s"], 2),
+            _fmt(m["s_per_1k_prompts"]), _fmt(m["time_to_first_result_s"], 2), _fmt(m["gpu_util_mean_pct"]),
+            _fmt(m["gpu_util_above_90_share"], 0, 100), _fmt(m["gpu_mem_peak_gib"], 2), _fmt(m["cpu_util_pct"], 0),
+            _fmt(m["ring_empty_share"], 1, 100), *same]
+
+
+def markdown(report: dict) -> str:
+    """The run as a Markdown section: heading with card and date, settings line, table, notes."""
+    card, ver, s, w = report["card"], report["versions"], report["settings"], report["workload"]
+    columns = [*COLUMNS, *(f"same ids as {ref}" for ref in report["agreement"])]
+    sampling = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}"
+    attn = next((m["attn_implementation"] for m in report["systems"] if m["system"] != "engine"), "n/a")
+    lines = [
+        f"### {w['name']} · {card['name']} · {report['created'][:10]}", "",
+        f"`{s['model']}` {report['dtype']} on {card['name']} (driver {card['driver'] or 'n/a'}, CUDA "
+        f"{card['cuda'] or 'n/a'}); torch {ver['torch']}, transformers {ver['transformers']}, engine {ver['engine']}"
+        f" ({ver['commit'] or 'no git'}).",
+        f"Workload {w['name']}: {w['num_prompts']} prompts of {_span(w['prompt_tokens'])} tokens, "
+        f"{_span(w['new_tokens'])} new tokens each (exact, EOS ignored), {w['num_output_tokens']:,} output tokens; "
+        f"{sampling}; HF attention {attn}, batch sizes {', '.join(map(str, s['batch_sizes']))}; engine max_num_seqs "
+        f"{s['max_num_seqs']}.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
+    ]
+    for m in report["systems"]:
+        lines.append("| " + " | ".join(_row(m, report["agreement"])) + " |")
+    lines += [""] + [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _span(spread: dict) -> str:
+    if spread["min"] == spread["max"]:
+        return str(spread["min"])
+    return f"{spread['min']}–{spread['max']} (mean {spread['mean']})"
+
+
+def notes(report: dict) -> list[str]:
+    out = []
+    for m in report["systems"]:
+        if m["is_extrapolated"]:
+            out.append(f"\\* {m['system']} ran the first {m['num_prompts_run']} of {m['num_prompts']} prompts; its wall "
+                       "time, prompts/s and s per 1k prompts are extrapolated by output tokens (measured tok/s over "
+                       "all the workload's tokens).")
+    out += [
+        "Wall time is the timed run after model load and a short warm-up; start-up (load, process spawn) is in the "
+        "JSON as startup_s.",
+        f"CPU % sums all of a system's processes (100 = one core; this host has {report['host']['num_cpus']}).",
+        "GPU util is NVML utilization.gpu (share of time a kernel ran, over the driver's sample period), sampled "
+        f"at {report['settings']['sample_hz']:g} Hz; GPU mem is the card's used memory (NVML), peak in the window.",
+        "Ring empty: share of the engine's wall time in which its core had no sequence to run and waited for "
+        "tokenized prompts (the core's idle_s).",
+    ]
+    if report["agreement"]:
+        out.append("Same ids as X: greedy completions token for token equal to X's, over the prompts both ran "
+                   "(batching reorders floating-point sums, so bf16 runs may differ after some tokens).")
+    return out
+
+
+def write_chart(report: dict, path: Path) -> None:
+    """Throughput and GPU utilisation per system, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = [m["system"] for m in report["systems"]]
+    rates = [m["output_tokens_per_s"] for m in report["systems"]]
+    utils = [m["gpu_util_mean_pct"] for m in report["systems"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(systems) + 2.2))
+    left.barh(systems, rates, color="#3b6ea8")
+    is_log = max(rates) > 20 * min(rates)  # the naive loop is often ~100x slower than the rest
+    if is_log:
+        left.set_xscale("log")
+    left.set_xlabel("output tokens/s" + (" (log scale)" if is_log else ""))
+    for y, rate in enumerate(rates):
+        left.text(rate, y, f" {rate:,.0f}", va="center")
+    right.barh(systems, [u or 0 for u in utils], color="#5a9e5a")
+    right.set_xlim(0, 100)
+    right.set_xlabel("GPU utilisation, mean %")
+    for y, util in enumerate(utils):
+        right.text(util or 0, y, " n/a (no GPU)" if util is None else f" {util:.0f}", va="center")
+    for axis in (left, right):
+        axis.invert_yaxis()
+    fig.suptitle(f"{report['workload']['name']}: {report['settings']['model']} on {report['card']['name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, outputs: dict[str, dict], out_dir: Path, stem: str, is_saving: bool) -> list[Path]:
+    """The JSON, Markdown and PNG of one run (and the completions with --save-outputs); returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    write_chart(report, paths[2])
+    if is_saving:
+        paths.append(out_dir / f"{stem}-outputs.jsonl")
+        with paths[-1].open("w") as f:
+            for system, done in outputs.items():
+                for prompt_id, ids, text in zip(done["prompt_ids"], done["token_ids"], done["texts"]):
+                    f.write(json.dumps({"system": system, "id": prompt_id, "completion": text,
+                                        "completion_token_ids": ids}) + "\n")
+    return paths
+
+
+def append_results(report: dict, path: str) -> None:
+    with Path(path).open("a") as f:
+        f.write("\n" + markdown(report))
