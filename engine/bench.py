@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, markdown, no_gpu_metrics, notes,
-                                 references, system_metrics, versions, write_outputs)
+from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown, no_gpu_metrics,
+                                 notes, references, system_metrics, versions, write_outputs)
 from engine.config import DTYPES, ConfigError, EngineConfig, SamplingDefaults
 from engine.models import ModelNotFound, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
@@ -305,18 +305,7 @@ class GpuMonitor:
                 "memory_used_before_gib": self.memory_used() / GIB}
 
     def window(self, start: float, end: float) -> dict:
-        inside = [s for s in self.samples if start <= s[0] <= end]
-        if not inside:
-            return no_gpu_metrics()
-        utils = [u for _, u, _ in inside]
-        span = inside[-1][0] - inside[0][0]
-        return {
-            "gpu_util_mean_pct": sum(utils) / len(utils),
-            "gpu_util_above_90_share": sum(u > 90 for u in utils) / len(utils),
-            "gpu_mem_peak_gib": max(m for _, _, m in inside) / GIB,
-            "gpu_samples": len(inside),
-            "gpu_sample_hz": (len(inside) - 1) / span if span > 0 else None,
-        }
+        return gpu_metrics(self.samples, start, end)
 
 
 def _nvml():
@@ -406,7 +395,8 @@ def run_child(target, config: BenchConfig, prompts: list[Prompt], label: str) ->
 def _done_line(done: dict) -> str:
     seconds = done["end"] - done["start"]
     tokens = sum(len(ids) for ids in done["token_ids"])
-    return f"{done['system']}: {len(done['token_ids'])} prompts in {seconds:.1f} s ({tokens / seconds:,.0f} output tok/s)"
+    num = len(done["token_ids"])
+    return f"{done['system']}: {num} prompt{'s' * (num != 1)} in {seconds:.1f} s ({tokens / seconds:,.0f} output tok/s)"
 
 
 def check_lengths(done: dict, prompts: list[Prompt]) -> None:

@@ -42,6 +42,22 @@ def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
     }
 
 
+def gpu_metrics(samples: list[tuple[float, int, int]], start: float, end: float) -> dict:
+    """GPU columns from NVML samples (time, utilisation %, memory used bytes) taken between start and end."""
+    inside = [s for s in samples if start <= s[0] <= end]
+    if not inside:
+        return no_gpu_metrics()
+    utils = [u for _, u, _ in inside]
+    span = inside[-1][0] - inside[0][0]
+    return {
+        "gpu_util_mean_pct": sum(utils) / len(utils),
+        "gpu_util_above_90_share": sum(u > 90 for u in utils) / len(utils),
+        "gpu_mem_peak_gib": max(m for _, _, m in inside) / GIB,
+        "gpu_samples": len(inside),
+        "gpu_sample_hz": (len(inside) - 1) / span if span > 0 else None,
+    }
+
+
 def references(done: list[dict], num_prompts: int) -> list[str]:
     """Systems to compare completions with: the first one run (the naive loop, often on a subset), and the first
     that ran every prompt, so the rest are also compared over the whole workload."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from engine.bench import BenchConfig, bench_main
+from engine import bench
+from engine.bench import BenchConfig, GpuMonitor, bench_main
 from engine.bench_report import agreement, markdown, no_gpu_metrics, notes, references, system_metrics
 from engine.config import ConfigError
 from engine.workloads import WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload
@@ -81,6 +84,44 @@ def test_agreement_counts_identical_sequences_and_prefixes():
     result = agreement(outputs, "naive")
     assert result["naive"]["num_identical"] == 2
     assert result["engine"] == {"reference": "naive", "num_compared": 2, "num_identical": 1, "mean_prefix_share": 0.75}
+
+
+class FakeNvml:
+    """Stands in for pynvml: the card is busy (95%) for 0.3 s, then nearly idle, with 2 of 80 GiB used."""
+
+    def __init__(self):
+        self.busy_until = time.monotonic() + 0.3
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("card", index)
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=95 if time.monotonic() < self.busy_until else 5)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=2 << 30, total=80 << 30)
+
+    def nvmlDeviceGetName(self, handle):
+        return "Fake H100"
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.1"
+
+
+def test_gpu_monitor_samples_at_10_hz_or_more_and_summarises_a_window(monkeypatch):
+    monkeypatch.setattr(bench, "_nvml", FakeNvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with GpuMonitor("cuda:1", 20) as gpu:
+        start = time.monotonic()
+        time.sleep(0.6)
+        end = time.monotonic()
+    assert gpu.handle == ("card", 5)  # NVML numbers cards ignoring CUDA_VISIBLE_DEVICES
+    m = gpu.window(start, end)
+    assert m["gpu_sample_hz"] >= 10 and m["gpu_samples"] >= 8
+    assert 0.25 < m["gpu_util_above_90_share"] < 0.75 and 5 < m["gpu_util_mean_pct"] < 95
+    assert m["gpu_mem_peak_gib"] == 2
+    assert gpu.window(end + 10, end + 11) == no_gpu_metrics()  # a window without samples is n/a, not zero
+    assert gpu.card("cuda:1")["name"] == "Fake H100" and gpu.card("cuda:1")["memory_gib"] == 80
 
 
 @pytest.fixture(scope="module")
