@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown, no_gpu_metrics,
-                                 notes, references, system_metrics, versions, write_outputs)
+from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
+                                 no_gpu_metrics, notes, references, system_metrics, versions, write_outputs)
 from engine.config import DTYPES, ConfigError, EngineConfig, SamplingDefaults
 from engine.models import ModelNotFound, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
@@ -34,7 +34,7 @@ from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_i
 SYSTEMS = ("naive", "hf", "engine")
 NUM_WARMUP_PROMPTS = 2
 MAX_WARMUP_TOKENS = 8
-STATS_WAIT_S = 3.0  # the core reports its idle time about once a second
+STATS_WAIT_S = 5.0  # the core reports its idle time about once a second; allow for a loaded host
 RESULTS_FILE = "benchmarks/RESULTS.md"
 
 
@@ -61,6 +61,7 @@ class BenchConfig:
     naive_prompts: int = 8
     batch_sizes: list[int] = field(default_factory=lambda: [64, 128, 256])
     max_num_seqs: int = 256
+    max_model_len: int | None = None  # the engine's; None: each workload's longest prompt + new tokens
     max_new_tokens: int = 150  # for --input records without their own
     temperature: float = 0.0
     top_p: float = 1.0
@@ -100,8 +101,8 @@ class BenchConfig:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, device=self.device,
-                            max_num_seqs=self.max_num_seqs, sampling=self.sampling(), return_tokens=True,
-                            cache_dir=self.cache_dir)
+                            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                            sampling=self.sampling(), return_tokens=True, cache_dir=self.cache_dir)
 
     @property
     def is_greedy(self) -> bool:
@@ -425,6 +426,8 @@ def load_workloads(config: BenchConfig, tok, max_positions: int) -> list[Workloa
 
 def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None, env: dict) -> tuple[dict, dict]:
     """All chosen systems on one workload -> (report, outputs by system)."""
+    # The engine's KV cache is sized by max_model_len; the workload's own longest sequence is the fair size.
+    config = dataclasses.replace(config, max_model_len=config.max_model_len or workload.max_total_tokens)
     done: list[dict] = []
     if "naive" in config.systems or "hf" in config.systems:
         done += run_child(baselines_main, config, workload.prompts, workload.name)
@@ -489,9 +492,12 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="JSONL of {\"prompt\": ..., \"max_new_tokens\"?: N} instead of a workload")
     p.add_argument("--systems", type=_csv, default=list(SYSTEMS), help="comma list of naive, hf, engine")
     p.add_argument("--num-prompts", type=int, default=256, help="prompts per workload (an --input file: at most)")
-    p.add_argument("--naive-prompts", type=int, default=8, help="the naive loop runs the first N; the rest is extrapolated")
+    p.add_argument("--naive-prompts", type=int, default=8,
+                   help="the naive loop runs the first N prompts; the rest is extrapolated")
     p.add_argument("--batch-sizes", type=_ints, default=[64, 128, 256], help="batch sizes of the HF loop")
     p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's sequences decoded together")
+    p.add_argument("--max-model-len", type=int, help="the engine's prompt + new tokens limit (default: the "
+                   "workload's longest)")
     p.add_argument("--max-new-tokens", type=int, default=150, help="for --input records without their own")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (and completions are compared)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -511,10 +517,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ConfigError("give --workload or --input, not both")
     return BenchConfig(
         model=args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-        workloads=args.workload or ([] if args.input else ["short"]), input=args.input, systems=args.systems, num_prompts=args.num_prompts,
-        naive_prompts=args.naive_prompts, batch_sizes=args.batch_sizes, max_num_seqs=args.max_num_seqs,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
+        workloads=args.workload or ([] if args.input else ["short"]), input=args.input, systems=args.systems,
+        num_prompts=args.num_prompts, naive_prompts=args.naive_prompts, batch_sizes=args.batch_sizes,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet,
     )
 

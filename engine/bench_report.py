@@ -74,7 +74,8 @@ def agreement(outputs: dict[str, list[list[int]]], reference: str) -> dict[str, 
         pairs = list(zip(rows, ref))
         prefix = [_common_prefix(a, b) / max(len(b), 1) for a, b in pairs]
         result[system] = {"reference": reference, "num_compared": len(pairs),
-                          "num_identical": sum(a == b for a, b in pairs), "mean_prefix_share": sum(prefix) / len(prefix)}
+                          "num_identical": sum(a == b for a, b in pairs),
+                          "mean_prefix_share": sum(prefix) / len(prefix)}
     return result
 
 
@@ -147,7 +148,8 @@ def markdown(report: dict) -> str:
     """The run as a Markdown section: heading with card and date, settings line, table, notes."""
     card, ver, s, w = report["card"], report["versions"], report["settings"], report["workload"]
     columns = [*COLUMNS, *(f"same ids as {ref}" for ref in report["agreement"])]
-    sampling = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}"
+    sampling = ("greedy" if s["temperature"] == 0
+                else f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}")
     attn = next((m["attn_implementation"] for m in report["systems"] if m["system"] != "engine"), "n/a")
     lines = [
         f"### {w['name']} · {card['name']} · {report['created'][:10]}", "",
@@ -157,7 +159,7 @@ def markdown(report: dict) -> str:
         f"Workload {w['name']}: {w['num_prompts']} prompts of {_span(w['prompt_tokens'])} tokens, "
         f"{_span(w['new_tokens'])} new tokens each (exact, EOS ignored), {w['num_output_tokens']:,} output tokens; "
         f"{sampling}; HF attention {attn}, batch sizes {', '.join(map(str, s['batch_sizes']))}; engine max_num_seqs "
-        f"{s['max_num_seqs']}.",
+        f"{s['max_num_seqs']}, max_model_len {s['max_model_len']}.",
         "",
         "| " + " | ".join(columns) + " |",
         "|---|" + "---:|" * (len(columns) - 1),
@@ -178,9 +180,9 @@ def notes(report: dict) -> list[str]:
     out = []
     for m in report["systems"]:
         if m["is_extrapolated"]:
-            out.append(f"\\* {m['system']} ran the first {m['num_prompts_run']} of {m['num_prompts']} prompts; its wall "
-                       "time, prompts/s and s per 1k prompts are extrapolated by output tokens (measured tok/s over "
-                       "all the workload's tokens).")
+            out.append(f"\\* {m['system']} ran the first {m['num_prompts_run']} of {m['num_prompts']} prompts; its "
+                       "wall time, prompts/s and s per 1k prompts are extrapolated by output tokens (measured tok/s "
+                       "over all the workload's tokens).")
     out += [
         "Wall time is the timed run after model load and a short warm-up; start-up (load, process spawn) is in the "
         "JSON as startup_s.",

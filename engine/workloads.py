@@ -61,6 +61,11 @@ class Workload:
     def num_output_tokens(self) -> int:
         return sum(p.max_new_tokens for p in self.prompts)
 
+    @property
+    def max_total_tokens(self) -> int:
+        """The longest prompt + new tokens: what a KV cache must hold for this workload."""
+        return max(p.num_prompt_tokens + p.max_new_tokens for p in self.prompts)
+
     def describe(self) -> dict:
         """Sizes a reader needs to judge the workload (JSON-ready)."""
         prompt_lens = [p.num_prompt_tokens for p in self.prompts]

@@ -157,12 +157,14 @@ def test_cpu_run_systems_give_identical_greedy_completions(cpu_run):
         assert ids == naive, f"{system} differs from the naive loop"
 
 
-def test_cpu_run_writes_json_table_chart_and_results(cpu_run):
+def test_cpu_run_writes_json_table_chart_and_results(cpu_run, tokenizer):
     folder, rows = cpu_run
     report = json.loads(next((folder / "out").glob("prompts-*.json")).read_text())
     assert report["card"]["name"].startswith("CPU") and report["card"]["driver"] is None
     assert {"torch", "transformers", "python"} <= set(report["versions"])
     assert report["settings"]["batch_sizes"] == [2, 4] and report["workload"]["num_output_tokens"] == sum(NEW_TOKENS)
+    longest = max(len(tokenizer(r["prompt"])["input_ids"]) + r["max_new_tokens"] for r in rows)
+    assert report["settings"]["max_model_len"] == longest  # the engine's cache is sized to the workload
     assert list(report["agreement"]) == ["naive"]  # the naive loop ran every prompt: one reference is enough
     by_name = {m["system"]: m for m in report["systems"]}
     for m in by_name.values():
