@@ -428,11 +428,19 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     """All chosen systems on one workload -> (report, outputs by system)."""
     # The engine's KV cache is sized by max_model_len; the workload's own longest sequence is the fair size.
     config = dataclasses.replace(config, max_model_len=config.max_model_len or workload.max_total_tokens)
+    groups = [(main, name) for main, name, wanted in ((baselines_main, "naive/hf", {"naive", "hf"}),
+                                                        (engine_main, "engine", {"engine"}))
+              if wanted & set(config.systems)]
     done: list[dict] = []
-    if "naive" in config.systems or "hf" in config.systems:
-        done += run_child(baselines_main, config, workload.prompts, workload.name)
-    if "engine" in config.systems:
-        done += run_child(engine_main, config, workload.prompts, workload.name)
+    errors: list[dict] = []
+    for main, name in groups:
+        try:
+            done += run_child(main, config, workload.prompts, workload.name)
+        except BenchError as exc:  # the other systems' numbers are still worth the device time they took
+            errors.append({"systems": name, "error": str(exc)})
+            print(f"engine-bench: {workload.name}: {exc}", file=sys.stderr)
+    if not done:
+        raise BenchError(f"workload {workload.name}: every system failed; first: {errors[0]['error']}")
     outputs = {}
     for d in done:
         check_lengths(d, workload.prompts)
@@ -445,6 +453,7 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
                     for d in done],
         "agreement": {ref: agreement({s: d["token_ids"] for s, d in outputs.items()}, ref)
                       for ref in references(done, len(workload.prompts))} if config.is_greedy else {},
+        "errors": errors,
     }
     report["notes"] = notes(report)
     return report, outputs
@@ -530,14 +539,14 @@ def bench_main(argv: list[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        run_bench(config_from_args(args))
+        reports = run_bench(config_from_args(args))
     except (BenchError, ConfigError, ModelNotFound, WorkloadError) as exc:
         print(f"engine-bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("engine-bench: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return 1 if any(r["errors"] for r in reports) else 0
 
 
 if __name__ == "__main__":

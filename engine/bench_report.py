@@ -177,7 +177,7 @@ def _span(spread: dict) -> str:
 
 
 def notes(report: dict) -> list[str]:
-    out = []
+    out = [f"**{e['systems']} failed** and has no row: {e['error'].splitlines()[0]}" for e in report["errors"]]
     for m in report["systems"]:
         if m["is_extrapolated"]:
             out.append(f"\\* {m['system']} ran the first {m['num_prompts_run']} of {m['num_prompts']} prompts; its "

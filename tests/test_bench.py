@@ -11,8 +11,8 @@ import pytest
 
 from conftest import read_jsonl, write_jsonl
 from engine import bench
-from engine.bench import BenchConfig, GpuMonitor, bench_main
-from engine.bench_report import agreement, markdown, no_gpu_metrics, notes, references, system_metrics
+from engine.bench import BenchConfig, BenchError, GpuMonitor, bench_main
+from engine.bench_report import agreement, cpu_card, markdown, no_gpu_metrics, notes, references, system_metrics
 from engine.config import ConfigError
 from engine.workloads import WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload
 
@@ -73,10 +73,28 @@ def test_subset_run_is_extrapolated_by_output_tokens_and_says_so():
     assert naive["prompts_per_s"] == pytest.approx(0.4) and naive["s_per_1k_prompts"] == pytest.approx(2500)
     assert naive["cpu_util_pct"] == pytest.approx(50) and naive["time_to_first_result_s"] == pytest.approx(0.5)
     assert naive["gpu_util_mean_pct"] is None and naive["ring_empty_share"] is None
-    report = {"systems": [naive], "host": {"num_cpus": 2}, "settings": {"sample_hz": 20}, "agreement": {}}
+    report = {"systems": [naive], "host": {"num_cpus": 2}, "settings": {"sample_hz": 20}, "agreement": {},
+              "errors": [{"systems": "engine", "error": "engine: core failed: CUDA out of memory\ntraceback"}]}
     assert references([_done("naive", [[1]], 1.0), _done("hf-b2", [[1]] * 4, 1.0)], 4) == ["naive", "hf-b2"]
     assert references([_done("naive", [[1]] * 4, 1.0), _done("hf-b2", [[1]] * 4, 1.0)], 4) == ["naive"]
     assert any("first 2 of 4 prompts" in n and "extrapolated" in n for n in notes(report))
+    assert notes(report)[0] == "**engine failed** and has no row: engine: core failed: CUDA out of memory"
+
+
+def test_a_failing_system_is_reported_and_the_others_kept(monkeypatch):
+    def fake_run_child(main, config, prompts, label):
+        if main is bench.engine_main:
+            raise BenchError("bench engine failed: CUDA out of memory")
+        return [_done("naive", [[1, 2], [3, 4]], 1.0)]
+
+    monkeypatch.setattr(bench, "run_child", fake_run_child)
+    workload = Workload("t", 0, [Prompt("p0", "x", 3, 2), Prompt("p1", "y", 3, 2)])
+    env = {"card": cpu_card(), "host": {"num_cpus": 2}, "dtype": "float32",
+           "versions": {"torch": "t", "transformers": "t", "engine": "e", "commit": None}}
+    report, _ = bench.run_workload(BenchConfig(device="cpu"), workload, None, env)
+    assert [m["system"] for m in report["systems"]] == ["naive"]
+    assert report["errors"] == [{"systems": "engine", "error": "bench engine failed: CUDA out of memory"}]
+    assert "**engine failed** and has no row" in markdown(report)
 
 
 def test_agreement_counts_identical_sequences_and_prefixes():
@@ -165,6 +183,7 @@ def test_cpu_run_writes_json_table_chart_and_results(cpu_run, tokenizer):
     assert report["settings"]["batch_sizes"] == [2, 4] and report["workload"]["num_output_tokens"] == sum(NEW_TOKENS)
     longest = max(len(tokenizer(r["prompt"])["input_ids"]) + r["max_new_tokens"] for r in rows)
     assert report["settings"]["max_model_len"] == longest  # the engine's cache is sized to the workload
+    assert report["errors"] == []
     assert list(report["agreement"]) == ["naive"]  # the naive loop ran every prompt: one reference is enough
     by_name = {m["system"]: m for m in report["systems"]}
     for m in by_name.values():
