@@ -14,7 +14,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
-from engine.models import ModelSource, load_model, resolve_device, resolve_dtype
+from engine.attention import unsupported_reason
+from engine.kv_cache import KVCache, plan_slots
+from engine.models import ModelNotFound, ModelSource, effective_max_len, load_model, resolve_device, resolve_dtype
 from engine.procs import Lifeline, MsgQueue
 from engine.request import RecordError
 from engine.ring import ShmRing
@@ -40,10 +42,16 @@ class EngineCore:
         self.model = load_model(source, self.dtype, self.device, vocab_size=len(tok))
         self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok.eos_token_id)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.steering = SteeringTable(self.model, self.device, self.dtype)
-        self.runner = ModelRunner(self.model, self.steering, pad_id)
-        self.scheduler = Scheduler(config.max_num_seqs)
-        self._last_tokens: torch.Tensor | None = None
+        reason = unsupported_reason(self.model.config)
+        if reason:
+            raise ModelNotFound(reason + "; use a model without it")
+        max_len = effective_max_len(config.max_model_len, source)
+        slots = plan_slots(self.model.config, config.max_num_seqs, max_len, self.dtype, self.device,
+                           config.gpu_memory_fraction)
+        self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
+        self.steering = SteeringTable(self.model, self.device, slots)
+        self.runner = ModelRunner(self.model, self.steering, self.cache, pad_id, use_graphs=not config.enforce_eager)
+        self.scheduler = Scheduler(slots, config.max_prefill_tokens)
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
         """Queue one request; RecordError if its steering cannot apply to this model."""
@@ -62,14 +70,10 @@ class EngineCore:
 
     def step(self) -> list[Sequence]:
         batch = self.scheduler.schedule()
-        tokens = self.runner.step(batch, None if batch.is_prefill else self._last_tokens)
-        finished = self.scheduler.update(batch, tokens.tolist(), self.eos_ids)
-        if finished:
-            done = {id(s) for s in finished}
-            keep = [i for i, s in enumerate(batch.seqs) if id(s) not in done]
-            tokens = tokens[torch.tensor(keep, dtype=torch.int64, device=tokens.device)]
-        self._last_tokens = tokens
-        return finished
+        tokens = self.runner.step(batch).tolist()
+        if not batch.is_prefill:
+            tokens = [tokens[s.slot] for s in batch.seqs]  # decode rows are slots
+        return self.scheduler.update(batch.seqs, tokens, self.eos_ids)
 
     def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
         """In-process convenience: run requests to completion; returns finished sequences by index."""

@@ -1,106 +1,170 @@
-"""ModelRunner: runs an unmodified Hugging Face causal LM over the scheduler's batches.
+"""ModelRunner: runs an unmodified Hugging Face causal LM over the slot KV cache.
 
-This first runner keeps one left-padded DynamicCache for the running cohort and drops the rows of finished
-sequences from it. Steering is handed to the SteeringTable as per-token (row, coef) tensors per forward.
+Prefill: the new sequences as one left-padded batch (eager), K/V written into their slots, logits of the
+last position only. Decode: one token for each of the first B slots from static device buffers; on CUDA
+the forward is captured in a CUDA graph per (B, attended length) bucket and replayed.
 """
 
 from __future__ import annotations
 
-import inspect
+import logging
 
+import numpy as np
 import torch
 
+from engine import attention
+from engine.attention import CONTEXT, decode_masks, prefill_masks
+from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SamplingParams
-from engine.scheduler import ScheduledBatch, Sequence
-from engine.steering import SteeringTable, coef_mask
+from engine.scheduler import ScheduledBatch, Sequence, bucket
+from engine.steering import SteeringTable
+
+log = logging.getLogger("engine")
+
+MIN_READ_LEN = 64
 
 
 class ModelRunner:
-    """Prefill and decode steps for the running batch; returns next tokens on the device."""
+    """Prefill and decode steps; returns sampled next tokens on the device."""
 
-    def __init__(self, model, steering: SteeringTable, pad_id: int):
-        self.model = model
-        self.steering = steering
-        self.pad_id = pad_id
+    def __init__(self, model, steering: SteeringTable, cache: KVCache, pad_id: int, use_graphs: bool):
+        self.model, self.steering, self.cache, self.pad_id = model, steering, cache, pad_id
         self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
-        # transformers renamed past_key_values to cache in 5.2x; support both.
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        attention.register()
+        model.config._attn_implementation = attention.NAME
+        text = model.config.get_text_config()
+        text._attn_implementation = attention.NAME
+        windows = {getattr(text, "sliding_window", None)} if "sliding_attention" in (getattr(text, "layer_types", None) or []) else set()
+        self.windows = windows | {None}
         self.sampler = Sampler()
-        self.rows: list[Sequence] = []
-        self.cache = None
-        self.mask = None
-        self.lengths = None
-        self.params: SamplingParams | None = None
+        slots = cache.num_slots
+        self.read_lens = [min(MIN_READ_LEN << i, cache.max_len) for i in range(max(1, (cache.max_len // MIN_READ_LEN).bit_length() + 1))]
+        self.read_lens = sorted(set(self.read_lens))
+        # Static decode inputs, indexed by slot.
+        self.tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.meta = torch.zeros(3, slots, dtype=torch.int64, device=self.device)  # position, write column, step
+        self._meta_host = torch.zeros(3, slots, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        self.temperature = torch.zeros(slots, dtype=torch.float32, device=self.device)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=self.device)
+        self.top_k = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.seed = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_version = steering.version
+        self._pool = None
+
+    # ---- prefill
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        logits = self.prefill_logits(seqs)
+        params = SamplingParams.build([s.sampling_row for s in seqs], self.device)
+        steps = torch.zeros(len(seqs), dtype=torch.int64, device=self.device)
+        tokens = self.sampler(logits.float(), params, steps)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.tokens.index_copy_(0, slots, tokens)
+        self._set_sampling(seqs, slots)
+        self.steering.assign(seqs)
+        return tokens
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, last_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Last-position logits [B, V] of each row: the prompt's for a prefill, the new token's for a decode."""
-        return self._prefill(batch.seqs) if batch.is_prefill else self._decode(batch.seqs, last_tokens)
-
-    @torch.inference_mode()
-    def step(self, batch: ScheduledBatch, last_tokens: torch.Tensor | None) -> torch.Tensor:
-        logits = self.forward(batch, last_tokens)
-        steps = torch.tensor([len(s.output_ids) for s in batch.seqs], dtype=torch.int64, device=self.device)
-        return self.sampler(logits.float(), self.params, steps)
-
-    def _forward(self, input_ids, position_ids) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config)
-        kwargs = {self.cache_arg: self.cache}
-        out = self.model(
-            input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids, use_cache=True,
-            logits_to_keep=1, **kwargs,
-        )
-        self.steering.set_inputs({})
-        return out.logits[:, -1, :]
-
-    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(s.num_prompt_tokens for s in seqs)
+        lengths_host = [s.num_prompt_tokens for s in seqs]
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.int64, device=self.device)
-        self.mask = torch.zeros((len(seqs), width), dtype=torch.int64, device=self.device)
         for i, seq in enumerate(seqs):
             ids[i, width - seq.num_prompt_tokens:] = seq.prompt_ids
-            self.mask[i, width - seq.num_prompt_tokens:] = 1
-        positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
-        self.rows, self.cache = list(seqs), None
-        self.lengths = torch.tensor([s.num_prompt_tokens for s in seqs], dtype=torch.int64, device=self.device)
-        self.params = SamplingParams.build([s.sampling_row for s in seqs], self.device)
-        self.steering.set_inputs(self._steer_inputs(seqs, self.mask.bool(), is_prompt=True))
-        return self._forward(ids, positions)
+        lengths = torch.tensor(lengths_host, dtype=torch.int64).to(self.device)
+        col = torch.arange(width, device=self.device)[None, :]
+        positions = col - (width - lengths)[:, None]
+        is_real = positions >= 0
+        CONTEXT.cache, CONTEXT.is_prefill = self.cache, True
+        CONTEXT.slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device)[:, None]
+        CONTEXT.write_pos = torch.where(is_real, positions, self.cache.trash)
+        CONTEXT.masks = prefill_masks(lengths, width, self.windows)
+        self.steering.set_active(self.steering.prefill_inputs(seqs, is_real))
+        try:
+            out = self.model(input_ids=ids, position_ids=positions.clamp_min(0), use_cache=False, logits_to_keep=1)
+        finally:
+            self.steering.set_active({})
+        return out.logits[:, -1, :]
 
-    def _decode(self, seqs: list[Sequence], tokens: torch.Tensor) -> torch.Tensor:
-        if len(seqs) != len(self.rows):
-            self._keep(seqs)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        positions = self.lengths[:, None].clone()
-        self.lengths += 1
-        ones = torch.ones((len(seqs), 1), dtype=torch.bool, device=self.device)
-        self.steering.set_inputs(self._steer_inputs(seqs, ones, is_prompt=False))
-        return self._forward(tokens[:, None], positions)
+    def _set_sampling(self, seqs: list[Sequence], slots: torch.Tensor) -> None:
+        rows = [s.sampling_row for s in seqs]
+        for target, column, dtype in ((self.temperature, 0, torch.float32), (self.top_p, 1, torch.float32),
+                                      (self.top_k, 2, torch.int64), (self.seed, 3, torch.int64)):
+            target.index_copy_(0, slots, torch.tensor([r[column] for r in rows], dtype=dtype).to(self.device))
 
-    def _keep(self, seqs: list[Sequence]) -> None:
-        """Drop the cache rows of sequences that left the batch."""
-        where = {id(s): i for i, s in enumerate(self.rows)}
-        keep = torch.tensor([where[id(s)] for s in seqs], dtype=torch.int64, device=self.device)
-        self.cache.batch_select_indices(keep)
-        self.mask, self.lengths = self.mask[keep], self.lengths[keep]
-        self.rows = list(seqs)
-        self.params = SamplingParams.build([s.sampling_row for s in seqs], self.device)
+    # ---- decode
+    @torch.inference_mode()
+    def decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        rows = batch.num_rows
+        logits = self.decode_logits(batch)
+        params = self._decode_params(batch.seqs, rows)
+        tokens = self.sampler(logits, params, self.meta[2, :rows])
+        self.tokens[:rows] = tokens
+        return tokens
 
-    def _steer_inputs(self, seqs: list[Sequence], token_mask: torch.Tensor, is_prompt: bool) -> dict:
-        """Per steered layer: (row index [B, T], coef [B, T]); zero where a token is not steered."""
-        layers = {layer for s in seqs for layer in s.steer_rows}
-        inputs = {}
-        for layer in layers:
-            row_ids, coefs = [], []
-            for seq in seqs:
-                on = layer in seq.steer_rows and coef_mask(seq.steer_positions, is_prompt)
-                row_ids.append(seq.steer_rows[layer] if on else 0)
-                coefs.append(seq.steer_coef if on else 0.0)
-            rows = torch.tensor(row_ids, dtype=torch.int64, device=self.device)[:, None] * token_mask
-            coef = torch.tensor(coefs, dtype=torch.float32, device=self.device)[:, None] * token_mask
-            inputs[layer] = (rows, coef)
-        return inputs
+    def decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        rows = batch.num_rows
+        meta = self._meta_host[:, :rows].numpy()
+        meta[0], meta[1], meta[2] = 0, self.cache.trash, 0
+        for seq in batch.seqs:
+            meta[0, seq.slot] = meta[1, seq.slot] = seq.num_tokens - 1
+            meta[2, seq.slot] = len(seq.output_ids)
+        self.meta[:, :rows].copy_(self._meta_host[:, :rows], non_blocking=True)
+        read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
+        if not self.use_graphs:
+            return self._decode_forward(rows, read_len)
+        return self._graph(rows, read_len).replay_logits()
+
+    def _decode_forward(self, rows: int, read_len: int) -> torch.Tensor:
+        positions = self.meta[0, :rows]
+        CONTEXT.cache, CONTEXT.is_prefill = self.cache, False
+        CONTEXT.write_pos, CONTEXT.read_len = self.meta[1, :rows], read_len
+        CONTEXT.masks = decode_masks(positions, read_len, self.windows)
+        self.steering.set_active(self.steering.decode_inputs(rows))
+        try:
+            out = self.model(input_ids=self.tokens[:rows, None], position_ids=positions[:, None], use_cache=False,
+                             logits_to_keep=1)
+        finally:
+            self.steering.set_active({})
+        return out.logits[:, -1, :].float()
+
+    def _decode_params(self, seqs: list[Sequence], rows: int) -> SamplingParams:
+        host = [s.sampling_row for s in seqs]
+        flags = SamplingParams.flags(host)
+        return SamplingParams(self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows], *flags)
+
+    # ---- CUDA graphs
+    def _graph(self, rows: int, read_len: int) -> "_DecodeGraph":
+        if self._graph_version != self.steering.version:
+            self._graphs.clear()  # steering hooks or table storage changed: old graphs read stale state
+            self._graph_version = self.steering.version
+        key = (rows, read_len)
+        if key not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self._graphs[key] = _DecodeGraph(lambda: self._decode_forward(rows, read_len), self._pool)
+        return self._graphs[key]
+
+    def step(self, batch: ScheduledBatch) -> torch.Tensor:
+        return self.prefill(batch.seqs) if batch.is_prefill else self.decode(batch)
+
+
+class _DecodeGraph:
+    """One captured decode forward; inputs are the runner's static buffers, the output a static tensor."""
+
+    def __init__(self, forward, pool):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy initialisation must not happen during capture
+                forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = forward()
+
+    def replay_logits(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits

@@ -169,6 +169,16 @@ def resolve_model(spec: str, tokenizer: str | None, cache_dir: str) -> ModelSour
     return ModelSource(spec, str(weights), None, tok, _max_positions(weights))
 
 
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def effective_max_len(max_model_len: int | None, source: ModelSource) -> int:
+    """--max-model-len, else the model's limit capped at DEFAULT_MAX_MODEL_LEN (the KV cache is sized by it)."""
+    if max_model_len is None:
+        return min(source.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    return min(max_model_len, source.max_position_embeddings)
+
+
 def resolve_dtype(dtype: str, device: str):
     import torch
 

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 from engine.config import EngineConfig
 from engine.core import core_main
 from engine.decoder_worker import decoder_main
-from engine.models import resolve_model
+from engine.models import effective_max_len, resolve_model
 from engine.procs import Lifeline, MsgQueue, start
 from engine.request import Request, RecordError, decode_line, parse_record
 from engine.ring import ShmRing
@@ -92,8 +92,7 @@ class Engine:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub, in any process
         self.config = config
         self.source = resolve_model(config.model, config.tokenizer, config.cache_dir)
-        self.max_model_len = min(config.max_model_len or self.source.max_position_embeddings,
-                                 self.source.max_position_embeddings)
+        self.max_model_len = effective_max_len(config.max_model_len, self.source)
         ctx = mp.get_context("spawn")
         self.events = MsgQueue(ctx)
         self.tok_in = MsgQueue(ctx, maxsize=2 * config.tokenizer_workers)

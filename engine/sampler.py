@@ -51,21 +51,20 @@ class SamplingParams:
     max_top_k: int  # 0 unless every sampled row has a top_k and none uses top_p
     needs_sort: bool  # some sampled row uses top_p (or top_k beside top_p)
 
-    @classmethod
-    def build(cls, rows: list[tuple[float, float, int, int]], device) -> "SamplingParams":
-        temps = [r[0] for r in rows]
+    @staticmethod
+    def flags(rows: list[tuple[float, float, int, int]]) -> tuple[bool, int, bool]:
+        """(is_all_greedy, max_top_k, needs_sort) for rows of (temperature, top_p, top_k, seed)."""
         sampled = [r for r in rows if r[0] > 0]
         uses_p = any(r[1] < 1.0 for r in sampled)
         all_k = bool(sampled) and all(r[2] > 0 for r in sampled) and not uses_p
-        return cls(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            top_p=torch.tensor([r[1] for r in rows], dtype=torch.float32, device=device),
-            top_k=torch.tensor([r[2] for r in rows], dtype=torch.int64, device=device),
-            seed=torch.tensor([r[3] for r in rows], dtype=torch.int64, device=device),
-            is_all_greedy=not sampled,
-            max_top_k=max(r[2] for r in sampled) if all_k else 0,
-            needs_sort=uses_p or (any(r[2] > 0 for r in sampled) and not all_k),
-        )
+        max_top_k = max(r[2] for r in sampled) if all_k else 0
+        return not sampled, max_top_k, uses_p or (any(r[2] > 0 for r in sampled) and not all_k)
+
+    @classmethod
+    def build(cls, rows: list[tuple[float, float, int, int]], device) -> "SamplingParams":
+        columns = [torch.tensor([r[i] for r in rows], dtype=dtype).to(device)
+                   for i, dtype in enumerate((torch.float32, torch.float32, torch.int64, torch.int64))]
+        return cls(*columns, *cls.flags(rows))
 
 
 class Sampler:

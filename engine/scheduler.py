@@ -1,12 +1,13 @@
-"""Scheduler: which sequences the next step runs.
+"""Scheduler: continuous batching over KV-cache slots.
 
-This first loop runs cohorts: when nothing is running it admits up to `max_num_seqs` waiting sequences for
-one prefill, then decodes them until each finishes (finished rows leave the batch at once). The fast loop
-replaces the cohort with slot-level continuous batching behind the same interface.
+A running sequence owns one slot until it finishes, then the slot is free at once. Waiting prompts are
+prefilled in chunks (a token budget) when enough slots are free, and join the decode batch, which is
+always "the first B slots" for a bucketed B, so decode shapes stay static for CUDA graphs.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,10 +32,15 @@ class Sequence:
     steer_positions: str
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    slot: int = -1
 
     @property
     def num_prompt_tokens(self) -> int:
         return int(self.prompt_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_ids)
 
     @property
     def sampling_row(self) -> tuple[float, float, int, int]:
@@ -44,16 +50,26 @@ class Sequence:
 @dataclass(slots=True)
 class ScheduledBatch:
     is_prefill: bool
-    seqs: list[Sequence]
+    seqs: list[Sequence]  # prefill: the new sequences; decode: every running sequence
+    num_rows: int = 0  # decode: the bucketed slot count the step runs over
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    return next(s for s in sizes if s >= n)
 
 
 class Scheduler:
-    """Admits waiting sequences and hands the runner one batch per step."""
+    """Admits waiting sequences into free slots and hands the runner one batch per step."""
 
-    def __init__(self, max_num_seqs: int):
-        self.max_num_seqs = max_num_seqs
+    def __init__(self, num_slots: int, max_prefill_tokens: int):
+        self.num_slots = num_slots
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: dict[int, Sequence] = {}
+        self._free = list(range(num_slots))  # a heap: the lowest free slot first keeps the batch compact
+        self.batch_sizes = sorted({min(2 ** i, num_slots) for i in range(num_slots.bit_length() + 1)} | {num_slots})
+        # Prefill once this many slots are free (or nothing runs): one prefill serves many new sequences.
+        self.refill_at = max(1, num_slots // 8)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -63,16 +79,30 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        if self.running:
-            return ScheduledBatch(False, list(self.running))
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            self.running.append(self.waiting.popleft())
-        return ScheduledBatch(True, list(self.running))
+        if self.waiting and self._free and (len(self._free) >= self.refill_at or not self.running
+                                            or len(self.waiting) < self.refill_at):
+            return ScheduledBatch(True, self._admit())
+        rows = bucket(max(self.running) + 1, self.batch_sizes)
+        return ScheduledBatch(False, list(self.running.values()), rows)
 
-    def update(self, batch: ScheduledBatch, tokens: list[int], eos_ids: set[int]) -> list[Sequence]:
-        """Append each row's new token; return the sequences that finished and drop them from the batch."""
+    def _admit(self) -> list[Sequence]:
+        admitted, width = [], 0
+        while self.waiting and self._free:
+            seq = self.waiting[0]
+            new_width = max(width, seq.num_prompt_tokens)
+            if admitted and new_width * (len(admitted) + 1) > self.max_prefill_tokens:
+                break
+            self.waiting.popleft()
+            seq.slot = heapq.heappop(self._free)
+            self.running[seq.slot] = seq
+            admitted.append(seq)
+            width = new_width
+        return admitted
+
+    def update(self, seqs: list[Sequence], tokens: list[int], eos_ids: set[int]) -> list[Sequence]:
+        """Append each sequence's new token; free the slots of those that finished and return them."""
         finished = []
-        for seq, token in zip(batch.seqs, tokens):
+        for seq, token in zip(seqs, tokens):
             seq.output_ids.append(token)
             if token in eos_ids and not seq.ignore_eos:
                 seq.finish_reason = "stop"
@@ -81,7 +111,6 @@ class Scheduler:
             else:
                 continue
             finished.append(seq)
-        if finished:
-            done = {id(s) for s in finished}
-            self.running = [s for s in self.running if id(s) not in done]
+            del self.running[seq.slot]
+            heapq.heappush(self._free, seq.slot)
         return finished

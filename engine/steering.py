@@ -88,17 +88,25 @@ def _check(path: str, layer: int | None, tensor: torch.Tensor, num_layers: int, 
 
 
 class SteeringTable:
-    """Device table of loaded vectors plus per-layer (row, coef) inputs read by forward hooks."""
+    """Device table of loaded vectors plus per-layer (row, coef) inputs read by forward hooks.
 
-    def __init__(self, model, device, dtype):
+    The table and the per-slot decode buffers are preallocated and only grow by reallocation, which bumps
+    `version`; the runner re-captures its CUDA graphs when the version changes.
+    """
+
+    def __init__(self, model, device, num_slots: int, capacity: int = 64):
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.hidden_size = model.config.get_text_config().hidden_size
-        self.device, self.dtype = device, dtype
-        self.table = torch.zeros(1, self.hidden_size, dtype=torch.float32, device=device)
+        self.device = device
+        self.table = torch.zeros(capacity, self.hidden_size, dtype=torch.float32, device=device)
+        self.num_rows = 1  # row 0 stays zero: "no vector"
+        self.slot_rows: dict[int, torch.Tensor] = {}  # layer -> [num_slots] row used at decode
+        self.slot_coef: dict[int, torch.Tensor] = {}  # layer -> [num_slots] coef used at decode
+        self.num_slots = num_slots
+        self.version = 0
         self._rows: dict[tuple[str, int], int] = {}
         self._files: dict[str, dict | RecordError] = {}
-        self._hooked: set[int] = set()
         self.active: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def resolve(self, spec: dict | None) -> dict[int, int]:
@@ -109,12 +117,13 @@ class SteeringTable:
         if bad:
             raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
         vectors = self._file(spec["vector"])
+        missing = [layer for layer in spec["layers"] if layer not in vectors and None not in vectors]
+        if missing:
+            raise RecordError(f"steering vector {spec['vector']}: no vector for layer(s) {missing} "
+                              f"(it has layer.{sorted(vectors)})")
         rows = {}
         for layer in spec["layers"]:
-            vector = vectors.get(layer, vectors.get(None))
-            if vector is None:
-                raise RecordError(f"steering vector {spec['vector']}: no vector for layer {layer} (keys: layer.{sorted(k for k in vectors)})")
-            rows[layer] = self._row(spec["vector"], layer, vector)
+            rows[layer] = self._row(spec["vector"], layer, vectors.get(layer, vectors.get(None)))
             self._hook(layer)
         return rows
 
@@ -132,16 +141,24 @@ class SteeringTable:
     def _row(self, path: str, layer: int, vector: torch.Tensor) -> int:
         key = (path, layer)
         if key not in self._rows:
-            self._rows[key] = self.table.shape[0]
-            self.table = torch.cat([self.table, vector.to(self.device)[None, :]])
+            if self.num_rows == self.table.shape[0]:
+                grown = torch.zeros(2 * self.num_rows, self.hidden_size, dtype=torch.float32, device=self.device)
+                grown[:self.num_rows] = self.table
+                self.table = grown
+                self.version += 1
+            self.table[self.num_rows] = vector.to(self.device)
+            self._rows[key] = self.num_rows
+            self.num_rows += 1
         return self._rows[key]
 
     def _hook(self, layer: int) -> None:
-        if layer in self._hooked:
+        if layer in self.slot_rows:
             return
         # prepend: runs before transformers' own output-capture hooks, so captured states include steering.
         self.layers[layer].register_forward_hook(self._make_hook(layer), prepend=True)
-        self._hooked.add(layer)
+        self.slot_rows[layer] = torch.zeros(self.num_slots, dtype=torch.int64, device=self.device)
+        self.slot_coef[layer] = torch.zeros(self.num_slots, dtype=torch.float32, device=self.device)
+        self.version += 1
 
     def _make_hook(self, layer: int):
         def hook(module, args, output):
@@ -155,9 +172,35 @@ class SteeringTable:
 
         return hook
 
-    def set_inputs(self, per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Per-token (row [B, T] long, coef [B, T] float32) for each steered layer of the next forward."""
+    def assign(self, seqs) -> None:
+        """Set each admitted sequence's decode-time (row, coef) in its slot, for every hooked layer."""
+        if not self.slot_rows:
+            return
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device)
+        for layer in self.slot_rows:
+            on = [layer in s.steer_rows and coef_mask(s.steer_positions, is_prompt=False) for s in seqs]
+            rows = torch.tensor([s.steer_rows[layer] if o else 0 for s, o in zip(seqs, on)], dtype=torch.int64)
+            coefs = torch.tensor([s.steer_coef if o else 0.0 for s, o in zip(seqs, on)], dtype=torch.float32)
+            self.slot_rows[layer].index_copy_(0, slots, rows.to(self.device))
+            self.slot_coef[layer].index_copy_(0, slots, coefs.to(self.device))
+
+    def set_active(self, per_layer: dict) -> None:
+        """Per-token (row, coef) tensors of each hooked layer for the next forward; {} turns steering off."""
         self.active = per_layer
+
+    def decode_inputs(self, num_rows: int) -> dict:
+        return {layer: (self.slot_rows[layer][:num_rows, None], self.slot_coef[layer][:num_rows, None])
+                for layer in self.slot_rows}
+
+    def prefill_inputs(self, seqs, token_mask: torch.Tensor) -> dict:
+        """Per hooked layer: (row [P, T], coef [P, T]) for the prompt tokens of a prefill batch."""
+        inputs = {}
+        for layer in self.slot_rows:
+            on = [layer in s.steer_rows and coef_mask(s.steer_positions, is_prompt=True) for s in seqs]
+            rows = torch.tensor([s.steer_rows[layer] if o else 0 for s, o in zip(seqs, on)], dtype=torch.int64)
+            coefs = torch.tensor([s.steer_coef if o else 0.0 for s, o in zip(seqs, on)], dtype=torch.float32)
+            inputs[layer] = (rows.to(self.device)[:, None] * token_mask, coefs.to(self.device)[:, None] * token_mask)
+        return inputs
 
 
 def coef_mask(positions: str, is_prompt: bool) -> bool:

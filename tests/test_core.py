@@ -10,7 +10,7 @@ import torch
 from conftest import PROMPTS, tiny_config
 from engine import Engine
 from engine.core import EngineCore
-from engine.scheduler import ScheduledBatch
+from engine.scheduler import Scheduler
 from reference import steered
 
 
@@ -38,8 +38,9 @@ def first_step_logits(core, tokenizer, specs: list) -> torch.Tensor:
     for i, spec in enumerate(specs):
         core.add(request(i, spec), torch.tensor(tokenizer(PROMPTS[i]).input_ids))
     batch = core.scheduler.schedule()
-    logits = core.runner.forward(batch, None)
-    core.scheduler.running.clear()
+    assert batch.is_prefill and len(batch.seqs) == len(specs)
+    logits = core.runner.prefill_logits(batch.seqs)
+    core.scheduler = Scheduler(core.cache.num_slots, core.config.max_prefill_tokens)  # drop them again
     return logits
 
 

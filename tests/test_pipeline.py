@@ -14,6 +14,11 @@ from reference import hf_greedy
 MAX_NEW = 10
 
 
+def greedy_len(i: int) -> int:
+    """Staggered lengths, so sequences finish at different steps and freed slots are refilled mid-run."""
+    return 3 + (i * 5) % 11
+
+
 @pytest.fixture(scope="module")
 def vectors(tmp_path_factory, tiny_model):
     hidden = tiny_model.config.hidden_size
@@ -35,7 +40,7 @@ def vectors(tmp_path_factory, tiny_model):
 
 def records(vectors) -> list[dict]:
     """Greedy, seeded-sampled and steered records over prompts of mixed lengths."""
-    rows = [{"id": f"g{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    rows = [{"id": f"g{i}", "prompt": p, "max_new_tokens": greedy_len(i)} for i, p in enumerate(PROMPTS)]
     rows += [{"id": f"s{i}", "prompt": p, "temperature": 0.9, "top_p": 0.9, "seed": 100 + i} for i, p in enumerate(PROMPTS[:4])]
     specs = [
         {"vector": vectors["npy"], "layers": [1], "coef": 4.0, "positions": "all"},
@@ -68,10 +73,10 @@ _SAMPLED: dict[str, list[int]] = {}
 def test_greedy_equals_hf_generate(run, tiny_model, tokenizer):
     first, _, _ = run
     for i, prompt in enumerate(PROMPTS):
-        expected = hf_greedy(tiny_model, tokenizer(prompt).input_ids, MAX_NEW)
+        expected = hf_greedy(tiny_model, tokenizer(prompt).input_ids, greedy_len(i))
         got = first[f"g{i}"]
         assert got["completion_token_ids"] == expected, prompt
-        assert got["num_completion_tokens"] == MAX_NEW and got["finish_reason"] == "length"
+        assert got["num_completion_tokens"] == greedy_len(i) and got["finish_reason"] == "length"
         assert got["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
 
 

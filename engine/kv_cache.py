@@ -1,0 +1,75 @@
+"""KVCache: one preallocated K and V tensor per layer, `[num_slots, kv_heads, max_len + 1, head_dim]`.
+
+Each running sequence owns a slot (a row) and its own length; there is no padding between sequences.
+Column `max_len` is a trash column: padded prompt positions write there, and nothing ever reads it.
+The number of slots is sized from free memory once the model is loaded, so admission cannot over-commit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+
+log = logging.getLogger("engine")
+
+CPU_MEMORY_SHARE = 0.25  # of available RAM, on CPU runs (a laptop must stay usable)
+
+
+class CacheTooSmall(ValueError):
+    """Not even one sequence of max_model_len fits; the message says which setting to lower."""
+
+
+def kv_shape(model_config) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a text model config."""
+    c = model_config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+
+
+def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str, memory_fraction: float) -> int:
+    """How many sequence slots of `max_len` tokens fit the memory budget (at most max_num_seqs)."""
+    layers, kv_heads, head_dim = kv_shape(model_config)
+    per_slot = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.finfo(dtype).bits // 8
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = memory_fraction * total - used - _activation_reserve(model_config, max_num_seqs, max_len)
+        where = f"--gpu-memory-fraction {memory_fraction}"
+    else:
+        budget = CPU_MEMORY_SHARE * psutil.virtual_memory().available
+        where = f"{int(CPU_MEMORY_SHARE * 100)}% of available RAM"
+    slots = min(max_num_seqs, int(budget // per_slot))
+    if slots < 1:
+        raise CacheTooSmall(
+            f"the KV cache for one sequence of {max_len} tokens needs {per_slot / 2**30:.2f} GiB, more than {where} "
+            f"leaves; lower --max-model-len" + (" or raise --gpu-memory-fraction" if device.startswith("cuda") else "")
+        )
+    if slots < max_num_seqs:
+        log.warning("KV cache: %d slots of %d tokens fit %s (asked for %d); running at most %d sequences",
+                    slots, max_len, where, max_num_seqs, slots)
+    return slots
+
+
+def _activation_reserve(model_config, max_num_seqs: int, max_len: int) -> float:
+    """Room for prefill activations and logits, which are not in the cache."""
+    c = model_config.get_text_config()
+    logits = max_num_seqs * c.vocab_size * 4 * 4  # fp32 logits, noise and sampler temporaries
+    prefill = 8192 * (c.intermediate_size * 3 + c.hidden_size * 8) * 2
+    return logits + prefill + (1 << 30)
+
+
+class KVCache:
+    """Per-layer K/V slot tensors."""
+
+    def __init__(self, model_config, num_slots: int, max_len: int, dtype, device):
+        layers, kv_heads, head_dim = kv_shape(model_config)
+        shape = (num_slots, kv_heads, max_len + 1, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.num_slots, self.max_len, self.kv_heads, self.head_dim = num_slots, max_len, kv_heads, head_dim
+
+    @property
+    def trash(self) -> int:
+        return self.max_len
