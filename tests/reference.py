@@ -49,7 +49,8 @@ def steered(model, spec: dict | None):
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, spec: dict | None = None) -> list[int]:
     """HF generate(do_sample=False) for one prompt, EOS ignored so lengths are exact."""
     x = torch.tensor([prompt_ids])
+    model.generation_config.eos_token_id = None  # generate(eos_token_id=None) would refill it from the config
     with steered(model, spec), torch.no_grad():
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
+                             pad_token_id=0)
     return out[0, x.shape[1]:].tolist()
