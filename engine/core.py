@@ -52,6 +52,10 @@ class EngineCore:
         self.steering = SteeringTable(self.model, self.device, slots)
         self.runner = ModelRunner(self.model, self.steering, self.cache, pad_id, use_graphs=not config.enforce_eager)
         self.scheduler = Scheduler(slots, config.max_prefill_tokens)
+        self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
+        self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
+                             for _ in range(2)]
+        self._flip = 0
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
         """Queue one request; RecordError if its steering cannot apply to this model."""
@@ -66,13 +70,39 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     def step(self) -> list[Sequence]:
+        """Launch the next step, then read the previous one's tokens while the device works (one step ahead)."""
         batch = self.scheduler.schedule()
-        tokens = self.runner.step(batch).tolist()
-        if not batch.is_prefill:
-            tokens = [tokens[s.slot] for s in batch.seqs]  # decode rows are slots
+        launched = None
+        if batch is not None:
+            tokens = self.runner.step(batch)
+            for seq in batch.seqs:
+                seq.num_scheduled += 1
+            launched = (batch, self._copy_to_host(tokens))
+        elif self._inflight is None:
+            raise RuntimeError("scheduler stalled: running sequences but nothing to launch or read")
+        finished = self._read(*self._inflight) if self._inflight is not None else []
+        self._inflight = launched
+        return finished
+
+    def _copy_to_host(self, tokens: torch.Tensor):
+        host = self._host_tokens[self._flip][:tokens.shape[0]]
+        self._flip ^= 1
+        host.copy_(tokens, non_blocking=True)
+        event = None
+        if tokens.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return host, event
+
+    def _read(self, batch, copied) -> list[Sequence]:
+        host, event = copied
+        if event is not None:
+            event.synchronize()
+        values = host.tolist()
+        tokens = values if batch.is_prefill else [values[s.slot] for s in batch.seqs]  # decode rows are slots
         return self.scheduler.update(batch.seqs, tokens, self.eos_ids)
 
     def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:

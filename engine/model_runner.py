@@ -108,9 +108,9 @@ class ModelRunner:
         rows = batch.num_rows
         meta = self._meta_host[:, :rows].numpy()
         meta[0], meta[1], meta[2] = 0, self.cache.trash, 0
-        for seq in batch.seqs:
+        for seq in batch.seqs:  # the input token is the last one sampled, at position num_tokens - 1
             meta[0, seq.slot] = meta[1, seq.slot] = seq.num_tokens - 1
-            meta[2, seq.slot] = len(seq.output_ids)
+            meta[2, seq.slot] = seq.num_scheduled
         self.meta[:, :rows].copy_(self._meta_host[:, :rows], non_blocking=True)
         read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
         if not self.use_graphs:

@@ -33,6 +33,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     slot: int = -1
+    num_scheduled: int = 0  # tokens sampled on the device, including one the host has not read yet
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -40,7 +41,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return self.num_prompt_tokens + len(self.output_ids)
+        """Prompt plus every token sampled so far (read by the host or still in flight)."""
+        return self.num_prompt_tokens + self.num_scheduled
+
+    @property
+    def needs_token(self) -> bool:
+        return self.finish_reason is None and self.num_scheduled < self.max_new_tokens
 
     @property
     def sampling_row(self) -> tuple[float, float, int, int]:
@@ -50,7 +56,7 @@ class Sequence:
 @dataclass(slots=True)
 class ScheduledBatch:
     is_prefill: bool
-    seqs: list[Sequence]  # prefill: the new sequences; decode: every running sequence
+    seqs: list[Sequence]  # prefill: the new sequences; decode: the running sequences that need a token
     num_rows: int = 0  # decode: the bucketed slot count the step runs over
 
 
@@ -78,12 +84,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step's batch; None when every running sequence waits for the host to read its last token."""
         if self.waiting and self._free and (len(self._free) >= self.refill_at or not self.running
                                             or len(self.waiting) < self.refill_at):
             return ScheduledBatch(True, self._admit())
-        rows = bucket(max(self.running) + 1, self.batch_sizes)
-        return ScheduledBatch(False, list(self.running.values()), rows)
+        active = [s for s in self.running.values() if s.needs_token]
+        if not active:
+            return None
+        return ScheduledBatch(False, active, bucket(max(s.slot for s in active) + 1, self.batch_sizes))
 
     def _admit(self) -> list[Sequence]:
         admitted, width = [], 0
@@ -100,9 +109,14 @@ class Scheduler:
         return admitted
 
     def update(self, seqs: list[Sequence], tokens: list[int], eos_ids: set[int]) -> list[Sequence]:
-        """Append each sequence's new token; free the slots of those that finished and return them."""
+        """Append each sequence's new token; free the slots of those that finished and return them.
+
+        A sequence that finished one step earlier (EOS seen late) was still computed; its token is dropped.
+        """
         finished = []
         for seq, token in zip(seqs, tokens):
+            if seq.finish_reason is not None:
+                continue
             seq.output_ids.append(token)
             if token in eos_ids and not seq.ignore_eos:
                 seq.finish_reason = "stop"
