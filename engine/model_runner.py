@@ -8,6 +8,8 @@ the forward is captured in a CUDA graph per (B, attended length) bucket and repl
 from __future__ import annotations
 
 import logging
+import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -16,12 +18,12 @@ from engine import attention
 from engine.attention import CONTEXT, decode_masks, prefill_masks
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SamplingParams
-from engine.scheduler import ScheduledBatch, Sequence, bucket
+from engine.scheduler import ScheduledBatch, Sequence, batch_sizes, bucket
 from engine.steering import SteeringTable
 
 log = logging.getLogger("engine")
 
-MIN_READ_LEN = 64
+MIN_READ_LEN = 128
 
 
 class ModelRunner:
@@ -38,8 +40,9 @@ class ModelRunner:
         self.windows = windows | {None}
         self.sampler = Sampler()
         slots = cache.num_slots
-        self.read_lens = [min(MIN_READ_LEN << i, cache.max_len) for i in range(max(1, (cache.max_len // MIN_READ_LEN).bit_length() + 1))]
-        self.read_lens = sorted(set(self.read_lens))
+        # Decode attends over a power-of-two bucket of columns >= every row's length (static for graphs).
+        self.read_lens = sorted({min(MIN_READ_LEN << i, cache.max_len)
+                                 for i in range((cache.max_len // MIN_READ_LEN).bit_length() + 1)})
         # Static decode inputs, indexed by slot.
         self.tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self.meta = torch.zeros(3, slots, dtype=torch.int64, device=self.device)  # position, write column, step
@@ -49,9 +52,10 @@ class ModelRunner:
         self.top_k = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self.seed = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self.use_graphs = use_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_version = steering.version
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._graph_version = -1
         self._pool = None
+        self.capture_all()
 
     # ---- prefill
     @torch.inference_mode()
@@ -136,16 +140,28 @@ class ModelRunner:
         return SamplingParams(self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows], *flags)
 
     # ---- CUDA graphs
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every (batch, length) bucket up front, largest first, so no step pays for a capture.
+
+        Runs again when steering adds hooks or grows its table: old graphs would read stale state.
+        """
+        if not self.use_graphs or self._graph_version == self.steering.version:
+            return
+        started = time.perf_counter()
+        self.meta[1].fill_(self.cache.trash)  # captures run the forward: their K/V writes must land in the trash column
+        self._graphs.clear()
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        sizes = batch_sizes(self.cache.num_slots)
+        for rows in sorted(sizes, reverse=True):
+            for read_len in sorted(self.read_lens, reverse=True):
+                self._graphs[(rows, read_len)] = _DecodeGraph(partial(self._decode_forward, rows, read_len), self._pool)
+        self._graph_version = self.steering.version
+        log.info("captured %d decode graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
+
     def _graph(self, rows: int, read_len: int) -> "_DecodeGraph":
-        if self._graph_version != self.steering.version:
-            self._graphs.clear()  # steering hooks or table storage changed: old graphs read stale state
-            self._graph_version = self.steering.version
-        key = (rows, read_len)
-        if key not in self._graphs:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            self._graphs[key] = _DecodeGraph(lambda: self._decode_forward(rows, read_len), self._pool)
-        return self._graphs[key]
+        self.capture_all()
+        return self._graphs[(rows, read_len)]
 
     def step(self, batch: ScheduledBatch) -> torch.Tensor:
         return self.prefill(batch.seqs) if batch.is_prefill else self.decode(batch)

@@ -14,6 +14,11 @@ import torch
 
 _M32 = 0xFFFFFFFF
 
+try:  # the fused CUDA kernel; without Triton the PyTorch path computes the same noise
+    from engine import sampler_kernel as _fused
+except ImportError:
+    _fused = None
+
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's finalizer on int64 tensors holding 32-bit values (products wrap; low bits stay exact)."""
@@ -79,7 +84,11 @@ class Sampler:
             scaled = self._top_k_top_p(scaled, params)
         elif params.max_top_k:
             scaled = self._top_k(scaled, params)
-        sampled = (scaled + gumbel(params.seed, step, scaled.shape[-1])).argmax(dim=-1)
+        if _fused is not None and scaled.is_cuda:
+            sampled = _fused.gumbel_argmax(scaled.contiguous(), torch.ones_like(params.temperature),
+                                           row_key(params.seed, step))
+        else:
+            sampled = (scaled + gumbel(params.seed, step, scaled.shape[-1])).argmax(dim=-1)
         return torch.where(params.temperature > 0, sampled, greedy)
 
     @staticmethod

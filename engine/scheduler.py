@@ -64,6 +64,11 @@ def bucket(n: int, sizes: list[int]) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def batch_sizes(num_slots: int) -> list[int]:
+    """Decode batch buckets: powers of two up to the slot count, and the slot count itself."""
+    return sorted({min(2 ** i, num_slots) for i in range(num_slots.bit_length() + 1)})
+
+
 class Scheduler:
     """Admits waiting sequences into free slots and hands the runner one batch per step."""
 
@@ -73,7 +78,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
         self._free = list(range(num_slots))  # a heap: the lowest free slot first keeps the batch compact
-        self.batch_sizes = sorted({min(2 ** i, num_slots) for i in range(num_slots.bit_length() + 1)} | {num_slots})
+        self.batch_sizes = batch_sizes(num_slots)
         # Prefill once this many slots are free (or nothing runs): one prefill serves many new sequences.
         self.refill_at = max(1, num_slots // 8)
 
