@@ -94,7 +94,7 @@ class SteeringTable:
     `version`; the runner re-captures its CUDA graphs when the version changes.
     """
 
-    def __init__(self, model, device, num_slots: int, capacity: int = 64):
+    def __init__(self, model, device, num_slots: int, capacity: int = 1024):
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.hidden_size = model.config.get_text_config().hidden_size
