@@ -54,7 +54,6 @@ class ModelRunner:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_version = -1
-        self._pool = None
         self.capture_all()
 
     # ---- prefill
@@ -151,7 +150,8 @@ class ModelRunner:
         started = time.perf_counter()
         self.meta[1].fill_(self.cache.trash)  # captures run the forward: their K/V writes must land in the trash column
         self._graphs.clear()
-        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        self._pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old graphs' pool may not be captured into again
         sizes = batch_sizes(self.cache.num_slots)
         for rows in sorted(sizes, reverse=True):
             for read_len in sorted(self.read_lens, reverse=True):

@@ -101,3 +101,25 @@ def test_greedy_agrees_with_hf_generate_until_a_near_tie():
             margin = (top2[0] - top2[1]).abs().item()
             assert margin <= 0.02 * top2[0].abs().item() + 0.05, (i, pos, margin)  # a bf16-rounding near-tie
             break
+
+
+def test_steering_added_after_capture_recaptures_and_matches_eager(tmp_path):
+    import numpy as np
+
+    from engine.tokenizer_worker import load_tokenizer
+
+    graphs, eager = _core(), _core(enforce_eager=True)
+    tok = load_tokenizer(_tokenizer_dir(graphs))
+    vector = tmp_path / "v.npy"
+    np.save(vector, np.random.default_rng(0).standard_normal(graphs.steering.hidden_size).astype(np.float32) * 4)
+    spec = {"vector": str(vector), "layers": [1, 2], "coef": 2.0, "positions": "generated"}
+
+    def run(core, index, steering):
+        request = dict(index=index, max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True,
+                       stop=[], steering=steering)
+        return core.generate([request], [tok(PROMPTS[1]).input_ids])[index].output_ids
+
+    plain = run(graphs, 0, None)  # graphs captured without steering hooks
+    steered = run(graphs, 1, spec)  # hooks appear: every graph is captured again
+    assert steered == run(eager, 1, spec) and plain == run(eager, 0, None)
+    assert steered != plain
