@@ -109,6 +109,7 @@ class ModelRunner:
 
     def decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         rows = batch.num_rows
+        self.capture_all()  # before this step's inputs are set: a capture overwrites them
         meta = self._meta_host[:, :rows].numpy()
         meta[0], meta[1], meta[2] = 0, self.cache.trash, 0
         for seq in batch.seqs:  # the input token is the last one sampled, at position num_tokens - 1
@@ -118,7 +119,7 @@ class ModelRunner:
         read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
         if not self.use_graphs:
             return self._decode_forward(rows, read_len)
-        return self._graph(rows, read_len).replay_logits()
+        return self._graphs[(rows, read_len)].replay_logits()
 
     def _decode_forward(self, rows: int, read_len: int) -> torch.Tensor:
         positions = self.meta[0, :rows]
@@ -159,9 +160,6 @@ class ModelRunner:
         self._graph_version = self.steering.version
         log.info("captured %d decode graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
 
-    def _graph(self, rows: int, read_len: int) -> "_DecodeGraph":
-        self.capture_all()
-        return self._graphs[(rows, read_len)]
 
     def step(self, batch: ScheduledBatch) -> torch.Tensor:
         return self.prefill(batch.seqs) if batch.is_prefill else self.decode(batch)
