@@ -34,7 +34,6 @@ from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_i
 SYSTEMS = ("naive", "hf", "engine")
 NUM_WARMUP_PROMPTS = 2
 MAX_WARMUP_TOKENS = 8
-STATS_WAIT_S = 5.0  # the core reports its idle time about once a second; allow for a loaded host
 RESULTS_FILE = "benchmarks/RESULTS.md"
 
 
@@ -201,32 +200,9 @@ def _engine_records(prompts: list[Prompt]) -> list[dict]:
     return [{"id": p.id, "prompt": p.text, "max_new_tokens": p.max_new_tokens, "ignore_eos": True} for p in prompts]
 
 
-def _fresh_core_idle(engine) -> tuple[float, float] | None:
-    """(the core's cumulative idle seconds, when that was reported), from a report sent after this call began.
-
-    Reports already queued are older, so they are drained first. Only 'stats' and 'fatal' messages can arrive
-    while no request is pending.
-    """
-    try:
-        while True:
-            _check_core_msg(engine.events.get_nowait())
-    except queue.Empty:
-        pass
-    deadline = time.monotonic() + STATS_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            msg = engine.events.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        if msg["t"] == "stats":
-            return float(msg["idle_s"]), time.monotonic()
-        _check_core_msg(msg)
-    return None
-
-
-def _check_core_msg(msg: dict) -> None:
-    if msg["t"] == "fatal":
-        raise BenchError(f"engine: {msg['stage']} failed: {msg['error']}")
+def _core_idle(engine) -> tuple[float, float]:
+    """(the core's cumulative idle seconds, when it answered)."""
+    return engine.stats()["idle_s"], time.monotonic()
 
 
 def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
@@ -237,7 +213,7 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
     prompts = prompts_from_msg(prompts_msg)
     with Engine(config.engine_config()) as engine:
         engine.generate_all(_engine_records(_warmup(prompts)))
-        idle_before = _fresh_core_idle(engine)
+        idle_before = _core_idle(engine)
         reporter = PhaseReporter(events, "engine", len(prompts))
         reporter.start()
         by_id: dict[str, dict] = {}
@@ -247,7 +223,7 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
             by_id[record["id"]] = record
             reporter.on_result(1)
         ended = reporter.stop()
-        idle_after = _fresh_core_idle(engine)
+        idle_after = _core_idle(engine)
         ordered = [by_id[p.id] for p in prompts]
         token_ids = [r["completion_token_ids"] for r in ordered]
         reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),

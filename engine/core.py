@@ -182,6 +182,9 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
             finally:
                 if idle_from is not None:
                     stats["idle_s"] += time.perf_counter() - idle_from
+            if msg["t"] == "stats?":
+                events.put({**stats, "reply_to": msg["id"]})
+                continue
             _admit(core, reader, msg, events)
         if core.has_work:
             finished = core.step()

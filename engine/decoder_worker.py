@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import queue
-
 import numpy as np
 
-from engine.procs import Lifeline, MsgQueue
+from engine.procs import Lifeline, MsgQueue, messages
 from engine.tokenizer_worker import load_tokenizer
 
 
@@ -48,10 +46,6 @@ def finalize(tok, items: list[dict], return_tokens: bool) -> list[dict]:
 
 def decoder_main(tokenizer_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
     tok = load_tokenizer(tokenizer_dir)
-    while lifeline.ok():
-        try:
-            msg = inbox.get(timeout=0.5)
-        except queue.Empty:
-            continue
+    for msg in messages(inbox, lifeline):
         for result in finalize(tok, msg["seqs"], return_tokens):
             events.put(result)

@@ -106,6 +106,7 @@ class Engine:
         self._stop = threading.Event()
         self._closed = False
         self.core_stats: dict = {"steps": 0, "idle_s": 0.0}  # cumulative, reported by the core every second
+        self._stats_id = 0
         ready = self._wait_ready()
         self.device, self.dtype = ready["device"], ready["dtype"]
         self.startup_s = time.perf_counter() - started
@@ -153,6 +154,25 @@ class Engine:
             cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             self.close()
             raise EngineError(f"{proc.name} (pid {proc.pid}) died ({cause}); finished records are on disk")
+
+    def stats(self, timeout: float = 10.0) -> dict:
+        """The core's cumulative counters now: steps run, and idle_s (time it had nothing to run and waited on
+        the ring). Call it between runs; results still arriving are an error here."""
+        self._stats_id += 1
+        self.core_q.put({"t": "stats?", "id": self._stats_id})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.events.get(timeout=0.2)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if msg["t"] in ("result", "error"):
+                raise EngineError("Engine.stats() was called while results were still arriving; call it between runs")
+            self._handle_control(msg)
+            if msg.get("reply_to") == self._stats_id:
+                return dict(self.core_stats)
+        raise EngineError(f"the engine core did not answer a stats request within {timeout} s")
 
     def interrupt(self) -> None:
         """Stop admitting work; `run` returns at its next check (from a signal handler or another thread)."""

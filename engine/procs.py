@@ -60,6 +60,15 @@ class Lifeline:
         self._stop.set()
 
 
+def messages(inbox: MsgQueue, lifeline: Lifeline, poll: float = 0.5):
+    """A worker's inbox as an iterator that ends when the lifeline says stop."""
+    while lifeline.ok():
+        try:
+            yield inbox.get(timeout=poll)
+        except queue.Empty:
+            continue
+
+
 def child_main(stage: str, events: MsgQueue, target, *args) -> None:
     """Entry point of every spawned process: the parent owns signals; errors become one fatal message."""
     _set_name(stage)

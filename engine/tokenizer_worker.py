@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import queue
-
 import numpy as np
 
-from engine.procs import Lifeline, MsgQueue
+from engine.procs import Lifeline, MsgQueue, messages
 from engine.request import RecordError
 from engine.ring import ShmRing
 
@@ -63,11 +61,7 @@ def fit_length(ids: list[int], max_new_tokens: int, max_model_len: int, truncate
 def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: ShmRing, inbox: MsgQueue,
                    core_q: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
     tok = load_tokenizer(tokenizer_dir)
-    while lifeline.ok():
-        try:
-            msg = inbox.get(timeout=0.5)
-        except queue.Empty:
-            continue
+    for msg in messages(inbox, lifeline):
         requests = msg["requests"]
         entries = []
         for request, ids in zip(requests, encode(tok, requests)):
