@@ -32,7 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--max-model-len", type=int, help="prompt + new tokens limit (default: the model's)")
+    p.add_argument("--max-model-len", type=int, help="prompt + new tokens limit (default: the model's, at most 4096)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of the GPU the engine may fill")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192, help="padded tokens in one prefill batch")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (debugging)")
     p.add_argument("--tokenizer-workers", type=int, default=1)
     p.add_argument("--decoder-workers", type=int, default=1)
     p.add_argument("--truncate", default="none", choices=TRUNCATE_MODES, help="cut prompts that are too long")
@@ -55,6 +58,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, tokenizer_workers=args.tokenizer_workers,
+        gpu_memory_fraction=args.gpu_memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
+        enforce_eager=args.enforce_eager,
         decoder_workers=args.decoder_workers, truncate=args.truncate,
         return_tokens=getattr(args, "return_tokens", False),
         sampling=SamplingDefaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -6,6 +6,7 @@ scheduler and model runner, and sends finished sequences to the decoder workers.
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 
@@ -23,6 +24,8 @@ from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import SteeringTable
 from engine.tokenizer_worker import load_tokenizer
+
+log = logging.getLogger("engine")
 
 
 def _as_set(value) -> set[int]:
@@ -75,17 +78,34 @@ class EngineCore:
     def step(self) -> list[Sequence]:
         """Launch the next step, then read the previous one's tokens while the device works (one step ahead)."""
         batch = self.scheduler.schedule()
-        launched = None
+        tokens = None
         if batch is not None:
-            tokens = self.runner.step(batch)
+            tokens = self._prefill_backing_off(batch) if batch.is_prefill else self.runner.step(batch)
+        elif self._inflight is None:
+            raise RuntimeError("scheduler stalled: running sequences but nothing to launch or read")
+        launched = None
+        if tokens is not None:
             for seq in batch.seqs:
                 seq.num_scheduled += 1
             launched = (batch, self._copy_to_host(tokens))
-        elif self._inflight is None:
-            raise RuntimeError("scheduler stalled: running sequences but nothing to launch or read")
         finished = self._read(*self._inflight) if self._inflight is not None else []
         self._inflight = launched
         return finished
+
+    def _prefill_backing_off(self, batch) -> torch.Tensor | None:
+        """Prefill; on a CUDA out-of-memory error, requeue the batch and halve the prefill token budget."""
+        try:
+            return self.runner.step(batch)
+        except torch.cuda.OutOfMemoryError:
+            tokens = sum(s.num_prompt_tokens for s in batch.seqs)
+            if len(batch.seqs) == 1:
+                raise  # a single prompt that does not fit: nothing smaller to try
+            self.scheduler.requeue(batch.seqs)
+            self.scheduler.max_prefill_tokens = max(16, self.scheduler.max_prefill_tokens // 2)
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory in a prefill of %d prompts (%d tokens); going on with "
+                        "max_prefill_tokens=%d", len(batch.seqs), tokens, self.scheduler.max_prefill_tokens)
+            return None
 
     def _copy_to_host(self, tokens: torch.Tensor):
         host = self._host_tokens[self._flip][:tokens.shape[0]]

@@ -113,6 +113,14 @@ class Scheduler:
             width = new_width
         return admitted
 
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Put admitted sequences back at the front of the queue (their prefill did not run)."""
+        for seq in reversed(seqs):
+            del self.running[seq.slot]
+            heapq.heappush(self._free, seq.slot)
+            seq.slot = -1
+            self.waiting.appendleft(seq)
+
     def update(self, seqs: list[Sequence], tokens: list[int], eos_ids: set[int]) -> list[Sequence]:
         """Append each sequence's new token; free the slots of those that finished and return them.
 

@@ -1,0 +1,71 @@
+"""Scheduler: slots freed at once and refilled, prefill token budget, bucketed decode rows, requeue."""
+
+import torch
+
+from engine.scheduler import Scheduler, Sequence, batch_sizes
+
+
+def seq(index: int, prompt_len: int = 4, max_new: int = 3) -> Sequence:
+    return Sequence(index=index, prompt_ids=torch.zeros(prompt_len, dtype=torch.int64), max_new_tokens=max_new,
+                    temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=False, stop=[], steer_rows={},
+                    steer_coef=0.0, steer_positions="all")
+
+
+def step(s: Scheduler, tokens_of=lambda q: 5):
+    batch = s.schedule()
+    for q in batch.seqs:
+        q.num_scheduled += 1
+    return batch, s.update(batch.seqs, [tokens_of(q) for q in batch.seqs], eos_ids={1})
+
+
+def test_prefill_admits_into_the_lowest_slots_within_the_token_budget():
+    s = Scheduler(num_slots=4, max_prefill_tokens=20)
+    for i in range(6):
+        s.add(seq(i, prompt_len=6))
+    batch = s.schedule()
+    assert batch.is_prefill and [q.slot for q in batch.seqs] == [0, 1, 2]  # 3 x 6 tokens fit 20; 4 would not
+    assert len(s.waiting) == 3
+
+
+def test_finished_slot_is_freed_at_once_and_refilled():
+    s = Scheduler(num_slots=2, max_prefill_tokens=100)
+    s.add(seq(0, max_new=1))
+    s.add(seq(1, max_new=3))
+    s.add(seq(2, max_new=2))
+    batch, finished = step(s)  # prefill 0 and 1; 0 is done after one token
+    assert [q.index for q in finished] == [0] and finished[0].finish_reason == "length"
+    batch, _ = step(s)  # slot 0 is free again: 2 is prefilled into it
+    assert batch.is_prefill and [(q.index, q.slot) for q in batch.seqs] == [(2, 0)]
+    batch, _ = step(s)
+    assert not batch.is_prefill and batch.num_rows == 2 and {q.index for q in batch.seqs} == {1, 2}
+
+
+def test_eos_finishes_with_stop_and_late_tokens_are_dropped():
+    s = Scheduler(num_slots=1, max_prefill_tokens=100)
+    s.add(seq(0, max_new=5))
+    batch, finished = step(s, tokens_of=lambda q: 1)
+    assert finished[0].finish_reason == "stop" and finished[0].output_ids == [1]
+    assert s.update(batch.seqs, [7], eos_ids={1}) == [] and finished[0].output_ids == [1]
+
+
+def test_sequences_waiting_for_the_host_are_not_scheduled():
+    s = Scheduler(num_slots=1, max_prefill_tokens=100)
+    s.add(seq(0, max_new=1))
+    batch = s.schedule()
+    batch.seqs[0].num_scheduled = 1  # its only token is in flight
+    assert s.schedule() is None
+
+
+def test_requeue_puts_a_batch_back_in_order():
+    s = Scheduler(num_slots=4, max_prefill_tokens=100)
+    for i in range(3):
+        s.add(seq(i))
+    batch = s.schedule()
+    s.requeue(batch.seqs)
+    assert [q.index for q in s.waiting] == [0, 1, 2] and not s.running
+    assert [q.slot for q in s.schedule().seqs] == [0, 1, 2]
+
+
+def test_batch_buckets():
+    assert batch_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert batch_sizes(6) == [1, 2, 4, 6]
