@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.kv_cache import KVCache
 
 NAME = "engine"
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(slots=True)
@@ -59,8 +61,18 @@ def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, s
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=ctx.masks[window], scale=scaling)
+    # No cuDNN here: it builds an execution plan for every new (rows, width) prefill shape.
+    with sdpa_kernel(_prefill_backends()):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=ctx.masks[window], scale=scaling)
     return out.transpose(1, 2)
+
+
+def _prefill_backends() -> list:
+    """PREFILL_BACKENDS that are enabled now (an outer `sdpa_kernel` restriction, as in tests, still holds)."""
+    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
+    return [b for b in PREFILL_BACKENDS if enabled[b]] or PREFILL_BACKENDS
 
 
 def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
