@@ -55,6 +55,16 @@ class ModelRunner:
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_version = -1
         self.capture_all()
+        self._warm_sampler()
+
+    def _warm_sampler(self) -> None:
+        """Compile the fused sampler kernel now, not in the middle of the first sampled step (~1-2 s)."""
+        if self.device.type != "cuda":
+            return
+        vocab = self.model.config.get_text_config().vocab_size
+        rows = [(1.0, 1.0, 0, 0)]
+        self.sampler(torch.zeros(1, vocab, device=self.device), SamplingParams.build(rows, self.device),
+                     torch.zeros(1, dtype=torch.int64, device=self.device))
 
     # ---- prefill
     @torch.inference_mode()
