@@ -74,3 +74,16 @@ def test_in_process_core_and_pipeline_give_the_same_tokens(core, tokenizer, vect
     with Engine(tiny_config(max_num_seqs=3)) as engine:
         got = engine.generate_all(records)
     assert [r["completion_token_ids"] for r in got] == [done[i].output_ids for i in range(len(PROMPTS))]
+
+
+def test_teacher_forced_logits_equal_hf_forward_at_every_position(core, tokenizer, tiny_model):
+    from teacher_forcing import engine_logits, hf_logits
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]  # the fixture core has 4 slots
+    sequences = [ids + torch.randint(5, 50_000, (4 + 3 * i,), generator=gen).tolist() for i, ids in enumerate(prompts)]
+    got = engine_logits(core, sequences, [len(p) for p in prompts])
+    for ids, prompt, logits in zip(sequences, prompts, got):
+        expected = hf_logits(tiny_model, ids, len(prompt))
+        assert logits.shape == expected.shape
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

@@ -123,3 +123,30 @@ def test_steering_added_after_capture_recaptures_and_matches_eager(tmp_path):
     steered = run(graphs, 1, spec)  # hooks appear: every graph is captured again
     assert steered == run(eager, 1, spec) and plain == run(eager, 0, None)
     assert steered != plain
+
+
+def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
+    import random
+
+    from engine.models import load_model, resolve_model
+    from engine.tokenizer_worker import load_tokenizer
+    from teacher_forcing import engine_logits, hf_logits
+
+    core = _core()
+    source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
+    tok = load_tokenizer(source.tokenizer_dir)
+    ref = load_model(source, torch.bfloat16, "cuda", len(tok))
+    rng = random.Random(0)
+    words = "the a river mountain light question answer model token steering vector layer night city".split()
+    prompts = [tok(" ".join(rng.choice(words) for _ in range(rng.randint(3, 60)))).input_ids for _ in range(200)]
+    sequences = [p + [rng.randrange(5, 50_000) for _ in range(8)] for p in prompts]
+    worst = 0.0
+    for start in range(0, 200, core.cache.num_slots):
+        chunk = slice(start, start + core.cache.num_slots)
+        got = engine_logits(core, sequences[chunk], [len(p) for p in prompts[chunk]])
+        for ids, prompt, logits in zip(sequences[chunk], prompts[chunk], got):
+            expected = hf_logits(ref, ids, len(prompt))
+            worst = max(worst, ((logits - expected).abs().max() / expected.abs().max()).item())
+    with capsys.disabled():
+        print(f"\nteacher-forced logits, 200 prompts x 9 positions, bf16: largest relative error {worst:.4f}")
+    assert worst < 0.05

@@ -1,0 +1,40 @@
+"""Teacher-forced logits from the engine's runner and from a plain HF forward, for the same sequences."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.core import EngineCore
+from engine.scheduler import Scheduler
+
+
+def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
+    """For each sequence: the logits the engine computes at its last prompt position (prefill) and at every
+    later position, feeding the sequence's own next token at each decode step (teacher forcing)."""
+    core.scheduler = Scheduler(core.cache.num_slots, core.config.max_prefill_tokens)
+    for i, (ids, n) in enumerate(zip(sequences, prompt_lens)):
+        core.add(dict(index=i, max_new_tokens=len(ids) - n + 1, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                      ignore_eos=True, stop=[], steering=None), torch.tensor(ids[:n], device=core.device))
+    batch = core.scheduler.schedule()
+    assert batch.is_prefill and len(batch.seqs) == len(sequences)
+    out = [[row] for row in core.runner.prefill_logits(batch.seqs).float()]
+    for step in range(max(len(ids) - n for ids, n in zip(sequences, prompt_lens))):
+        live = [s for s, ids, n in zip(batch.seqs, sequences, prompt_lens) if n + step < len(ids)]
+        for seq in live:
+            seq.num_scheduled = step + 1
+            core.runner.tokens[seq.slot] = sequences[seq.index][prompt_lens[seq.index] + step]
+        rows = max(s.slot for s in live) + 1
+        decode = core.scheduler.schedule()
+        decode.seqs, decode.num_rows = live, next(b for b in core.scheduler.batch_sizes if b >= rows)
+        logits = core.runner.decode_logits(decode).float()
+        for seq in live:
+            out[seq.index].append(logits[seq.slot])
+    core.scheduler = Scheduler(core.cache.num_slots, core.config.max_prefill_tokens)
+    return [torch.stack(rows) for rows in out]
+
+
+def hf_logits(model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """HF forward over the whole sequence: logits at positions prompt_len - 1 .. len - 1."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0].float()
+    return logits[prompt_len - 1:]
