@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import psutil
 from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
                                  no_gpu_metrics, notes, references, system_metrics, versions, write_outputs)
 from engine.config import DTYPES, ConfigError, EngineConfig, SamplingDefaults
-from engine.models import ModelNotFound, resolve_device, resolve_dtype, resolve_model
+from engine.models import ModelNotFound, hidden_size, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
 from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload, prompts_from_msg,
                               prompts_to_msg)
@@ -72,6 +73,8 @@ class BenchConfig:
     is_saving_outputs: bool = False
     is_quiet: bool = False
     cache_dir: str = ""
+    steering_specs: int = 0  # > 0: the engine also runs with this many distinct steering vectors, one per prompt
+    steering_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -90,6 +93,9 @@ class BenchConfig:
         if self.append_results is not None and not Path(self.append_results).is_file():
             raise ConfigError(f"--append-results {self.append_results}: no such file; run from the repository root "
                               f"or give the path of {RESULTS_FILE}")
+        if self.steering_specs < 0 or not self.steering_layers or min(self.steering_layers) < 0:
+            raise ConfigError(f"--steering-specs {self.steering_specs} / --steering-layers {self.steering_layers}: give "
+                              f"a count >= 0 and layer indices >= 0")
         if self.sample_hz < 10:
             raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
         self.cache_dir = self.engine_config().cache_dir  # EngineConfig checks device, dtype, sampling; fills cache_dir
@@ -206,30 +212,56 @@ def _core_idle(engine) -> tuple[float, float]:
 
 
 def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
-    """Child: the engine over all prompts; its ring-empty share comes from the core's idle time."""
+    """Child: the engine over all prompts (and again under steering if asked); its ring-empty share comes from
+    the core's idle time."""
     from engine.pipeline import Engine
 
     config = BenchConfig(**config_msg)
     prompts = prompts_from_msg(prompts_msg)
-    with Engine(config.engine_config()) as engine:
-        engine.generate_all(_engine_records(_warmup(prompts)))
-        idle_before = _core_idle(engine)
-        reporter = PhaseReporter(events, "engine", len(prompts))
-        reporter.start()
-        by_id: dict[str, dict] = {}
-        for record in engine.generate(_engine_records(prompts)):
-            if "error" in record:
-                raise BenchError(f"engine: prompt {record.get('id')} failed: {record['error']}")
-            by_id[record["id"]] = record
-            reporter.on_result(1)
-        ended = reporter.stop()
-        idle_after = _core_idle(engine)
-        ordered = [by_id[p.id] for p in prompts]
-        token_ids = [r["completion_token_ids"] for r in ordered]
-        reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),
-                        startup_s=engine.startup_s, attn="engine",
-                        ring_empty_s=_ring_empty_s(idle_before, idle_after, ended))
+    with Engine(config.engine_config()) as engine, tempfile.TemporaryDirectory() as folder:
+        runs = [("engine", _engine_records(prompts))]
+        if config.steering_specs:
+            specs = _steering_specs(engine, config, Path(folder))
+            steered = [{**r, "steering": specs[i % len(specs)]} for i, r in enumerate(_engine_records(prompts))]
+            runs.append((f"engine+steer{config.steering_specs}@L{','.join(map(str, config.steering_layers))}", steered))
+        for system, records in runs:
+            _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts)
     events.put({"t": "exit"})
+
+
+def _steering_specs(engine, config: BenchConfig, folder: Path) -> list[dict]:
+    """Distinct random unit-scale vectors, one file each, on the configured layers."""
+    import numpy as np
+
+    hidden = hidden_size(engine.source)
+    rng = np.random.default_rng(config.seed)
+    specs = []
+    for i in range(config.steering_specs):
+        path = folder / f"v{i}.npy"
+        np.save(path, (rng.standard_normal(hidden) / np.sqrt(hidden)).astype(np.float32))
+        specs.append({"vector": str(path), "layers": config.steering_layers, "coef": 4.0, "positions": "all"})
+    return specs
+
+
+def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dict], events: MsgQueue,
+                      prompts: list[Prompt]) -> None:
+    engine.generate_all([{**r, "id": f"warmup-{r['id']}", "max_new_tokens": min(r["max_new_tokens"], MAX_WARMUP_TOKENS)}
+                         for r in warmup])
+    idle_before = _core_idle(engine)
+    reporter = PhaseReporter(events, system, len(records))
+    reporter.start()
+    by_id: dict[str, dict] = {}
+    for record in engine.generate(records):
+        if "error" in record:
+            raise BenchError(f"{system}: prompt {record.get('id')} failed: {record['error']}")
+        by_id[record["id"]] = record
+        reporter.on_result(1)
+    ended = reporter.stop()
+    idle_after = _core_idle(engine)
+    ordered = [by_id[p.id] for p in prompts]
+    token_ids = [r["completion_token_ids"] for r in ordered]
+    reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),
+                    startup_s=engine.startup_s, attn="engine", ring_empty_s=_ring_empty_s(idle_before, idle_after, ended))
 
 
 def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, ended: float) -> float | None:
@@ -494,6 +526,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help=f"append each run's table to FILE (default {RESULTS_FILE})")
     p.add_argument("--save-outputs", action="store_true", help="also write every system's completions as JSONL")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--steering-specs", type=int, default=0,
+                   help="also run the engine with N distinct steering vectors (one per prompt) to measure the overhead")
+    p.add_argument("--steering-layers", type=_ints, default=[4, 8, 12], help="layers those vectors steer")
     return p
 
 
@@ -507,7 +542,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
-        is_saving_outputs=args.save_outputs, is_quiet=args.quiet,
+        is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
+        steering_layers=args.steering_layers,
     )
 
 

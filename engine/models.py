@@ -205,6 +205,14 @@ def random_config(preset: str, vocab_size: int):
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=2, eos_token_id=1, pad_token_id=0, **params)
 
 
+def hidden_size(source: ModelSource) -> int:
+    """The residual-stream width of a model source (what a steering vector must match)."""
+    if source.preset is not None:
+        return PRESETS[source.preset]["hidden_size"]
+    config = json.loads((Path(source.weights_dir) / "config.json").read_text())
+    return int(config.get("text_config", config)["hidden_size"])
+
+
 def load_model(source: ModelSource, dtype, device: str, vocab_size: int):
     """Load the HF causal LM in eval mode on `device`; random presets are seeded so every load is identical."""
     import torch
