@@ -48,7 +48,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
     s = p.add_argument_group("steering (a record's 'steering' object replaces it)")
-    s.add_argument("--steer", metavar="FILE", help="vector file: .safetensors, .pt or .npy")
+    s.add_argument("--steer", metavar="FILE", help="vector file: .safetensors, .pt, .npy or a .gguf control vector")
     s.add_argument("--steer-layer", type=_layers, default=[], metavar="L[,L2..]", help="decoder layer(s) whose output is steered")
     s.add_argument("--steer-coef", type=float, default=1.0)
     s.add_argument("--steer-positions", default="all", choices=STEER_POSITIONS)

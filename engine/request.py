@@ -94,7 +94,7 @@ def parse_steering(value, where: str = "field 'steering'") -> dict | None:
         raise RecordError(f"{where} has unknown key(s) {sorted(unknown)}; use vector, layers, coef, positions")
     vector = value.get("vector")
     if not isinstance(vector, str) or not vector:
-        raise RecordError(f"{where}.vector must be a path to a .safetensors, .pt or .npy file")
+        raise RecordError(f"{where}.vector must be a path to a .safetensors, .pt, .npy or .gguf (control vector) file")
     layers = value.get("layers", value.get("layer"))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]

@@ -15,7 +15,8 @@ import torch
 
 from engine.request import RecordError
 
-VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy")
+VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy", ".gguf")
+CONTROL_VECTOR_ARCH = "controlvector"  # the GGUF architecture repeng and llama.cpp use for steering vectors
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -42,7 +43,55 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:
         raise RecordError(f"steering vector {path}: a .pt file must hold a tensor or a dict of tensors")
     if suffix == ".npy":
         return torch.from_numpy(np.load(str(path), allow_pickle=False))
+    if suffix == ".gguf":
+        return _read_control_vector(path)
     raise RecordError(f"steering vector {path}: unsupported format; use {', '.join(VECTOR_SUFFIXES)}")
+
+
+def _read_control_vector(path: Path) -> dict[str, torch.Tensor]:
+    """A GGUF control vector: tensors `direction.<L>`, applied to the output of decoder layer L (0-based), the
+    convention of llama.cpp and repeng. Returned under this engine's names, `layer.<L>`."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.get_field("general.architecture")
+    arch = field.parts[field.data[0]].tobytes().decode() if field is not None else None
+    if arch != CONTROL_VECTOR_ARCH:
+        raise RecordError(f"steering vector {path}: a GGUF of architecture {arch!r}, not a control vector "
+                          f"({CONTROL_VECTOR_ARCH!r})")
+    tensors = {}
+    for tensor in reader.tensors:
+        if not tensor.name.startswith("direction.") or not tensor.name[10:].isdigit():
+            raise RecordError(f"steering vector {path}: tensor {tensor.name!r}; a control vector names them direction.<L>")
+        tensors[f"layer.{int(tensor.name[10:])}"] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    return tensors
+
+
+def save_vectors(path: str, vectors: dict[int, torch.Tensor], model_hint: str = "") -> None:
+    """Write per-layer vectors {layer: [hidden]} as .safetensors / .pt (`layer.<L>`) or a GGUF control vector
+    (`direction.<L>`, readable by llama.cpp's --control-vector and repeng)."""
+    suffix = Path(path).suffix.lower()
+    named = {f"layer.{layer}": v.detach().float().cpu().contiguous() for layer, v in sorted(vectors.items())}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(named, path)
+    elif suffix == ".pt":
+        torch.save(named, path)
+    elif suffix == ".gguf":
+        import gguf
+
+        writer = gguf.GGUFWriter(path, CONTROL_VECTOR_ARCH)
+        writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", model_hint)
+        writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(vectors))
+        for layer, vector in sorted(vectors.items()):
+            writer.add_tensor(f"direction.{layer}", vector.detach().float().cpu().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    else:
+        raise ValueError(f"{path}: write vectors as .safetensors, .pt or .gguf")
 
 
 def load_vectors(path: str, num_layers: int, hidden_size: int) -> dict[int | None, torch.Tensor]:
@@ -60,18 +109,22 @@ def load_vectors(path: str, num_layers: int, hidden_size: int) -> dict[int | Non
     except (OSError, ValueError, RuntimeError) as exc:
         raise RecordError(f"steering vector {path}: cannot read it ({type(exc).__name__}: {exc})") from None
     if isinstance(data, dict):
-        if len(data) == 1:
+        if len(data) == 1 and not _is_layer_key(next(iter(data))):
             data = next(iter(data.values()))
         else:
             vectors = {}
             for key, tensor in data.items():
-                if not key.startswith("layer.") or not key[6:].isdigit():
+                if not _is_layer_key(key):
                     raise RecordError(f"steering vector {path}: key {key!r}; a file of several tensors names them layer.<L>")
                 vectors[int(key[6:])] = tensor
             return {layer: _check(path, layer, t, num_layers, hidden_size) for layer, t in vectors.items()}
     if data.ndim == 2 and data.shape[0] == num_layers:
         return {layer: _check(path, layer, data[layer], num_layers, hidden_size) for layer in range(num_layers)}
     return {None: _check(path, None, data, num_layers, hidden_size)}
+
+
+def _is_layer_key(key: str) -> bool:
+    return key.startswith("layer.") and key[6:].isdigit()
 
 
 def _check(path: str, layer: int | None, tensor: torch.Tensor, num_layers: int, hidden_size: int) -> torch.Tensor:
