@@ -23,6 +23,7 @@ from engine.request import RecordError
 from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import SteeringTable
+from engine.decoder_worker import StopScanner
 from engine.tokenizer_worker import load_tokenizer
 
 log = logging.getLogger("engine")
@@ -44,6 +45,7 @@ class EngineCore:
         tok = load_tokenizer(source.tokenizer_dir)
         self.model = load_model(source, self.dtype, self.device, vocab_size=len(tok))
         self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok.eos_token_id)
+        self.stops = StopScanner(tok)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         reason = unsupported_reason(self.model.config)
         if reason:
@@ -123,7 +125,7 @@ class EngineCore:
             event.synchronize()
         values = host.tolist()
         tokens = values if batch.is_prefill else [values[s.slot] for s in batch.seqs]  # decode rows are slots
-        return self.scheduler.update(batch.seqs, tokens, self.eos_ids)
+        return self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
 
     def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
         """In-process convenience: run requests to completion; returns finished sequences by index."""

@@ -121,10 +121,11 @@ class Scheduler:
             seq.slot = -1
             self.waiting.appendleft(seq)
 
-    def update(self, seqs: list[Sequence], tokens: list[int], eos_ids: set[int]) -> list[Sequence]:
+    def update(self, seqs: list[Sequence], tokens: list[int], eos_ids: set[int], stop_hit=None) -> list[Sequence]:
         """Append each sequence's new token; free the slots of those that finished and return them.
 
         A sequence that finished one step earlier (EOS seen late) was still computed; its token is dropped.
+        `stop_hit(output_ids, stops)` says whether a stop string has appeared (the decoders cut the text there).
         """
         finished = []
         for seq, token in zip(seqs, tokens):
@@ -135,6 +136,8 @@ class Scheduler:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= seq.max_new_tokens:
                 seq.finish_reason = "length"
+            elif seq.stop and stop_hit is not None and stop_hit(seq.output_ids, seq.stop):
+                seq.finish_reason = "stop"
             else:
                 continue
             finished.append(seq)

@@ -87,3 +87,19 @@ def test_teacher_forced_logits_equal_hf_forward_at_every_position(core, tokenize
         expected = hf_logits(tiny_model, ids, len(prompt))
         assert logits.shape == expected.shape
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_core_ends_a_sequence_soon_after_its_stop_string(core, tokenizer):
+    from engine.decoder_worker import finalize
+
+    ids = tokenizer(PROMPTS[1]).input_ids
+    full = core.generate([request(0, max_new_tokens=48)], [ids])[0].output_ids
+    text = tokenizer.decode(full, skip_special_tokens=True)
+    stop = tokenizer.decode(full[12:14], skip_special_tokens=True).strip()
+    assert stop and stop in text
+    stopped = core.generate([request(1, max_new_tokens=48, stop=[stop])], [ids])[1]
+    assert stopped.finish_reason == "stop" and len(stopped.output_ids) < 48  # the core stopped, not only the decoder
+    assert stopped.output_ids == full[:len(stopped.output_ids)]
+    [result] = finalize(tokenizer, [{"index": 1, "tokens": np.asarray(stopped.output_ids, np.int32).tobytes(),
+                                     "finish_reason": "stop", "num_prompt_tokens": len(ids), "stop": [stop]}], False)
+    assert result["completion"] == text[:text.find(stop)] and result["finish_reason"] == "stop"
