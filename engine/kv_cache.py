@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import psutil
 import torch
 
@@ -60,14 +61,22 @@ def _activation_reserve(model_config, max_num_seqs: int, max_len: int) -> float:
     return logits + prefill + (1 << 30)
 
 
+def _zeros(shape: tuple, dtype, device) -> torch.Tensor:
+    """Zeros; on CPU through calloc, so pages become resident only as sequences fill them."""
+    if str(device) != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    storage = np.zeros(shape, dtype=np.int16 if dtype.itemsize == 2 else np.float32 if dtype.itemsize == 4 else np.float64)
+    return torch.from_numpy(storage).view(dtype)
+
+
 class KVCache:
     """Per-layer K/V slot tensors."""
 
     def __init__(self, model_config, num_slots: int, max_len: int, dtype, device):
         layers, kv_heads, head_dim = kv_shape(model_config)
         shape = (num_slots, kv_heads, max_len + 1, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.k = [_zeros(shape, dtype, device) for _ in range(layers)]
+        self.v = [_zeros(shape, dtype, device) for _ in range(layers)]
         self.num_slots, self.max_len, self.kv_heads, self.head_dim = num_slots, max_len, kv_heads, head_dim
 
     @property
