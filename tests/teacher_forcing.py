@@ -18,6 +18,7 @@ def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: lis
     batch = core.scheduler.schedule()
     assert batch.is_prefill and len(batch.seqs) == len(sequences)
     out = [[row] for row in core.runner.prefill_logits(batch.seqs).float()]
+    core.steering.assign(batch.seqs)  # what prefill() does: these slots' decode-time steering (none)
     for step in range(max(len(ids) - n for ids, n in zip(sequences, prompt_lens))):
         live = [s for s, ids, n in zip(batch.seqs, sequences, prompt_lens) if n + step < len(ids)]
         for seq in live:
