@@ -64,13 +64,12 @@ class EngineCore:
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
         """Queue one request; RecordError if its steering cannot apply to this model."""
-        spec = request["steering"]
-        rows = self.steering.resolve(spec)
+        prompt_rows, generated_rows = self.steering.resolve(request["steering"])
         self.scheduler.add(Sequence(
             index=request["index"], prompt_ids=prompt_ids, max_new_tokens=request["max_new_tokens"],
             temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
-            seed=request["seed"], ignore_eos=request["ignore_eos"], stop=request["stop"], steer_rows=rows,
-            steer_coef=spec["coef"] if spec else 0.0, steer_positions=spec["positions"] if spec else "all",
+            seed=request["seed"], ignore_eos=request["ignore_eos"], stop=request["stop"], prompt_rows=prompt_rows,
+            generated_rows=generated_rows,
         ))
 
     @property

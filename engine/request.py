@@ -36,7 +36,7 @@ class Request:
     seed: int
     stop: list[str]
     ignore_eos: bool
-    steering: dict | None
+    steering: dict | list | None
     extra: dict = field(default_factory=dict)
 
     def to_msg(self) -> dict:
@@ -83,12 +83,27 @@ def _get(obj: dict, name: str, default, kinds: tuple, label: str):
     return _typed(obj, name, kinds, label) if name in obj else default
 
 
-def parse_steering(value, where: str = "field 'steering'") -> dict | None:
-    """A steering object -> normalised dict {vector, layers, coef, positions}; None means unsteered."""
+def parse_steering(value, where: str = "field 'steering'") -> dict | list | None:
+    """A steering spec -> one normalised term {vector, layers, coef, positions}, or a list of them (they add);
+    None means unsteered."""
     if value is None:
         return None
+    if isinstance(value, list):
+        if not value:
+            raise RecordError(f"{where} is an empty list; give one or more terms, or null for no steering")
+        return [_parse_term(term, f"{where}[{i}]") for i, term in enumerate(value)]
+    return _parse_term(value, where)
+
+
+def steering_terms(spec: dict | list | None) -> list[dict]:
+    """A parsed spec as a list of terms."""
+    return [] if spec is None else spec if isinstance(spec, list) else [spec]
+
+
+def _parse_term(value, where: str) -> dict:
     if not isinstance(value, dict):
-        raise RecordError(f"{where} must be an object like {{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}} or null")
+        raise RecordError(f"{where} must be an object like {{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}}, "
+                          f"a list of such terms, or null")
     unknown = set(value) - {"vector", "layer", "layers", "coef", "positions"}
     if unknown:
         raise RecordError(f"{where} has unknown key(s) {sorted(unknown)}; use vector, layers, coef, positions")

@@ -27,9 +27,8 @@ class Sequence:
     seed: int
     ignore_eos: bool
     stop: list[str]
-    steer_rows: dict[int, int]  # layer -> SteeringTable row
-    steer_coef: float
-    steer_positions: str
+    prompt_rows: dict[int, int]  # layer -> SteeringTable row added at prompt tokens (all terms summed)
+    generated_rows: dict[int, int]  # layer -> row added from the first sampled token on
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     slot: int = -1

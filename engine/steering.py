@@ -8,12 +8,14 @@ exactly zero added.
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.request import RecordError
+from engine.request import RecordError, steering_terms
 
 VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy", ".gguf")
 CONTROL_VECTOR_ARCH = "controlvector"  # the GGUF architecture repeng and llama.cpp use for steering vectors
@@ -158,27 +160,34 @@ class SteeringTable:
         self.slot_coef: dict[int, torch.Tensor] = {}  # layer -> [num_slots] coef used at decode
         self.num_slots = num_slots
         self.version = 0
-        self._rows: dict[tuple[str, int], int] = {}
+        self._rows: dict[bytes, int] = {}
         self._files: dict[str, dict | RecordError] = {}
         self.active: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def resolve(self, spec: dict | None) -> dict[int, int]:
-        """A request's steering spec -> {layer: table row}; loads vectors on first use; RecordError if bad."""
-        if spec is None:
-            return {}
-        bad = [layer for layer in spec["layers"] if not 0 <= layer < self.num_layers]
-        if bad:
-            raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
-        vectors = self._file(spec["vector"])
-        missing = [layer for layer in spec["layers"] if layer not in vectors and None not in vectors]
-        if missing:
-            raise RecordError(f"steering vector {spec['vector']}: no vector for layer(s) {missing} "
-                              f"(it has layer.{sorted(vectors)})")
-        rows = {}
-        for layer in spec["layers"]:
-            rows[layer] = self._row(spec["vector"], layer, vectors.get(layer, vectors.get(None)))
+    def resolve(self, spec: dict | list | None) -> tuple[dict[int, int], dict[int, int]]:
+        """A request's steering spec -> ({layer: row} for prompt tokens, {layer: row} for generated tokens).
+
+        The terms of a spec are summed per layer and position kind (coefficients included) into one table
+        row, so any number of terms costs one gather-multiply-add per steered layer. RecordError if bad.
+        """
+        sums: tuple[dict, dict] = ({}, {})
+        for term in steering_terms(spec):
+            bad = [layer for layer in term["layers"] if not 0 <= layer < self.num_layers]
+            if bad:
+                raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
+            vectors = self._file(term["vector"])
+            missing = [layer for layer in term["layers"] if layer not in vectors and None not in vectors]
+            if missing:
+                raise RecordError(f"steering vector {term['vector']}: no vector for layer(s) {missing} "
+                                  f"(it has layer.{sorted(vectors)})")
+            kinds = [sums[i] for i, is_prompt in enumerate((True, False)) if coef_mask(term["positions"], is_prompt)]
+            for layer in term["layers"]:
+                added = term["coef"] * vectors.get(layer, vectors.get(None))
+                for kind in kinds:
+                    kind[layer] = kind[layer] + added if layer in kind else added
+        for layer in {*sums[0], *sums[1]}:
             self._hook(layer)
-        return rows
+        return tuple({layer: self._row(v) for layer, v in kind.items()} for kind in sums)
 
     def _file(self, path: str) -> dict:
         if path not in self._files:
@@ -191,8 +200,9 @@ class SteeringTable:
             raise entry
         return entry
 
-    def _row(self, path: str, layer: int, vector: torch.Tensor) -> int:
-        key = (path, layer)
+    def _row(self, vector: torch.Tensor) -> int:
+        """The table row holding `vector` (rows are shared by content)."""
+        key = hashlib.blake2b(vector.numpy().tobytes(), digest_size=16).digest()
         if key not in self._rows:
             if self.num_rows == self.table.shape[0]:
                 grown = torch.zeros(2 * self.num_rows, self.hidden_size, dtype=torch.float32, device=self.device)
@@ -226,16 +236,19 @@ class SteeringTable:
         return hook
 
     def assign(self, seqs) -> None:
-        """Set each admitted sequence's decode-time (row, coef) in its slot, for every hooked layer."""
+        """Set each admitted sequence's decode-time row in its slot, for every hooked layer."""
         if not self.slot_rows:
             return
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device)
         for layer in self.slot_rows:
-            on = [layer in s.steer_rows and coef_mask(s.steer_positions, is_prompt=False) for s in seqs]
-            rows = torch.tensor([s.steer_rows[layer] if o else 0 for s, o in zip(seqs, on)], dtype=torch.int64)
-            coefs = torch.tensor([s.steer_coef if o else 0.0 for s, o in zip(seqs, on)], dtype=torch.float32)
-            self.slot_rows[layer].index_copy_(0, slots, rows.to(self.device))
-            self.slot_coef[layer].index_copy_(0, slots, coefs.to(self.device))
+            rows, coefs = self._rows_coefs([s.generated_rows.get(layer, 0) for s in seqs])
+            self.slot_rows[layer].index_copy_(0, slots, rows)
+            self.slot_coef[layer].index_copy_(0, slots, coefs)
+
+    def _rows_coefs(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ids and their coefficients (1 where a row is set: coefficients live in the summed rows)."""
+        coefs = torch.tensor([1.0 if r else 0.0 for r in rows], dtype=torch.float32)
+        return torch.tensor(rows, dtype=torch.int64).to(self.device), coefs.to(self.device)
 
     def set_active(self, per_layer: dict) -> None:
         """Per-token (row, coef) tensors of each hooked layer for the next forward; {} turns steering off."""
@@ -249,10 +262,8 @@ class SteeringTable:
         """Per hooked layer: (row [P, T], coef [P, T]) for the prompt tokens of a prefill batch."""
         inputs = {}
         for layer in self.slot_rows:
-            on = [layer in s.steer_rows and coef_mask(s.steer_positions, is_prompt=True) for s in seqs]
-            rows = torch.tensor([s.steer_rows[layer] if o else 0 for s, o in zip(seqs, on)], dtype=torch.int64)
-            coefs = torch.tensor([s.steer_coef if o else 0.0 for s, o in zip(seqs, on)], dtype=torch.float32)
-            inputs[layer] = (rows.to(self.device)[:, None] * token_mask, coefs.to(self.device)[:, None] * token_mask)
+            rows, coefs = self._rows_coefs([s.prompt_rows.get(layer, 0) for s in seqs])
+            inputs[layer] = (rows[:, None] * token_mask, coefs[:, None] * token_mask)
         return inputs
 
 

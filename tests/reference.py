@@ -21,24 +21,24 @@ def vector_of(path: str) -> torch.Tensor:
 
 
 @contextmanager
-def steered(model, spec: dict | None):
-    """Add coef * vector to the output of each spec layer with an ordinary forward hook.
+def steered(model, spec):
+    """Add coef * vector to the output of each term's layers with ordinary forward hooks, one per term.
 
     In cached generation a forward over more than one position is the prompt; one position is a new token.
     """
-    if spec is None:
-        yield
-        return
-    vector = vector_of(spec["vector"])
+    terms = [] if spec is None else spec if isinstance(spec, list) else [spec]
+    handles = []
+    for term in terms:
+        vector = vector_of(term["vector"])
 
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        is_prompt = hidden.shape[1] > 1
-        if spec["positions"] == "all" or (spec["positions"] == "prompt") == is_prompt:
-            hidden = hidden + spec["coef"] * vector.to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        def hook(module, args, output, term=term, vector=vector):
+            hidden = output[0] if isinstance(output, tuple) else output
+            is_prompt = hidden.shape[1] > 1
+            if term["positions"] == "all" or (term["positions"] == "prompt") == is_prompt:
+                hidden = hidden + term["coef"] * vector.to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handles = [decoder_layers(model)[layer].register_forward_hook(hook, prepend=True) for layer in spec["layers"]]
+        handles += [decoder_layers(model)[layer].register_forward_hook(hook, prepend=True) for layer in term["layers"]]
     try:
         yield
     finally:
@@ -46,7 +46,7 @@ def steered(model, spec: dict | None):
             h.remove()
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, spec: dict | None = None) -> list[int]:
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, spec=None) -> list[int]:
     """HF generate(do_sample=False) for one prompt, EOS ignored so lengths are exact."""
     x = torch.tensor([prompt_ids])
     model.generation_config.eos_token_id = None  # generate(eos_token_id=None) would refill it from the config

@@ -48,6 +48,11 @@ def records(vectors) -> list[dict]:
         {"vector": vectors["safetensors"], "layers": [2], "coef": 5.0, "positions": "generated"},
     ]
     rows += [{"id": f"v{i}", "prompt": PROMPTS[i], "steering": spec} for i, spec in enumerate(specs)]
+    rows.append({"id": "v3", "prompt": PROMPTS[3], "steering": [  # several terms, two on one layer: they add
+        {"vector": vectors["npy"], "layers": [1], "coef": 2.0, "positions": "prompt"},
+        {"vector": vectors["pt"], "layers": [1, 3], "coef": -1.5, "positions": "generated"},
+        {"vector": vectors["safetensors"], "layers": [1], "coef": 1.0, "positions": "all"},
+    ]})
     return rows
 
 
@@ -62,7 +67,7 @@ def run(request, vectors):
     config.sampling.max_new_tokens = MAX_NEW
     with Engine(config) as engine:
         first = {r["id"]: r for r in engine.generate_all(records(vectors))}
-        again = {r["id"]: r for r in engine.generate(records(vectors)[-7:])}
+        again = {r["id"]: r for r in engine.generate(records(vectors)[-8:])}
         stats = dict(engine.core_stats)
     return first, again, stats
 
@@ -83,12 +88,12 @@ def test_greedy_equals_hf_generate(run, tiny_model, tokenizer):
 def test_steered_equals_hf_forward_hook(run, tiny_model, tokenizer):
     first, _, _ = run
     changed = 0
-    for i in range(3):
+    for i in range(4):
         record = first[f"v{i}"]
         prompt_ids = tokenizer(PROMPTS[i]).input_ids
         assert record["completion_token_ids"] == hf_greedy(tiny_model, prompt_ids, MAX_NEW, record["steering"])
         changed += record["completion_token_ids"] != first[f"g{i}"]["completion_token_ids"]
-    assert changed == 3  # every spec moved its completion, so the comparison above is not vacuous
+    assert changed == 4  # every spec moved its completion, so the comparison above is not vacuous
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(run):
