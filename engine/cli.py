@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import signal
 import sys
@@ -52,6 +53,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steer-layer", type=_layers, default=[], metavar="L[,L2..]", help="decoder layer(s) whose output is steered")
     s.add_argument("--steer-coef", type=float, default=1.0)
     s.add_argument("--steer-positions", default="all", choices=STEER_POSITIONS)
+    s.add_argument("--steering-specs", metavar="TOML", help="named specs; records then say \"steering\": \"name\"")
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -61,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_fraction=args.gpu_memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
         enforce_eager=args.enforce_eager,
         decoder_workers=args.decoder_workers, truncate=args.truncate,
-        return_tokens=getattr(args, "return_tokens", False),
+        return_tokens=getattr(args, "return_tokens", False), steering_specs=args.steering_specs,
         sampling=SamplingDefaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos),
         steering=SteeringDefaults(vector=args.steer, layers=args.steer_layer, coef=args.steer_coef,
@@ -96,7 +98,15 @@ def manifest_of(config: EngineConfig) -> dict:
         "version": 1, "model": config.model, "tokenizer": config.tokenizer,
         "dtype": config.dtype, "max_model_len": config.max_model_len, "truncate": config.truncate,
         "sampling": config.to_dict()["sampling"], "steering": config.to_dict()["steering"],
+        "steering_specs": _file_digest(config.steering_specs),
     }
+
+
+def _file_digest(path: str | None) -> str | None:
+    """A named-specs file by content: editing it changes what the output means."""
+    if path is None:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _count_lines(path: Path) -> int:

@@ -89,6 +89,7 @@ class EngineConfig:
     truncate: str = "none"
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     steering: SteeringDefaults = field(default_factory=SteeringDefaults)
+    steering_specs: str | None = None  # a TOML file of named specs
     return_tokens: bool = False
     cache_dir: str = ""
 
@@ -110,6 +111,13 @@ class EngineConfig:
             raise ConfigError(f"--max-model-len {self.max_model_len}: must be at least 2")
         if self.slot_tokens < 1024:
             raise ConfigError(f"slot_tokens={self.slot_tokens}: must be at least 1024")
+        if self.steering_specs is not None:
+            from engine.request import load_named_specs
+
+            try:
+                load_named_specs(self.steering_specs)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not self.cache_dir:
             self.cache_dir = os.environ.get("ENGINE_CACHE_DIR") or str(Path.home() / ".cache" / "steer-engine")
 

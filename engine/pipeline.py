@@ -22,7 +22,7 @@ from engine.core import core_main
 from engine.decoder_worker import decoder_main
 from engine.models import effective_max_len, resolve_model
 from engine.procs import Lifeline, MsgQueue, start
-from engine.request import Request, RecordError, decode_line, parse_record
+from engine.request import Request, RecordError, decode_line, load_named_specs, parse_record
 from engine.ring import ShmRing
 from engine.tokenizer_worker import tokenizer_main
 
@@ -30,7 +30,7 @@ log = logging.getLogger("engine")
 
 FEED_BATCH = 32
 RESERVED_OUTPUT = ("completion", "finish_reason", "num_prompt_tokens", "num_completion_tokens",
-                   "completion_token_ids", "error", "line")
+                   "completion_token_ids", "error", "line", "steering_name")
 
 
 class EngineError(RuntimeError):
@@ -61,6 +61,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
     Ids in `skip_ids` (already in the output) are dropped silently; a repeated id is an error.
     """
     steering = config.steering.as_record()
+    named = load_named_specs(config.steering_specs) if config.steering_specs else {}
     seen: set[str] = set()
     for line, raw in sources:
         request_id = None
@@ -69,7 +70,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             if not isinstance(obj, dict):
                 raise RecordError(f"record {line} is a {type(obj).__name__}; give a dict with 'prompt' or 'messages'")
             request_id = obj.get("id") if isinstance(obj.get("id"), str) else None
-            request = parse_record(obj, -1, line, config.sampling, steering)
+            request = parse_record(obj, -1, line, config.sampling, steering, named)
             request_id = request.id
             clash = [k for k in request.extra if k in RESERVED_OUTPUT]
             if clash:
@@ -213,6 +214,8 @@ class Engine:
         record = {"id": request.id, "completion": msg["completion"], "finish_reason": msg["finish_reason"],
                   "num_prompt_tokens": msg["num_prompt_tokens"], "num_completion_tokens": msg["num_completion_tokens"],
                   "seed": request.seed, "steering": request.steering}
+        if request.steering_name is not None:
+            record["steering_name"] = request.steering_name
         if "completion_token_ids" in msg:
             record["completion_token_ids"] = msg["completion_token_ids"]
         record.update(request.extra)

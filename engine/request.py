@@ -38,6 +38,7 @@ class Request:
     ignore_eos: bool
     steering: dict | list | None
     extra: dict = field(default_factory=dict)
+    steering_name: str | None = None  # the named spec the record asked for, if any
 
     def to_msg(self) -> dict:
         return asdict(self)
@@ -145,7 +146,43 @@ def _stop(obj: dict) -> list[str] | None:
     return stop
 
 
-def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: dict | None) -> Request:
+def load_named_specs(path: str) -> dict[str, dict | list]:
+    """A TOML file of named steering specs: `[name]` tables with vector/layers/coef/positions, or with
+    `terms = [{...}, ...]`; records then say `"steering": "name"`. ValueError names the bad entry."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"--steering-specs {path}: cannot read it ({exc})") from None
+    named = {}
+    for name, body in table.items():
+        where = f"--steering-specs {path}: [{name}]"
+        if not isinstance(body, dict):
+            raise ValueError(f"{where} must be a table of vector, layers, coef, positions (or terms = [...])")
+        try:
+            named[name] = parse_steering(body["terms"] if set(body) == {"terms"} else body, where)
+        except RecordError as exc:
+            raise ValueError(str(exc)) from None
+    return named
+
+
+def _record_steering(obj: dict, default, named: dict) -> tuple[dict | list | None, str | None]:
+    """(the spec a record runs with, the name it used if any)."""
+    if "steering" not in obj:
+        return default, None
+    value = obj["steering"]
+    if not isinstance(value, str):
+        return parse_steering(value), None
+    if value not in named:
+        known = ", ".join(sorted(named)) if named else "none: pass --steering-specs FILE"
+        raise RecordError(f"field 'steering' names {value!r}, which is not a named spec (known: {known})")
+    return named[value], value
+
+
+def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: dict | None,
+                 named: dict | None = None) -> Request:
     """A decoded JSON object -> Request with defaults filled in; RecordError on any bad field."""
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
@@ -164,6 +201,7 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise RecordError(f"field 'seed' is {seed}; it must be in [0, {MAX_SEED}]")
     stop = _stop(obj)
+    spec, spec_name = _record_steering(obj, steering, named or {})
     return Request(
         index=index,
         line=line,
@@ -177,6 +215,7 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
         seed=derive_seed(defaults.seed, request_id) if seed is None else seed,
         stop=list(defaults.stop) if stop is None else stop,
         ignore_eos=_get(obj, "ignore_eos", defaults.ignore_eos, (bool,), "true or false"),
-        steering=parse_steering(obj["steering"]) if "steering" in obj else steering,
+        steering=spec,
         extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
+        steering_name=spec_name,
     )

@@ -168,3 +168,18 @@ def test_example_file_with_the_embedded_model(tmp_path):
     assert "Paris" in records[0]["completion"] or "France" in records[0]["completion"]
     assert records[3]["topic"] == "biology"
     assert records[2]["finish_reason"] == "stop" and "\n\n" not in records[2]["completion"]
+
+
+def test_records_may_name_specs_from_a_steering_specs_file(tmp_path):
+    vector = tmp_path / "v.npy"
+    np.save(vector, np.random.default_rng(0).standard_normal(64).astype(np.float32))
+    specs = tmp_path / "specs.toml"
+    specs.write_text(f'["v+4@L1"]\nvector = "{vector}"\nlayers = [1]\ncoef = 4.0\n')
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "Hello", "steering": "v+4@L1"},
+                                               {"id": "b", "prompt": "Hello", "steering": "missing"}])
+    out = tmp_path / "out.jsonl"
+    result = engine_run("--input", str(path), "--output", str(out), "--steering-specs", str(specs), *TINY_ARGS)
+    assert result.returncode == 3, result.stderr
+    [record] = read_jsonl(out)
+    assert record["steering_name"] == "v+4@L1" and record["steering"]["coef"] == 4.0
+    assert "not a named spec" in read_jsonl(tmp_path / "errors.jsonl")[0]["error"]

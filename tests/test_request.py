@@ -42,7 +42,9 @@ def test_record_fields_override_defaults():
     ({"prompt": "a", "stop": [""]}, "field 'stop'"),
     ({"messages": []}, "field 'messages'"),
     ({"messages": [{"role": "user"}]}, "field 'messages'"),
-    ({"prompt": "a", "steering": "v.pt"}, "must be an object"),
+    ({"prompt": "a", "steering": "v.pt"}, "not a named spec"),
+    ({"prompt": "a", "steering": 3}, "must be an object"),
+    ({"prompt": "a", "steering": []}, "empty list"),
     ({"prompt": "a", "steering": {"vector": "v.pt"}}, ".layers"),
     ({"prompt": "a", "steering": {"vector": "v.pt", "layers": [1], "positions": "middle"}}, ".positions"),
     ({"prompt": "a", "steering": {"vector": "v.pt", "layers": 1, "coef": "big"}}, ".coef"),
@@ -69,3 +71,37 @@ def test_steering_normalised_and_null_disables_job_steering():
     job = {"vector": "j.npy", "layers": [1], "coef": 1.0, "positions": "all"}
     assert parse({"prompt": "a"}, steering=job).steering == job
     assert parse({"prompt": "a", "steering": None}, steering=job).steering is None
+
+
+def test_named_specs_resolve_and_unknown_names_are_errors(tmp_path):
+    from engine.request import load_named_specs
+
+    path = tmp_path / "specs.toml"
+    path.write_text('["honesty+4@L6"]\nvector = "h.gguf"\nlayers = [6]\ncoef = 4\n\n'
+                    '[mix]\nterms = [{vector = "a.npy", layers = 2}, {vector = "b.npy", layers = [3], coef = -1, '
+                    'positions = "generated"}]\n')
+    named = load_named_specs(str(path))
+    r = parse_record({"prompt": "a", "steering": "honesty+4@L6"}, 0, 1, DEFAULTS, None, named)
+    assert r.steering == {"vector": "h.gguf", "layers": [6], "coef": 4.0, "positions": "all"}
+    assert r.steering_name == "honesty+4@L6" and r.extra == {}
+    assert len(parse_record({"prompt": "a", "steering": "mix"}, 0, 1, DEFAULTS, None, named).steering) == 2
+    with pytest.raises(RecordError, match="'nope', which is not a named spec .known: honesty"):
+        parse_record({"prompt": "a", "steering": "nope"}, 0, 1, DEFAULTS, None, named)
+    with pytest.raises(RecordError, match="pass --steering-specs"):
+        parse_record({"prompt": "a", "steering": "mix"}, 0, 1, DEFAULTS, None)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[a\nvector=1", "cannot read it"),
+    ('[a]\nvector = "v.npy"\n', "[a].layers"),
+    ('a = 3\n', "[a] must be a table"),
+    ('[b]\nvector = "v.npy"\nlayers = [1]\npositions = "end"\n', "[b].positions"),
+])
+def test_bad_named_specs_files_name_the_entry(tmp_path, text, fragment):
+    from engine.config import ConfigError, EngineConfig
+
+    path = tmp_path / "specs.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        EngineConfig(steering_specs=str(path))
+    assert fragment in str(info.value)
