@@ -43,10 +43,6 @@ class Request:
     def to_msg(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_msg(cls, msg: dict) -> "Request":
-        return cls(**msg)
-
 
 def derive_seed(base_seed: int, request_id: str) -> int:
     """A stable per-request seed, so an unseeded record is still reproducible."""
