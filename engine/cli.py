@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from engine.config import DTYPES, STEER_POSITIONS, TRUNCATE_MODES, ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults
+from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, DTYPES, STEER_POSITIONS, TRUNCATE_MODES, CaptureDefaults,
+                           ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.writer import JsonlWriter, ManifestMismatch, check_manifest, scan_done_ids
@@ -54,6 +55,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steer-coef", type=float, default=1.0)
     s.add_argument("--steer-positions", default="all", choices=STEER_POSITIONS)
     s.add_argument("--steering-specs", metavar="TOML", help="named specs; records then say \"steering\": \"name\"")
+    c = p.add_argument_group("activation capture (a record's 'capture' field overrides layers and positions)")
+    c.add_argument("--capture-layers", type=_layers, default=[], metavar="L[,L2..]",
+                   help="decoder layer(s) whose output (the residual stream after the layer) is recorded")
+    c.add_argument("--capture-positions", default="last_prompt", choices=CAPTURE_POSITIONS)
+    c.add_argument("--capture-dtype", default="float32", choices=CAPTURE_DTYPES)
+    c.add_argument("--capture-before-steering", action="store_true",
+                   help="record the layer's output before that layer's steering is added (default: after)")
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -68,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos),
         steering=SteeringDefaults(vector=args.steer, layers=args.steer_layer, coef=args.steer_coef,
                                   positions=args.steer_positions),
+        capture=CaptureDefaults(layers=args.capture_layers, positions=args.capture_positions, dtype=args.capture_dtype,
+                                is_before_steering=args.capture_before_steering),
     )
 
 
@@ -94,12 +104,15 @@ def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def manifest_of(config: EngineConfig) -> dict:
     """The settings that make an output what it is; a resume must match them."""
-    return {
+    manifest = {
         "version": 1, "model": config.model, "tokenizer": config.tokenizer,
         "dtype": config.dtype, "max_model_len": config.max_model_len, "truncate": config.truncate,
         "sampling": config.to_dict()["sampling"], "steering": config.to_dict()["steering"],
         "steering_specs": _file_digest(config.steering_specs),
     }
+    if config.capture.layers:  # only then, so outputs made before capture existed still resume
+        manifest["capture"] = config.to_dict()["capture"]
+    return manifest
 
 
 def _file_digest(path: str | None) -> str | None:

@@ -10,6 +10,8 @@ from pathlib import Path
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRUNCATE_MODES = ("none", "left", "right")
 STEER_POSITIONS = ("prompt", "generated", "all")
+CAPTURE_POSITIONS = ("last_prompt", "mean_prompt", "all_prompt", "generated")
+CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,31 @@ class SteeringDefaults:
 
 
 @dataclass(slots=True)
+class CaptureDefaults:
+    """The job-wide activation capture (`--capture-layers ...`); a record's `capture` field overrides layers and
+    positions. dtype and is_before_steering hold for the whole run."""
+
+    layers: list[int] = field(default_factory=list)
+    positions: str = "last_prompt"
+    dtype: str = "float32"
+    is_before_steering: bool = False
+
+    def __post_init__(self) -> None:
+        if self.positions not in CAPTURE_POSITIONS:
+            raise ConfigError(f"--capture-positions {self.positions!r}: use one of {', '.join(CAPTURE_POSITIONS)}")
+        if self.dtype not in CAPTURE_DTYPES:
+            raise ConfigError(f"--capture-dtype {self.dtype!r}: use one of {', '.join(CAPTURE_DTYPES)}")
+        bad = [layer for layer in self.layers if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0]
+        if bad:
+            raise ConfigError(f"--capture-layers {bad}: give decoder layer indices >= 0, e.g. 4,8,12")
+
+    def as_record(self) -> dict | None:
+        if not self.layers:
+            return None
+        return {"layers": sorted(set(self.layers)), "positions": self.positions}
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """Everything the engine's processes need; built once by the CLI or the Python API."""
 
@@ -90,6 +117,7 @@ class EngineConfig:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     steering: SteeringDefaults = field(default_factory=SteeringDefaults)
     steering_specs: str | None = None  # a TOML file of named specs
+    capture: CaptureDefaults = field(default_factory=CaptureDefaults)
     return_tokens: bool = False
     cache_dir: str = ""
 
@@ -129,4 +157,5 @@ class EngineConfig:
         data = dict(data)
         data["sampling"] = SamplingDefaults(**data["sampling"])
         data["steering"] = SteeringDefaults(**data["steering"])
+        data["capture"] = CaptureDefaults(**data.get("capture", {}))
         return cls(**data)

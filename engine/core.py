@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from engine.activations import ActivationRecorder
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.attention import unsupported_reason
@@ -55,7 +56,9 @@ class EngineCore:
                            config.gpu_memory_fraction)
         self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
         self.steering = SteeringTable(self.model, self.device, slots)
-        self.runner = ModelRunner(self.model, self.steering, self.cache, pad_id, use_graphs=not config.enforce_eager)
+        self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
+        self.runner = ModelRunner(self.model, self.steering, self.cache, pad_id, use_graphs=not config.enforce_eager,
+                                  recorder=self.recorder)
         self.scheduler = Scheduler(slots, config.max_prefill_tokens)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
         self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
@@ -63,8 +66,9 @@ class EngineCore:
         self._flip = 0
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
-        """Queue one request; RecordError if its steering cannot apply to this model."""
+        """Queue one request; RecordError if its steering or capture cannot apply to this model."""
         prompt_rows, generated_rows = self.steering.resolve(request["steering"])
+        self.recorder.register(request["index"], request.get("capture"))
         self.scheduler.add(Sequence(
             index=request["index"], prompt_ids=prompt_ids, max_new_tokens=request["max_new_tokens"],
             temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
@@ -88,7 +92,7 @@ class EngineCore:
         if tokens is not None:
             for seq in batch.seqs:
                 seq.num_scheduled += 1
-            launched = (batch, self._copy_to_host(tokens))
+            launched = (batch, self._copy_to_host(tokens, batch))
         finished = self._read(*self._inflight) if self._inflight is not None else []
         self._inflight = launched
         return finished
@@ -108,22 +112,24 @@ class EngineCore:
                         "max_prefill_tokens=%d", len(batch.seqs), tokens, self.scheduler.max_prefill_tokens)
             return None
 
-    def _copy_to_host(self, tokens: torch.Tensor):
+    def _copy_to_host(self, tokens: torch.Tensor, batch):
         host = self._host_tokens[self._flip][:tokens.shape[0]]
         self._flip ^= 1
         host.copy_(tokens, non_blocking=True)
+        captured = self.recorder.stage(batch)  # the step's activations ride on the same event
         event = None
         if tokens.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        return host, event
+        return host, event, captured
 
     def _read(self, batch, copied) -> list[Sequence]:
-        host, event = copied
+        host, event, captured = copied
         if event is not None:
             event.synchronize()
         values = host.tolist()
         tokens = values if batch.is_prefill else [values[s.slot] for s in batch.seqs]  # decode rows are slots
+        self.recorder.collect(batch, captured)
         return self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
 
     def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
@@ -136,11 +142,14 @@ class EngineCore:
         return done
 
 
-def finished_msg(seq: Sequence) -> dict:
-    return {
+def finished_msg(seq: Sequence, activations: dict | None = None) -> dict:
+    msg = {
         "index": seq.index, "tokens": np.asarray(seq.output_ids, dtype=np.int32).tobytes(),
         "finish_reason": seq.finish_reason, "num_prompt_tokens": seq.num_prompt_tokens, "stop": seq.stop,
     }
+    if activations is not None:
+        msg["activations"] = activations
+    return msg
 
 
 class SlotReader:
@@ -211,7 +220,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
             finished = core.step()
             stats["steps"] += 1
             if finished:
-                dec_q.put({"seqs": [finished_msg(s) for s in finished]})
+                dec_q.put({"seqs": [finished_msg(s, core.recorder.pop(s.index)) for s in finished]})
         if time.monotonic() - last_report > 1.0:
             events.put(stats)
             last_report = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.activations import trim_generated
 from engine.procs import Lifeline, MsgQueue, messages
 from engine.tokenizer_worker import load_tokenizer
 
@@ -61,6 +62,8 @@ def finalize(tok, items: list[dict], return_tokens: bool) -> list[dict]:
                   "num_prompt_tokens": item["num_prompt_tokens"], "num_completion_tokens": len(ids)}
         if return_tokens:
             result["completion_token_ids"] = ids
+        if "activations" in item:
+            result["activations"] = trim_generated(item["activations"], len(ids))
         results.append(result)
     return results
 

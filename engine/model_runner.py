@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine import attention
+from engine.activations import ActivationRecorder
 from engine.attention import CONTEXT, decode_masks, prefill_masks
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SamplingParams
@@ -29,8 +30,10 @@ MIN_READ_LEN = 128
 class ModelRunner:
     """Prefill and decode steps; returns sampled next tokens on the device."""
 
-    def __init__(self, model, steering: SteeringTable, cache: KVCache, pad_id: int, use_graphs: bool):
+    def __init__(self, model, steering: SteeringTable, cache: KVCache, pad_id: int, use_graphs: bool,
+                 recorder: ActivationRecorder):
         self.model, self.steering, self.cache, self.pad_id = model, steering, cache, pad_id
+        self.recorder = recorder
         self.device = next(model.parameters()).device
         attention.register()
         model.config._attn_implementation = attention.NAME
@@ -95,10 +98,12 @@ class ModelRunner:
         CONTEXT.write_pos = torch.where(is_real, positions, self.cache.trash)
         CONTEXT.masks = prefill_masks(lengths, width, self.windows)
         self.steering.set_active(self.steering.prefill_inputs(seqs, is_real))
+        self.recorder.start_prefill(seqs, is_real)
         try:
             out = self.model(input_ids=ids, position_ids=positions.clamp_min(0), use_cache=False, logits_to_keep=1)
         finally:
             self.steering.set_active({})
+            self.recorder.stop()
         return out.logits[:, -1, :]
 
     def _set_sampling(self, seqs: list[Sequence], slots: torch.Tensor) -> None:
@@ -137,11 +142,13 @@ class ModelRunner:
         CONTEXT.write_pos, CONTEXT.read_len = self.meta[1, :rows], read_len
         CONTEXT.masks = decode_masks(positions, read_len, self.windows)
         self.steering.set_active(self.steering.decode_inputs(rows))
+        self.recorder.start_decode(rows)
         try:
             out = self.model(input_ids=self.tokens[:rows, None], position_ids=positions[:, None], use_cache=False,
                              logits_to_keep=1)
         finally:
             self.steering.set_active({})
+            self.recorder.stop()
         return out.logits[:, -1, :].float()
 
     def _decode_params(self, seqs: list[Sequence], rows: int) -> SamplingParams:
@@ -150,13 +157,18 @@ class ModelRunner:
         return SamplingParams(self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows], *flags)
 
     # ---- CUDA graphs
+    @property
+    def hook_version(self) -> tuple[int, int]:
+        """Changes whenever the decode graphs would read stale hook state (steering or activation capture)."""
+        return self.steering.version, self.recorder.version
+
     @torch.inference_mode()
     def capture_all(self) -> None:
         """Capture every (batch, length) bucket up front, largest first, so no step pays for a capture.
 
         Runs again when steering adds hooks or grows its table: old graphs would read stale state.
         """
-        if not self.use_graphs or self._graph_version == self.steering.version:
+        if not self.use_graphs or self._graph_version == self.hook_version:
             return
         started = time.perf_counter()
         self.meta[1].fill_(self.cache.trash)  # captures run the forward: their K/V writes must land in the trash column
@@ -167,7 +179,7 @@ class ModelRunner:
         for rows in sorted(sizes, reverse=True):
             for read_len in sorted(self.read_lens, reverse=True):
                 self._graphs[(rows, read_len)] = _DecodeGraph(partial(self._decode_forward, rows, read_len), self._pool)
-        self._graph_version = self.steering.version
+        self._graph_version = self.hook_version
         log.info("captured %d decode graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
 
 

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from engine.activations import tensors_of
 from engine.config import EngineConfig
 from engine.core import core_main
 from engine.decoder_worker import decoder_main
@@ -30,7 +31,7 @@ log = logging.getLogger("engine")
 
 FEED_BATCH = 32
 RESERVED_OUTPUT = ("completion", "finish_reason", "num_prompt_tokens", "num_completion_tokens",
-                   "completion_token_ids", "error", "line", "steering_name")
+                   "completion_token_ids", "error", "line", "steering_name", "activations")
 
 
 class EngineError(RuntimeError):
@@ -44,6 +45,7 @@ class Outcome:
     position: int
     record: dict
     is_error: bool
+    activations: dict | None = None  # captured activations as the core sent them (engine.activations.tensors_of)
 
 
 def error_record(line: int | None, request_id: str | None, error: str) -> dict:
@@ -60,7 +62,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
 
     Ids in `skip_ids` (already in the output) are dropped silently; a repeated id is an error.
     """
-    steering = config.steering.as_record()
+    steering, capture = config.steering.as_record(), config.capture.as_record()
     named = load_named_specs(config.steering_specs) if config.steering_specs else {}
     seen: set[str] = set()
     for line, raw in sources:
@@ -70,7 +72,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             if not isinstance(obj, dict):
                 raise RecordError(f"record {line} is a {type(obj).__name__}; give a dict with 'prompt' or 'messages'")
             request_id = obj.get("id") if isinstance(obj.get("id"), str) else None
-            request = parse_record(obj, -1, line, config.sampling, steering, named)
+            request = parse_record(obj, -1, line, config.sampling, steering, named, capture)
             request_id = request.id
             clash = [k for k in request.extra if k in RESERVED_OUTPUT]
             if clash:
@@ -219,17 +221,18 @@ class Engine:
         if "completion_token_ids" in msg:
             record["completion_token_ids"] = msg["completion_token_ids"]
         record.update(request.extra)
-        return Outcome(position, record, False)
+        return Outcome(position, record, False, msg.get("activations"))
 
     def generate(self, records: Iterable[dict | str]) -> Iterator[dict]:
-        """Records (dicts as in the JSONL input, or plain prompt strings) -> result records as they finish."""
+        """Records (dicts as in the JSONL input, or plain prompt strings) -> result records as they finish; a record
+        that captured activations carries them as `"activations": {layer: tensor}`."""
         for outcome in self.run(read_requests(enumerate(records, 1), self.config)):
-            yield outcome.record
+            yield _with_tensors(outcome)
 
     def generate_all(self, records: Iterable[dict | str]) -> list[dict]:
         """Like generate, but returns every record in input order."""
         outcomes = list(self.run(read_requests(enumerate(records, 1), self.config)))
-        return [o.record for o in sorted(outcomes, key=lambda o: o.position)]
+        return [_with_tensors(o) for o in sorted(outcomes, key=lambda o: o.position)]
 
     def close(self) -> None:
         if self._closed:
@@ -253,6 +256,12 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _with_tensors(outcome: Outcome) -> dict:
+    if outcome.activations is None:
+        return outcome.record
+    return {**outcome.record, "activations": tensors_of(outcome.activations)}
 
 
 class _Feeder(threading.Thread):

@@ -7,11 +7,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from engine.config import STEER_POSITIONS, SamplingDefaults, check_sampling
+from engine.config import CAPTURE_POSITIONS, STEER_POSITIONS, SamplingDefaults, check_sampling
 
 KNOWN_FIELDS = {
     "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-    "ignore_eos", "steering",
+    "ignore_eos", "steering", "capture",
 }
 MAX_SEED = (1 << 63) - 1
 
@@ -39,6 +39,7 @@ class Request:
     steering: dict | list | None
     extra: dict = field(default_factory=dict)
     steering_name: str | None = None  # the named spec the record asked for, if any
+    capture: dict | None = None  # {"layers": [...], "positions": ...} or None: no activations
 
     def to_msg(self) -> dict:
         return asdict(self)
@@ -121,6 +122,27 @@ def _parse_term(value, where: str) -> dict:
     return {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
 
 
+def parse_capture(value, default: dict | None) -> dict | None:
+    """A record's `capture` field -> {"layers", "positions"} (missing keys from the run's capture), or None for
+    `false`/`null`."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict) or set(value) - {"layers", "positions"}:
+        raise RecordError(f"field 'capture' is {json.dumps(value)[:80]}; give {{\"layers\": [4, 8], \"positions\": "
+                          f"\"last_prompt\"}} (positions optional), or false for none")
+    default = default or {}
+    layers = value.get("layers", default.get("layers"))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, list) or not layers or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+        raise RecordError(f"field 'capture.layers' is {json.dumps(layers)}; give a layer index >= 0 or a non-empty list")
+    positions = value.get("positions", default.get("positions", CAPTURE_POSITIONS[0]))
+    if positions not in CAPTURE_POSITIONS:
+        raise RecordError(f"field 'capture.positions' is {json.dumps(positions)}; use one of {', '.join(CAPTURE_POSITIONS)}")
+    return {"layers": sorted(set(layers)), "positions": positions}
+
+
 def _messages(obj: dict) -> list:
     messages = obj["messages"]
     ok = isinstance(messages, list) and messages and all(
@@ -178,7 +200,7 @@ def _record_steering(obj: dict, default, named: dict) -> tuple[dict | list | Non
 
 
 def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: dict | None,
-                 named: dict | None = None) -> Request:
+                 named: dict | None = None, capture: dict | None = None) -> Request:
     """A decoded JSON object -> Request with defaults filled in; RecordError on any bad field."""
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
@@ -214,4 +236,5 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
         steering=spec,
         extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
         steering_name=spec_name,
+        capture=parse_capture(obj["capture"], capture) if "capture" in obj else capture,
     )

@@ -9,7 +9,8 @@ from engine.request import RecordError
 from engine.ring import ShmRing
 
 # What the engine core needs of a request; everything else stays with the parent.
-CORE_FIELDS = ("index", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "steering")
+CORE_FIELDS = ("index", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "steering",
+               "capture")
 
 
 def load_tokenizer(tokenizer_dir: str):

@@ -1,7 +1,8 @@
-"""JsonlWriter: the single owner of results.jsonl, errors.jsonl and the run manifest.
+"""JsonlWriter: the single owner of results.jsonl, errors.jsonl, the run manifest and the activation shards.
 
 Records are written as whole lines, flushed and fsynced in batches; a line cut short by a crash is
-removed on resume, so the output is always a file of complete JSON records.
+removed on resume, so the output is always a file of complete JSON records. Result lines that point at
+activations wait until their shard is on disk (engine.activations.ActivationStore).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from engine.activations import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir, tensors_of
 from engine.pipeline import Outcome
 
 MANIFEST_VERSION = 1
@@ -67,14 +69,16 @@ def check_manifest(output: Path, manifest: dict, force: bool) -> None:
             f"the old results aside (renamed *.replaced-<time>) and start again."
         )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    for old_file in (output, path):
-        old_file.rename(old_file.with_name(f"{old_file.name}.replaced-{stamp}"))
+    for old_file in (output, path, activations_dir(output)):
+        if old_file.exists():
+            old_file.rename(old_file.with_name(f"{old_file.name}.replaced-{stamp}"))
 
 
 class JsonlWriter:
     """Appends result records, writes error records, keeps input order when asked."""
 
-    def __init__(self, output: Path, manifest: dict, ordered: bool, sync_every: int = 256, sync_seconds: float = 2.0):
+    def __init__(self, output: Path, manifest: dict, ordered: bool, sync_every: int = 256, sync_seconds: float = 2.0,
+                 max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS):
         output.parent.mkdir(parents=True, exist_ok=True)
         manifest_path(output).write_text(json.dumps(manifest, indent=2) + "\n")
         self.results = output.open("a", encoding="utf-8")
@@ -86,6 +90,8 @@ class JsonlWriter:
         self._unsynced = 0
         self._last_sync = time.monotonic()
         self.num_results = self.num_errors = self.num_tokens = 0
+        self.activations = ActivationStore(output, max_shard_bytes, flush_seconds)
+        self._held_lines: list[str] = []  # result lines behind a buffered activation shard, in order
 
     def write(self, outcome: Outcome) -> None:
         if not self.ordered:
@@ -97,14 +103,23 @@ class JsonlWriter:
             self._next += 1
 
     def _emit(self, outcome: Outcome) -> None:
-        line = json.dumps(outcome.record, ensure_ascii=False) + "\n"
+        record = outcome.record
+        if outcome.activations is not None:
+            pointer = self.activations.add(record["id"], outcome.activations, tensors_of(outcome.activations))
+            record = {**record, "activations": pointer}
+        line = json.dumps(record, ensure_ascii=False) + "\n"
         if outcome.is_error:
             self.errors.write(line)
             self.num_errors += 1
         else:
-            self.results.write(line)
+            if outcome.activations is not None or self._held_lines:
+                self._held_lines.append(line)
+            else:
+                self.results.write(line)
             self.num_results += 1
             self.num_tokens += outcome.record["num_completion_tokens"]
+        if self.activations.is_due:
+            self._flush_activations()
         self._unsynced += 1
         if self._unsynced >= self.sync_every or time.monotonic() - self._last_sync > self.sync_seconds:
             self.sync()
@@ -115,8 +130,15 @@ class JsonlWriter:
             os.fsync(f.fileno())
         self._unsynced, self._last_sync = 0, time.monotonic()
 
+    def _flush_activations(self) -> None:
+        """The shard first (durably), then the result lines that point at it."""
+        self.activations.flush()
+        self.results.write("".join(self._held_lines))
+        self._held_lines = []
+
     def close(self) -> None:
         """Flush what is held; held records waiting for an earlier one stay unwritten (resume redoes them)."""
+        self._flush_activations()
         self.sync()
         self.results.close()
         self.errors.close()

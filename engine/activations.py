@@ -1,0 +1,405 @@
+"""Activations: the ActivationRecorder that captures hidden states inside the engine's own forwards, the
+ActivationStore that writes them as safetensors shards beside the results, and `load` to read them back.
+
+What is captured is the output of decoder layer L: the residual stream after layer L, the tensor Hugging Face
+returns as hidden_states[L + 1] (for the last layer HF returns the final-normed state instead; the engine still
+gives the layer's output). By default after steering at that layer; with is_before_steering, before it.
+Positions, per request:
+  last_prompt  [H]     the last prompt token
+  mean_prompt  [H]     the mean over the prompt tokens
+  all_prompt   [T, H]  every prompt token
+  generated    [N-1, H] row k is the residual at generated token k's own position T + k: the decode forward that
+                       *consumes* token k (and samples token k + 1), as a forward over prompt + completion gives
+                       it, and as steering counts `generated` positions. The last of the N completion tokens is
+                       never fed back, so it has no row; the residual that produced token 0 is last_prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import CaptureDefaults
+from engine.request import RecordError
+from engine.steering import decoder_layers
+
+ITEM_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_SHARD_BYTES = 512 << 20
+FLUSH_SECONDS = 30.0
+INDEX_NAME = "index.jsonl"
+
+
+@dataclass(slots=True)
+class _Capture:
+    """One request's capture settings and what has been read back to the host so far."""
+
+    layers: list[int]
+    positions: str
+    columns: list[tuple[int, int]] = field(default_factory=list)  # generated: (layer, column of the decode buffer)
+    prompt: dict[int, np.ndarray] = field(default_factory=dict)  # prompt modes: layer -> [H] or [T, H]
+    rows: list[np.ndarray] = field(default_factory=list)  # generated: one [layers, H] per consumed token
+
+
+class ActivationRecorder:
+    """Forward hooks on the captured decoder layers: prefill reduces on the device into per-request tensors;
+    decode writes every running slot into a static [num_slots, num_generated_layers, H] buffer (read inside the
+    CUDA graphs), which the core copies to pinned host memory with the step's tokens, one step ahead.
+
+    Hooks are added as requests first ask for a layer and never removed. `version` changes when the decode
+    buffer is reallocated (a new `generated` layer); the runner re-captures its graphs then.
+    """
+
+    def __init__(self, model, steering, device, num_slots: int, capture: CaptureDefaults):
+        self.layers = decoder_layers(model)
+        self.num_layers = len(self.layers)
+        self.hidden_size = model.config.get_text_config().hidden_size
+        self.steering, self.device, self.num_slots = steering, torch.device(device), num_slots
+        self.dtype_name = capture.dtype
+        self.dtype = getattr(torch, capture.dtype)
+        self.is_before_steering = capture.is_before_steering
+        self.version = 0
+        self.requests: dict[int, _Capture] = {}  # Sequence.index -> its capture
+        self.generated_layers: list[int] = []  # decode buffer column -> layer
+        self.decode_buffer: torch.Tensor | None = None
+        self._host: list[torch.Tensor] = []  # two pinned copies of the decode buffer, used in turn
+        self._flip = 0
+        self._handles: dict = {}  # layer -> hook handle
+        self._ordered_at = -1  # the steering version the hook order was last fixed for
+        self._active: dict[int, partial] = {}  # layer -> what the hook does in the running forward
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # the last prefill's (index, layer, device tensor)
+
+    # ---- requests
+    def register(self, index: int, spec: dict | None) -> None:
+        """Capture for one request (a parsed `capture` field; None: nothing); RecordError if a layer is out of range."""
+        if spec is None:
+            return
+        bad = [layer for layer in spec["layers"] if not 0 <= layer < self.num_layers]
+        if bad:
+            raise RecordError(f"capture layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
+        capture = _Capture(list(spec["layers"]), spec["positions"])
+        for layer in capture.layers:
+            self._hook(layer)
+            if capture.positions == "generated":
+                capture.columns.append((layer, self._column(layer)))
+        self.requests[index] = capture
+
+    def pop(self, index: int) -> dict | None:
+        """A finished request's activations as a message: {positions, dtype, is_before_steering,
+        layers: {layer: [shape, raw bytes]}}; None if it captured nothing."""
+        capture = self.requests.pop(index, None)
+        if capture is None:
+            return None
+        arrays = capture.prompt
+        if capture.positions == "generated":
+            rows = np.stack(capture.rows, axis=1) if capture.rows else self._empty_rows(len(capture.layers))
+            arrays = dict(zip(capture.layers, rows))
+        return {"positions": capture.positions, "dtype": self.dtype_name, "is_before_steering": self.is_before_steering,
+                "layers": {layer: [list(a.shape), a.tobytes()] for layer, a in arrays.items()}}
+
+    def _empty_rows(self, num_layers: int) -> np.ndarray:
+        return _numpy(torch.empty(num_layers, 0, self.hidden_size, dtype=self.dtype))
+
+    # ---- hooks
+    def _hook(self, layer: int) -> None:
+        if layer not in self._handles:
+            self._handles[layer] = self.layers[layer].register_forward_hook(self._make_hook(layer))
+            self._ordered_at = -1
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, output):
+            write = self._active.get(layer)
+            if write is not None:  # transformers 5 decoder layers return a Tensor, older ones a tuple
+                write(output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def _order(self) -> None:
+        """Put the capture hooks after (or, before steering, ahead of) the steering hooks of their layer.
+
+        Steering registers its hooks with prepend=True whenever a request first steers a layer, so the order is
+        fixed again whenever the steering version moves, before the next forward (and before graph capture)."""
+        if self._ordered_at == self.steering.version:
+            return
+        for layer, handle in self._handles.items():
+            self.layers[layer]._forward_hooks.move_to_end(handle.id, last=not self.is_before_steering)
+        self._ordered_at = self.steering.version
+
+    def _column(self, layer: int) -> int:
+        if layer not in self.generated_layers:
+            self.generated_layers.append(layer)
+            shape = (self.num_slots, len(self.generated_layers), self.hidden_size)
+            self.decode_buffer = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            pin = self.device.type == "cuda"
+            self._host = [torch.zeros(shape, dtype=self.dtype, pin_memory=pin) for _ in range(2)]
+            self.version += 1
+        return self.generated_layers.index(layer)
+
+    def stop(self) -> None:
+        self._active = {}
+
+    # ---- prefill: reduce on the device
+    def start_prefill(self, seqs, is_real: torch.Tensor) -> None:
+        """Arm the hooks for a left-padded prefill batch (row r's prompt ends at the last column)."""
+        self._pending = []
+        by_layer: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
+        for row, seq in enumerate(seqs):
+            capture = self.requests.get(seq.index)
+            if capture is None or capture.positions == "generated":  # generated rows come from the decode steps
+                continue
+            for layer in capture.layers:
+                by_layer[layer].append((row, seq.index, capture.positions))
+        if not by_layer:
+            return
+        self._order()
+        lengths = [s.num_prompt_tokens for s in seqs]
+        self._active = {layer: partial(self._reduce, layer, items, lengths, is_real) for layer, items in by_layer.items()}
+
+    def _reduce(self, layer: int, items: list, lengths: list[int], is_real: torch.Tensor, hidden: torch.Tensor) -> None:
+        last = [(row, index) for row, index, mode in items if mode == "last_prompt"]
+        if last:
+            self._keep(layer, last, hidden[self._rows(last), -1])
+        mean = [(row, index) for row, index, mode in items if mode == "mean_prompt"]
+        if mean:
+            rows = self._rows(mean)
+            mask = is_real[rows, :, None].to(torch.float32)
+            count = torch.tensor([lengths[r] for r, _ in mean], dtype=torch.float32).to(self.device)
+            self._keep(layer, mean, (hidden[rows].float() * mask).sum(1) / count[:, None])
+        for row, index, mode in items:
+            if mode == "all_prompt":
+                self._pending.append((index, layer, hidden[row, hidden.shape[1] - lengths[row]:].to(self.dtype)))
+
+    def _rows(self, items: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.tensor([row for row, _ in items], dtype=torch.int64).to(self.device)
+
+    def _keep(self, layer: int, items: list[tuple[int, int]], values: torch.Tensor) -> None:
+        values = values.to(self.dtype)
+        self._pending += [(index, layer, values[i]) for i, (_, index) in enumerate(items)]
+
+    # ---- decode: static buffers, read inside the graphs
+    def start_decode(self, num_rows: int) -> None:
+        """Arm the hooks of the `generated` layers to write the first num_rows slots into the decode buffer."""
+        if not self.generated_layers:
+            return
+        self._order()
+        self._active = {layer: partial(self._write, num_rows, column) for column, layer in enumerate(self.generated_layers)}
+
+    def _write(self, num_rows: int, column: int, hidden: torch.Tensor) -> None:
+        self.decode_buffer[:num_rows, column].copy_(hidden[:, -1])
+
+    # ---- to the host, one step ahead
+    def stage(self, batch) -> tuple | None:
+        """Start the copies of a launched step's captures into pinned host memory (no wait); None if none."""
+        if batch.is_prefill:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return None
+            flat = torch.cat([t.reshape(-1) for _, _, t in pending])
+            host = torch.empty(flat.shape, dtype=self.dtype, pin_memory=flat.is_cuda)
+            host.copy_(flat, non_blocking=True)
+            return host, [(index, layer, tuple(t.shape)) for index, layer, t in pending]
+        if not any(self._generated(s.index) for s in batch.seqs):
+            return None
+        host = self._host[self._flip][:batch.num_rows]
+        self._flip ^= 1
+        host.copy_(self.decode_buffer[:batch.num_rows], non_blocking=True)
+        return host, None
+
+    def _generated(self, index: int) -> bool:
+        capture = self.requests.get(index)
+        return capture is not None and capture.positions == "generated"
+
+    def collect(self, batch, staged: tuple | None) -> None:
+        """After the step's copy is done: hand each live sequence its values (before its new token is appended)."""
+        if staged is None:
+            return
+        host, shapes = staged
+        values = _numpy(host)
+        if shapes is not None:
+            self._collect_prefill(values, shapes)
+            return
+        for seq in batch.seqs:  # a sequence that already ended (EOS read late) gets nothing, as it gets no token
+            capture = self.requests.get(seq.index)
+            if seq.finish_reason is None and capture is not None and capture.columns:
+                capture.rows.append(values[seq.slot, [column for _, column in capture.columns]])
+
+    def _collect_prefill(self, flat: np.ndarray, shapes: list) -> None:
+        offset = 0
+        for index, layer, shape in shapes:
+            size = math.prod(shape)
+            value = flat[offset:offset + size].reshape(shape).copy()
+            offset += size
+            self.requests[index].prompt[layer] = value
+
+
+def _numpy(host: torch.Tensor) -> np.ndarray:
+    """A host tensor as numpy; bfloat16 (which numpy lacks) as its raw 16-bit words."""
+    return (host.view(torch.int16) if host.dtype == torch.bfloat16 else host).numpy()
+
+
+# ---- messages between processes
+def trim_generated(message: dict, num_tokens: int) -> dict:
+    """Keep `generated` rows for all but the last of the completion tokens a stop string left, as without a cut."""
+    if message["positions"] != "generated":
+        return message
+    keep = max(num_tokens - 1, 0)
+    layers = {}
+    for layer, (shape, data) in message["layers"].items():
+        size = ITEM_SIZES[message["dtype"]] * math.prod(shape[1:])
+        layers[layer] = [[min(shape[0], keep), *shape[1:]], data[:keep * size]]
+    return {**message, "layers": layers}
+
+
+def tensors_of(message: dict) -> dict[int, torch.Tensor]:
+    """A message's activations as CPU tensors {layer: tensor}."""
+    dtype = getattr(torch, message["dtype"])
+    return {int(layer): torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data
+            else torch.empty(shape, dtype=dtype) for layer, (shape, data) in message["layers"].items()}
+
+
+# ---- on disk
+def activations_dir(output: Path) -> Path:
+    """The shard folder of a results file: results.jsonl -> results.activations/ (one per output, so several
+    outputs can share a folder)."""
+    return output.with_name(output.stem + ".activations")
+
+
+class ActivationStore:
+    """Safetensors shards `<results stem>.activations/00000.safetensors` (keys `<id>/layer.<L>`) and
+    `index.jsonl` (one line per request: id, shard, keys, positions, dtype, is_before_steering).
+
+    Durability: a shard is written to `*.tmp`, fsynced and renamed, then its index lines are fsynced, and only
+    then may the result lines that point at it be written (`flush` returns, the writer writes them). So a result
+    line never points at a shard that is not on disk; a crash leaves at most a `*.tmp` (deleted on resume) and
+    entries for ids without a result line (dropped from the index on resume; those ids run again into a new
+    shard, and the orphaned tensors in the old one are never referenced).
+    """
+
+    def __init__(self, output: Path, max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS):
+        self.output, self.folder = output, activations_dir(output)
+        self.max_shard_bytes, self.flush_seconds = max_shard_bytes, flush_seconds
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._entries: list[dict] = []
+        self._bytes = 0
+        self._since: float | None = None
+        self._next = self._recover() if self.folder.is_dir() else 0
+
+    def _recover(self) -> int:
+        """Resume: delete partial shards, keep index entries that a result line points at; the next shard number."""
+        for tmp in self.folder.glob("*.tmp"):
+            tmp.unlink()
+        referenced = set()
+        for record in _records(self.output):
+            pointer = record.get("activations")
+            if isinstance(pointer, dict):
+                referenced.add((record["id"], pointer["shard"]))
+        index = self.folder / INDEX_NAME
+        kept = [line for line in _lines(index) if (line["id"], line["shard"]) in referenced]
+        _write_atomic(index, "".join(json.dumps(line) + "\n" for line in kept).encode())
+        numbers = [int(p.stem) for p in self.folder.glob("*.safetensors") if p.stem.isdigit()]
+        return max(numbers, default=-1) + 1
+
+    def add(self, record_id: str, message: dict, tensors: dict[int, torch.Tensor]) -> dict:
+        """Buffer one request's tensors for the current shard; the pointer its result record carries."""
+        shard = f"{self.folder.name}/{self._next:05d}.safetensors"
+        keys = []
+        for layer, tensor in sorted(tensors.items()):
+            key = f"{record_id}/layer.{layer}"
+            self._tensors[key] = tensor.contiguous()
+            self._bytes += tensor.numel() * tensor.element_size()
+            keys.append(key)
+        pointer = {"shard": shard, "keys": keys, "layers": sorted(tensors), "positions": message["positions"],
+                   "dtype": message["dtype"], "is_before_steering": message["is_before_steering"]}
+        self._entries.append({"id": record_id, **pointer})
+        self._since = self._since or time.monotonic()
+        return pointer
+
+    @property
+    def is_due(self) -> bool:
+        """Whether the shard should be written now: it reached the size limit, or its records waited too long."""
+        return bool(self._entries) and (self._bytes >= self.max_shard_bytes
+                                        or time.monotonic() - self._since >= self.flush_seconds)
+
+    def flush(self) -> None:
+        """Write the buffered shard durably (see the class doc); a no-op when nothing is buffered."""
+        if not self._entries:
+            return
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self._next:05d}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self._tensors, str(tmp), metadata={"format": "pt"})
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(self.folder)
+        with (self.folder / INDEX_NAME).open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(entry) + "\n" for entry in self._entries))
+            f.flush()
+            os.fsync(f.fileno())
+        self._tensors, self._entries, self._bytes, self._since = {}, [], 0, None
+        self._next += 1
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _lines(path: Path) -> list[dict]:
+    """Complete JSON lines of a file (a line cut short by a crash is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_bytes().splitlines(keepends=True):
+        if raw.endswith(b"\n"):
+            try:
+                out.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _records(output: Path):
+    return (r for r in _lines(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
+
+
+def load(output: str | Path, layers: list[int] | None = None) -> dict[str, dict[int, torch.Tensor]]:
+    """Activations of every result record of a results file: {id: {layer: tensor}} (optionally some layers)."""
+    from safetensors import safe_open
+
+    output = Path(output)
+    if not output.is_file():
+        raise FileNotFoundError(f"{output}: no such results file")
+    by_shard: dict[str, list[tuple[str, list[int], list[str]]]] = defaultdict(list)
+    for record in _records(output):
+        pointer = record.get("activations")
+        if isinstance(pointer, dict):
+            by_shard[pointer["shard"]].append((record["id"], pointer["layers"], pointer["keys"]))
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for shard, entries in by_shard.items():
+        with safe_open(str(output.parent / shard), framework="pt") as f:
+            for record_id, record_layers, keys in entries:
+                out[record_id] = {layer: f.get_tensor(key) for layer, key in zip(record_layers, keys)
+                                  if layers is None or layer in layers}
+    return out

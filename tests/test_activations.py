@@ -1,0 +1,218 @@
+"""Activation capture: values equal HF hidden states (every position mode, continuous batching, with and without
+steering, before and after it); the pipeline, the CLI's shards and index, resume after a crash, and read-back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PROMPTS, read_jsonl, tiny_config, write_jsonl
+from engine import Engine
+from engine.activations import INDEX_NAME, activations_dir, load, tensors_of, trim_generated
+from engine.config import CaptureDefaults, ConfigError
+from engine.core import EngineCore
+from engine.pipeline import Outcome
+from engine.writer import JsonlWriter
+from reference import steered
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("last_prompt", "mean_prompt", "all_prompt", "generated")
+LAYERS = [1, 2]  # the tiny model has 4; HF's hidden_states for the last layer is after the final norm
+STEER_LAYER, COEF = 1, 3.0
+
+
+@pytest.fixture(scope="module")
+def vector(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vec") / "v.npy"
+    np.save(path, np.random.default_rng(0).standard_normal(64).astype(np.float32))
+    return str(path)
+
+
+def request(i: int, positions: str, steering=None, layers=LAYERS) -> dict:
+    return dict(index=i, max_new_tokens=3 + (i * 3) % 7, temperature=0.0, top_p=1.0, top_k=0, seed=i,
+                ignore_eos=True, stop=[], steering=steering, capture={"layers": layers, "positions": positions})
+
+
+def hf_states(model, ids: list[int], spec) -> tuple[torch.Tensor, ...]:
+    with steered(model, spec), torch.no_grad():
+        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+
+
+def expected(states, layer: int, positions: str, num_prompt: int, num_new: int) -> torch.Tensor:
+    """The reference value: hidden_states[L + 1] of a forward over prompt + completion, reduced as documented."""
+    h = states[layer + 1][0]
+    return {"last_prompt": h[num_prompt - 1], "mean_prompt": h[:num_prompt].mean(0), "all_prompt": h[:num_prompt],
+            "generated": h[num_prompt:num_prompt + num_new - 1]}[positions]
+
+
+def run_core(core, tokenizer, specs: list) -> tuple[dict, dict]:
+    """Every prompt with every mode, mixed lengths, more requests than slots; (sequences, activations) by index."""
+    requests, prompts = [], []
+    for m, mode in enumerate(MODES):
+        for p, prompt in enumerate(PROMPTS):
+            i = m * len(PROMPTS) + p
+            requests.append(request(i, mode, specs[i % len(specs)]))
+            prompts.append(tokenizer(prompt).input_ids)
+    done = core.generate(requests, prompts)
+    return done, {i: tensors_of(core.recorder.pop(i)) for i in done}
+
+
+@pytest.mark.parametrize("is_before_steering", [False, True], ids=["after", "before"])
+def test_captured_values_equal_hf_hidden_states(tiny_source, tokenizer, tiny_model, vector, is_before_steering):
+    spec = {"vector": vector, "layers": [STEER_LAYER], "coef": COEF, "positions": "all"}
+    config = tiny_config(max_num_seqs=3, capture=CaptureDefaults(is_before_steering=is_before_steering))
+    core = EngineCore(config, tiny_source)
+    done, captured = run_core(core, tokenizer, [None, spec])
+    moved = 0
+    for i, seq in done.items():
+        prompt_ids, spec_i = tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, [None, spec][i % 2]
+        mode = MODES[i // len(PROMPTS)]
+        states = hf_states(tiny_model, prompt_ids + seq.output_ids, spec_i)
+        unsteered = hf_states(tiny_model, prompt_ids + seq.output_ids, None)
+        assert sorted(captured[i]) == LAYERS
+        for layer, value in captured[i].items():
+            # before steering, the steered layer's own output is the unsteered one (nothing upstream is steered)
+            source = unsteered if is_before_steering and layer == STEER_LAYER else states
+            want = expected(source, layer, mode, len(prompt_ids), len(seq.output_ids))
+            assert value.shape == want.shape, (i, mode, layer)
+            torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-5)
+            moved += spec_i is not None and not torch.allclose(value, expected(unsteered, layer, mode, len(prompt_ids),
+                                                                                len(seq.output_ids)))
+    assert moved > 0  # steering changed captured values, so the comparison above is not vacuous
+    assert not core.recorder.requests
+
+
+def test_a_new_steered_layer_after_capture_hooks_keeps_the_order(tiny_source, tokenizer, tiny_model, vector):
+    """Steering hooks added after the capture hooks (prepend=True) still run after a before-steering capture."""
+    config = tiny_config(max_num_seqs=2, capture=CaptureDefaults(is_before_steering=True))
+    core = EngineCore(config, tiny_source)
+    ids = tokenizer(PROMPTS[1]).input_ids
+    core.generate([request(0, "generated")], [ids])  # capture hooks first, no steering yet
+    core.recorder.pop(0)
+    spec = {"vector": vector, "layers": LAYERS, "coef": COEF, "positions": "all"}
+    seq = core.generate([request(1, "generated", spec)], [ids])[1]
+    got = tensors_of(core.recorder.pop(1))
+    states = hf_states(tiny_model, ids + seq.output_ids, {**spec, "layers": [1]})  # layer 2 seen before its own
+    torch.testing.assert_close(got[2], expected(states, 2, "generated", len(ids), len(seq.output_ids)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_capture_and_record_errors(tiny_source, tokenizer):
+    core = EngineCore(tiny_config(max_num_seqs=2, capture=CaptureDefaults(dtype="bfloat16")), tiny_source)
+    ids = tokenizer(PROMPTS[0]).input_ids
+    core.generate([request(0, "generated"), request(1, "mean_prompt")], [ids, ids])
+    got = {i: tensors_of(core.recorder.pop(i)) for i in (0, 1)}
+    assert got[0][1].dtype == torch.bfloat16 and got[0][1].shape == (2, 64)  # max_new_tokens 3: rows for 2
+    assert got[1][2].shape == (64,)
+    with pytest.raises(ValueError, match=r"capture layer\(s\) \[4\] out of range; the model has layers 0..3"):
+        core.add(request(2, "last_prompt", layers=[1, 4]), torch.tensor(ids))
+
+
+def test_stop_cut_keeps_rows_aligned_with_completion_tokens():
+    message = {"positions": "generated", "dtype": "float16",
+               "layers": {3: [[5, 2], np.arange(10, dtype=np.float16).tobytes()]}}
+    cut = tensors_of(trim_generated(message, 3))[3]
+    assert cut.shape == (2, 2) and cut.flatten().tolist() == [0, 1, 2, 3]
+    assert tensors_of(trim_generated(message, 1))[3].shape == (0, 2)
+
+
+def test_bad_capture_settings_name_the_value():
+    with pytest.raises(ConfigError, match="--capture-positions 'first'"):
+        CaptureDefaults(layers=[1], positions="first")
+    with pytest.raises(ConfigError, match="--capture-dtype 'int8'"):
+        CaptureDefaults(layers=[1], dtype="int8")
+    with pytest.raises(ConfigError, match=r"--capture-layers \[-1\]"):
+        CaptureDefaults(layers=[-1])
+
+
+def test_pipeline_records_carry_activations_with_per_record_overrides(tiny_source, tokenizer, tiny_model):
+    config = tiny_config(max_num_seqs=3, capture=CaptureDefaults(layers=[2], positions="mean_prompt"))
+    records = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    records[1]["capture"] = False
+    records[2]["capture"] = {"layers": [0, 1], "positions": "generated"}
+    records[3]["capture"] = {"positions": "last_prompt"}
+    records.append({"id": "bad", "prompt": "x", "capture": {"layers": [2], "positions": "first"}})
+    with Engine(config) as engine:
+        got = {r["id"]: r for r in engine.generate_all(records)}
+    assert "capture.positions" in got["bad"]["error"] and '"first"' in got["bad"]["error"]
+    assert "activations" not in got["r1"]
+    assert sorted(got["r2"]["activations"]) == [0, 1] and sorted(got["r0"]["activations"]) == [2]
+    for rid, layer, mode in (("r0", 2, "mean_prompt"), ("r2", 1, "generated"), ("r3", 2, "last_prompt")):
+        ids = tokenizer(PROMPTS[int(rid[1])]).input_ids
+        states = hf_states(tiny_model, ids + got[rid]["completion_token_ids"], None)
+        want = expected(states, layer, mode, len(ids), len(got[rid]["completion_token_ids"]))
+        torch.testing.assert_close(got[rid]["activations"][layer], want, rtol=1e-5, atol=1e-5)
+
+
+def engine_run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_writes_shards_an_index_and_resumes_without_duplicates(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)])
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(source), "--output", str(out), "--model", "random:tiny", "--device", "cpu", "--quiet",
+            "--max-new-tokens", "4", "--capture-layers", "1,2", "--capture-positions", "generated",
+            "--capture-dtype", "float16", "--ignore-eos"]
+    done = engine_run(*args)
+    assert done.returncode == 0, done.stderr
+    records = {r["id"]: r for r in read_jsonl(out)}
+    pointer = records["p0"]["activations"]
+    assert pointer["shard"] == "out.activations/00000.safetensors" and pointer["keys"] == ["p0/layer.1", "p0/layer.2"]
+    assert pointer["positions"] == "generated" and pointer["dtype"] == "float16" and not pointer["is_before_steering"]
+    first = load(out)
+    assert set(first) == set(records) and first["p3"][2].shape == (3, 64) and first["p3"][2].dtype == torch.float16
+    # a crash: the last two results lost, a partial shard and their index lines left behind
+    folder = activations_dir(out)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-2]))
+    (folder / "00001.safetensors.tmp").write_bytes(b"partial")
+    lost = {json.loads(line)["id"] for line in lines[-2:]}
+    again = engine_run(*args)
+    assert again.returncode == 0, again.stderr
+    assert "skipped 5 done" in again.stderr
+    index = read_jsonl(folder / INDEX_NAME)
+    assert sorted(e["id"] for e in index) == sorted(records)  # each id once
+    assert {e["shard"] for e in index if e["id"] in lost} == {"out.activations/00001.safetensors"}
+    assert not list(folder.glob("*.tmp"))
+    second = load(out)
+    assert set(second) == set(records)
+    for rid in records:  # the re-run ones were batched differently: equal up to float reordering
+        for layer in (1, 2):
+            if rid in lost:
+                torch.testing.assert_close(second[rid][layer], first[rid][layer], rtol=1e-2, atol=1e-2)
+            else:
+                assert torch.equal(second[rid][layer], first[rid][layer])
+
+
+def outcome(i: int, rows: int, positions: str = "all_prompt") -> Outcome:
+    data = np.full((rows, 4), i, dtype=np.float32)
+    message = {"positions": positions, "dtype": "float32", "is_before_steering": False,
+               "layers": {3: [[rows, 4], data.tobytes()]}}
+    record = {"id": f"r{i}", "completion": "", "num_completion_tokens": 1}
+    return Outcome(i, record, False, message)
+
+
+def test_writer_rolls_shards_and_holds_result_lines_until_their_shard_is_on_disk(tmp_path):
+    out = tmp_path / "res.jsonl"
+    writer = JsonlWriter(out, {}, ordered=True, max_shard_bytes=100, flush_seconds=3600)
+    writer.write(outcome(0, 2))  # 32 bytes: buffered, its line held
+    writer.write(Outcome(1, {"id": "plain", "completion": "", "num_completion_tokens": 1}, False))
+    writer.sync()
+    assert read_jsonl(out) == []  # the plain record waits behind it, to keep the order
+    writer.write(outcome(2, 5))  # 32 + 80 bytes >= 100: the shard is written, then the lines
+    writer.sync()
+    assert [r["id"] for r in read_jsonl(out)] == ["r0", "plain", "r2"]
+    writer.write(outcome(3, 1))
+    writer.close()
+    shards = sorted(p.name for p in activations_dir(out).glob("*.safetensors"))
+    assert shards == ["00000.safetensors", "00001.safetensors"]
+    got = load(out)
+    assert got["r2"][3].shape == (5, 4) and float(got["r3"][3][0, 0]) == 3.0 and "plain" not in got
