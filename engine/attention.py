@@ -8,6 +8,7 @@ first B slots (static shapes, so it can be captured in a CUDA graph).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.kv_cache import KVCache
+
+log = logging.getLogger("engine")
 
 NAME = "engine"
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -28,6 +31,7 @@ class ForwardContext:
     write_pos: torch.Tensor | None = None  # prefill: [P, T]; decode: [B] (trash column for pads / idle slots)
     masks: dict = field(default_factory=dict)  # window (None = full) -> bool mask for SDPA
     read_len: int = 0  # decode: how many cache columns to attend over (a bucket >= every length)
+    positions: torch.Tensor | None = None  # decode: [B] position of each row's token (its length - 1)
 
 
 CONTEXT = ForwardContext()
@@ -44,6 +48,7 @@ def unsupported_reason(model_config) -> str | None:
     return None
 
 
+@torch.compiler.disable  # compiled decoder layers call it eagerly: slot writes and kernels are ours
 def engine_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
     """HF attention-interface entry: query [B, H, T, D], key/value [B, KVH, T, D] -> ([B, T, H, D], None)."""
     ctx = CONTEXT
@@ -75,12 +80,46 @@ def _prefill_backends() -> list:
     return [b for b in PREFILL_BACKENDS if enabled[b]] or PREFILL_BACKENDS
 
 
+class DecodeKernel:
+    """The Triton decode kernel where it applies (CUDA, 16-bit, power-of-two head size), else SDPA with a mask.
+
+    `is_enabled` lets tests compare it with SDPA on the same model.
+    """
+
+    is_enabled = True
+    _module = None
+    _logged = False
+
+    @classmethod
+    def get(cls, query: torch.Tensor):
+        if not cls.is_enabled or not query.is_cuda:
+            return None
+        if cls._module is None:
+            try:
+                from engine import attention_kernel
+            except ImportError as exc:  # no triton: SDPA gives the same attention, only slower
+                cls._module = False
+                log.info("decode attention: Triton unavailable (%s); using SDPA with a mask", exc)
+            else:
+                cls._module = attention_kernel
+        if not cls._module or not cls._module.supports(query):
+            if not cls._logged:
+                cls._logged = True
+                log.info("decode attention: SDPA with a mask (%s, head size %d)", query.dtype, query.shape[-1])
+            return None
+        return cls._module
+
+
 def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     rows = torch.arange(batch, device=query.device)
     k_cache[rows, :, ctx.write_pos] = key[:, :, 0]
     v_cache[rows, :, ctx.write_pos] = value[:, :, 0]
+    kernel = DecodeKernel.get(query)
+    if kernel is not None:
+        scale = dim ** -0.5 if scaling is None else scaling
+        return kernel.decode_attention(query, k_cache, v_cache, ctx.positions, ctx.read_len, scale, window)
     keys = k_cache[:batch, :, :ctx.read_len]
     values = v_cache[:batch, :, :ctx.read_len]
     # The query heads of one KV head become that head's "query positions": no K/V expansion for GQA/MQA.

@@ -27,7 +27,7 @@ def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: lis
         rows = max(s.slot for s in live) + 1
         decode = core.scheduler.schedule()
         decode.seqs, decode.num_rows = live, next(b for b in core.scheduler.batch_sizes if b >= rows)
-        logits = core.runner.decode_logits(decode).float()
+        logits = core.runner.decode_logits(decode).float().clone()  # a graph's output is overwritten by the next replay
         for seq in live:
             out[seq.index].append(logits[seq.slot])
     core.scheduler = Scheduler(core.cache.num_slots, core.config.max_prefill_tokens)

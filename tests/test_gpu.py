@@ -31,6 +31,32 @@ def test_fused_sampler_equals_the_pytorch_path():
     assert (fused == reference).sum() >= 63
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [(8, 1, 256, None), (4, 1, 256, 40), (8, 2, 64, None),
+                                                      (4, 4, 128, None)])
+def test_decode_kernel_matches_the_math_backend(heads, kv_heads, dim, window):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from engine.attention import decode_masks
+    from engine.attention_kernel import decode_attention
+
+    torch.manual_seed(0)
+    slots, max_len = 80, 700
+    k_cache = torch.randn(slots, kv_heads, max_len + 1, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    for batch, read_len in ((1, 128), (3, 512), (64, 256), (80, 700)):
+        positions = torch.randint(0, read_len, (batch,), device="cuda")
+        positions[0] = read_len - 1
+        query = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+        got = decode_attention(query, k_cache, v_cache, positions, read_len, dim ** -0.5, window)
+        keys = k_cache[:batch, :, :read_len].repeat_interleave(heads // kv_heads, 1).float()
+        values = v_cache[:batch, :, :read_len].repeat_interleave(heads // kv_heads, 1).float()
+        mask = decode_masks(positions, read_len, {window})[window]
+        with sdpa_kernel(SDPBackend.MATH):
+            want = torch.nn.functional.scaled_dot_product_attention(query.float(), keys, values, attn_mask=mask)
+        err = (got.float() - want.transpose(1, 2)).abs().max().item()
+        assert err < 2e-2, (batch, read_len, err)
+
+
 def _core(**overrides):
     from engine.core import EngineCore
     from engine.models import resolve_model
@@ -62,9 +88,15 @@ def test_attention_backends_match_the_math_backend():
         decode = core.runner.decode_logits(core.scheduler.schedule()).float()
         return prefill, decode
 
+    from engine.attention import DecodeKernel
+
     fast = logits_of(PROMPTS)
-    with sdpa_kernel(SDPBackend.MATH):
-        exact = logits_of(PROMPTS)
+    DecodeKernel.is_enabled = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            exact = logits_of(PROMPTS)
+    finally:
+        DecodeKernel.is_enabled = True
     for got, want in zip(fast, exact):
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel < 2e-2, rel
@@ -103,12 +135,12 @@ def test_greedy_agrees_with_hf_generate_until_a_near_tie():
             break
 
 
-def test_steering_added_after_capture_recaptures_and_matches_eager(tmp_path):
+def test_steering_added_after_capture_recaptures(tmp_path):
     import numpy as np
 
     from engine.tokenizer_worker import load_tokenizer
 
-    graphs, eager = _core(), _core(enforce_eager=True)
+    graphs, fresh = _core(), _core()
     tok = load_tokenizer(_tokenizer_dir(graphs))
     vector = tmp_path / "v.npy"
     np.save(vector, np.random.default_rng(0).standard_normal(graphs.steering.hidden_size).astype(np.float32) * 4)
@@ -121,7 +153,8 @@ def test_steering_added_after_capture_recaptures_and_matches_eager(tmp_path):
 
     plain = run(graphs, 0, None)  # graphs captured without steering hooks
     steered = run(graphs, 1, spec)  # hooks appear: every graph is captured again
-    assert steered == run(eager, 1, spec) and plain == run(eager, 0, None)
+    fresh.steering.resolve(spec)  # hooks before its first step
+    assert steered == run(fresh, 1, spec) and plain == run(fresh, 0, None)
     assert steered != plain
 
 

@@ -1,0 +1,123 @@
+"""Decode attention over the slot KV cache for CUDA (Triton), split over the columns ("flash decoding").
+
+Each program takes one (row, KV head, split): the G query heads that share the KV head attend together over the
+split's columns, up to the row's own length (no padding to the bucket, no mask tensor), with an online softmax.
+A second kernel merges the splits. Reads only the K/V a row really has, where SDPA over a power-of-two bucket with
+a mask reads the whole bucket (1.36 ms of a 5.5 ms decode step at batch 256 on an H200).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 32  # columns per inner iteration
+TARGET_PROGRAMS = 528  # about four waves of programs on a 132-SM card
+NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                         scale, window, split_len, num_splits, group,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_kv = tl.num_programs(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    is_head = g < group
+    q = tl.load(q_ptr + row * stride_qb + (kv_head * group + g)[:, None] * stride_qh + d[None, :],
+                mask=is_head[:, None], other=0.0)
+    length = tl.load(pos_ptr + row) + 1
+    first = tl.maximum(length - window, 0)
+    start = tl.maximum(split * split_len, first)
+    end = tl.minimum((split + 1) * split_len, length)
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+    base = row * stride_kb + kv_head * stride_kh
+    for col in range(start, end, BLOCK_N):
+        cols = col + n
+        inside = cols < end
+        offs = base + cols[:, None] * stride_kn + d[None, :]
+        k = tl.load(k_ptr + offs, mask=inside[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        scores = tl.where(inside[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + offs, mask=inside[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = ((row * num_kv + kv_head) * num_splits + split) * BLOCK_G + g
+    tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc)
+    tl.store(ml_ptr + out * 2, m)
+    tl.store(ml_ptr + out * 2 + 1, l)
+
+
+@triton.jit
+def _merge_splits_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, num_splits, group,
+                         BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row, kv_head = tl.program_id(0), tl.program_id(1)
+    num_kv = tl.num_programs(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+    for split in range(num_splits):
+        part = ((row * num_kv + kv_head) * num_splits + split) * BLOCK_G + g
+        m_s = tl.load(ml_ptr + part * 2)
+        l_s = tl.load(ml_ptr + part * 2 + 1)
+        m_new = tl.maximum(m, m_s)
+        # An empty split has m_s = -inf: its weight is exp(-inf) = 0 (guard -inf - -inf when all are empty so far).
+        a = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        b = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_s - m_new))
+        acc = acc * a[:, None] + tl.load(acc_ptr + part[:, None] * HEAD_DIM + d[None, :]) * b[:, None]
+        l = l * a + l_s * b
+        m = m_new
+    result = acc / l[:, None]
+    heads = kv_head * group + g
+    tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
+             result.to(out_ptr.dtype.element_ty), mask=(g < group)[:, None])
+
+
+def num_splits(batch: int, kv_heads: int, read_len: int) -> int:
+    """Column splits per (row, KV head): enough programs to fill the card, at least BLOCK_N columns each."""
+    wanted = triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)
+    return max(1, min(wanted, read_len // BLOCK_N))
+
+
+def supports(query: torch.Tensor) -> bool:
+    """Whether this kernel runs these queries: 16-bit CUDA tensors and a power-of-two head size."""
+    dim = query.shape[-1]
+    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and dim & (dim - 1) == 0
+
+
+def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     read_len: int, scale: float, window: int | None) -> torch.Tensor:
+    """query [B, H, 1, D]; caches [S, KVH, max_len + 1, D]; row b attends columns [0, positions[b]] (within the
+    window) -> [B, 1, H, D]. Static shapes for a given (B, read_len), so it is captured in CUDA graphs."""
+    batch, heads, _, dim = query.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    block_g = max(16, triton.next_power_of_2(group))
+    splits = num_splits(batch, kv_heads, read_len)
+    split_len = triton.cdiv(triton.cdiv(read_len, splits), BLOCK_N) * BLOCK_N
+    acc = torch.empty(batch * kv_heads * splits * block_g, dim, dtype=torch.float32, device=query.device)
+    ml = torch.empty(batch * kv_heads * splits * block_g, 2, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
+    q = query[:, :, 0]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, positions, acc, ml,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale, window or NO_WINDOW, split_len, splits, group,
+        BLOCK_G=block_g, BLOCK_N=BLOCK_N, HEAD_DIM=dim, num_warps=4, num_stages=2)
+    _merge_splits_kernel[(batch, kv_heads)](acc, ml, out, out.stride(0), out.stride(2), splits, group,
+                                            BLOCK_G=block_g, HEAD_DIM=dim, num_warps=4)
+    return out
