@@ -67,13 +67,12 @@ class EngineCore:
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
         """Queue one request; RecordError if its steering or capture cannot apply to this model."""
-        prompt_rows, generated_rows = self.steering.resolve(request["steering"])
+        plan = self.steering.resolve(request["steering"], int(prompt_ids.shape[0]))
         self.recorder.register(request["index"], request.get("capture"))
         self.scheduler.add(Sequence(
             index=request["index"], prompt_ids=prompt_ids, max_new_tokens=request["max_new_tokens"],
             temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
-            seed=request["seed"], ignore_eos=request["ignore_eos"], stop=request["stop"], prompt_rows=prompt_rows,
-            generated_rows=generated_rows,
+            seed=request["seed"], ignore_eos=request["ignore_eos"], stop=request["stop"], steering=plan,
         ))
 
     @property

@@ -99,7 +99,7 @@ class ModelRunner:
         CONTEXT.slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device)[:, None]
         CONTEXT.write_pos = torch.where(is_real, positions, self.cache.trash)
         CONTEXT.masks = prefill_masks(lengths, width, self.windows)
-        self.steering.set_active(self.steering.prefill_inputs(seqs, is_real))
+        self.steering.set_active(self.steering.prefill_inputs(seqs, width))
         self.recorder.start_prefill(seqs, is_real)
         try:
             out = self.model(input_ids=ids, position_ids=positions.clamp_min(0), use_cache=False, logits_to_keep=1)
@@ -133,6 +133,7 @@ class ModelRunner:
             meta[0, seq.slot] = meta[1, seq.slot] = seq.num_tokens - 1
             meta[2, seq.slot] = seq.num_scheduled
         self.meta[:, :rows].copy_(self._meta_host[:, :rows], non_blocking=True)
+        self.steering.advance()  # generated-range steering that starts or ends at this step
         read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
         if not self.use_graphs:
             return self._decode_forward(rows, read_len)

@@ -14,6 +14,9 @@ KNOWN_FIELDS = {
     "ignore_eos", "steering", "capture",
 }
 MAX_SEED = (1 << 63) - 1
+RANGE_KINDS = ("prompt", "generated")
+RANGE_EXAMPLE = '{"prompt": [-1, null]} (the last prompt token) or {"generated": [0, 20]}'
+NORM_FLAGS = ("normalize", "norm_match")
 
 
 class RecordError(ValueError):
@@ -82,8 +85,14 @@ def _get(obj: dict, name: str, default, kinds: tuple, label: str):
 
 
 def parse_steering(value, where: str = "field 'steering'") -> dict | list | None:
-    """A steering spec -> one normalised term {vector, layers, coef, positions}, or a list of them (they add);
-    None means unsteered."""
+    """A steering spec -> one normalised term {vector, layers, coef, positions[, normalize][, norm_match]}, or a
+    list of them (they add); None means unsteered.
+
+    positions: "prompt", "generated", "all", or ranges {"prompt": R, "generated": R} (either key or both), R being
+    one [start, end) or a list of them; end null (or left out) runs to the end. Prompt bounds read as Python slices
+    of the prompt tokens (-1 is the last one); generated bounds count from the first generated token (0). Ranges come
+    back as lists of [start, end] pairs. normalize / norm_match appear (as true) only when set.
+    """
     if value is None:
         return None
     if isinstance(value, list):
@@ -102,9 +111,10 @@ def _parse_term(value, where: str) -> dict:
     if not isinstance(value, dict):
         raise RecordError(f"{where} must be an object like {{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}}, "
                           f"a list of such terms, or null")
-    unknown = set(value) - {"vector", "layer", "layers", "coef", "positions"}
+    unknown = set(value) - {"vector", "layer", "layers", "coef", "positions", *NORM_FLAGS}
     if unknown:
-        raise RecordError(f"{where} has unknown key(s) {sorted(unknown)}; use vector, layers, coef, positions")
+        raise RecordError(f"{where} has unknown key(s) {sorted(unknown)}; use vector, layers, coef, positions, "
+                          f"normalize, norm_match")
     vector = value.get("vector")
     if not isinstance(vector, str) or not vector:
         raise RecordError(f"{where}.vector must be a path to a .safetensors, .pt, .npy or .gguf (control vector) file")
@@ -116,10 +126,57 @@ def _parse_term(value, where: str) -> dict:
     coef = value.get("coef", 1.0)
     if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
         raise RecordError(f"{where}.coef must be a finite number, got {json.dumps(coef)}")
-    positions = value.get("positions", "all")
-    if positions not in STEER_POSITIONS:
-        raise RecordError(f"{where}.positions is {json.dumps(positions)}; use one of {', '.join(STEER_POSITIONS)}")
-    return {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
+    positions = _parse_positions(value.get("positions", "all"), f"{where}.positions")
+    term = {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
+    for name in NORM_FLAGS:
+        flag = value.get(name, False)
+        if not isinstance(flag, bool):
+            raise RecordError(f"{where}.{name} is {_shown(flag)}; use true or false")
+        if flag:
+            term[name] = True
+    return term
+
+
+def _shown(value) -> str:
+    return json.dumps(value, default=str)[:60]
+
+
+def _parse_positions(value, where: str) -> str | dict:
+    if isinstance(value, str) and value in STEER_POSITIONS:
+        return value
+    if not isinstance(value, dict) or not value or set(value) - set(RANGE_KINDS):
+        raise RecordError(f"{where} is {_shown(value)}; use one of {', '.join(STEER_POSITIONS)}, or [start, end) "
+                          f"ranges like {RANGE_EXAMPLE}")
+    return {kind: _parse_ranges(value[kind], f"{where}.{kind}", kind) for kind in RANGE_KINDS if kind in value}
+
+
+def _parse_ranges(value, where: str, kind: str) -> list[list]:
+    """One range or a list of them -> a list of [start, end] pairs."""
+    if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+        return [_parse_range(r, f"{where}[{i}]", kind) for i, r in enumerate(value)]
+    return [_parse_range(value, where, kind)]
+
+
+def _parse_range(value, where: str, kind: str) -> list:
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not (isinstance(value, list) and len(value) in (1, 2) and is_int(value[0])
+            and (len(value) == 1 or value[1] is None or is_int(value[1]))):
+        raise RecordError(f"{where} is {_shown(value)}; give [start, end) as integers, end null (or left out) for "
+                          f"\"to the end\", e.g. [0, 5], [2, null], or a list of ranges [[0, 5], [10, 12]]")
+    start, end = value[0], value[1] if len(value) == 2 else None
+    if kind == "generated" and (start < 0 or (end is not None and end < 0)):
+        raise RecordError(f"{where} is {_shown(value)}; generated positions count from the first generated token (0) "
+                          f"and cannot be negative (only prompt positions count from the end)")
+    if end is not None and start < 0 <= end:
+        raise RecordError(f"{where} is {_shown(value)}; a range with a negative start needs a negative or null end, "
+                          f"e.g. [{start}, null] for the last {-start} token(s)")
+    if end is not None and (start < 0) == (end < 0) and start >= end:
+        fix = [end, start] if start > end else [start, start + 1 if start != -1 else None]
+        raise RecordError(f"{where} is {_shown(value)}; start must be below end (the range is [start, end)), "
+                          f"e.g. {_shown(fix)}")
+    return [start, end]
 
 
 def parse_capture(value, default: dict | None) -> dict | None:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.steering import SteerPlan
 
 
 @dataclass(slots=True)
@@ -27,8 +31,7 @@ class Sequence:
     seed: int
     ignore_eos: bool
     stop: list[str]
-    prompt_rows: dict[int, int]  # layer -> SteeringTable row added at prompt tokens (all terms summed)
-    generated_rows: dict[int, int]  # layer -> row added from the first sampled token on
+    steering: SteerPlan | None = None  # its steering resolved to SteeringTable rows; None: unsteered
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     slot: int = -1

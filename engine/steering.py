@@ -4,13 +4,19 @@ The table holds every loaded vector in one device tensor whose row 0 is zero. Fo
 layer gets a per-token (row index, coefficient) pair; its hook adds `coef * table[row]` to the layer's
 output (the residual stream after layer L). Unsteered tokens point at row 0 with coefficient 0, so they get
 exactly zero added.
+
+A token's row is the sum of the terms whose positions cover it. Layers where some term uses norm_match or
+normalize get a second per-token row, scaled by the residual's norm h (float32) before it is added, and a flag:
+h' = h + a + ||h|| b, then h' *= ||h|| / ||h'|| where any covering term has normalize. Other layers keep the
+single gather-multiply-add.
 """
 
 from __future__ import annotations
 
 import hashlib
-
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -142,52 +148,123 @@ def _check(path: str, layer: int | None, tensor: torch.Tensor, num_layers: int, 
     return tensor.float()
 
 
+class LayerRows(NamedTuple):
+    """What a token gets at one layer: a table row added as is, a row added times the residual's norm
+    (norm_match terms), and whether the result is rescaled to the residual's norm (normalize)."""
+
+    plain: int = 0
+    matched: int = 0
+    normalize: bool = False
+
+
+UNSTEERED = LayerRows()
+
+
+@dataclass(frozen=True, slots=True)
+class SteerPlan:
+    """A request's steering resolved to table rows, for every layer its spec touches.
+
+    Generated position k is the residual stream of the forward that consumes generated token k (sequence position
+    num_prompt_tokens + k); the prefill, which consumes the prompt, is all prompt positions.
+    """
+
+    prompt: tuple  # (start, end, {layer: LayerRows}): prompt tokens [start, end) get these rows
+    generated: tuple  # (k, {layer: LayerRows}): from generated position k on; the first has k = 0
+
+
 class SteeringTable:
     """Device table of loaded vectors plus per-layer (row, coef) inputs read by forward hooks.
 
-    The table and the per-slot decode buffers are preallocated and only grow by reallocation, which bumps
-    `version`; the runner re-captures its CUDA graphs when the version changes.
+    The table is preallocated and only grows by reallocation, which bumps `version`, as do a newly hooked layer
+    and a layer switched to the norm-aware hook; the runner re-captures its CUDA graphs when the version changes.
+    The per-slot decode inputs are [num_layers, num_slots] device buffers written between steps.
     """
 
     def __init__(self, model, device, num_slots: int, capacity: int = 1024):
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.hidden_size = model.config.get_text_config().hidden_size
-        self.device = device
+        self.device = torch.device(device)
         self.table = torch.zeros(capacity, self.hidden_size, dtype=torch.float32, device=device)
         self.num_rows = 1  # row 0 stays zero: "no vector"
-        self.slot_rows: dict[int, torch.Tensor] = {}  # layer -> [num_slots] row used at decode
-        self.slot_coef: dict[int, torch.Tensor] = {}  # layer -> [num_slots] coef used at decode
+        shape = (self.num_layers, num_slots)
+        self.slot_rows = torch.zeros(shape, dtype=torch.int64, device=device)  # row used at decode
+        self.slot_coef = torch.zeros(shape, dtype=torch.float32, device=device)  # 1 where a row is set
+        self.slot_matched = torch.zeros(shape, dtype=torch.int64, device=device)  # row added times ||h||
+        self.slot_normalize = torch.zeros(shape, dtype=torch.bool, device=device)
         self.num_slots = num_slots
         self.version = 0
+        self.hooked: list[int] = []
+        self.norm_layers: set[int] = set()  # layers whose hook also does norm_match / normalize
         self._rows: dict[bytes, int] = {}
         self._files: dict[str, dict | RecordError] = {}
-        self.active: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._following: dict[int, tuple] = {}  # slot -> (sequence, its generated changes still ahead, last first)
+        self.active: dict[int, tuple] = {}
 
-    def resolve(self, spec: dict | list | None) -> tuple[dict[int, int], dict[int, int]]:
-        """A request's steering spec -> ({layer: row} for prompt tokens, {layer: row} for generated tokens).
+    def resolve(self, spec: dict | list | None, num_prompt_tokens: int) -> SteerPlan | None:
+        """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply.
 
-        The terms of a spec are summed per layer and position kind (coefficients included) into one table
-        row, so any number of terms costs one gather-multiply-add per steered layer. RecordError if bad.
+        The terms covering a token are summed per layer (coefficients included) into one table row (two with
+        norm_match), so any number of terms costs one gather-multiply-add per steered layer.
         """
-        sums: tuple[dict, dict] = ({}, {})
-        for term in steering_terms(spec):
-            bad = [layer for layer in term["layers"] if not 0 <= layer < self.num_layers]
-            if bad:
-                raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
-            vectors = self._file(term["vector"])
-            missing = [layer for layer in term["layers"] if layer not in vectors and None not in vectors]
-            if missing:
-                raise RecordError(f"steering vector {term['vector']}: no vector for layer(s) {missing} "
-                                  f"(it has layer.{sorted(vectors)})")
-            kinds = [sums[i] for i, is_prompt in enumerate((True, False)) if coef_mask(term["positions"], is_prompt)]
+        terms = steering_terms(spec)
+        if not terms:
+            return None
+        added = [self._term_vectors(term) for term in terms]
+        layers = sorted({layer for vectors in added for layer in vectors})
+        for term in terms:
             for layer in term["layers"]:
-                added = term["coef"] * vectors.get(layer, vectors.get(None))
-                for kind in kinds:
-                    kind[layer] = kind[layer] + added if layer in kind else added
-        for layer in {*sums[0], *sums[1]}:
-            self._hook(layer)
-        return tuple({layer: self._row(v) for layer, v in kind.items()} for kind in sums)
+                self._hook(layer, term.get("normalize", False) or term.get("norm_match", False))
+        spans = [_spans(term["positions"], num_prompt_tokens) for term in terms]
+        memo: dict[tuple, dict] = {}
+
+        def rows(covering: tuple) -> dict[int, LayerRows]:
+            if covering not in memo:
+                memo[covering] = self._layer_rows([(terms[i], added[i]) for i in covering], layers)
+            return memo[covering]
+
+        prompt = [(a, b, rows(c)) for a, b, c in _pieces([p for p, _ in spans], num_prompt_tokens) if c]
+        generated = []
+        for k, _, covering in _pieces([g for _, g in spans], None):
+            if not generated or rows(covering) != generated[-1][1]:
+                generated.append((k, rows(covering)))
+        return SteerPlan(tuple(prompt), tuple(generated))
+
+    def _term_vectors(self, term: dict) -> dict[int, torch.Tensor]:
+        """{layer: what the term adds there}: coef * v, or for norm_match coef * v / ||v|| (times ||h|| later)."""
+        bad = [layer for layer in term["layers"] if not 0 <= layer < self.num_layers]
+        if bad:
+            raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
+        vectors = self._file(term["vector"])
+        missing = [layer for layer in term["layers"] if layer not in vectors and None not in vectors]
+        if missing:
+            raise RecordError(f"steering vector {term['vector']}: no vector for layer(s) {missing} "
+                              f"(it has layer.{sorted(vectors)})")
+        added = {}
+        for layer in term["layers"]:
+            vector = vectors.get(layer, vectors.get(None))
+            if term.get("norm_match"):
+                norm = vector.norm()
+                if norm == 0:
+                    raise RecordError(f"steering vector {term['vector']}: zero at layer {layer}; norm_match needs a "
+                                      f"non-zero direction (or drop norm_match)")
+                vector = vector / norm
+            added[layer] = term["coef"] * vector
+        return added
+
+    def _layer_rows(self, covering: list[tuple[dict, dict]], layers: list[int]) -> dict[int, LayerRows]:
+        """The rows of tokens covered by these (term, vectors): sums per layer; normalize if any term says so."""
+        out = {}
+        for layer in layers:
+            sums: list = [None, None]  # plain, norm-matched
+            normalize = False
+            for term, vectors in covering:
+                if layer in vectors:
+                    i = int(term.get("norm_match", False))
+                    sums[i] = vectors[layer] if sums[i] is None else sums[i] + vectors[layer]
+                    normalize = normalize or term.get("normalize", False)
+            out[layer] = LayerRows(*(0 if v is None else self._row(v) for v in sums), normalize)
+        return out
 
     def _file(self, path: str) -> dict:
         if path not in self._files:
@@ -214,59 +291,128 @@ class SteeringTable:
             self.num_rows += 1
         return self._rows[key]
 
-    def _hook(self, layer: int) -> None:
-        if layer in self.slot_rows:
-            return
-        # prepend: runs before transformers' own output-capture hooks, so captured states include steering.
-        self.layers[layer].register_forward_hook(self._make_hook(layer), prepend=True)
-        self.slot_rows[layer] = torch.zeros(self.num_slots, dtype=torch.int64, device=self.device)
-        self.slot_coef[layer] = torch.zeros(self.num_slots, dtype=torch.float32, device=self.device)
-        self.version += 1
+    def _hook(self, layer: int, uses_norm: bool) -> None:
+        if layer not in self.hooked:
+            # prepend: runs before transformers' own output-capture hooks, so captured states include steering.
+            self.layers[layer].register_forward_hook(self._make_hook(layer), prepend=True)
+            self.hooked.append(layer)
+            self.version += 1
+        if uses_norm and layer not in self.norm_layers:
+            self.norm_layers.add(layer)
+            self.version += 1
 
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             inputs = self.active.get(layer)
             if inputs is None:
                 return None
-            rows, coefs = inputs
+            rows, coefs = inputs[:2]
             hidden = output[0] if isinstance(output, tuple) else output
             steered = hidden + (coefs[..., None] * self.table[rows]).to(hidden.dtype)
+            if layer in self.norm_layers:
+                steered = self._norm_terms(hidden, steered, *inputs[2:])
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
 
-    def assign(self, seqs) -> None:
-        """Set each admitted sequence's decode-time row in its slot, for every hooked layer."""
-        if not self.slot_rows:
-            return
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device)
-        for layer in self.slot_rows:
-            rows, coefs = self._rows_coefs([s.generated_rows.get(layer, 0) for s in seqs])
-            self.slot_rows[layer].index_copy_(0, slots, rows)
-            self.slot_coef[layer].index_copy_(0, slots, coefs)
+    def _norm_terms(self, hidden, steered, matched, normalize):
+        """Add ||h|| * table[matched], then rescale to ||h|| where `normalize`, in float32 (h: the residual before
+        steering). Tokens with neither keep `steered` bit for bit."""
+        norm = hidden.float().norm(dim=-1, keepdim=True)
+        out = steered.float() + norm * self.table[matched]
+        scale = norm / out.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        out = torch.where(normalize[..., None], out * scale, out).to(hidden.dtype)
+        return torch.where(((matched != 0) | normalize)[..., None], out, steered)
 
-    def _rows_coefs(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row ids and their coefficients (1 where a row is set: coefficients live in the summed rows)."""
-        coefs = torch.tensor([1.0 if r else 0.0 for r in rows], dtype=torch.float32)
-        return torch.tensor(rows, dtype=torch.int64).to(self.device), coefs.to(self.device)
+    def assign(self, seqs) -> None:
+        """Set each admitted sequence's decode-time rows (those of generated position 0) in its slot, for every
+        hooked layer; `advance` follows those whose rows change later."""
+        if not self.hooked:
+            return
+        updates = []
+        for seq in seqs:
+            plan = seq.steering
+            first = plan.generated[0][1] if plan is not None else {}
+            updates += [(layer, seq.slot, first.get(layer, UNSTEERED)) for layer in self.hooked]
+            if plan is not None and len(plan.generated) > 1:
+                self._following[seq.slot] = (seq, list(reversed(plan.generated[1:])))
+            else:
+                self._following.pop(seq.slot, None)
+        self._write_slots(updates)
+
+    def advance(self) -> None:
+        """Before a decode step: switch the rows of slots whose sequence reaches a generated-range bound. The step
+        consumes generated token num_scheduled - 1, which is generated position k."""
+        updates = []
+        for slot, (seq, changes) in list(self._following.items()):
+            k = seq.num_scheduled - 1
+            rows = None
+            while changes and changes[-1][0] <= k:
+                rows = changes.pop()[1]
+            if rows is not None:
+                updates += [(layer, slot, r) for layer, r in rows.items()]
+            if not changes:
+                del self._following[slot]
+        if updates:
+            self._write_slots(updates)
+
+    def _write_slots(self, updates: list[tuple[int, int, LayerRows]]) -> None:
+        """Write (layer, slot, rows) into the decode buffers: one small copy, no host sync."""
+        host = torch.tensor([[layer, slot, *rows] for layer, slot, rows in updates], dtype=torch.int64)
+        layer, slot, plain, matched, normalize = self._to_device(host.T.contiguous())
+        self.slot_rows.index_put_((layer, slot), plain)
+        self.slot_coef.index_put_((layer, slot), (plain != 0).float())
+        self.slot_matched.index_put_((layer, slot), matched)
+        self.slot_normalize.index_put_((layer, slot), normalize != 0)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        # Pinned through the caching host allocator, which keeps the block until the async copy has read it.
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     def set_active(self, per_layer: dict) -> None:
-        """Per-token (row, coef) tensors of each hooked layer for the next forward; {} turns steering off."""
+        """Per-token (row, coef, norm-matched row, normalize) tensors of each hooked layer for the next forward;
+        {} turns steering off."""
         self.active = per_layer
 
     def decode_inputs(self, num_rows: int) -> dict:
-        return {layer: (self.slot_rows[layer][:num_rows, None], self.slot_coef[layer][:num_rows, None])
-                for layer in self.slot_rows}
+        buffers = (self.slot_rows, self.slot_coef, self.slot_matched, self.slot_normalize)
+        return {layer: tuple(b[layer, :num_rows, None] for b in buffers) for layer in self.hooked}
 
-    def prefill_inputs(self, seqs, token_mask: torch.Tensor) -> dict:
-        """Per hooked layer: (row [P, T], coef [P, T]) for the prompt tokens of a prefill batch."""
-        inputs = {}
-        for layer in self.slot_rows:
-            rows, coefs = self._rows_coefs([s.prompt_rows.get(layer, 0) for s in seqs])
-            inputs[layer] = (rows[:, None] * token_mask, coefs[:, None] * token_mask)
-        return inputs
+    def prefill_inputs(self, seqs, width: int) -> dict:
+        """Per hooked layer: (row, coef, norm-matched row, normalize), each [P, T], for a left-padded prefill
+        batch: prompt token i of a row sits at column width - len + i."""
+        if not self.hooked:
+            return {}
+        index = {layer: j for j, layer in enumerate(self.hooked)}
+        kinds = 3 if self.norm_layers else 1  # plain, matched, normalize; the last two only for norm-aware hooks
+        host = np.zeros((kinds, len(self.hooked), len(seqs), width), dtype=np.int64)
+        for i, seq in enumerate(seqs):
+            pad = width - seq.num_prompt_tokens
+            for start, end, rows in seq.steering.prompt if seq.steering is not None else ():
+                for layer, r in rows.items():
+                    if r != UNSTEERED:
+                        host[:, index[layer], i, pad + start:pad + end] = np.asarray(r[:kinds], dtype=np.int64)[:, None]
+        device = self._to_device(torch.from_numpy(host))
+        plain, coefs = device[0], (device[0] != 0).float()
+        norm_inputs = (device[1], device[2] != 0) if kinds == 3 else ()
+        return {layer: (plain[j], coefs[j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.hooked)}
 
 
-def coef_mask(positions: str, is_prompt: bool) -> bool:
-    """Whether a token of the given kind is steered under `positions`."""
-    return positions == "all" or (positions == "prompt") == is_prompt
+def _spans(positions: str | dict, num_prompt_tokens: int) -> tuple[list, list]:
+    """A term's positions -> ([start, end) prompt token spans, [start, end or None) generated spans)."""
+    if isinstance(positions, str):
+        prompt = [(0, num_prompt_tokens)] if positions != "generated" else []
+        return prompt, [(0, None)] if positions != "prompt" else []
+    prompt = [range(num_prompt_tokens)[start:end] for start, end in positions.get("prompt", ())]
+    return [(r.start, r.stop) for r in prompt if r], [tuple(g) for g in positions.get("generated", ())]
+
+
+def _pieces(term_spans: list[list[tuple]], end: int | None) -> list[tuple]:
+    """[0, end) (None: unbounded) cut at every span bound -> (start, stop, indices of the terms covering it)."""
+    cuts = {0, *(b for spans in term_spans for span in spans for b in span if b is not None)}
+    starts = sorted(c for c in cuts if end is None or c < end)
+    return [(a, b, tuple(i for i, spans in enumerate(term_spans)
+                         if any(s <= a and (e is None or a < e) for s, e in spans)))
+            for a, b in zip(starts, starts[1:] + [end])]

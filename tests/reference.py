@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -39,6 +40,55 @@ def steered(model, spec):
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         handles += [decoder_layers(model)[layer].register_forward_hook(hook, prepend=True) for layer in term["layers"]]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def position_mask(positions, prompt_len: int, total_len: int) -> torch.Tensor:
+    """Which positions of a whole sequence (prompt, then generated tokens) a term covers; ranges as Python slices."""
+    mask = torch.zeros(total_len, dtype=torch.bool)
+    kinds = {"prompt": list(range(prompt_len)), "generated": list(range(prompt_len, total_len))}
+    if isinstance(positions, str):
+        ranges = {kind: [[0, None]] for kind in kinds if positions in (kind, "all")}
+    else:
+        ranges = positions
+    for kind, spans in ranges.items():
+        for start, end in spans:
+            mask[kinds[kind][start:end]] = True
+    return mask
+
+
+@contextmanager
+def steered_sequence(model, spec, prompt_len: int):
+    """Steering by plain forward hooks over a whole sequence in one forward (prompt then generated tokens): at each
+    layer, h' = h + sum of the covering terms' coef * v (norm_match: coef * |h| * v / |v|), then h' * |h| / |h'|
+    where a covering term has normalize."""
+    terms = [] if spec is None else spec if isinstance(spec, list) else [spec]
+    by_layer: dict[int, list] = {}
+    for term in terms:
+        for layer in term["layers"]:
+            by_layer.setdefault(layer, []).append(term)
+
+    def hook(module, args, output, terms):
+        hidden = output[0] if isinstance(output, tuple) else output
+        h = hidden[0].float()
+        norm = h.norm(dim=-1, keepdim=True)
+        out, normalize = h, torch.zeros(h.shape[0], dtype=torch.bool)
+        for term in terms:
+            mask = position_mask(term["positions"], prompt_len, h.shape[0])
+            v = vector_of(term["vector"])
+            added = term["coef"] * (norm * v / v.norm() if term.get("norm_match") else v)
+            out = torch.where(mask[:, None], out + added, out)
+            normalize |= mask & term.get("normalize", False)
+        out = torch.where(normalize[:, None], out * norm / out.norm(dim=-1, keepdim=True), out)
+        steered = out[None].to(hidden.dtype)
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+    handles = [decoder_layers(model)[layer].register_forward_hook(partial(hook, terms=layer_terms), prepend=True)
+               for layer, layer_terms in by_layer.items()]
     try:
         yield
     finally:

@@ -39,3 +39,42 @@ def hf_logits(model, ids: list[int], prompt_len: int) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0].float()
     return logits[prompt_len - 1:]
+
+
+FORCED_SEED0 = 1000  # request i runs with seed 1000 + i: the teacher finds a sampled row's request by its seed
+
+
+class _Teacher:
+    """Stands in for the sampler: returns each request's own next token and keeps the logits it was given.
+
+    A row's request is its seed and its generated position the step; decode rows outside the batch have step 0,
+    whose logits the prefill already gave, so they are skipped."""
+
+    def __init__(self, sequences: list[list[int]], prompt_lens: list[int]):
+        self.sequences, self.prompt_lens, self.logits = sequences, prompt_lens, {}
+
+    def __call__(self, logits, params, steps) -> torch.Tensor:
+        tokens = torch.zeros(logits.shape[0], dtype=torch.int64)
+        for row, (seed, step) in enumerate(zip(params.seed.tolist(), steps.tolist())):
+            index = seed - FORCED_SEED0
+            if 0 <= index < len(self.sequences) and (index, step) not in self.logits:
+                self.logits[index, step] = logits[row].float().cpu()
+                tokens[row] = self.sequences[index][self.prompt_lens[index] + step]
+        return tokens.to(logits.device)
+
+
+def forced_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int], specs: list
+                  ) -> list[torch.Tensor]:
+    """Teacher forcing through the real step loop (continuous batching, slots refilled), request i steered by
+    specs[i]: for each sequence, the logits at positions prompt_len - 1 .. len - 2."""
+    teacher, sampler = _Teacher(sequences, prompt_lens), core.runner.sampler
+    core.runner.sampler = teacher
+    try:
+        core.generate([dict(index=i, max_new_tokens=len(ids) - n, temperature=0.0, top_p=1.0, top_k=0,
+                            seed=FORCED_SEED0 + i, ignore_eos=True, stop=[], steering=spec)
+                       for i, (ids, n, spec) in enumerate(zip(sequences, prompt_lens, specs))],
+                      [ids[:n] for ids, n in zip(sequences, prompt_lens)])
+    finally:
+        core.runner.sampler = sampler
+    return [torch.stack([teacher.logits[i, step] for step in range(len(ids) - n)])
+            for i, (ids, n) in enumerate(zip(sequences, prompt_lens))]

@@ -105,3 +105,61 @@ def test_bad_named_specs_files_name_the_entry(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as info:
         EngineConfig(steering_specs=str(path))
     assert fragment in str(info.value)
+
+
+def test_steering_ranges_and_norm_flags_normalised():
+    spec = parse_steering([
+        {"vector": "a.npy", "layers": 2, "positions": {"prompt": [-1, None]}, "normalize": True},
+        {"vector": "b.npy", "layers": [4], "positions": {"generated": [[0, 5], [10]], "prompt": [0, 3]},
+         "norm_match": True, "normalize": False},
+    ])
+    assert spec == [
+        {"vector": "a.npy", "layers": [2], "coef": 1.0, "positions": {"prompt": [[-1, None]]}, "normalize": True},
+        {"vector": "b.npy", "layers": [4], "coef": 1.0,
+         "positions": {"prompt": [[0, 3]], "generated": [[0, 5], [10, None]]}, "norm_match": True},
+    ]
+
+
+@pytest.mark.parametrize("positions, fragment", [
+    ({"prompt": [5, 2]}, "positions.prompt is [5, 2]; start must be below end (the range is [start, end)), e.g. [2, 5]"),
+    ({"generated": [3, 3]}, "positions.generated is [3, 3]; start must be below end"),
+    ({"prompt": [-1, -1]}, "e.g. [-1, null]"),
+    ({"prompt": [0.5, 2]}, "positions.prompt is [0.5, 2]; give [start, end) as integers"),
+    ({"prompt": [True, 2]}, "positions.prompt is [true, 2]; give [start, end) as integers"),
+    ({"prompt": [0, 1, 2]}, "positions.prompt is [0, 1, 2]; give [start, end)"),
+    ({"prompt": []}, "positions.prompt is []; give [start, end)"),
+    ({"prompt": [[0, 2], [4, "end"]]}, "positions.prompt[1] is [4, \"end\"]; give [start, end)"),
+    ({"prompt": 3}, "positions.prompt is 3; give [start, end)"),
+    ({"generated": [-2, None]}, "positions.generated is [-2, null]; generated positions count from the first"),
+    ({"prompt": [-3, 0]}, "positions.prompt is [-3, 0]; a range with a negative start needs a negative or null end, "
+                          "e.g. [-3, null] for the last 3 token(s)"),
+    ({"middle": [0, 1]}, "positions is {\"middle\": [0, 1]}; use one of prompt, generated, all, or [start, end) ranges"),
+    ({}, "positions is {}; use one of prompt"),
+    ([0, 5], "positions is [0, 5]; use one of prompt, generated, all, or [start, end) ranges like {\"prompt\""),
+])
+def test_bad_steering_ranges_are_named(positions, fragment):
+    with pytest.raises(RecordError) as info:
+        parse({"prompt": "a", "steering": {"vector": "v.pt", "layers": 1, "positions": positions}})
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("flag", ["normalize", "norm_match"])
+def test_norm_flags_must_be_booleans(flag):
+    with pytest.raises(RecordError, match=f"field 'steering'\\[1\\].{flag} is \"yes\"; use true or false"):
+        parse_steering([{"vector": "v.pt", "layers": 1}, {"vector": "v.pt", "layers": 1, flag: "yes"}])
+
+
+def test_named_specs_take_ranges_and_norm_flags(tmp_path):
+    from engine.request import load_named_specs
+
+    path = tmp_path / "specs.toml"
+    path.write_text('[last]\nvector = "a.npy"\nlayers = [3]\npositions = {prompt = [-1]}\nnorm_match = true\n\n'
+                    '[mix]\nterms = [{vector = "a.npy", layers = 2, positions = {generated = [[0, 5], [9]]}}, '
+                    '{vector = "b.npy", layers = 2, normalize = true}]\n')
+    named = load_named_specs(str(path))
+    assert named["last"] == {"vector": "a.npy", "layers": [3], "coef": 1.0, "positions": {"prompt": [[-1, None]]},
+                             "norm_match": True}
+    assert named["mix"][0]["positions"] == {"generated": [[0, 5], [9, None]]} and named["mix"][1]["normalize"]
+    path.write_text('[bad]\nvector = "a.npy"\nlayers = [3]\npositions = {generated = [-1]}\n')
+    with pytest.raises(ValueError, match=r"\[bad\].positions.generated is \[-1\]; generated positions count"):
+        load_named_specs(str(path))

@@ -7,8 +7,7 @@ from engine.scheduler import Scheduler, Sequence, batch_sizes
 
 def seq(index: int, prompt_len: int = 4, max_new: int = 3) -> Sequence:
     return Sequence(index=index, prompt_ids=torch.zeros(prompt_len, dtype=torch.int64), max_new_tokens=max_new,
-                    temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=False, stop=[], prompt_rows={},
-                    generated_rows={})
+                    temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=False, stop=[])
 
 
 def step(s: Scheduler, tokens_of=lambda q: 5):

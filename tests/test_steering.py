@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.request import RecordError
+from engine.request import RecordError, parse_steering
 from engine.steering import load_vectors, save_vectors
 
 LAYERS, HIDDEN = 6, 8
@@ -84,3 +84,169 @@ def test_each_bad_vector_is_a_clear_error(tmp_path, make, fragment):
     with pytest.raises(RecordError) as info:
         load_vectors(make(tmp_path), LAYERS, HIDDEN)
     assert fragment in str(info.value)
+
+
+# ---- positions, normalize, norm_match: the engine under continuous batching against plain forward hooks
+
+
+@pytest.fixture(scope="module")
+def forced(tiny_source, tokenizer):
+    from conftest import tiny_config
+    from engine.core import EngineCore
+
+    return forced_case(EngineCore(tiny_config(), tiny_source), tokenizer)
+
+
+def forced_case(core, tokenizer) -> tuple:
+    """The core (4 slots), the 10 sequences every run teacher-forces (mixed prompt and generated lengths, so slots
+    refill), and their logits with no steering at all, taken before any hook exists."""
+    from conftest import PROMPTS
+    from teacher_forcing import forced_logits
+
+    gen = torch.Generator().manual_seed(5)
+    prompts = [tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids for i in range(10)]
+    sequences = [ids + torch.randint(5, 50_000, (3 + 5 * i % 9,), generator=gen).tolist()
+                 for i, ids in enumerate(prompts)]
+    lens = [len(p) for p in prompts]
+    return core, sequences, lens, forced_logits(core, sequences, lens, [None] * len(sequences))
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory) -> tuple[str, str]:
+    folder, rng = tmp_path_factory.mktemp("vectors"), np.random.default_rng(1)
+    paths = (str(folder / "a.npy"), str(folder / "b.npy"))
+    for path in paths:
+        np.save(path, rng.standard_normal(64).astype(np.float32) * 2)
+    return paths
+
+
+def term(vector: str, layers, positions="all", coef: float = 3.0, **flags) -> dict:
+    return {"vector": vector, "layers": layers, "coef": coef, "positions": positions, **flags}
+
+
+def check_against_hooks(forced, model, specs: list, tolerance: float = 1e-4) -> list[torch.Tensor]:
+    """Teacher-forced engine logits of request i under specs[i] equal a plain HF forward with steered_sequence's
+    hooks; unsteered requests are bit-identical to the run with no steering."""
+    from reference import steered_sequence
+    from teacher_forcing import forced_logits, hf_logits
+
+    core, sequences, lens, plain = forced
+    got = forced_logits(core, sequences, lens, [parse_steering(spec) for spec in specs])
+    for i, spec in enumerate(specs):
+        if spec is None:
+            assert torch.equal(got[i], plain[i]), i
+            continue
+        with steered_sequence(model, parse_steering(spec), lens[i]):
+            expected = hf_logits(model, sequences[i], lens[i])[:-1]
+        torch.testing.assert_close(got[i], expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"request {i}: {m}")
+    return got
+
+
+def first_changed(got: torch.Tensor, plain: torch.Tensor) -> int | None:
+    """The first logits row (row j: the forward at prompt position P - 1 + j) that steering changed."""
+    changed = [j for j in range(len(got)) if not torch.equal(got[j], plain[j])]
+    return changed[0] if changed else None
+
+
+def position_cases(a: str, b: str) -> list[tuple]:
+    return [  # (spec, first logits row it changes): generated position k is the forward consuming token k (row k + 1)
+        (term(a, [1, 3], {"prompt": [0, 3]}), 0),
+        (term(a, [1], {"generated": [2, 5]}), 3),
+        (None, None),
+        (term(b, [2], {"generated": [[0, 1], [4, None]]}), 1),
+        (term(a, [1, 3], {"prompt": [-1, None]}), 0),  # the last prompt token only
+        ([term(a, [1], {"generated": [0, 4]}), term(b, [1, 3], {"generated": [2, None]}, coef=-2.0),
+          term(a, [3], "prompt")], 0),  # ranges overlap on layer 1: the sum there from generated position 2 to 4
+        (term(b, [0, 2], {"prompt": [[1, 3], [-2]], "generated": [3]}), 0),
+        (None, None),
+        (term(a, [2], {"prompt": [2, -1]}), 0),
+        (term(b, [1], "generated"), 1),
+    ]
+
+
+def norm_specs(a: str, b: str) -> list:
+    return [
+        term(a, [2], coef=0.5, norm_match=True),
+        term(b, [1], coef=4.0, normalize=True),
+        None,
+        term(a, [1, 3], {"generated": [1, 3]}, coef=2.0, normalize=True, norm_match=True),
+        [term(a, [2], "prompt"), term(b, [2], {"generated": [0, 3]}, coef=0.3, norm_match=True),
+         term(a, [2], {"prompt": [-2, None], "generated": [2, None]}, coef=-1.0, normalize=True)],
+        None,
+        term(b, [0], coef=-0.4, norm_match=True),
+        [term(a, [0, 3], "generated", coef=-1.0), term(b, [3], {"prompt": [-1]}, coef=0.2, norm_match=True)],
+        None,
+        None,
+    ]
+
+
+def test_position_ranges_under_continuous_batching(forced, tiny_model, vectors):
+    cases = position_cases(*vectors)
+    core, _, _, plain = forced
+    got = check_against_hooks(forced, tiny_model, [spec for spec, _ in cases])
+    assert [first_changed(g, p) for g, p in zip(got, plain)] == [first for _, first in cases]
+    assert not core.steering.norm_layers  # no norm_match / normalize asked: every hook stays one gather-multiply-add
+
+
+def test_normalize_and_norm_match_against_the_formula(forced, tiny_model, vectors):
+    a, b = vectors
+    core, sequences, lens, plain = forced
+    plain_layer0 = [None, None, term(a, [0], coef=2.0)] + [None] * 7
+    before = check_against_hooks(forced, tiny_model, plain_layer0)
+    version = core.steering.version
+    check_against_hooks(forced, tiny_model, norm_specs(a, b))
+    assert core.steering.norm_layers == {0, 1, 2, 3} and core.steering.version > version  # graphs re-captured
+    after = check_against_hooks(forced, tiny_model, plain_layer0)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))  # plain terms: the same bits under the norm hook
+
+
+def test_norm_match_needs_a_nonzero_vector(forced, tmp_path):
+    np.save(tmp_path / "zero.npy", np.zeros(64, np.float32))
+    with pytest.raises(RecordError, match="zero at layer 1; norm_match needs a non-zero direction"):
+        forced[0].steering.resolve(term(str(tmp_path / "zero.npy"), [1], norm_match=True), 5)
+
+
+def test_pipeline_records_state_the_normalised_spec_and_match_the_core(forced, tokenizer, vectors):
+    from conftest import PROMPTS, tiny_config
+    from engine import Engine
+
+    a, b = vectors
+    spec = [{"vector": a, "layers": 1, "positions": {"prompt": [-2], "generated": [1, 3]}, "normalize": True},
+            {"vector": b, "layers": [2], "coef": 0.5, "positions": {"generated": [[2]]}, "norm_match": True}]
+    steered = [i % 2 == 0 for i in range(len(PROMPTS))]
+    rows = [dict(index=i, max_new_tokens=6, temperature=0.8, top_p=1.0, top_k=0, seed=i, ignore_eos=True, stop=[],
+                 steering=parse_steering(spec) if s else None) for i, s in enumerate(steered)]
+    done = forced[0].generate(rows, [tokenizer(p).input_ids for p in PROMPTS])
+    records = [{"prompt": p, "max_new_tokens": 6, "temperature": 0.8, "seed": i, **({"steering": spec} if s else {})}
+               for i, (p, s) in enumerate(zip(PROMPTS, steered))]
+    with Engine(tiny_config(max_num_seqs=3)) as engine:
+        got = engine.generate_all(records)
+    assert [r["completion_token_ids"] for r in got] == [done[i].output_ids for i in range(len(PROMPTS))]
+    assert got[0]["steering"] == [
+        {"vector": a, "layers": [1], "coef": 1.0, "positions": {"prompt": [[-2, None]], "generated": [[1, 3]]},
+         "normalize": True},
+        {"vector": b, "layers": [2], "coef": 0.5, "positions": {"generated": [[2, None]]}, "norm_match": True},
+    ] and got[1]["steering"] is None
+
+
+@pytest.mark.gpu
+def test_ranges_and_norms_inside_cuda_graphs(vectors):
+    """The same checks with decode replayed from CUDA graphs (fp32): slot rows switch between replays, and the
+    norm-aware hooks are captured after the re-capture they trigger."""
+    import os
+
+    from conftest import tiny_config
+    from engine.core import EngineCore
+    from engine.models import load_model, resolve_model
+    from engine.tokenizer_worker import load_tokenizer
+
+    config = tiny_config(tokenizer=os.environ.get("ENGINE_GPU_TEST_TOKENIZER"), device="cuda", dtype="float32")
+    source = resolve_model(config.model, config.tokenizer, config.cache_dir)
+    tokenizer = load_tokenizer(source.tokenizer_dir)
+    forced = forced_case(EngineCore(config, source), tokenizer)
+    assert forced[0].runner.use_graphs
+    model = load_model(source, torch.float32, "cpu", vocab_size=len(tokenizer))
+    cases = position_cases(*vectors)
+    got = check_against_hooks(forced, model, [spec for spec, _ in cases], tolerance=1e-3)
+    assert [first_changed(g, p) for g, p in zip(got, forced[3])] == [first for _, first in cases]
+    check_against_hooks(forced, model, norm_specs(*vectors), tolerance=1e-3)
