@@ -4,15 +4,17 @@ steering, before and after it); the pipeline, the CLI's shards and index, resume
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, read_jsonl, tiny_config, write_jsonl
+from conftest import PROMPTS, TINY, read_jsonl, tiny_config, write_jsonl
 from engine import Engine
 from engine.activations import INDEX_NAME, activations_dir, load, tensors_of, trim_generated
 from engine.config import CaptureDefaults, ConfigError
@@ -69,6 +71,51 @@ def test_captured_values_equal_hf_hidden_states(tiny_source, tokenizer, tiny_mod
     config = tiny_config(max_num_seqs=3, capture=CaptureDefaults(is_before_steering=is_before_steering))
     core = EngineCore(config, tiny_source)
     done, captured = run_core(core, tokenizer, [None, spec])
+    check_against_hf(done, captured, tokenizer, tiny_model, spec, is_before_steering, 1e-5)
+    assert not core.recorder.requests
+
+
+@pytest.fixture(scope="module")
+def gpu_parts():
+    """Source, tokenizer and CPU reference model; ENGINE_GPU_TEST_TOKENIZER where the embedded package is missing."""
+    from engine.config import EngineConfig
+    from engine.models import load_model, resolve_model
+    from engine.tokenizer_worker import load_tokenizer
+
+    source = resolve_model(TINY, os.environ.get("ENGINE_GPU_TEST_TOKENIZER"), EngineConfig().cache_dir)
+    tok = load_tokenizer(source.tokenizer_dir)
+    return source, tok, load_model(source, torch.float32, "cpu", vocab_size=len(tok))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("is_before_steering", [False, True], ids=["after", "before"])
+def test_decode_capture_inside_cuda_graphs_equals_hf(gpu_parts, vector, is_before_steering):
+    """Decode replays CUDA graphs: capture and steering hooks that first appear after the graphs were captured force
+    a re-capture, the values (fp32 on the GPU) equal HF's, and capturing makes no host sync."""
+    source, tokenizer, model = gpu_parts
+    config = tiny_config(device="cuda", dtype="float32", max_num_seqs=4,
+                         capture=CaptureDefaults(is_before_steering=is_before_steering))
+    core = EngineCore(config, source)
+    assert core.runner.use_graphs
+    core.generate([dict(request(i, "last_prompt"), capture=None) for i in range(3)],
+                  [tokenizer(p).input_ids for p in PROMPTS[:3]])  # graphs captured with no capture hooks
+    version = core.runner.hook_version
+    spec = {"vector": vector, "layers": [STEER_LAYER], "coef": COEF, "positions": "all"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            done, captured = run_core(core, tokenizer, [None, spec])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    print("\nhost syncs seen (file:line):", syncs)
+    assert not [where for where in syncs if where.startswith("activations.py")]
+    assert core.runner.hook_version != version
+    check_against_hf(done, captured, tokenizer, model, spec, is_before_steering, 1e-4)
+
+
+def check_against_hf(done, captured, tokenizer, tiny_model, spec, is_before_steering, tol) -> None:
     moved = 0
     for i, seq in done.items():
         prompt_ids, spec_i = tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, [None, spec][i % 2]
@@ -81,11 +128,10 @@ def test_captured_values_equal_hf_hidden_states(tiny_source, tokenizer, tiny_mod
             source = unsteered if is_before_steering and layer == STEER_LAYER else states
             want = expected(source, layer, mode, len(prompt_ids), len(seq.output_ids))
             assert value.shape == want.shape, (i, mode, layer)
-            torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(value.cpu(), want, rtol=tol, atol=tol)
             moved += spec_i is not None and not torch.allclose(value, expected(unsteered, layer, mode, len(prompt_ids),
                                                                                 len(seq.output_ids)))
     assert moved > 0  # steering changed captured values, so the comparison above is not vacuous
-    assert not core.recorder.requests
 
 
 def test_a_new_steered_layer_after_capture_hooks_keeps_the_order(tiny_source, tokenizer, tiny_model, vector):
