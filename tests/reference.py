@@ -76,10 +76,10 @@ def steered_sequence(model, spec, prompt_len: int):
         hidden = output[0] if isinstance(output, tuple) else output
         h = hidden[0].float()
         norm = h.norm(dim=-1, keepdim=True)
-        out, normalize = h, torch.zeros(h.shape[0], dtype=torch.bool)
+        out, normalize = h, torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
         for term in terms:
-            mask = position_mask(term["positions"], prompt_len, h.shape[0])
-            v = vector_of(term["vector"])
+            mask = position_mask(term["positions"], prompt_len, h.shape[0]).to(h.device)
+            v = vector_of(term["vector"]).to(h.device)
             added = term["coef"] * (norm * v / v.norm() if term.get("norm_match") else v)
             out = torch.where(mask[:, None], out + added, out)
             normalize |= mask & term.get("normalize", False)

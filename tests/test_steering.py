@@ -137,7 +137,7 @@ def check_against_hooks(forced, model, specs: list, tolerance: float = 1e-4) -> 
             assert torch.equal(got[i], plain[i]), i
             continue
         with steered_sequence(model, parse_steering(spec), lens[i]):
-            expected = hf_logits(model, sequences[i], lens[i])[:-1]
+            expected = hf_logits(model, sequences[i], lens[i])[:-1].cpu()
         torch.testing.assert_close(got[i], expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"request {i}: {m}")
     return got
 
@@ -245,7 +245,7 @@ def test_ranges_and_norms_inside_cuda_graphs(vectors):
     tokenizer = load_tokenizer(source.tokenizer_dir)
     forced = forced_case(EngineCore(config, source), tokenizer)
     assert forced[0].runner.use_graphs
-    model = load_model(source, torch.float32, "cpu", vocab_size=len(tokenizer))
+    model = load_model(source, torch.float32, "cuda", vocab_size=len(tokenizer))  # random weights: drawn on the device
     cases = position_cases(*vectors)
     got = check_against_hooks(forced, model, [spec for spec, _ in cases], tolerance=1e-3)
     assert [first_changed(g, p) for g, p in zip(got, forced[3])] == [first for _, first in cases]
