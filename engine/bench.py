@@ -62,6 +62,7 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [64, 128, 256])
     max_num_seqs: int = 256
     max_model_len: int | None = None  # the engine's; None: each workload's longest prompt + new tokens
+    gpu_memory_fraction: float = 0.9  # the engine's share of the card (KV cache sized to fit it)
     max_new_tokens: int = 150  # for --input records without their own
     temperature: float = 0.0
     top_p: float = 1.0
@@ -107,7 +108,8 @@ class BenchConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, device=self.device,
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-                            sampling=self.sampling(), return_tokens=True, cache_dir=self.cache_dir)
+                            gpu_memory_fraction=self.gpu_memory_fraction, sampling=self.sampling(),
+                            return_tokens=True, cache_dir=self.cache_dir)
 
     @property
     def is_greedy(self) -> bool:
@@ -515,6 +517,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's sequences decoded together")
     p.add_argument("--max-model-len", type=int, help="the engine's prompt + new tokens limit (default: the "
                    "workload's longest)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9,
+                   help="the engine's share of the card's memory (its KV cache is sized to fit)")
     p.add_argument("--max-new-tokens", type=int, default=150, help="for --input records without their own")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (and completions are compared)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -540,6 +544,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         workloads=args.workload or ([] if args.input else ["short"]), input=args.input, systems=args.systems,
         num_prompts=args.num_prompts, naive_prompts=args.naive_prompts, batch_sizes=args.batch_sizes,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens,
+        gpu_memory_fraction=args.gpu_memory_fraction,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,

@@ -150,16 +150,18 @@ def markdown(report: dict) -> str:
     columns = [*COLUMNS, *(f"same ids as {ref}" for ref in report["agreement"])]
     sampling = ("greedy" if s["temperature"] == 0
                 else f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}")
-    attn = next((m["attn_implementation"] for m in report["systems"] if m["system"] != "engine"), "n/a")
+    attn = next((m["attn_implementation"] for m in report["systems"] if not m["system"].startswith("engine")), "n/a")
+    engine = f"engine {ver['engine']}" if ver["engine"] else "engine"
     lines = [
         f"### {w['name']} · {card['name']} · {report['created'][:10]}", "",
         f"`{s['model']}` {report['dtype']} on {card['name']} (driver {card['driver'] or 'n/a'}, CUDA "
-        f"{card['cuda'] or 'n/a'}); torch {ver['torch']}, transformers {ver['transformers']}, engine {ver['engine']}"
-        f" ({ver['commit'] or 'no git'}).",
+        f"{card['cuda'] or 'n/a'}); torch {ver['torch']}, transformers {ver['transformers']}, {engine}"
+        f" at commit {ver['commit'] or 'n/a (no git)'}.",
         f"Workload {w['name']}: {w['num_prompts']} prompts of {_span(w['prompt_tokens'])} tokens, "
         f"{_span(w['new_tokens'])} new tokens each (exact, EOS ignored), {w['num_output_tokens']:,} output tokens; "
         f"{sampling}; HF attention {attn}, batch sizes {', '.join(map(str, s['batch_sizes']))}; engine max_num_seqs "
-        f"{s['max_num_seqs']}, max_model_len {s['max_model_len']}.",
+        f"{s['max_num_seqs']}, max_model_len {s['max_model_len']}, "
+        f"gpu_memory_fraction {s.get('gpu_memory_fraction', 0.9)}.",
         "",
         "| " + " | ".join(columns) + " |",
         "|---|" + "---:|" * (len(columns) - 1),

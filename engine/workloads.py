@@ -33,6 +33,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     "short": WorkloadSpec(20, 200, 150, 150),
     "long": WorkloadSpec(600, 1100, 150, 150),
     "varied": WorkloadSpec(20, 500, 16, 512),
+    "memory": WorkloadSpec(16, 2048, 16, 64),  # many long prompts: the KV cache and admission under a memory cap
 }
 # Whole lowercase words with a leading word-boundary marker (SentencePiece "▁", byte-level BPE "Ġ"): a run of
 # them decodes to plain text that encodes back to the same ids, so prompt lengths are exact.
