@@ -21,7 +21,7 @@ from engine.config import CaptureDefaults, ConfigError
 from engine.core import EngineCore
 from engine.pipeline import Outcome
 from engine.writer import JsonlWriter
-from reference import steered
+from reference import steered_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("last_prompt", "mean_prompt", "all_prompt", "generated")
@@ -41,9 +41,12 @@ def request(i: int, positions: str, steering=None, layers=LAYERS) -> dict:
                 ignore_eos=True, stop=[], steering=steering, capture={"layers": layers, "positions": positions})
 
 
-def hf_states(model, ids: list[int], spec) -> tuple[torch.Tensor, ...]:
-    with steered(model, spec), torch.no_grad():
-        return model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+def hf_states(model, ids: list[int], spec, num_prompt: int) -> tuple[torch.Tensor, ...]:
+    """HF hidden states (on the CPU) of one forward over a whole sequence, steered by plain forward hooks."""
+    device = next(model.parameters()).device
+    with steered_sequence(model, spec, num_prompt), torch.no_grad():
+        states = model(torch.tensor([ids], device=device), output_hidden_states=True).hidden_states
+    return tuple(h.cpu() for h in states)
 
 
 def expected(states, layer: int, positions: str, num_prompt: int, num_new: int) -> torch.Tensor:
@@ -65,26 +68,31 @@ def run_core(core, tokenizer, specs: list) -> tuple[dict, dict]:
     return done, {i: tensors_of(core.recorder.pop(i)) for i in done}
 
 
+def specs_of(vector) -> list:
+    """Unsteered, steered everywhere and steered at generated positions only, one layer (see check_against_hf)."""
+    return [None] + [{"vector": vector, "layers": [STEER_LAYER], "coef": COEF, "positions": p} for p in ("all", "generated")]
+
+
 @pytest.mark.parametrize("is_before_steering", [False, True], ids=["after", "before"])
 def test_captured_values_equal_hf_hidden_states(tiny_source, tokenizer, tiny_model, vector, is_before_steering):
-    spec = {"vector": vector, "layers": [STEER_LAYER], "coef": COEF, "positions": "all"}
     config = tiny_config(max_num_seqs=3, capture=CaptureDefaults(is_before_steering=is_before_steering))
     core = EngineCore(config, tiny_source)
-    done, captured = run_core(core, tokenizer, [None, spec])
-    check_against_hf(done, captured, tokenizer, tiny_model, spec, is_before_steering, 1e-5)
+    done, captured = run_core(core, tokenizer, specs_of(vector))
+    check_against_hf(done, captured, tokenizer, tiny_model, specs_of(vector), is_before_steering, 1e-5)
     assert not core.recorder.requests
 
 
 @pytest.fixture(scope="module")
 def gpu_parts():
-    """Source, tokenizer and CPU reference model; ENGINE_GPU_TEST_TOKENIZER where the embedded package is missing."""
+    """Source, tokenizer and reference model (random weights are drawn on the device, so the reference is there too);
+    ENGINE_GPU_TEST_TOKENIZER where the embedded package is missing."""
     from engine.config import EngineConfig
     from engine.models import load_model, resolve_model
     from engine.tokenizer_worker import load_tokenizer
 
     source = resolve_model(TINY, os.environ.get("ENGINE_GPU_TEST_TOKENIZER"), EngineConfig().cache_dir)
     tok = load_tokenizer(source.tokenizer_dir)
-    return source, tok, load_model(source, torch.float32, "cpu", vocab_size=len(tok))
+    return source, tok, load_model(source, torch.float32, "cuda", vocab_size=len(tok))
 
 
 @pytest.mark.gpu
@@ -100,35 +108,34 @@ def test_decode_capture_inside_cuda_graphs_equals_hf(gpu_parts, vector, is_befor
     core.generate([dict(request(i, "last_prompt"), capture=None) for i in range(3)],
                   [tokenizer(p).input_ids for p in PROMPTS[:3]])  # graphs captured with no capture hooks
     version = core.runner.hook_version
-    spec = {"vector": vector, "layers": [STEER_LAYER], "coef": COEF, "positions": "all"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            done, captured = run_core(core, tokenizer, [None, spec])
+            done, captured = run_core(core, tokenizer, specs_of(vector))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
     print("\nhost syncs seen (file:line):", syncs)
     assert not [where for where in syncs if where.startswith("activations.py")]
     assert core.runner.hook_version != version
-    check_against_hf(done, captured, tokenizer, model, spec, is_before_steering, 1e-4)
+    check_against_hf(done, captured, tokenizer, model, specs_of(vector), is_before_steering, 1e-4)
 
 
-def check_against_hf(done, captured, tokenizer, tiny_model, spec, is_before_steering, tol) -> None:
+def check_against_hf(done, captured, tokenizer, model, specs, is_before_steering, tol) -> None:
     moved = 0
     for i, seq in done.items():
-        prompt_ids, spec_i = tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, [None, spec][i % 2]
+        prompt_ids, spec_i = tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, specs[i % len(specs)]
         mode = MODES[i // len(PROMPTS)]
-        states = hf_states(tiny_model, prompt_ids + seq.output_ids, spec_i)
-        unsteered = hf_states(tiny_model, prompt_ids + seq.output_ids, None)
+        states = hf_states(model, prompt_ids + seq.output_ids, spec_i, len(prompt_ids))
+        unsteered = hf_states(model, prompt_ids + seq.output_ids, None, len(prompt_ids))
         assert sorted(captured[i]) == LAYERS
         for layer, value in captured[i].items():
             # before steering, the steered layer's own output is the unsteered one (nothing upstream is steered)
             source = unsteered if is_before_steering and layer == STEER_LAYER else states
             want = expected(source, layer, mode, len(prompt_ids), len(seq.output_ids))
             assert value.shape == want.shape, (i, mode, layer)
-            torch.testing.assert_close(value.cpu(), want, rtol=tol, atol=tol)
+            torch.testing.assert_close(value, want, rtol=tol, atol=tol)
             moved += spec_i is not None and not torch.allclose(value, expected(unsteered, layer, mode, len(prompt_ids),
                                                                                 len(seq.output_ids)))
     assert moved > 0  # steering changed captured values, so the comparison above is not vacuous
@@ -144,7 +151,7 @@ def test_a_new_steered_layer_after_capture_hooks_keeps_the_order(tiny_source, to
     spec = {"vector": vector, "layers": LAYERS, "coef": COEF, "positions": "all"}
     seq = core.generate([request(1, "generated", spec)], [ids])[1]
     got = tensors_of(core.recorder.pop(1))
-    states = hf_states(tiny_model, ids + seq.output_ids, {**spec, "layers": [1]})  # layer 2 seen before its own
+    states = hf_states(tiny_model, ids + seq.output_ids, {**spec, "layers": [1]}, len(ids))  # layer 2 before its own
     torch.testing.assert_close(got[2], expected(states, 2, "generated", len(ids), len(seq.output_ids)),
                                rtol=1e-5, atol=1e-5)
 
@@ -191,7 +198,7 @@ def test_pipeline_records_carry_activations_with_per_record_overrides(tiny_sourc
     assert sorted(got["r2"]["activations"]) == [0, 1] and sorted(got["r0"]["activations"]) == [2]
     for rid, layer, mode in (("r0", 2, "mean_prompt"), ("r2", 1, "generated"), ("r3", 2, "last_prompt")):
         ids = tokenizer(PROMPTS[int(rid[1])]).input_ids
-        states = hf_states(tiny_model, ids + got[rid]["completion_token_ids"], None)
+        states = hf_states(tiny_model, ids + got[rid]["completion_token_ids"], None, len(ids))
         want = expected(states, layer, mode, len(ids), len(got[rid]["completion_token_ids"]))
         torch.testing.assert_close(got[rid]["activations"][layer], want, rtol=1e-5, atol=1e-5)
 
