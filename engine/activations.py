@@ -31,6 +31,7 @@ import torch
 from engine.config import CaptureDefaults
 from engine.request import RecordError
 from engine.steering import decoder_layers
+from engine.transfer import to_device
 
 ITEM_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_SHARD_BYTES = 512 << 20
@@ -171,14 +172,14 @@ class ActivationRecorder:
         if mean:
             rows = self._rows(mean)
             mask = is_real[rows, :, None].to(torch.float32)
-            count = torch.tensor([lengths[r] for r, _ in mean], dtype=torch.float32).to(self.device)
+            count = to_device([lengths[r] for r, _ in mean], torch.float32, self.device)
             self._keep(layer, mean, (hidden[rows].float() * mask).sum(1) / count[:, None])
         for row, index, mode in items:
             if mode == "all_prompt":
                 self._pending.append((index, layer, hidden[row, hidden.shape[1] - lengths[row]:].to(self.dtype)))
 
     def _rows(self, items: list[tuple[int, int]]) -> torch.Tensor:
-        return torch.tensor([row for row, _ in items], dtype=torch.int64).to(self.device)
+        return to_device([row for row, _ in items], torch.int64, self.device)
 
     def _keep(self, layer: int, items: list[tuple[int, int]], values: torch.Tensor) -> None:
         values = values.to(self.dtype)

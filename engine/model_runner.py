@@ -21,6 +21,7 @@ from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SamplingParams
 from engine.scheduler import ScheduledBatch, Sequence, batch_sizes, bucket
 from engine.steering import SteeringTable, decoder_layers
+from engine.transfer import to_device
 
 log = logging.getLogger("engine")
 
@@ -49,7 +50,10 @@ class ModelRunner:
         # Static decode inputs, indexed by slot.
         self.tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self.meta = torch.zeros(3, slots, dtype=torch.int64, device=self.device)  # position, write column, step
-        self._meta_host = torch.zeros(3, slots, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        # Two pinned staging buffers, alternating: the host writes step N+1's while step N's copy may still be queued.
+        self._meta_hosts = [torch.zeros(3, slots, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+                            for _ in range(2)]
+        self._meta_flip = 0
         self.temperature = torch.zeros(slots, dtype=torch.float32, device=self.device)
         self.top_p = torch.ones(slots, dtype=torch.float32, device=self.device)
         self.top_k = torch.zeros(slots, dtype=torch.int64, device=self.device)
@@ -78,7 +82,7 @@ class ModelRunner:
         params = SamplingParams.build([s.sampling_row for s in seqs], self.device)
         steps = torch.zeros(len(seqs), dtype=torch.int64, device=self.device)
         tokens = self.sampler(logits.float(), params, steps)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        slots = to_device([s.slot for s in seqs], torch.int64, self.device)
         self.tokens.index_copy_(0, slots, tokens)
         self._set_sampling(seqs, slots)
         self.steering.assign(seqs)
@@ -91,12 +95,12 @@ class ModelRunner:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.int64, device=self.device)
         for i, seq in enumerate(seqs):
             ids[i, width - seq.num_prompt_tokens:] = seq.prompt_ids
-        lengths = torch.tensor(lengths_host, dtype=torch.int64).to(self.device)
+        lengths = to_device(lengths_host, torch.int64, self.device)
         col = torch.arange(width, device=self.device)[None, :]
         positions = col - (width - lengths)[:, None]
         is_real = positions >= 0
         CONTEXT.cache, CONTEXT.is_prefill = self.cache, True
-        CONTEXT.slots = torch.tensor([s.slot for s in seqs], dtype=torch.int64).to(self.device)[:, None]
+        CONTEXT.slots = to_device([s.slot for s in seqs], torch.int64, self.device)[:, None]
         CONTEXT.write_pos = torch.where(is_real, positions, self.cache.trash)
         CONTEXT.masks = prefill_masks(lengths, width, self.windows)
         self.steering.set_active(self.steering.prefill_inputs(seqs, width))
@@ -112,7 +116,7 @@ class ModelRunner:
         rows = [s.sampling_row for s in seqs]
         for target, column, dtype in ((self.temperature, 0, torch.float32), (self.top_p, 1, torch.float32),
                                       (self.top_k, 2, torch.int64), (self.seed, 3, torch.int64)):
-            target.index_copy_(0, slots, torch.tensor([r[column] for r in rows], dtype=dtype).to(self.device))
+            target.index_copy_(0, slots, to_device([r[column] for r in rows], dtype, self.device))
 
     # ---- decode
     @torch.inference_mode()
@@ -127,12 +131,14 @@ class ModelRunner:
     def decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         rows = batch.num_rows
         self.capture_all()  # before this step's inputs are set: a capture overwrites them
-        meta = self._meta_host[:, :rows].numpy()
+        staging = self._meta_hosts[self._meta_flip]
+        self._meta_flip ^= 1
+        meta = staging[:, :rows].numpy()
         meta[0], meta[1], meta[2] = 0, self.cache.trash, 0
         for seq in batch.seqs:  # the input token is the last one sampled, at position num_tokens - 1
             meta[0, seq.slot] = meta[1, seq.slot] = seq.num_tokens - 1
             meta[2, seq.slot] = seq.num_scheduled
-        self.meta[:, :rows].copy_(self._meta_host[:, :rows], non_blocking=True)
+        self.meta[:, :rows].copy_(staging[:, :rows], non_blocking=True)
         self.steering.advance()  # generated-range steering that starts or ends at this step
         read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
         if not self.use_graphs:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.transfer import to_device
+
 _M32 = 0xFFFFFFFF
 
 try:  # the fused CUDA kernel; without Triton the PyTorch path computes the same noise
@@ -67,7 +69,7 @@ class SamplingParams:
 
     @classmethod
     def build(cls, rows: list[tuple[float, float, int, int]], device) -> "SamplingParams":
-        columns = [torch.tensor([r[i] for r in rows], dtype=dtype).to(device)
+        columns = [to_device([r[i] for r in rows], dtype, device)
                    for i, dtype in enumerate((torch.float32, torch.float32, torch.int64, torch.int64))]
         return cls(*columns, *cls.flags(rows))
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engine.request import RecordError, steering_terms
+from engine.transfer import to_device
 
 VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy", ".gguf")
 CONTROL_VECTOR_ARCH = "controlvector"  # the GGUF architecture repeng and llama.cpp use for steering vectors
@@ -359,17 +360,12 @@ class SteeringTable:
     def _write_slots(self, updates: list[tuple[int, int, LayerRows]]) -> None:
         """Write (layer, slot, rows) into the decode buffers: one small copy, no host sync."""
         host = torch.tensor([[layer, slot, *rows] for layer, slot, rows in updates], dtype=torch.int64)
-        layer, slot, plain, matched, normalize = self._to_device(host.T.contiguous())
+        layer, slot, plain, matched, normalize = to_device(host.T.contiguous(), torch.int64, self.device)
         self.slot_rows.index_put_((layer, slot), plain)
         self.slot_coef.index_put_((layer, slot), (plain != 0).float())
         self.slot_matched.index_put_((layer, slot), matched)
         self.slot_normalize.index_put_((layer, slot), normalize != 0)
 
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        # Pinned through the caching host allocator, which keeps the block until the async copy has read it.
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
 
     def set_active(self, per_layer: dict) -> None:
         """Per-token (row, coef, norm-matched row, normalize) tensors of each hooked layer for the next forward;
@@ -394,7 +390,7 @@ class SteeringTable:
                 for layer, r in rows.items():
                     if r != UNSTEERED:
                         host[:, index[layer], i, pad + start:pad + end] = np.asarray(r[:kinds], dtype=np.int64)[:, None]
-        device = self._to_device(torch.from_numpy(host))
+        device = to_device(torch.from_numpy(host), torch.int64, self.device)
         plain, coefs = device[0], (device[0] != 0).float()
         norm_inputs = (device[1], device[2] != 0) if kinds == 3 else ()
         return {layer: (plain[j], coefs[j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.hooked)}
