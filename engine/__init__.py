@@ -1,6 +1,6 @@
 """A steerable batch-generation engine for LLM research."""
 
-from engine.config import EngineConfig, SamplingDefaults, SteeringDefaults
+from engine.config import CaptureDefaults, EngineConfig, SamplingDefaults, SteeringDefaults
 from engine.pipeline import Engine, EngineError
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "SamplingDefaults", "SteeringDefaults"]
+__all__ = ["CaptureDefaults", "Engine", "EngineConfig", "EngineError", "SamplingDefaults", "SteeringDefaults"]
