@@ -26,7 +26,7 @@ import psutil
 
 from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
                                  no_gpu_metrics, notes, references, system_metrics, versions, write_outputs)
-from engine.config import DTYPES, ConfigError, EngineConfig, SamplingDefaults
+from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError, EngineConfig, SamplingDefaults
 from engine.models import ModelNotFound, hidden_size, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
 from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload, prompts_from_msg,
@@ -74,8 +74,10 @@ class BenchConfig:
     is_saving_outputs: bool = False
     is_quiet: bool = False
     cache_dir: str = ""
-    steering_specs: int = 0  # > 0: the engine also runs with this many distinct steering vectors, one per prompt
+    steering_specs: list[int] = field(default_factory=list)  # one more engine row per count: that many distinct vectors
     steering_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
+    capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
+    capture_positions: str = "last_prompt"
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -94,9 +96,14 @@ class BenchConfig:
         if self.append_results is not None and not Path(self.append_results).is_file():
             raise ConfigError(f"--append-results {self.append_results}: no such file; run from the repository root "
                               f"or give the path of {RESULTS_FILE}")
-        if self.steering_specs < 0 or not self.steering_layers or min(self.steering_layers) < 0:
+        if isinstance(self.steering_specs, int):
+            self.steering_specs = [self.steering_specs] if self.steering_specs else []
+        if min(self.steering_specs, default=1) < 1 or not self.steering_layers or min(self.steering_layers) < 0:
             raise ConfigError(f"--steering-specs {self.steering_specs} / --steering-layers {self.steering_layers}: give "
-                              f"a count >= 0 and layer indices >= 0")
+                              f"counts >= 1 (like 1,256) and layer indices >= 0")
+        if min(self.capture_layers, default=0) < 0 or self.capture_positions not in CAPTURE_POSITIONS:
+            raise ConfigError(f"--capture-layers {self.capture_layers} / --capture-positions {self.capture_positions}: "
+                              f"give layer indices >= 0 and one of {', '.join(CAPTURE_POSITIONS)}")
         if self.sample_hz < 10:
             raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
         self.cache_dir = self.engine_config().cache_dir  # EngineConfig checks device, dtype, sampling; fills cache_dir
@@ -222,23 +229,28 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
     prompts = prompts_from_msg(prompts_msg)
     with Engine(config.engine_config()) as engine, tempfile.TemporaryDirectory() as folder:
         runs = [("engine", _engine_records(prompts))]
-        if config.steering_specs:
-            specs = _steering_specs(engine, config, Path(folder))
+        layers = ",".join(map(str, config.steering_layers))
+        for count in config.steering_specs:
+            specs = _steering_specs(engine, config, count, Path(folder))
             steered = [{**r, "steering": specs[i % len(specs)]} for i, r in enumerate(_engine_records(prompts))]
-            runs.append((f"engine+steer{config.steering_specs}@L{','.join(map(str, config.steering_layers))}", steered))
+            runs.append((f"engine+steer{count}@L{layers}", steered))
+        if config.capture_layers:
+            capture = {"layers": config.capture_layers, "positions": config.capture_positions}
+            runs.append((f"engine+capture@L{','.join(map(str, config.capture_layers))}:{config.capture_positions}",
+                         [{**r, "capture": capture} for r in _engine_records(prompts)]))
         for system, records in runs:
             _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts)
     events.put({"t": "exit"})
 
 
-def _steering_specs(engine, config: BenchConfig, folder: Path) -> list[dict]:
+def _steering_specs(engine, config: BenchConfig, count: int, folder: Path) -> list[dict]:
     """Distinct random unit-scale vectors, one file each, on the configured layers."""
     import numpy as np
 
     hidden = hidden_size(engine.source)
     rng = np.random.default_rng(config.seed)
     specs = []
-    for i in range(config.steering_specs):
+    for i in range(count):
         path = folder / f"v{i}.npy"
         np.save(path, (rng.standard_normal(hidden) / np.sqrt(hidden)).astype(np.float32))
         specs.append({"vector": str(path), "layers": config.steering_layers, "coef": 4.0, "positions": "all"})
@@ -530,9 +542,14 @@ def bench_parser() -> argparse.ArgumentParser:
                    help=f"append each run's table to FILE (default {RESULTS_FILE})")
     p.add_argument("--save-outputs", action="store_true", help="also write every system's completions as JSONL")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--steering-specs", type=int, default=0,
-                   help="also run the engine with N distinct steering vectors (one per prompt) to measure the overhead")
+    p.add_argument("--steering-specs", type=_ints, default=[],
+                   help="also run the engine with N distinct steering vectors (one per prompt), one row per N in a "
+                        "comma list like 1,256, to measure the overhead")
     p.add_argument("--steering-layers", type=_ints, default=[4, 8, 12], help="layers those vectors steer")
+    p.add_argument("--capture-layers", type=_ints, default=[],
+                   help="also run the engine capturing activations at these layers, to measure the overhead")
+    p.add_argument("--capture-positions", default="last_prompt", help=f"what that run captures: "
+                   f"{', '.join(CAPTURE_POSITIONS)}")
     return p
 
 
@@ -548,7 +565,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
-        steering_layers=args.steering_layers,
+        steering_layers=args.steering_layers, capture_layers=args.capture_layers, capture_positions=args.capture_positions,
     )
 
 

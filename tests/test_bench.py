@@ -52,7 +52,8 @@ def test_input_file_errors_name_the_line(tokenizer, tmp_path):
     (dict(batch_sizes=[0]), "--batch-sizes"),
     (dict(device="tpu"), "--device"),
     (dict(append_results="/nowhere/RESULTS.md"), "--append-results"),
-    (dict(steering_specs=-1), "--steering-specs"),
+    (dict(steering_specs=[0]), "--steering-specs"),
+    (dict(capture_layers=[1], capture_positions="first"), "--capture-positions"),
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -218,16 +219,17 @@ def test_gpu_run_samples_nvml(tmp_path):
     assert next(m for m in report["systems"] if m["system"] == "naive")["is_extrapolated"]
 
 
-def test_engine_under_many_steering_specs_is_a_second_engine_row(tmp_path):
+def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
     code = bench_main(["--model", "random:tiny", "--device", "cpu", "--workload", "short", "--systems", "engine",
                        "--num-prompts", "3", "--steering-specs", "3", "--steering-layers", "1,3", "--max-num-seqs", "4",
-                       "--out", str(tmp_path), "--save-outputs", "--quiet"])
+                       "--capture-layers", "0,2", "--out", str(tmp_path), "--save-outputs", "--quiet"])
     assert code == 0
     outputs = read_jsonl(next(tmp_path.glob("*-outputs.jsonl")))
     by_system: dict[str, dict[str, list[int]]] = {}
     for record in outputs:
         by_system.setdefault(record["system"], {})[record["id"]] = record["completion_token_ids"]
-    assert list(by_system) == ["engine", "engine+steer3@L1,3"]
-    plain, steered = by_system.values()
+    assert list(by_system) == ["engine", "engine+steer3@L1,3", "engine+capture@L0,2:last_prompt"]
+    plain, steered, captured = by_system.values()
+    assert captured == plain  # capturing changes nothing it generates
     assert [len(v) for v in steered.values()] == [len(v) for v in plain.values()] == [150] * 3
     assert steered != plain  # the vectors really were applied
