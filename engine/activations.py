@@ -385,17 +385,19 @@ def _records(output: Path):
     return (r for r in _lines(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
 
 
-def load(output: str | Path, layers: list[int] | None = None) -> dict[str, dict[int, torch.Tensor]]:
-    """Activations of every result record of a results file: {id: {layer: tensor}} (optionally some layers)."""
+def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[str, dict[int, torch.Tensor]]:
+    """Activations of the result records of a results file: {id: {layer: tensor}}; `layers` and `ids` narrow it
+    (only those tensors are read from the shards)."""
     from safetensors import safe_open
 
     output = Path(output)
     if not output.is_file():
         raise FileNotFoundError(f"{output}: no such results file")
+    wanted = None if ids is None else set(ids)
     by_shard: dict[str, list[tuple[str, list[int], list[str]]]] = defaultdict(list)
     for record in _records(output):
         pointer = record.get("activations")
-        if isinstance(pointer, dict):
+        if isinstance(pointer, dict) and (wanted is None or record["id"] in wanted):
             by_shard[pointer["shard"]].append((record["id"], pointer["layers"], pointer["keys"]))
     out: dict[str, dict[int, torch.Tensor]] = {}
     for shard, entries in by_shard.items():

@@ -269,3 +269,4 @@ def test_writer_rolls_shards_and_holds_result_lines_until_their_shard_is_on_disk
     assert shards == ["00000.safetensors", "00001.safetensors"]
     got = load(out)
     assert got["r2"][3].shape == (5, 4) and float(got["r3"][3][0, 0]) == 3.0 and "plain" not in got
+    assert list(load(out, ids=["r3", "plain"])) == ["r3"]
