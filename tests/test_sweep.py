@@ -1,0 +1,340 @@
+"""engine-sweep: the sweep file, plan expansion (ids, seeds, hash), the output directory's refusal / --force /
+--extend, runs with the real engine (random:tiny) killed and resumed, and the report's numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import read_jsonl, write_jsonl
+from engine.request import derive_seed
+from engine.sweep import Plan, SweepError, load_sweep, prepare_directory
+from engine.sweep_report import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SWEEP = """\
+output = "out"
+seed = 5
+samples = 2
+models = [{{model = "random:tiny", label = "tiny"}}]
+prompts = ["prompts.jsonl"]
+
+[vectors]
+v = "v.npy"
+
+[grid]
+vectors = ["v"]
+layers = [1, [0, 2]]
+coefs = {coefs}
+baseline = true
+
+[generation]
+max_new_tokens = 4
+temperature = 0.9
+ignore_eos = true
+
+[engine]
+device = "cpu"
+max_num_seqs = {max_num_seqs}
+{extra}"""
+
+
+def make_sweep(folder: Path, coefs="[0, 4]", max_num_seqs=4, extra="", num_prompts=2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "v.npy", np.random.default_rng(0).standard_normal(64).astype(np.float32))
+    prompts = [{"id": "hello", "prompt": "Hello there", "topic": "greeting"}, {"prompt": "The capital of France is"},
+               {"id": "story", "prompt": "Once upon a time", "seed": 99}, {"id": "digits", "prompt": "1 2 3 4"}]
+    write_jsonl(folder / "prompts.jsonl", prompts[:num_prompts])
+    path = folder / "sweep.toml"
+    path.write_text(SWEEP.format(coefs=coefs, max_num_seqs=max_num_seqs, extra=extra))
+    return path
+
+
+def engine_sweep(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.sweep", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def plan_ids(path: Path) -> dict[str, int]:
+    plan = Plan(load_sweep(path))
+    return {record["id"]: record["seed"] for model in plan.config.models for _, record in plan.requests(model)}
+
+
+# ---------------------------------------------------------------- plan expansion
+def test_ids_and_seeds_are_stable_and_independent_of_file_order(tmp_path):
+    path = make_sweep(tmp_path / "a")
+    plan = Plan(load_sweep(path))
+    ids = plan_ids(path)
+    assert len(ids) == 5 * 2 * 2  # (baseline + 2 layer sets x 2 coefs) x 2 prompts x 2 samples
+    assert "tiny/none/prompts/hello/s0" in ids and "tiny/v@L0,2*4.0/prompts/2/s1" in ids
+    assert all(seed == derive_seed(5, request_id) for request_id, seed in ids.items())
+    # The same sweep written as JSON with its sections and axes in another order: same hash, ids and seeds.
+    table = {"grid": {"baseline": True, "coefs": [4, 0.0], "layers": [[2, 0], 1], "vectors": ["v"]},
+             "engine": {"max_num_seqs": 16, "device": "cpu"},  # speed settings are not part of the hash
+             "generation": {"ignore_eos": True, "temperature": 0.9, "max_new_tokens": 4},
+             "vectors": {"v": "v.npy"}, "prompts": ["prompts.jsonl"], "samples": 2, "seed": 5, "output": "elsewhere",
+             "models": [{"label": "tiny", "model": "random:tiny"}]}
+    (tmp_path / "a" / "same.json").write_text(json.dumps(table))
+    assert Plan(load_sweep(tmp_path / "a" / "same.json")).config_hash == plan.config_hash
+    assert plan_ids(tmp_path / "a" / "same.json") == ids
+    # Requests go sample > prompt > point, so a sweep stopped early has every point about equally far along.
+    first = [record["sweep"]["point"] for _, record in list(plan.requests(plan.config.models[0]))[:5]]
+    assert first == ["none", "v@L1*0.0", "v@L1*4.0", "v@L0,2*0.0", "v@L0,2*4.0"]
+    record = next(r for _, r in plan.requests(plan.config.models[0]) if r["id"] == "tiny/v@L1*4.0/prompts/hello/s1")
+    assert record["steering"] == {"vector": str(tmp_path / "a" / "v.npy"), "layers": [1], "coef": 4.0, "positions": "all"}
+    assert record["topic"] == "greeting" and record["sweep"]["coef"] == 4.0 and record["sweep"]["sample"] == 1
+
+
+def test_paired_seeds_share_noise_across_points_and_a_prompts_own_seed_is_replaced(tmp_path):
+    path = make_sweep(tmp_path, num_prompts=3)
+    ids = plan_ids(path)
+    assert len({seed for i, seed in ids.items() if i.endswith("/story/s0")}) == 5  # independent by default
+    path.write_text("paired_seeds = true\n" + path.read_text())
+    paired = plan_ids(path)
+    assert {seed for i, seed in paired.items() if i.endswith("/story/s0")} == {derive_seed(5, "prompts/story/s0")}
+    assert paired["tiny/none/prompts/story/s0"] != paired["tiny/none/prompts/story/s1"]
+
+
+BAD_FILES = [
+    ("coefs = [0, 4]", "coefs = [0, 4, \"x\"]", "grid.coefs[2] must be a number, got \"x\""),
+    ("coefs = [0, 4]", "coef = [0, 4]", "unknown key(s) ['coef'] in [grid]"),
+    ("layers = [1, [0, 2]]", "layers = [1, [0, -2]]", "grid.layers[1][1] is -2; it must be at least 0"),
+    ("vectors = [\"v\"]", "vectors = [\"w\"]", "grid.vectors[0] 'w' is not in [vectors]"),
+    ("samples = 2", "samples = 0", "samples is 0; it must be at least 1"),
+    ("label = \"tiny\"", "label = \"a/b\"", "models[0].label is 'a/b'"),
+    ("v = \"v.npy\"", "v = \"missing.npy\"", "vectors.v:"),
+    ("temperature = 0.9", "temperature = -1", "generation: temperature=-1.0 must be >= 0"),
+    ("ignore_eos = true", "ignore_eos = 1", "generation.ignore_eos must be true or false"),
+    ("baseline = true", "baseline = true\npositions = [\"everywhere\"]", "grid.positions[0] is \"everywhere\""),
+    ("max_num_seqs = 4", "max_num_seqs = \"4\"", "engine.max_num_seqs must be an integer"),
+    ("device = \"cpu\"", "device = \"tpu\"", "engine: --device 'tpu'"),
+    ("seed = 5", "seed = 5\n[[metrics]]\nregex = \"(\"", "metrics[0].regex '(' is not a valid regular expression"),
+    ("seed = 5", "seed = 5\nmodels = []", "Cannot overwrite a value"),  # a TOML syntax error is reported as such
+]
+
+
+@pytest.mark.parametrize("old,new,message", BAD_FILES, ids=[b[2][:30] for b in BAD_FILES])
+def test_a_bad_sweep_file_names_the_field(tmp_path, old, new, message):
+    path = make_sweep(tmp_path)
+    text = path.read_text()
+    assert old in text
+    if new.startswith("seed = 5\n["):  # a table must come after the top-level keys
+        text, new = text + new[len("seed = 5\n"):], old
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(SweepError) as info:
+        Plan(load_sweep(path))
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value), str(info.value)
+
+
+def test_a_bad_prompt_line_names_file_and_line_and_the_cli_says_it_in_one_line(tmp_path):
+    path = make_sweep(tmp_path)
+    with (tmp_path / "prompts.jsonl").open("a") as f:
+        f.write('{"prompt": "x", "steering": null}\n')
+    result = engine_sweep(path)
+    assert result.returncode == 1
+    assert "prompts.jsonl line 3: field(s) ['steering'] are set by the sweep" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the output directory
+def test_a_changed_sweep_is_refused_unless_extend_or_force(tmp_path):
+    path = make_sweep(tmp_path)
+    out = tmp_path / "out"
+    assert prepare_directory(out, Plan(load_sweep(path)), force=False, extend=False) == "new"
+    assert (out / "sweep.toml").read_text() == path.read_text() and json.loads((out / "plan.json").read_text())
+    assert prepare_directory(out, Plan(load_sweep(path)), force=False, extend=False) == "resume"
+    path.write_text(path.read_text().replace("coefs = [0, 4]", "coefs = [0, 4, 8]"))
+    with pytest.raises(SweepError, match=r"changed since .* \(points: added v@L0,2\*8.0, v@L1\*8.0\).*--extend"):
+        prepare_directory(out, Plan(load_sweep(path)), force=False, extend=False)
+    assert prepare_directory(out, Plan(load_sweep(path)), force=False, extend=True) == "extend"
+    path.write_text(path.read_text().replace("coefs = [0, 4, 8]", "coefs = [4, 8]").replace("0.9", "0.5"))
+    with pytest.raises(SweepError) as info:
+        prepare_directory(out, Plan(load_sweep(path)), force=False, extend=True)
+    assert "generation.temperature: was 0.9, now 0.5" in str(info.value)
+    assert "points: removed v@L0,2*0.0, v@L1*0.0" in str(info.value) and "--force" in str(info.value)
+    assert prepare_directory(out, Plan(load_sweep(path)), force=True, extend=False) == "replaced"
+    assert len(list(tmp_path.glob("out.replaced-*"))) == 1
+    assert json.loads((out / "plan.json").read_text())["settings"]["generation"]["temperature"] == 0.5
+
+
+# ---------------------------------------------------------------- running with the engine
+def check_output(folder: Path, path: Path) -> list[dict]:
+    """Every line valid JSON, no id twice, exactly the plan's ids, each with the plan's seed."""
+    out = folder / "out"
+    records = read_jsonl(out / "results.jsonl")  # fails on any invalid line
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids))
+    expected = plan_ids(path)
+    assert set(ids) == set(expected)
+    assert all(r["seed"] == expected[r["id"]] and r["num_completion_tokens"] == 4 for r in records)
+    return records
+
+
+def test_run_then_extend_with_a_coefficient_and_a_model_runs_only_the_new_requests(tmp_path):
+    path = make_sweep(tmp_path, extra='\n[capture]\nlayers = [1]\npositions = "mean_prompt"\n'
+                                      '\n[[metrics]]\nname = "proj"\nprojection = "v"\nlayer = 1\n')
+    path.write_text(path.read_text().replace("samples = 2", "samples = 1"))
+    result = engine_sweep(path)
+    assert result.returncode == 0, result.stderr
+    records = check_output(tmp_path, path)
+    record = next(r for r in records if r["id"] == "tiny/v@L0,2*4.0/prompts/hello/s0")
+    assert record["sweep"] == {"model": "tiny", "point": "v@L0,2*4.0", "vector": "v", "layers": [0, 2], "coef": 4.0,
+                               "positions": "all", "normalize": False, "norm_match": False, "prompt_set": "prompts",
+                               "prompt_id": "hello", "sample": 0}
+    assert record["topic"] == "greeting" and record["steering"]["coef"] == 4.0
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "done" and status["done"] == status["total"] == 10 and status["errors"] == 0
+    assert status["models"]["tiny"]["state"] == "done" and status["tok_per_s"] > 0
+    assert "finished" in (tmp_path / "out" / "sweep.log").read_text()
+    # The projection metric equals the captured activations projected by hand.
+    from engine.activations import load
+    activations = load(tmp_path / "out" / "results.jsonl")
+    v = np.load(tmp_path / "v.npy")
+    unit = v / np.linalg.norm(v)
+    by_hand = np.mean([activations[r["id"]][1].numpy() @ unit for r in records if r["sweep"]["point"] == "v@L1*4.0"])
+    rows = {(r["model"], r["point"]): r for r in read_csv(tmp_path / "out" / "summary.csv")}
+    assert float(rows["tiny", "v@L1*4.0"]["proj"]) == pytest.approx(by_hand, rel=1e-5)
+    assert (tmp_path / "out" / "plots" / "proj.png").stat().st_size > 0
+
+    before = (tmp_path / "out" / "results.jsonl").read_bytes()
+    path.write_text(path.read_text().replace("coefs = [0, 4]", "coefs = [0, 4, 8]").replace(
+        'models = [{model = "random:tiny", label = "tiny"}]',
+        'models = [{model = "random:tiny", label = "tiny"}, "random:tiny-llama"]'))
+    assert engine_sweep(path).returncode == 1  # changed: refused without --extend
+    result = engine_sweep(path, "--extend")
+    assert result.returncode == 0, result.stderr
+    after = (tmp_path / "out" / "results.jsonl").read_bytes()
+    assert after.startswith(before)  # nothing already run was touched
+    new = [json.loads(line) for line in after[len(before):].splitlines()]
+    assert sorted(r["id"] for r in new if r["sweep"]["model"] == "tiny") == [
+        f"tiny/v@L{layers}*8.0/prompts/{prompt}/s0" for layers in ("0,2", "1") for prompt in ("2", "hello")]
+    assert len([r for r in new if r["sweep"]["model"] == "random-tiny-llama"]) == 7 * 2
+    check_output(tmp_path, path)
+    result = engine_sweep(path)  # finished: nothing to run, no engine started
+    assert result.returncode == 0 and "0 records" in result.stderr and "starting" not in result.stderr
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def start_sweep(path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.sweep", str(path), "--no-report"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def wait_for_more_records(path: Path, than: int, proc: subprocess.Popen, timeout=120) -> None:
+    deadline = time.monotonic() + timeout
+    while count_lines(path) <= than:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no records in time"
+        time.sleep(0.1)
+
+
+def test_kill_9_of_the_process_group_at_random_moments_loses_and_duplicates_nothing(tmp_path):
+    path = make_sweep(tmp_path, coefs="[0, 2, 4]", max_num_seqs=2, num_prompts=4)  # 7 points x 4 prompts x 2 = 56
+    results = tmp_path / "out" / "results.jsonl"
+    rng = random.Random(int(os.environ.get("SWEEP_KILL_SEED", "0")))
+    # Power loss as the process group dying: twice at any moment of the first seconds (loading the plan, starting
+    # the engine, the first records), once while records are being written.
+    for round_ in range(3):
+        proc = start_sweep(path)
+        if round_ < 2:
+            time.sleep(rng.uniform(0.5, 12.0))
+        else:
+            wait_for_more_records(results, count_lines(results), proc)
+            time.sleep(rng.uniform(0.0, 2.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        if results.exists():
+            read_jsonl_prefix(results)
+    # SIGINT drains: stops admitting, flushes, exits 130, says so in status.json.
+    proc = start_sweep(path)
+    wait_for_more_records(results, count_lines(results), proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "interrupted"
+    num_before = len(read_jsonl(results))
+    assert 3 <= num_before < 56
+    result = engine_sweep(path)
+    assert result.returncode == 0, result.stderr
+    assert f"{56 - num_before} records" in result.stderr
+    check_output(tmp_path, path)
+
+
+def read_jsonl_prefix(path: Path) -> None:
+    """After a kill: complete lines are valid JSON; only the last line may be cut short (resume removes it)."""
+    lines = path.read_bytes().split(b"\n")
+    for line in lines[:-1]:
+        json.loads(line)
+
+
+# ---------------------------------------------------------------- the report
+METRICS = """
+[[metrics]]
+name = "greeting"
+keywords = ["hello", "hi"]
+
+[[metrics]]
+name = "digits"
+regex = "[0-9]"
+
+[[metrics]]
+name = "custom"
+function = "my_metrics:exclaims"
+"""
+
+
+def test_report_numbers_on_a_known_case(tmp_path):
+    path = make_sweep(tmp_path, extra=METRICS)
+    (tmp_path / "my_metrics.py").write_text(
+        "def exclaims(record):\n"
+        "    return None if record['sweep']['sample'] == 1 else record['completion'].count('!')\n")
+    out = tmp_path / "out"
+    plan = Plan(load_sweep(path))
+    prepare_directory(out, plan, force=False, extend=False)
+    # Four records of the baseline and two of v@L1*4.0, written as the engine writes them, and one error.
+    made = {r["id"]: r for _, r in plan.requests(plan.config.models[0])}
+    known = [("tiny/none/prompts/hello/s0", "Hello! Hi!", 3, "stop"),
+             ("tiny/none/prompts/hello/s1", "hi 2", 4, "length"),
+             ("tiny/none/prompts/2/s0", "Oh!", 1, "stop"),
+             ("tiny/none/prompts/2/s1", "Philosophy", 4, "length"),
+             ("tiny/v@L1*4.0/prompts/hello/s0", "9 lives", 2, "stop"),
+             ("tiny/v@L1*4.0/prompts/2/s0", "nothing", 4, "length")]
+    rows = [{"id": i, "completion": c, "finish_reason": f, "num_prompt_tokens": 3, "num_completion_tokens": n,
+             "seed": made[i]["seed"], "steering": made[i]["steering"], "sweep": made[i]["sweep"]}
+            for i, c, n, f in known]
+    write_jsonl(out / "results.jsonl", rows)
+    write_jsonl(out / "errors.jsonl", [{"line": 7, "id": "tiny/v@L1*4.0/prompts/2/s1", "error": "x"}])
+    paths = write_report(out)
+    summary = {r["point"]: r for r in read_csv(out / "summary.csv")}
+    base, steered = summary["none"], summary["v@L1*4.0"]
+    assert (base["num_records"], base["num_errors"], steered["num_records"], steered["num_errors"]) == ("4", "0", "2", "1")
+    assert float(base["mean_completion_tokens"]) == 3.0 and float(base["median_completion_tokens"]) == 3.5
+    assert float(steered["mean_completion_tokens"]) == 3.0 and float(steered["median_completion_tokens"]) == 3.0
+    assert (base["finish_stop"], base["finish_length"], steered["finish_stop"]) == ("2", "2", "1")
+    assert float(base["greeting"]) == 0.5  # "Hello! Hi!" and "hi 2" (keywords match whole words, any case)
+    assert float(base["digits"]) == 0.25 and float(steered["digits"]) == 0.5
+    assert float(base["custom"]) == 1.5  # sample 0 only: "Hello! Hi!" and "Oh!"
+    assert float(steered["custom"]) == 0.0
+    assert summary["v@L1*0.0"]["num_records"] == "0" and summary["v@L1*0.0"]["mean_completion_tokens"] == ""
+    assert {p.name for p in paths} >= {"summary.csv", "summary.md", "greeting.png", "custom.png"}
+    assert "| tiny | none | 4 | 0 | 3 | 3.5 | 2 | 2 | 0.5 | 0.25 | 1.5 |" in (out / "summary.md").read_text()
