@@ -843,8 +843,8 @@ class SweepRunner:
                     self._run_model(model, writer)
         except KeyboardInterrupt:
             self.stopper.stop("SIGINT")
-        except (EngineError, ConfigError, ModelNotFound) as exc:
-            self.status.finish("failed", str(exc))
+        except (EngineError, ConfigError, ModelNotFound, OSError) as exc:  # OSError: a full disk, a lost mount
+            self.status.finish("failed", f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))
             raise
         finally:
             writer.close()
@@ -926,7 +926,10 @@ def sweep_main(argv: list[str] | None = None) -> int:
         return EXIT_FATAL
     except (ConfigError, ModelNotFound, EngineError) as exc:
         log.error("%s", exc)
-        print(f"engine-sweep: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except OSError as exc:
+        log.error("cannot write the sweep's files (%s: %s); every finished record is on disk: fix that and run the "
+                  "same command to resume", type(exc).__name__, exc)
         return EXIT_FATAL
 
 

@@ -338,3 +338,12 @@ def test_report_numbers_on_a_known_case(tmp_path):
     assert summary["v@L1*0.0"]["num_records"] == "0" and summary["v@L1*0.0"]["mean_completion_tokens"] == ""
     assert {p.name for p in paths} >= {"summary.csv", "summary.md", "greeting.png", "custom.png"}
     assert "| tiny | none | 4 | 0 | 3 | 3.5 | 2 | 2 | 0.5 | 0.25 | 1.5 |" in (out / "summary.md").read_text()
+
+
+def test_too_little_free_disk_is_refused_before_any_engine_starts(tmp_path):
+    path = make_sweep(tmp_path)
+    path.write_text("min_free_gb = 1e9\n" + path.read_text())
+    result = engine_sweep(path)
+    assert result.returncode == 1
+    assert "disk low" in result.stderr and "below min_free_gb = 1000000000.0" in result.stderr, result.stderr
+    assert "starting" not in result.stderr and not (tmp_path / "out" / "results.jsonl").exists()
