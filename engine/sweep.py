@@ -927,6 +927,9 @@ def sweep_main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelNotFound, EngineError) as exc:
         log.error("%s", exc)
         return EXIT_FATAL
+    except KeyboardInterrupt:  # before the engine's drain handler is installed, or after it is removed
+        print("engine-sweep: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as exc:
         log.error("cannot write the sweep's files (%s: %s); every finished record is on disk: fix that and run the "
                   "same command to resume", type(exc).__name__, exc)

@@ -347,3 +347,9 @@ def test_too_little_free_disk_is_refused_before_any_engine_starts(tmp_path):
     assert result.returncode == 1
     assert "disk low" in result.stderr and "below min_free_gb = 1000000000.0" in result.stderr, result.stderr
     assert "starting" not in result.stderr and not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_the_example_sweep_file_plans():
+    plan = Plan(load_sweep(ROOT / "examples" / "sweep.toml"))
+    assert plan.num_per_model == 10 * 6 * 2 and plan.config.output == str(ROOT / "examples" / "sweep-out")
+    assert [m.label for m in plan.config.models] == ["gemma3-270m"] and plan.config.capture.layers == [6]
