@@ -556,8 +556,11 @@ class Plan:
 
     def __init__(self, config: SweepConfig):
         self.config = config
-        self.points = grid_points(config.grid)
-        self.prompts = {s.name: read_prompts(s) for s in config.prompts}
+        try:
+            self.points = grid_points(config.grid)
+            self.prompts = {s.name: read_prompts(s) for s in config.prompts}
+        except SweepError as exc:
+            raise SweepError(f"{config.source}: {exc}") from None
         self.num_prompts = sum(len(p) for p in self.prompts.values())
         self.num_per_model = len(self.points) * self.num_prompts * config.samples
         self.settings = self._settings(config)

@@ -119,6 +119,7 @@ BAD_FILES = [
     ("max_num_seqs = 4", "max_num_seqs = \"4\"", "engine.max_num_seqs must be an integer"),
     ("device = \"cpu\"", "device = \"tpu\"", "engine: --device 'tpu'"),
     ("seed = 5", "seed = 5\n[[metrics]]\nregex = \"(\"", "metrics[0].regex '(' is not a valid regular expression"),
+    ("coefs = [0, 4]", "coefs = [0, 4, 4.0]", "grid: the point v@L1*4.0 comes out twice"),
     ("seed = 5", "seed = 5\nmodels = []", "Cannot overwrite a value"),  # a TOML syntax error is reported as such
 ]
 
