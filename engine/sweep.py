@@ -19,12 +19,14 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +52,7 @@ SWEEP_FIELDS = ("steering", "capture", "sweep")
 # EngineConfig fields a sweep file may set under [engine], with their types.
 ENGINE_KEYS = {"dtype": str, "device": str, "max_num_seqs": int, "max_model_len": int, "max_prefill_tokens": int,
                "gpu_memory_fraction": float, "enforce_eager": bool, "tokenizer_workers": int, "decoder_workers": int,
-               "truncate": str, "return_tokens": bool}
+               "truncate": str, "return_tokens": bool, "devices": list}
 # Of those, the ones that change what a record is (part of the config hash); the rest only change speed.
 ENGINE_MEANING = ("dtype", "max_model_len", "truncate")
 ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
@@ -154,9 +156,23 @@ class SweepConfig:
         if len({m.name for m in self.metrics}) != len(self.metrics):
             raise SweepError("metrics: two metrics share a name; give each its own name")
 
-    def engine_config(self, model: ModelEntry) -> EngineConfig:
+    def engine_config(self, model: ModelEntry, device: str) -> EngineConfig:
+        settings = {k: v for k, v in self.engine.items() if k != "devices"} | {"device": device}
         return EngineConfig(model=model.model, tokenizer=model.tokenizer, sampling=self.sampling(),
-                            capture=self.capture, **self.engine)
+                            capture=self.capture, **settings)
+
+    def devices(self) -> list[str]:
+        """Where models run, one model per device at a time: `engine.devices` if given; every visible GPU when the
+        device is auto or cuda and there are several GPUs and several models; else the one device."""
+        if "devices" in self.engine:
+            return list(self.engine["devices"])
+        device = self.engine.get("device", "auto")
+        if device in ("auto", "cuda") and len(self.models) > 1:
+            import torch
+
+            if torch.cuda.device_count() > 1:
+                return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return [device]
 
     def sampling(self) -> SamplingDefaults:
         return dataclasses.replace(self.generation, seed=self.seed)
@@ -422,12 +438,19 @@ def _generation(table) -> SamplingDefaults:
 
 def _engine(table) -> dict:
     values = _section(table, ENGINE_KEYS, "engine")
+    if "devices" in values:
+        values["devices"] = [_str(d, f"engine.devices[{i}]") for i, d in enumerate(values["devices"])]
+        for i, device in enumerate(values["devices"]):
+            try:
+                EngineConfig(device=device)
+            except ConfigError:
+                raise SweepError(f"engine.devices[{i}] is {device!r}; use cpu, cuda or cuda:N") from None
     if values.get("dtype", "auto") not in DTYPES:
         raise SweepError(f"engine.dtype is {values['dtype']!r}; use one of {', '.join(DTYPES)}")
     if values.get("truncate", "none") not in TRUNCATE_MODES:
         raise SweepError(f"engine.truncate is {values['truncate']!r}; use one of {', '.join(TRUNCATE_MODES)}")
     try:
-        EngineConfig(**values)
+        EngineConfig(**{k: v for k, v in values.items() if k != "devices"})
     except ConfigError as exc:
         raise SweepError(f"engine: {exc}") from None
     return values
@@ -727,7 +750,7 @@ class StatusBoard:
             self.models[m.label] = {"model": m.model, "state": "done" if num_done >= plan.num_per_model else "waiting",
                                     "done": num_done, "total": plan.num_per_model, "errors": 0, "tokens": 0}
         self.num_records = self.num_tokens = 0  # this invocation's
-        self.gen_seconds, self._gen_since = 0.0, None
+        self.gen_seconds, self._gen_since, self._num_running = 0.0, None, 0  # time with any model generating
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sweep-status", daemon=True)
 
@@ -741,15 +764,21 @@ class StatusBoard:
                 self.check()
             self.write()
 
-    def set_model(self, label: str, state: str) -> None:
-        """A model's state: loading, running, done or stopped; times tok/s over `running` only."""
+    def set_model(self, label: str, state: str, device: str | None = None) -> None:
+        """A model's state: loading, running, done or stopped; tok/s counts the time any model is `running`."""
         with self.lock:
-            self.models[label]["state"] = state
+            entry, now = self.models[label], time.monotonic()
+            was_running = self._num_running > 0
+            self._num_running += (state == "running") - (entry["state"] == "running")
+            entry["state"] = state
+            if device is not None:
+                entry["device"] = device
             self.state = "running"
-            now = time.monotonic()
-            if self._gen_since is not None:
+            if was_running and not self._num_running:
                 self.gen_seconds += now - self._gen_since
-            self._gen_since = now if state == "running" else None
+                self._gen_since = None
+            elif self._num_running and not was_running:
+                self._gen_since = now
 
     def record(self, label: str, outcome) -> None:
         with self.lock:
@@ -794,28 +823,39 @@ class StatusBoard:
 
 
 class Stopper:
-    """SIGINT / SIGTERM and a low disk stop the sweep: the running engine stops admitting and drains, finished
-    records are flushed, no further model starts. Between engines a signal interrupts at once."""
+    """SIGINT / SIGTERM, a low disk or a failed model stop the sweep: running engines stop admitting and drain,
+    finished records are flushed, no further model starts (an engine still starting stops once it is up)."""
 
     def __init__(self):
         self.reason: str | None = None
-        self.engine: Engine | None = None
+        self.engines: set[Engine] = set()
+        self.lock = threading.Lock()
 
     def on_signal(self, signum, frame) -> None:
         self.stop(signal.Signals(signum).name)
-        if self.engine is None:
-            raise KeyboardInterrupt
 
     def stop(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        engine = self.engine
-        if engine is not None:
+        with self.lock:
+            if self.reason is None:
+                self.reason = reason
+            engines = list(self.engines)
+        for engine in engines:
             engine.interrupt()
+
+    def attach(self, engine: Engine) -> None:
+        with self.lock:
+            self.engines.add(engine)
+        if self.reason is not None:
+            engine.interrupt()
+
+    def detach(self, engine: Engine) -> None:
+        with self.lock:
+            self.engines.discard(engine)
 
 
 class SweepRunner:
-    """Runs a plan into an output directory: one Engine per model, every record through one JsonlWriter."""
+    """Runs a plan into an output directory: one Engine per model, one model per device at a time (side by side
+    when there are several devices), every record through one JsonlWriter owned by the calling thread."""
 
     def __init__(self, plan: Plan, out: Path):
         self.plan, self.out = plan, out
@@ -823,6 +863,8 @@ class SweepRunner:
         self.done = scan_done_ids(self.results)
         self.stopper = Stopper()
         self.status = StatusBoard(out / STATUS, plan, self.done, check=self._check_disk)
+        self.outcomes: queue.Queue = queue.Queue(maxsize=4096)  # (model label, Outcome) from the lanes to the writer
+        self.failures: list[BaseException] = []
 
     def _check_disk(self) -> None:
         free = free_gb(self.out)
@@ -836,51 +878,88 @@ class SweepRunner:
         if self.stopper.reason:
             raise SweepError(f"{self.stopper.reason}: free some space (or lower min_free_gb) and run again")
         writer = JsonlWriter(self.results, {"version": 1, "sweep_config_hash": self.plan.config_hash}, ordered=False)
+        todo = deque(m for m in self.plan.config.models if self.status.models[m.label]["state"] != "done")
+        lanes = [threading.Thread(target=self._lane, args=(device, todo), name=f"sweep-{device}", daemon=True)
+                 for device in self.plan.config.devices()[:len(todo)]]
         old = {sig: signal.signal(sig, self.stopper.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.status.start()
         try:
-            for model in self.plan.config.models:
-                if self.stopper.reason:
-                    break
-                if self.status.models[model.label]["state"] != "done":
-                    self._run_model(model, writer)
-        except KeyboardInterrupt:
-            self.stopper.stop("SIGINT")
-        except (EngineError, ConfigError, ModelNotFound, OSError) as exc:  # OSError: a full disk, a lost mount
-            self.status.finish("failed", f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))
-            raise
+            for lane in lanes:
+                lane.start()
+            self._write_outcomes(lanes, writer)
+        except BaseException as exc:
+            self.stopper.stop(f"failed: {type(exc).__name__}")
+            self.failures.append(exc)
         finally:
-            writer.close()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+            for lane in lanes:
+                lane.join()
+            try:
+                writer.close()
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+        if self.failures:
+            exc = self.failures[0]
+            self.status.finish("failed", f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))
+            raise exc
         reason = self.stopper.reason
         ended = "done" if reason is None else "disk" if reason.startswith("disk") else "interrupted"
         self.status.finish({"done": "done", "disk": "stopped", "interrupted": "interrupted"}[ended], reason)
         return ended, writer
 
-    def _run_model(self, model: ModelEntry, writer: JsonlWriter) -> None:
-        config = self.plan.config.engine_config(model)
+    def _write_outcomes(self, lanes: list[threading.Thread], writer: JsonlWriter) -> None:
+        while any(lane.is_alive() for lane in lanes) or not self.outcomes.empty():
+            try:
+                label, outcome = self.outcomes.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            writer.write(outcome)
+            self.status.record(label, outcome)
+            if outcome.is_error:
+                log.warning("%s", self.status.last_error)
+
+    def _lane(self, device: str, todo: deque) -> None:
+        """One device's thread: runs models from `todo` one after another until none is left or the sweep stops."""
+        try:
+            while self.stopper.reason is None:
+                try:
+                    model = todo.popleft()
+                except IndexError:
+                    return
+                self._run_model(model, device)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which stops the sweep and re-raises
+            self.failures.append(exc)
+            self.stopper.stop(f"failed: {exc}")
+
+    def _run_model(self, model: ModelEntry, device: str) -> None:
+        config = self.plan.config.engine_config(model, device)
         entry = self.status.models[model.label]
-        log.info("%s: %d of %d requests left; starting %s", model.label, entry["total"] - entry["done"],
-                 entry["total"], model.model)
-        self.status.set_model(model.label, "loading")
+        log.info("%s: %d of %d requests left; starting %s on %s", model.label, entry["total"] - entry["done"],
+                 entry["total"], model.model, device)
+        self.status.set_model(model.label, "loading", device)
         with Engine(config) as engine:
-            self.stopper.engine = engine
-            if self.stopper.reason:
-                engine.interrupt()
+            self.stopper.attach(engine)
             self.status.set_model(model.label, "running")
             try:
                 for outcome in engine.run(read_requests(self.plan.requests(model), config, self.done)):
-                    writer.write(outcome)
-                    self.status.record(model.label, outcome)
-                    if outcome.is_error:
-                        log.warning("%s", self.status.last_error)
+                    self._hand_over(model.label, outcome)
             finally:
-                self.stopper.engine = None
+                self.stopper.detach(engine)
             stopped = engine.is_interrupted
         self.status.set_model(model.label, "stopped" if stopped else "done")
         log.info("%s: %s (%d done, %d errors)", model.label, "stopped" if stopped else "finished", entry["done"],
                  entry["errors"])
+
+    def _hand_over(self, label: str, outcome) -> None:
+        """To the writer's thread; once the sweep stops, an outcome that finds the queue full is dropped (its
+        request runs again on resume), so a lane never waits on a writer that has gone."""
+        while True:
+            try:
+                self.outcomes.put((label, outcome), timeout=0.5)
+                return
+            except queue.Full:
+                if self.stopper.reason is not None:
+                    return
 
 
 # ---------------------------------------------------------------- the command

@@ -212,8 +212,12 @@ def test_run_then_extend_with_a_coefficient_and_a_model_runs_only_the_new_reques
         'models = [{model = "random:tiny", label = "tiny"}]',
         'models = [{model = "random:tiny", label = "tiny"}, "random:tiny-llama"]'))
     assert engine_sweep(path).returncode == 1  # changed: refused without --extend
+    # Two devices (as two GPUs would be): the two models run side by side. Devices are not part of the hash.
+    path.write_text(path.read_text().replace('device = "cpu"', 'device = "cpu"\ndevices = ["cpu", "cpu"]'))
     result = engine_sweep(path, "--extend")
     assert result.returncode == 0, result.stderr
+    events = [line for line in result.stderr.splitlines() if "starting" in line or "finished" in line]
+    assert ["starting" in line for line in events] == [True, True, False, False], events
     after = (tmp_path / "out" / "results.jsonl").read_bytes()
     assert after.startswith(before)  # nothing already run was touched
     new = [json.loads(line) for line in after[len(before):].splitlines()]
