@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.cli import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
-from engine.config import CAPTURE_DTYPES, CAPTURE_POSITIONS, DTYPES, TRUNCATE_MODES, CaptureDefaults, ConfigError, \
-    EngineConfig, SamplingDefaults
+from engine.config import DTYPES, TRUNCATE_MODES, CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.request import RecordError, decode_line, derive_seed, parse_steering
