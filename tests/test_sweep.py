@@ -358,3 +358,21 @@ def test_the_example_sweep_file_plans():
     plan = Plan(load_sweep(ROOT / "examples" / "sweep.toml"))
     assert plan.num_per_model == 10 * 6 * 2 and plan.config.output == str(ROOT / "examples" / "sweep-out")
     assert [m.label for m in plan.config.models] == ["gemma3-270m"] and plan.config.capture.layers == [6]
+
+
+def test_a_dead_engine_core_fails_the_sweep_with_the_stage_named_and_records_kept(tmp_path):
+    import psutil
+
+    path = make_sweep(tmp_path, coefs="[0, 2, 4]", max_num_seqs=2, num_prompts=4)
+    results = tmp_path / "out" / "results.jsonl"
+    proc = start_sweep(path)
+    wait_for_more_records(results, 0, proc)
+    core = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "engine-core"]
+    assert len(core) == 1
+    os.kill(core[0].pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    assert "engine core" in stderr and "SIGKILL" in stderr
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "failed" and "engine core" in status["last_error"]
+    assert 1 <= len(read_jsonl(results)) < 56
