@@ -61,7 +61,7 @@ CAPTURE_KEYS = {"layers": list, "positions": str, "dtype": str, "is_before_steer
 GRID_KEYS = ("vectors", "layers", "coefs", "positions", "normalize", "norm_match", "baseline")
 TOP_KEYS = ("output", "seed", "samples", "paired_seeds", "min_free_gb", "models", "prompts", "vectors", "grid",
             "generation", "capture", "engine", "metrics")
-METRIC_KINDS = ("regex", "keywords", "function", "projection")
+METRIC_KINDS = ("regex", "keywords", "function", "projection", "logprob")
 
 
 class SweepError(ValueError):
@@ -102,11 +102,12 @@ class Grid:
 @dataclass(slots=True)
 class Metric:
     """A per-record score the report averages per grid point: a regex or keyword hit (0/1), a custom
-    `module:function(record) -> number`, or the projection of captured activations onto a named vector."""
+    `module:function(record) -> number`, the projection of captured activations onto a named vector, or the mean
+    log-probability of the completion's tokens under the record's model without steering."""
 
     name: str
     kind: str
-    value: str | list[str]  # the regex, the keywords, "module:function", or the vector name
+    value: str | list[str]  # the regex, the keywords, "module:function", the vector name, or "unsteered" (logprob)
     ignore_case: bool = True
     layer: int | None = None  # projection: which captured layer (default: each captured layer the vector has)
 
@@ -157,6 +158,8 @@ class SweepConfig:
 
     def engine_config(self, model: ModelEntry, device: str) -> EngineConfig:
         settings = {k: v for k, v in self.engine.items() if k != "devices"} | {"device": device}
+        if any(m.kind == "logprob" for m in self.metrics):  # the report scores the completion's own tokens
+            settings["return_tokens"] = True
         return EngineConfig(model=model.model, tokenizer=model.tokenizer, sampling=self.sampling(),
                             capture=self.capture, **settings)
 
@@ -464,7 +467,12 @@ def _metric(item, where: str) -> Metric:
         raise SweepError(f"{where} needs exactly one of {', '.join(METRIC_KINDS)}, got {kinds or 'none'}")
     kind = kinds[0]
     value = item[kind]
-    if kind == "keywords":
+    if kind == "logprob":
+        if value is not True:
+            raise SweepError(f"{where}.logprob is {_shown(value)}; write logprob = true (the completion's mean token "
+                             f"log-probability under the record's model without steering)")
+        value = "unsteered"
+    elif kind == "keywords":
         value = [_str(k, f"{where}.keywords[{i}]") for i, k in enumerate(_list(value, f"{where}.keywords"))]
         if not value:
             raise SweepError(f"{where}.keywords is empty; give one or more words")
@@ -634,7 +642,9 @@ class Plan:
             "version": PLAN_VERSION, "config_hash": self.config_hash, "sweep_file": c.source,
             "base_dir": str(Path(c.source).parent), "written": _now(), "settings": self.settings,
             "metrics": [m.to_dict() for m in c.metrics], "vectors": c.vectors,
-            "models": [{"label": m.label, "model": m.model, "num_requests": self.num_per_model} for m in c.models],
+            "prompt_files": {s.name: s.path for s in c.prompts}, "dtype": c.engine.get("dtype", "auto"),
+            "models": [{"label": m.label, "model": m.model, "tokenizer": m.tokenizer, "num_requests": self.num_per_model}
+                       for m in c.models],
             "points": [{"key": p.key, **p.axes()} for p in self.points],
             "num_requests": self.num_per_model * len(c.models),
         }

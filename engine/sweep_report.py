@@ -76,6 +76,7 @@ class Scorer:
         self._functions, self._patterns = {}, {}
         self._vector_cache: dict[tuple[str, int], dict] = {}
         self._shard: tuple[str, object] | None = None
+        self.logprobs = LogProbs(plan)
         for metric in self.metrics:
             if metric["kind"] == "regex":
                 self._patterns[metric["name"]] = re.compile(metric["value"], re.IGNORECASE if metric["ignore_case"] else 0)
@@ -94,6 +95,8 @@ class Scorer:
                 scores[name] = float(bool(self._patterns[name].search(record["completion"])))
             elif kind == "function":
                 scores[name] = self._custom(name, metric["value"], record)
+            elif kind == "logprob":
+                scores[name] = self.logprobs.score(record)
             else:
                 scores.update(self._projections(metric, record))
         return scores
@@ -146,6 +149,56 @@ class Scorer:
             self._vector_cache[key] = {k: v / v.norm() for k, v in vectors.items()}
         vectors = self._vector_cache[key]
         return vectors.get(layer, vectors.get(None))
+
+
+class LogProbs:
+    """The mean log-probability of a record's completion tokens under its model without steering (temperature 1,
+    no top-p / top-k): one forward over prompt + completion. Models and prompts are loaded on first use."""
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+        self._models: dict[str, tuple] = {}  # label -> (model, tokenizer, device)
+        self._prompts: dict[tuple[str, str], dict] | None = None
+
+    def score(self, record: dict) -> float | None:
+        import torch
+
+        token_ids = record.get("completion_token_ids")
+        if not token_ids:  # run before the metric was added (no tokens kept), or an empty completion
+            return None
+        tag = record["sweep"]
+        model, tok, device = self._model(tag["model"])
+        from engine.tokenizer_worker import encode
+
+        prompt = self._prompt(tag["prompt_set"], tag["prompt_id"])
+        [prompt_ids] = encode(tok, [{"prompt": prompt.get("prompt"), "messages": prompt.get("messages")}])
+        ids = torch.tensor([list(prompt_ids) + list(token_ids)], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+        picked = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt_ids):, None])
+        return picked.mean().item()
+
+    def _model(self, label: str) -> tuple:
+        if label not in self._models:
+            from engine.config import EngineConfig
+            from engine.models import load_model, resolve_device, resolve_dtype, resolve_model
+            from engine.tokenizer_worker import load_tokenizer
+
+            entry = next(m for m in self.plan["models"] if m["label"] == label)
+            source = resolve_model(entry["model"], entry.get("tokenizer"), EngineConfig().cache_dir)
+            tok = load_tokenizer(source.tokenizer_dir)
+            device = resolve_device("auto")
+            model = load_model(source, resolve_dtype(self.plan.get("dtype", "auto"), device), device, len(tok))
+            self._models[label] = (model, tok, device)
+        return self._models[label]
+
+    def _prompt(self, prompt_set: str, prompt_id: str) -> dict:
+        if self._prompts is None:
+            from engine.sweep import PromptSet, read_prompts
+
+            self._prompts = {(name, pid): record for name, path in self.plan["prompt_files"].items()
+                             for pid, record in read_prompts(PromptSet(name, path))}
+        return self._prompts[prompt_set, prompt_id]
 
 
 def _import(spec: str, base_dir: str, name: str):

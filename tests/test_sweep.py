@@ -376,3 +376,29 @@ def test_a_dead_engine_core_fails_the_sweep_with_the_stage_named_and_records_kep
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "failed" and "engine core" in status["last_error"]
     assert 1 <= len(read_jsonl(results)) < 56
+
+
+def test_logprob_metric_scores_the_completion_under_the_unsteered_model(tmp_path, tiny_model, tokenizer):
+    import torch
+
+    path = make_sweep(tmp_path, extra="\n[[metrics]]\nname = \"lp\"\nlogprob = true\n")
+    path.write_text(path.read_text().replace("samples = 2", "samples = 1").replace("temperature = 0.9", "temperature = 0")
+                    .replace("layers = [1, [0, 2]]", "layers = [1]").replace("coefs = [0, 4]", "coefs = [8]"))
+    result = engine_sweep(path)
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(tmp_path / "out" / "results.jsonl")
+    prompts = {"hello": "Hello there", "2": "The capital of France is"}
+    by_point: dict[str, list[float]] = {}
+    for r in records:
+        prompt_ids = tokenizer(prompts[r["sweep"]["prompt_id"]])["input_ids"]
+        ids = torch.tensor([prompt_ids + r["completion_token_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(tiny_model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1], dim=-1)
+        if r["sweep"]["point"] == "none":  # greedy and unsteered: every completion token is the model's argmax
+            assert logprobs.argmax(-1).tolist() == r["completion_token_ids"]
+        picked = logprobs.gather(1, torch.tensor(r["completion_token_ids"])[:, None])
+        by_point.setdefault(r["sweep"]["point"], []).append(picked.mean().item())
+    rows = {r["point"]: r for r in read_csv(tmp_path / "out" / "summary.csv")}
+    for point, values in by_point.items():
+        assert float(rows[point]["lp"]) == pytest.approx(np.mean(values), rel=1e-4)
+    assert float(rows["v@L1*8.0"]["lp"]) < float(rows["none"]["lp"])  # steered text is less likely unsteered
