@@ -62,6 +62,9 @@ GRID_KEYS = ("vectors", "layers", "coefs", "positions", "normalize", "norm_match
 TOP_KEYS = ("output", "seed", "samples", "paired_seeds", "min_free_gb", "models", "prompts", "vectors", "grid",
             "generation", "capture", "engine", "metrics")
 METRIC_KINDS = ("regex", "keywords", "function", "projection", "logprob")
+# The report's columns before the metrics' (a metric may not take one of these names).
+SUMMARY_COLUMNS = ("model", "point", "vector", "layers", "coef", "positions", "normalize", "norm_match", "num_records",
+                   "num_errors", "mean_completion_tokens", "median_completion_tokens")
 
 
 class SweepError(ValueError):
@@ -155,6 +158,9 @@ class SweepConfig:
                 raise SweepError(f"metrics[{i}] projects captured activations; set [capture] layers = [...]")
         if len({m.name for m in self.metrics}) != len(self.metrics):
             raise SweepError("metrics: two metrics share a name; give each its own name")
+        for i, metric in enumerate(self.metrics):
+            if metric.name in SUMMARY_COLUMNS or metric.name.startswith("finish_"):
+                raise SweepError(f"metrics[{i}].name {metric.name!r} is a column of the report; choose another name")
 
     def engine_config(self, model: ModelEntry, device: str) -> EngineConfig:
         settings = {k: v for k, v in self.engine.items() if k != "devices"} | {"device": device}

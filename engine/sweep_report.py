@@ -18,10 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.sweep import BASELINE, ERRORS, PLAN, RESULTS, SweepError
-
-BASE_COLUMNS = ("model", "point", "vector", "layers", "coef", "positions", "normalize", "norm_match", "num_records",
-                "num_errors", "mean_completion_tokens", "median_completion_tokens")
+from engine.sweep import BASELINE, ERRORS, PLAN, RESULTS, SUMMARY_COLUMNS, SweepError
 
 
 @dataclass(slots=True)
@@ -248,7 +245,7 @@ def summary_rows(plan: dict, stats: dict) -> tuple[list[str], list[dict]]:
     """(columns, one row per model and grid point in plan order)."""
     reasons = sorted({r for s in stats.values() for r in s.finish})
     metric_columns = sorted({name for s in stats.values() for name in s.counts}, key=_metric_order(plan))
-    columns = [*BASE_COLUMNS, *(f"finish_{r}" for r in reasons), *metric_columns]
+    columns = [*SUMMARY_COLUMNS, *(f"finish_{r}" for r in reasons), *metric_columns]
     rows = []
     for model in plan["models"]:
         for point in plan["points"]:

@@ -120,6 +120,8 @@ BAD_FILES = [
     ("device = \"cpu\"", "device = \"tpu\"", "engine: --device 'tpu'"),
     ("seed = 5", "seed = 5\n[[metrics]]\nregex = \"(\"", "metrics[0].regex '(' is not a valid regular expression"),
     ("coefs = [0, 4]", "coefs = [0, 4, 4.0]", "grid: the point v@L1*4.0 comes out twice"),
+    ("seed = 5", "seed = 5\n[[metrics]]\nname = \"coef\"\nregex = \"a\"", "metrics[0].name 'coef' is a column"),
+    ("seed = 5", "seed = 5\n[[metrics]]\nlogprob = 1", "metrics[0].logprob is 1; write logprob = true"),
     ("seed = 5", "seed = 5\nmodels = []", "Cannot overwrite a value"),  # a TOML syntax error is reported as such
 ]
 
