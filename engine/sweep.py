@@ -844,7 +844,7 @@ class Stopper:
     def __init__(self):
         self.reason: str | None = None
         self.engines: set[Engine] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a signal may arrive while the main thread is inside stop()
 
     def on_signal(self, signum, frame) -> None:
         self.stop(signal.Signals(signum).name)
