@@ -227,6 +227,7 @@ def extract_main(argv: list[str] | None = None) -> int:
     except (ExtractError, ConfigError, ModelNotFound, EngineError) as exc:
         print(f"engine-extract: {exc}", file=sys.stderr)
         return 1
+    output.parent.mkdir(parents=True, exist_ok=True)
     save_vectors(str(output), vectors, model_hint=args.model)
     settings = {"pairs": args.pairs, "num_pairs": len(pairs), "layers": layers, "method": args.method,
                 "positions": args.positions, "model": args.model, "output": str(output)}
