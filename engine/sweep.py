@@ -323,17 +323,25 @@ def _section(table, keys: dict, where: str) -> dict:
     return {key: _typed(value, keys[key], f"{where}.{key}") for key, value in table.items()}
 
 
-def _models(items: list, base: Path) -> list[ModelEntry]:
+def _entries(items: list, name: str, key: str, keys: tuple, example: str, hint: str):
+    """(where, table) for each entry of a list whose entries are a `key` string or a table of `keys`."""
     if not items:
-        raise SweepError("models is empty; name at least one model, e.g. models = [\"embedded\"]")
-    models = []
+        raise SweepError(f"{name} is empty; {hint}")
     for i, item in enumerate(items):
-        where = f"models[{i}]"
+        where = f"{name}[{i}]"
         if isinstance(item, str):
-            item = {"model": item}
+            item = {key: item}
         if not isinstance(item, dict):
-            raise SweepError(f"{where} must be a model string or a table {{model = ..., label = ...}}, got {_shown(item)}")
-        _known(item, ("model", "label", "tokenizer"), where)
+            raise SweepError(f"{where} must be a {example}, got {_shown(item)}")
+        _known(item, keys, where)
+        yield where, item
+
+
+def _models(items: list, base: Path) -> list[ModelEntry]:
+    models = []
+    for where, item in _entries(items, "models", "model", ("model", "label", "tokenizer"),
+                                "model string or a table {model = ..., label = ...}",
+                                "name at least one model, e.g. models = [\"embedded\"]"):
         model = _str(item.get("model"), f"{where}.model")
         tokenizer = item.get("tokenizer")
         models.append(ModelEntry(
@@ -359,16 +367,9 @@ def _model_path(model: str, base: Path) -> str:
 
 
 def _prompts(items: list, base: Path) -> list[PromptSet]:
-    if not items:
-        raise SweepError("prompts is empty; name at least one JSONL prompt file")
     sets = []
-    for i, item in enumerate(items):
-        where = f"prompts[{i}]"
-        if isinstance(item, str):
-            item = {"path": item}
-        if not isinstance(item, dict):
-            raise SweepError(f"{where} must be a path or a table {{path = ..., name = ...}}, got {_shown(item)}")
-        _known(item, ("path", "name"), where)
+    for where, item in _entries(items, "prompts", "path", ("path", "name"), "path or a table {path = ..., name = ...}",
+                                "name at least one JSONL prompt file"):
         path = base / _str(item.get("path"), f"{where}.path")
         if not path.is_file():
             raise SweepError(f"{where}: {path}: no such file")
