@@ -148,35 +148,38 @@ class ActivationRecorder:
         self._active = {}
 
     # ---- prefill: reduce on the device
-    def start_prefill(self, seqs, is_real: torch.Tensor) -> None:
-        """Arm the hooks for a left-padded prefill batch (row r's prompt ends at the last column)."""
+    def start_prefill(self, seqs, starts, owner: torch.Tensor) -> None:
+        """Arm the hooks for a packed prefill: sequence j's prompt is columns starts[j]:starts[j + 1] of the one
+        row, and owner [N] holds each column's j."""
         self._pending = []
         by_layer: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
-        for row, seq in enumerate(seqs):
+        for j, seq in enumerate(seqs):
             capture = self.requests.get(seq.index)
             if capture is None or capture.positions == "generated":  # generated rows come from the decode steps
                 continue
             for layer in capture.layers:
-                by_layer[layer].append((row, seq.index, capture.positions))
+                by_layer[layer].append((j, seq.index, capture.positions))
         if not by_layer:
             return
         self._order()
-        lengths = [s.num_prompt_tokens for s in seqs]
-        self._active = {layer: partial(self._reduce, layer, items, lengths, is_real) for layer, items in by_layer.items()}
+        spans = (starts, owner, len(seqs))
+        self._active = {layer: partial(self._reduce, layer, items, spans) for layer, items in by_layer.items()}
 
-    def _reduce(self, layer: int, items: list, lengths: list[int], is_real: torch.Tensor, hidden: torch.Tensor) -> None:
-        last = [(row, index) for row, index, mode in items if mode == "last_prompt"]
+    def _reduce(self, layer: int, items: list, spans: tuple, hidden: torch.Tensor) -> None:
+        starts, owner, num_seqs = spans
+        tokens = hidden[0]
+        last = [(j, index) for j, index, mode in items if mode == "last_prompt"]
         if last:
-            self._keep(layer, last, hidden[self._rows(last), -1])
-        mean = [(row, index) for row, index, mode in items if mode == "mean_prompt"]
-        if mean:
-            rows = self._rows(mean)
-            mask = is_real[rows, :, None].to(torch.float32)
-            count = to_device([lengths[r] for r, _ in mean], torch.float32, self.device)
-            self._keep(layer, mean, (hidden[rows].float() * mask).sum(1) / count[:, None])
-        for row, index, mode in items:
+            self._keep(layer, last, tokens[to_device([starts[j + 1] - 1 for j, _ in last], torch.int64, self.device)])
+        mean = [(j, index) for j, index, mode in items if mode == "mean_prompt"]
+        if mean:  # every prompt's sum in one index_add, then the wanted ones
+            sums = torch.zeros(num_seqs, tokens.shape[-1], dtype=torch.float32, device=tokens.device)
+            sums.index_add_(0, owner, tokens.float())
+            count = to_device([starts[j + 1] - starts[j] for j, _ in mean], torch.float32, self.device)
+            self._keep(layer, mean, sums[self._rows(mean)] / count[:, None])
+        for j, index, mode in items:
             if mode == "all_prompt":
-                self._pending.append((index, layer, hidden[row, hidden.shape[1] - lengths[row]:].to(self.dtype)))
+                self._pending.append((index, layer, tokens[starts[j]:starts[j + 1]].to(self.dtype)))
 
     def _rows(self, items: list[tuple[int, int]]) -> torch.Tensor:
         return to_device([row for row, _ in items], torch.int64, self.device)

@@ -1,15 +1,18 @@
 """The engine's attention, registered with transformers' attention interface as "engine".
 
 The model code (projections, norms, rotary, MLP) stays Hugging Face's; only the attention call comes here.
-The model runner fills a ForwardContext before each forward: which slots the rows are, where each token's
-K/V goes, and the masks. Prefill is a left-padded batch of new prompts; decode is one token for each of the
-first B slots (static shapes, so it can be captured in a CUDA graph).
+The model runner fills a ForwardContext before each forward: which slot each token belongs to, where its K/V
+goes, and where each prompt lies. Prefill is the new prompts packed end to end in one row (no padding),
+attended per prompt with a causal variable-length kernel; decode is one token for each of the first B slots
+(static shapes, so it can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +30,11 @@ PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 class ForwardContext:
     cache: KVCache | None = None
     is_prefill: bool = False
-    slots: torch.Tensor | None = None  # prefill: [P, 1] slot of each row
-    write_pos: torch.Tensor | None = None  # prefill: [P, T]; decode: [B] (trash column for pads / idle slots)
-    masks: dict = field(default_factory=dict)  # window (None = full) -> bool mask for SDPA
+    slots: torch.Tensor | None = None  # prefill: [N] slot of each packed token
+    write_pos: torch.Tensor | None = None  # prefill: [N] column of each token; decode: [B] (trash for idle slots)
+    spans: list = field(default_factory=list)  # prefill: (start, length) of each prompt in the packed row
+    cu_lens: torch.Tensor | None = None  # prefill: int32 [P + 1] prompt boundaries (the varlen kernel's cu_seqlens)
+    masks: dict = field(default_factory=dict)  # decode: window (None = full) -> bool mask for SDPA
     read_len: int = 0  # decode: how many cache columns to attend over (a bucket >= every length)
     positions: torch.Tensor | None = None  # decode: [B] position of each row's token (its length - 1)
 
@@ -61,23 +66,90 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, sl
 
 
 def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
-    k_cache[ctx.slots, :, ctx.write_pos] = key.permute(0, 2, 1, 3)
-    v_cache[ctx.slots, :, ctx.write_pos] = value.permute(0, 2, 1, 3)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    # No cuDNN here: it builds an execution plan for every new (rows, width) prefill shape.
+    """query [1, H, N, D], key/value [1, KVH, N, D]: the prompts packed end to end -> [1, N, H, D]."""
+    keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [N, KVH, D]
+    k_cache[ctx.slots, :, ctx.write_pos] = keys
+    v_cache[ctx.slots, :, ctx.write_pos] = values
+    varlen = VarlenKernel.get(query, window)
+    if varlen is not None:
+        longest = max(length for _, length in ctx.spans)
+        return varlen(query[0].transpose(0, 1), keys, values, ctx.cu_lens, longest, window, scaling)[None]
+    # One causal SDPA per prompt: no padding, and flash or efficient kernels apply (no mask) where available.
     with sdpa_kernel(_prefill_backends()):
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=ctx.masks[window], scale=scaling)
+        out = torch.cat([_causal(query[:, :, a:a + n], key[:, :, a:a + n], value[:, :, a:a + n], window, scaling)
+                         for a, n in ctx.spans], dim=2)
     return out.transpose(1, 2)
 
 
+def _causal(query, key, value, window, scaling):
+    """Causal attention of one prompt [1, H, n, D] over its own keys (within `window` if set)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    n = query.shape[2]
+    if window is None or n <= window:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    idx = torch.arange(n, device=query.device)
+    mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+
+
 def _prefill_backends() -> list:
-    """PREFILL_BACKENDS that are enabled now (an outer `sdpa_kernel` restriction, as in tests, still holds)."""
+    """PREFILL_BACKENDS that are enabled now (an outer `sdpa_kernel` restriction, as in tests, still holds).
+    No cuDNN: it builds an execution plan for every new prefill shape."""
     enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
                SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
                SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
     return [b for b in PREFILL_BACKENDS if enabled[b]] or PREFILL_BACKENDS
+
+
+class VarlenKernel:
+    """PyTorch's variable-length flash attention (torch.nn.attention.varlen) for the packed prefill, where this
+    torch has it and it applies (CUDA, 16-bit, flash enabled); else one SDPA call per prompt, the same attention."""
+
+    _params: set | None = None
+
+    @classmethod
+    def get(cls, query: torch.Tensor, window):
+        if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] > 256:
+            return None
+        if not torch.backends.cuda.flash_sdp_enabled():  # a test's sdpa_kernel(MATH), or flash turned off
+            return None
+        params = cls._parameters()
+        causal = "window_size" in params or ("is_causal" in params and window is None)
+        if not {"varlen_attn", "scale"} <= params or not causal:
+            return None
+        return partial(_varlen, params=params)
+
+    @classmethod
+    def _parameters(cls) -> set:
+        if cls._params is None:
+            try:
+                from torch.nn.attention.varlen import varlen_attn
+            except ImportError as exc:
+                cls._params = set()
+                log.info("prefill attention: no varlen kernel in torch %s (%s); one SDPA call per prompt",
+                         torch.__version__, exc)
+            else:
+                cls._params = {"varlen_attn", *inspect.signature(varlen_attn).parameters}
+        return cls._params
+
+
+def _varlen(query, key, value, cu_lens, longest: int, window, scaling, params: set):
+    """query [N, H, D], key/value [N, KVH, D] -> [N, H, D], causal within each prompt."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    extra = {}
+    if "window_size" in params:  # HF's window W: a token sees itself and the W - 1 tokens before it
+        extra["window_size"] = (-1, 0) if window is None else (window - 1, 0)
+    else:
+        extra["is_causal"] = True
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    elif groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return varlen_attn(query, key, value, cu_lens, cu_lens, longest, longest, scale=scaling, **extra)
 
 
 class DecodeKernel:
@@ -132,20 +204,6 @@ def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, engine_attention)
-
-
-def prefill_masks(lengths: torch.Tensor, width: int, windows: set) -> dict:
-    """Left-padded causal masks [P, 1, T, T] per window; pad rows see only themselves (no NaN rows)."""
-    idx = torch.arange(width, device=lengths.device)
-    start = (width - lengths)[:, None, None]  # first real column of each row
-    q, k = idx[None, :, None], idx[None, None, :]
-    base = (k <= q) & (k >= start)
-    diagonal = (k == q)
-    masks = {}
-    for window in windows:
-        mask = base if window is None else base & (q - k < window)
-        masks[window] = (mask | diagonal)[:, None]
-    return masks
 
 
 def decode_masks(positions: torch.Tensor, read_len: int, windows: set) -> dict:

@@ -1,7 +1,7 @@
 """ModelRunner: runs an unmodified Hugging Face causal LM over the slot KV cache.
 
-Prefill: the new sequences as one left-padded batch (eager), K/V written into their slots, logits of the
-last position only. Decode: one token for each of the first B slots from static device buffers; on CUDA
+Prefill: the new sequences packed end to end in one row (eager), K/V written into their slots, logits of
+each prompt's last position only. Decode: one token for each of the first B slots from static device buffers; on CUDA
 the forward is captured in a CUDA graph per (B, attended length) bucket and replayed.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from engine import attention
 from engine.activations import ActivationRecorder
-from engine.attention import CONTEXT, decode_masks, prefill_masks
+from engine.attention import CONTEXT, decode_masks
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SamplingParams
 from engine.scheduler import ScheduledBatch, Sequence, batch_sizes, bucket
@@ -90,27 +90,30 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(s.num_prompt_tokens for s in seqs)
-        lengths_host = [s.num_prompt_tokens for s in seqs]
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.int64, device=self.device)
-        for i, seq in enumerate(seqs):
-            ids[i, width - seq.num_prompt_tokens:] = seq.prompt_ids
-        lengths = to_device(lengths_host, torch.int64, self.device)
-        col = torch.arange(width, device=self.device)[None, :]
-        positions = col - (width - lengths)[:, None]
-        is_real = positions >= 0
+        """Logits [P, V] at each prompt's last token. The prompts run packed end to end in one row: no padding,
+        so the forward's cost is the real tokens' (a left-padded batch pays for its longest prompt in every row)."""
+        lengths = [s.num_prompt_tokens for s in seqs]
+        starts = np.cumsum([0] + lengths)
+        ids = torch.cat([s.prompt_ids for s in seqs])[None]
+        host = np.empty((3, int(starts[-1])), dtype=np.int64)  # position, slot, index of its prompt
+        for i, (seq, start, n) in enumerate(zip(seqs, starts, lengths)):
+            host[0, start:start + n] = np.arange(n)
+            host[1, start:start + n] = seq.slot
+            host[2, start:start + n] = i
+        positions, slots, owner = to_device(torch.from_numpy(host), torch.int64, self.device)
         CONTEXT.cache, CONTEXT.is_prefill = self.cache, True
-        CONTEXT.slots = to_device([s.slot for s in seqs], torch.int64, self.device)[:, None]
-        CONTEXT.write_pos = torch.where(is_real, positions, self.cache.trash)
-        CONTEXT.masks = prefill_masks(lengths, width, self.windows)
-        self.steering.set_active(self.steering.prefill_inputs(seqs, width))
-        self.recorder.start_prefill(seqs, is_real)
+        CONTEXT.slots, CONTEXT.write_pos = slots, positions
+        CONTEXT.spans = list(zip(starts[:-1].tolist(), lengths))
+        CONTEXT.cu_lens = to_device(starts, torch.int32, self.device)
+        self.steering.set_active(self.steering.prefill_inputs(seqs, starts))
+        self.recorder.start_prefill(seqs, starts, owner)
+        last = to_device(starts[1:] - 1, torch.int64, self.device)
         try:
-            out = self.model(input_ids=ids, position_ids=positions.clamp_min(0), use_cache=False, logits_to_keep=1)
+            out = self.model(input_ids=ids, position_ids=positions[None], use_cache=False, logits_to_keep=last)
         finally:
             self.steering.set_active({})
             self.recorder.stop()
-        return out.logits[:, -1, :]
+        return out.logits[0]
 
     def _set_sampling(self, seqs: list[Sequence], slots: torch.Tensor) -> None:
         rows = [s.sampling_row for s in seqs]

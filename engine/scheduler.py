@@ -102,21 +102,15 @@ class Scheduler:
         return ScheduledBatch(False, active, bucket(max(s.slot for s in active) + 1, self.batch_sizes))
 
     def _admit(self) -> list[Sequence]:
-        """Waiting sequences for one prefill: of the first as many as there are free slots, the shortest that fit
-        the token budget together (similar lengths pad less). The queue's head is in every such window, so
-        after at most that many prefills it is admitted: no prompt waits forever."""
-        window = sorted(range(min(len(self.waiting), len(self._free))),
-                        key=lambda i: self.waiting[i].num_prompt_tokens)
-        chosen, width = [], 0
-        for i in window:
-            new_width = max(width, self.waiting[i].num_prompt_tokens)
-            if chosen and new_width * (len(chosen) + 1) > self.max_prefill_tokens:
+        """Waiting sequences for one prefill, in arrival order, while their prompt tokens fit the budget together
+        (the prefill packs them without padding, so its cost is their sum); the first is always admitted."""
+        admitted, num_tokens = [], 0
+        while self.waiting and len(admitted) < len(self._free):
+            n = self.waiting[0].num_prompt_tokens
+            if admitted and num_tokens + n > self.max_prefill_tokens:
                 break
-            chosen.append(i)
-            width = new_width
-        picked = set(chosen)
-        admitted = [self.waiting[i] for i in sorted(chosen)]
-        self.waiting = deque(s for i, s in enumerate(self.waiting) if i not in picked)
+            admitted.append(self.waiting.popleft())
+            num_tokens += n
         for seq in admitted:
             seq.slot = heapq.heappop(self._free)
             self.running[seq.slot] = seq

@@ -376,20 +376,19 @@ class SteeringTable:
         buffers = (self.slot_rows, self.slot_coef, self.slot_matched, self.slot_normalize)
         return {layer: tuple(b[layer, :num_rows, None] for b in buffers) for layer in self.hooked}
 
-    def prefill_inputs(self, seqs, width: int) -> dict:
-        """Per hooked layer: (row, coef, norm-matched row, normalize), each [P, T], for a left-padded prefill
-        batch: prompt token i of a row sits at column width - len + i."""
+    def prefill_inputs(self, seqs, starts) -> dict:
+        """Per hooked layer: (row, coef, norm-matched row, normalize), each [1, N], for a packed prefill: prompt
+        token i of sequence j sits at column starts[j] + i."""
         if not self.hooked:
             return {}
         index = {layer: j for j, layer in enumerate(self.hooked)}
         kinds = 3 if self.norm_layers else 1  # plain, matched, normalize; the last two only for norm-aware hooks
-        host = np.zeros((kinds, len(self.hooked), len(seqs), width), dtype=np.int64)
-        for i, seq in enumerate(seqs):
-            pad = width - seq.num_prompt_tokens
+        host = np.zeros((kinds, len(self.hooked), 1, int(starts[-1])), dtype=np.int64)
+        for seq, offset in zip(seqs, starts):
             for start, end, rows in seq.steering.prompt if seq.steering is not None else ():
                 for layer, r in rows.items():
                     if r != UNSTEERED:
-                        host[:, index[layer], i, pad + start:pad + end] = np.asarray(r[:kinds], dtype=np.int64)[:, None]
+                        host[:, index[layer], 0, offset + start:offset + end] = np.asarray(r[:kinds], dtype=np.int64)[:, None]
         device = to_device(torch.from_numpy(host), torch.int64, self.device)
         plain, coefs = device[0], (device[0] != 0).float()
         norm_inputs = (device[1], device[2] != 0) if kinds == 3 else ()

@@ -26,6 +26,15 @@ def test_prefill_admits_into_the_lowest_slots_within_the_token_budget():
     assert len(s.waiting) == 3
 
 
+def test_prefill_budget_counts_real_tokens_in_arrival_order():
+    s = Scheduler(num_slots=8, max_prefill_tokens=20)
+    for i, n in enumerate([3, 15, 2, 30, 1]):
+        s.add(seq(i, prompt_len=n))
+    assert [q.index for q in s.schedule().seqs] == [0, 1, 2]  # 3 + 15 + 2 = 20: packed, no padding counted
+    assert [q.index for q in s.schedule().seqs] == [3]  # longer than the budget alone: admitted by itself
+    assert [q.index for q in s.schedule().seqs] == [4]
+
+
 def test_finished_slot_is_freed_at_once_and_refilled():
     s = Scheduler(num_slots=2, max_prefill_tokens=100)
     s.add(seq(0, max_new=1))
