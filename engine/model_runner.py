@@ -61,6 +61,7 @@ class ModelRunner:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         if self.use_graphs:
             compile_layers(model)
+            self._warm_prefill()
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_version = -1
         self.capture_all()
@@ -74,6 +75,14 @@ class ModelRunner:
         rows = [(1.0, 1.0, 0, 0)]
         self.sampler(torch.zeros(1, vocab, device=self.device), SamplingParams.build(rows, self.device),
                      torch.zeros(1, dtype=torch.int64, device=self.device))
+
+    def _warm_prefill(self) -> None:
+        """Compile the layers' prefill variants now (a one-token and a longer packed row), not in a run's first
+        prefills. Writes K/V only into slot 0, which no sequence owns yet."""
+        for width in (1, 2):
+            self.prefill_logits([Sequence(index=-1, prompt_ids=torch.zeros(width, dtype=torch.int64, device=self.device),
+                                          max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                                          ignore_eos=True, stop=[], slot=0)])
 
     # ---- prefill
     @torch.inference_mode()
@@ -200,19 +209,15 @@ class ModelRunner:
 
 
 def compile_layers(model) -> None:
-    """Decode runs each decoder layer's forward through torch.compile, which fuses its elementwise work (norms,
-    rotary, activation, residual adds: ~30 small kernels a layer, 2.2 ms of a 5.5 ms step at batch 256 on an H200)
-    into a few kernels. The attention call stays eager (engine_attention is excluded), forward hooks (steering,
-    capture) stay outside, and prefill keeps the eager forward (its elementwise work is amortised over many tokens).
-    """
+    """Run each decoder layer's forward through torch.compile, which fuses its elementwise work (norms, rotary,
+    activation, residual adds: ~30 small kernels a layer, 2.2 ms of a 5.5 ms decode step at batch 256 on an
+    H200) into a few kernels; prefill too, where they are memory-bound passes over [tokens, 16k] tensors. The
+    attention call stays eager (engine_attention is excluded) and forward hooks (steering, capture) stay outside."""
+    # Variants: one row (prefill, packed) or several (decode), one token or more, per layer type; the default
+    # limit of 8 would silently leave some layers eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in decoder_layers(model):
-        eager = layer.forward
-        compiled = torch.compile(eager, dynamic=True)
-
-        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
-            return _eager(*args, **kwargs) if CONTEXT.is_prefill else _compiled(*args, **kwargs)
-
-        layer.forward = forward
+        layer.forward = torch.compile(layer.forward, dynamic=True)
 
 
 class _DecodeGraph:

@@ -153,7 +153,7 @@ def test_steering_added_after_capture_recaptures(tmp_path):
 
     plain = run(graphs, 0, None)  # graphs captured without steering hooks
     steered = run(graphs, 1, spec)  # hooks appear: every graph is captured again
-    fresh.steering.resolve(spec)  # hooks before its first step
+    fresh.steering.resolve(spec, len(tok(PROMPTS[1]).input_ids))  # hooks before its first step
     assert steered == run(fresh, 1, spec) and plain == run(fresh, 0, None)
     assert steered != plain
 
