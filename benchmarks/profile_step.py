@@ -43,6 +43,41 @@ def timed_pass(core: EngineCore, prompts: list[list[int]], new_tokens: int, temp
     return f"{len(prompts) * new_tokens / seconds:,.0f} tok/s ({steps} steps, {seconds:.2f} s)"
 
 
+def phase_times(core: EngineCore, prompts: list[list[int]], new_tokens: int) -> str:
+    """One greedy pass with the GPU synchronised around every prefill and decode call (so slower than a real
+    pass): where the time goes, and the prefill's achieved TFLOP/s at 2 x (non-embedding parameters) per token."""
+    runner, spent = core.runner, {"prefill": [0.0, 0, 0], "decode": [0.0, 0, 0]}
+
+    def timed(kind, call):
+        def wrapper(arg):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = call(arg)
+            torch.cuda.synchronize()
+            entry = spent[kind]
+            entry[0] += time.perf_counter() - started
+            entry[1] += 1
+            entry[2] += sum(s.num_prompt_tokens for s in arg) if kind == "prefill" else arg.num_rows
+            return out
+        return wrapper
+
+    runner.prefill, runner.decode = timed("prefill", runner.prefill), timed("decode", runner.decode)
+    started = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        core.add(request(50_000 + i, new_tokens, 0.0), torch.tensor(ids, device=core.device))
+    while core.has_work:
+        core.step()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    del runner.prefill, runner.decode
+    params = sum(p.numel() for n, p in core.runner.model.named_parameters() if "embed" not in n)
+    (p_s, p_n, p_tok), (d_s, d_n, d_rows) = spent["prefill"], spent["decode"]
+    return (f"wall {wall:.2f} s | prefill {p_s:.2f} s in {p_n} calls, {p_tok:,} tokens, "
+            f"{2 * params * p_tok / p_s / 1e12:.0f} TFLOP/s | decode {d_s:.2f} s in {d_n} steps "
+            f"({d_s / max(d_n, 1) * 1000:.2f} ms/step, mean {d_rows / max(d_n, 1):.0f} rows) | "
+            f"host and rest {wall - p_s - d_s:.2f} s")
+
+
 def step_times(core: EngineCore, prompts: list[list[int]], buckets: list[tuple[int, int]]) -> list[str]:
     """Fill the slots with running sequences, then replay each bucket's graph alone."""
     for i, ids in enumerate(prompts[:core.cache.num_slots]):
@@ -76,6 +111,8 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="decoder layers run eagerly inside the graphs")
     p.add_argument("--no-decode-kernel", action="store_true", help="decode attention through SDPA with a mask")
     p.add_argument("--profile", action="store_true", help="print the kernels of one B256 decode step")
+    p.add_argument("--phases", action="store_true", help="also time prefill and decode apart (synchronised pass)")
+    p.add_argument("--profile-prefill", action="store_true", help="print the kernels of the prefills of a pass")
     args = p.parse_args()
     if args.no_compile:
         model_runner.compile_layers = lambda model: None
@@ -95,6 +132,18 @@ def main() -> None:
     steps = step_times(core, prompts, [(64, 256), (64, 512), (256, 256), (256, 512)])
     print(f"{torch.cuda.get_device_name()} | startup {startup:.0f} s | greedy {passes[0]} | greedy again {passes[1]} | "
           f"t=0.8 {passes[2]} | " + " ".join(steps), flush=True)
+    if args.phases:
+        print(phase_times(core, prompts, args.new_tokens), flush=True)
+    if args.profile_prefill:
+        from torch.profiler import ProfilerActivity, profile
+
+        for i, ids in enumerate(prompts[:64]):
+            core.add(request(90_000 + i, 1, 0.0), torch.tensor(ids, device=core.device))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            while core.has_work:
+                core.step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
