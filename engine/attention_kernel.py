@@ -85,10 +85,10 @@ def _merge_splits_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, num_spl
              result.to(out_ptr.dtype.element_ty), mask=(g < group)[:, None])
 
 
-def num_splits(batch: int, kv_heads: int, read_len: int) -> int:
-    """Column splits per (row, KV head): enough programs to fill the card, at least BLOCK_N columns each."""
-    wanted = triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)
-    return max(1, min(wanted, read_len // BLOCK_N))
+def num_splits(batch: int, kv_heads: int, read_len: int, target: int = TARGET_PROGRAMS, block_n: int = BLOCK_N) -> int:
+    """Column splits per (row, KV head): enough programs to fill the card, at least block_n columns each."""
+    wanted = triton.cdiv(target, batch * kv_heads)
+    return max(1, min(wanted, read_len // block_n))
 
 
 def supports(query: torch.Tensor) -> bool:
@@ -98,15 +98,17 @@ def supports(query: torch.Tensor) -> bool:
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     read_len: int, scale: float, window: int | None) -> torch.Tensor:
+                     read_len: int, scale: float, window: int | None, tuning: dict | None = None) -> torch.Tensor:
     """query [B, H, 1, D]; caches [S, KVH, max_len + 1, D]; row b attends columns [0, positions[b]] (within the
-    window) -> [B, 1, H, D]. Static shapes for a given (B, read_len), so it is captured in CUDA graphs."""
+    window) -> [B, 1, H, D]. Static shapes for a given (B, read_len), so it is captured in CUDA graphs.
+    `tuning` (block_n, num_warps, num_stages, target) overrides the defaults, for benchmarks/decode_kernel.py."""
+    t = {"block_n": BLOCK_N, "num_warps": 4, "num_stages": 2, "target": TARGET_PROGRAMS, **(tuning or {})}
     batch, heads, _, dim = query.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
-    splits = num_splits(batch, kv_heads, read_len)
-    split_len = triton.cdiv(triton.cdiv(read_len, splits), BLOCK_N) * BLOCK_N
+    splits = num_splits(batch, kv_heads, read_len, t["target"], t["block_n"])
+    split_len = triton.cdiv(triton.cdiv(read_len, splits), t["block_n"]) * t["block_n"]
     acc = torch.empty(batch * kv_heads * splits * block_g, dim, dtype=torch.float32, device=query.device)
     ml = torch.empty(batch * kv_heads * splits * block_g, 2, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
@@ -117,7 +119,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         q, k_cache, v_cache, positions, acc, ml,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scale, window or NO_WINDOW, split_len, splits, group,
-        BLOCK_G=block_g, BLOCK_N=BLOCK_N, HEAD_DIM=dim, num_warps=4, num_stages=2)
+        BLOCK_G=block_g, BLOCK_N=t["block_n"], HEAD_DIM=dim, num_warps=t["num_warps"], num_stages=t["num_stages"])
     _merge_splits_kernel[(batch, kv_heads)](acc, ml, out, out.stride(0), out.stride(2), splits, group,
                                             BLOCK_G=block_g, HEAD_DIM=dim, num_warps=4)
     return out
