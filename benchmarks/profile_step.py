@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=150)
     p.add_argument("--no-compile", action="store_true", help="decoder layers run eagerly inside the graphs")
     p.add_argument("--no-decode-kernel", action="store_true", help="decode attention through SDPA with a mask")
-    p.add_argument("--profile", action="store_true", help="print the kernels of one B256 decode step")
+    p.add_argument("--profile", action="store_true", help="print the kernels of five decode steps over full slots")
     p.add_argument("--phases", action="store_true", help="also time prefill and decode apart (synchronised pass)")
     p.add_argument("--profile-prefill", action="store_true", help="print the kernels of the prefills of a pass")
     args = p.parse_args()
@@ -144,16 +144,21 @@ def main() -> None:
                 core.step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-    if args.profile:
+    if args.profile:  # five real decode steps with every slot running the workload's prompts
         from torch.profiler import ProfilerActivity, profile
 
-        graph = core.runner._graphs[(256, 512)]
+        for i, ids in enumerate(prompts[:core.cache.num_slots]):
+            core.add(request(70_000 + i, 64, 0.0), torch.tensor(ids, device=core.device))
+        while core.scheduler.waiting:
+            core.step()
+        for _ in range(3):
+            core.step()
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                graph.replay_logits()
+                core.step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
-
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
 
 if __name__ == "__main__":
     main()
