@@ -381,8 +381,8 @@ class ClusterJob:
     def _check_device(self) -> None:
         device = self.spec.device
         if device.startswith("cuda:"):
-            raise ClusterError(f"--device {device}: under Ray every actor gets its own GPU; use --device cuda (or "
-                               f"auto), and --num-actors to choose how many")
+            raise ClusterError(f"device {device}: under Ray every actor gets its own GPU; use cuda or auto (--device, "
+                               f"or a sweep's [engine] device), and --num-actors to choose how many")
         num_gpus = self.ray.cluster_resources().get("GPU", 0)
         if device == "cuda" and num_gpus < 1:
             raise ClusterError("--device cuda, but the Ray cluster has no GPUs; start the nodes with GPUs visible "
@@ -740,11 +740,14 @@ def ray_main(argv: list[str] | None = None) -> int:
     try:
         spec, options = job_spec(parser, args), job_options(args)
         ray = require_ray()
-        ray.init(address=args.address, log_to_driver=not args.quiet)
+        is_ours = not ray.is_initialized()  # a script (or a test) may have connected already
+        if is_ours:
+            ray.init(address=args.address, log_to_driver=not args.quiet)
         try:
             return _run(ClusterJob(spec, options), args)
         finally:
-            ray.shutdown()
+            if is_ours:
+                ray.shutdown()
     except (ClusterError, ConfigError, ModelNotFound, ManifestMismatch, SweepError, EngineError) as exc:
         print(f"engine-ray: {exc}", file=sys.stderr)
         return EXIT_FATAL
@@ -767,6 +770,9 @@ def job_spec(parser: argparse.ArgumentParser, args: argparse.Namespace) -> JobSp
             raise ClusterError(f"{', '.join(given)}: with --sweep the engine settings come from the sweep file's "
                                f"[engine], [generation] and [capture] tables; set them there")
         plan = Plan(load_sweep(args.sweep, str(Path(args.output).resolve()) if args.output else None))
+        if "devices" in plan.config.engine:
+            log.warning("engine-ray: the sweep's [engine] devices is for one host; under Ray every actor has one "
+                        "device, and --num-actors says how many")
         return JobSpec(Path(plan.config.output), plan=plan, extend=args.extend, force=args.force)
     if getattr(args, "devices", ""):
         raise ClusterError(f"--devices {args.devices}: under Ray every actor is one engine on one GPU; leave --devices "

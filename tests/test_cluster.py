@@ -20,8 +20,9 @@ import torch
 from conftest import PROMPTS, read_jsonl, write_jsonl
 from engine.activations import load
 from engine.cli import run_main
-from engine.cluster import (ClusterError, ClusterJob, ClusterOptions, job_options, job_spec, line_id, part_of,
+from engine.cluster import (ClusterError, ClusterJob, job_options, job_spec, line_id, part_of,
                             ray_main, ray_parser)
+from engine.sweep import Plan, load_sweep
 from engine.writer import ManifestMismatch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,15 +163,15 @@ def test_sweep_on_ray_matches_its_plan(local_ray, tmp_path):
                      f'prompts = ["p.jsonl"]\n[vectors]\nv = "{vector}"\n[grid]\nvectors = ["v"]\nlayers = [1]\n'
                      f'coefs = [4]\nbaseline = true\n[generation]\nmax_new_tokens = 4\ntemperature = 0.8\n'
                      f'[engine]\ndevice = "cpu"\nmax_num_seqs = 4\n')
-    parser = ray_parser()
-    job = ClusterJob(job_spec(parser, parser.parse_args(["--sweep", str(sweep)])),
-                     ClusterOptions(num_actors=2, num_parts=2, is_quiet=True))
-    assert job.run() == "done"
-    records = read_jsonl(tmp_path / "sweep-out" / "results.jsonl")
-    plan_ids = {record["id"]: record["seed"] for _, record in job.spec.plan.requests(job.spec.plan.config.models[0])}
+    assert ray_main(["--sweep", str(sweep), "--num-actors", "2", "--num-parts", "2", "--quiet"]) == 0
+    out = tmp_path / "sweep-out"
+    records = read_jsonl(out / "results.jsonl")
+    plan = Plan(load_sweep(sweep))
+    plan_ids = {record["id"]: record["seed"] for _, record in plan.requests(plan.config.models[0])}
     assert len(records) == len(plan_ids) == 12 and {r["id"]: r["seed"] for r in records} == plan_ids
     assert {r["sweep"]["point"] for r in records} == {"none", "v@L1*4.0"}
-    assert (tmp_path / "sweep-out" / "plan.json").exists()
+    assert sorted(p.name for p in (out / "parts" / "tiny").iterdir()) == ["part-00000", "part-00001"]
+    assert (out / "summary.md").exists(), "the sweep's report is written at the end"
 
 
 def test_parts_are_stable_and_ids_stay_together():
@@ -196,7 +197,7 @@ def test_refusals_name_the_value_and_the_way_out(local_ray, tmp_path, capsys):
         cluster_job(source, out, "--max-new-tokens", "5").prepare()
     cluster_job(source, out, "--max-new-tokens", "5", "--force").prepare()
     assert list(tmp_path.glob("job.replaced-*"))
-    for argv, fragment in ((["--device", "cuda:1"], "--device cuda:1: under Ray"),
+    for argv, fragment in ((["--device", "cuda:1"], "device cuda:1: under Ray"),
                            (["--devices", "0,1"], "--devices 0,1: under Ray")):
         with pytest.raises(ClusterError, match=re.escape(fragment)):
             cluster_job(source, tmp_path / "other", *argv).prepare()
