@@ -587,7 +587,12 @@ class ClusterJob:
     def _install_signals(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        on_signal = lambda signum, frame: self.stop(signal.Signals(signum).name)  # noqa: E731
+
+        def on_signal(signum, frame):
+            if self.stop_reason is not None:  # a second signal: stop waiting for the actors to drain
+                raise KeyboardInterrupt
+            self.stop(signal.Signals(signum).name)
+
         return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _restore_signals(self, old: dict) -> None:
