@@ -58,7 +58,7 @@ class EngineCore:
         self.steering = SteeringTable(self.model, self.device, slots)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
         self.runner = ModelRunner(self.model, self.steering, self.cache, pad_id, use_graphs=not config.enforce_eager,
-                                  recorder=self.recorder)
+                                  recorder=self.recorder, max_prefill_tokens=config.max_prefill_tokens)
         self.scheduler = Scheduler(slots, config.max_prefill_tokens)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
         self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))

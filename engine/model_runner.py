@@ -32,7 +32,7 @@ class ModelRunner:
     """Prefill and decode steps; returns sampled next tokens on the device."""
 
     def __init__(self, model, steering: SteeringTable, cache: KVCache, pad_id: int, use_graphs: bool,
-                 recorder: ActivationRecorder):
+                 recorder: ActivationRecorder, max_prefill_tokens: int = 8192):
         self.model, self.steering, self.cache, self.pad_id = model, steering, cache, pad_id
         self.recorder = recorder
         self.device = next(model.parameters()).device
@@ -61,7 +61,7 @@ class ModelRunner:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         if self.use_graphs:
             compile_layers(model)
-            self._warm_prefill()
+            self._warm_prefill(max_prefill_tokens)
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_version = -1
         self.capture_all()
@@ -76,13 +76,17 @@ class ModelRunner:
         self.sampler(torch.zeros(1, vocab, device=self.device), SamplingParams.build(rows, self.device),
                      torch.zeros(1, dtype=torch.int64, device=self.device))
 
-    def _warm_prefill(self) -> None:
-        """Compile the layers' prefill variants now (a one-token and a longer packed row), not in a run's first
-        prefills. Writes K/V only into slot 0, which no sequence owns yet."""
-        for width in (1, 2):
-            self.prefill_logits([Sequence(index=-1, prompt_ids=torch.zeros(width, dtype=torch.int64, device=self.device),
+    def _warm_prefill(self, max_prefill_tokens: int) -> None:
+        """Compile the layers' prefill variants now, not in a run's first prefills: a one-token row (sizes 1 are
+        specialised) and a full packed row. The full row comes first among the longer ones because Inductor tunes
+        a dynamic-shape kernel for the sizes it first sees: warmed on a 2-token row, the prefill's GELU x up kernel
+        ran at half speed on 7k-token rows (H100). Writes K/V only into slots no sequence owns yet."""
+        per_seq = min(self.cache.max_len, max_prefill_tokens)
+        count = min(self.cache.num_slots, -(-max_prefill_tokens // per_seq))
+        for lengths in ([1], [per_seq] * count):
+            self.prefill_logits([Sequence(index=-1, prompt_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
                                           max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                                          ignore_eos=True, stop=[], slot=0)])
+                                          ignore_eos=True, stop=[], slot=slot) for slot, n in enumerate(lengths)])
 
     # ---- prefill
     @torch.inference_mode()
