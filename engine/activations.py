@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from engine.config import CaptureDefaults
+from engine.id_index import IdIndex
 from engine.request import RecordError
 from engine.steering import decoder_layers
 from engine.transfer import to_device
@@ -276,6 +278,15 @@ def activations_dir(output: Path) -> Path:
     return output.with_name(output.stem + ".activations")
 
 
+class DiskLow(OSError):
+    """Too little free disk for the next write; nothing of it was written. The message says how much is free and
+    what was needed."""
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
 class ActivationStore:
     """Safetensors shards `<results stem>.activations/00000.safetensors` (keys `<id>/layer.<L>`) and
     `index.jsonl` (one line per request: id, shard, keys, positions, dtype, is_before_steering).
@@ -285,29 +296,38 @@ class ActivationStore:
     line never points at a shard that is not on disk; a crash leaves at most a `*.tmp` (deleted on resume) and
     entries for ids without a result line (dropped from the index on resume; those ids run again into a new
     shard, and the orphaned tensors in the old one are never referenced).
+
+    Disk: before a shard is written, the file system must have its size plus `min_free_bytes` free; else `flush`
+    raises DiskLow having written nothing (the caller drops the shard with `discard`; its records run again on
+    resume, once there is space).
     """
 
-    def __init__(self, output: Path, max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS):
+    def __init__(self, output: Path, max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS,
+                 min_free_bytes: int = 0, done: IdIndex | None = None):
+        """`done`: the output's ids with the shard each points at (engine.writer.scan_done_ids), if the caller has
+        them; else the output is read for them when there is an index to resume."""
         self.output, self.folder = output, activations_dir(output)
-        self.max_shard_bytes, self.flush_seconds = max_shard_bytes, flush_seconds
+        self.max_shard_bytes, self.flush_seconds, self.min_free_bytes = max_shard_bytes, flush_seconds, min_free_bytes
         self._tensors: dict[str, torch.Tensor] = {}
         self._entries: list[dict] = []
         self._bytes = 0
         self._since: float | None = None
-        self._next = self._recover() if self.folder.is_dir() else 0
+        self._next = self._recover(done) if self.folder.is_dir() else 0
 
-    def _recover(self) -> int:
-        """Resume: delete partial shards, keep index entries that a result line points at; the next shard number."""
+    def _recover(self, done: IdIndex | None) -> int:
+        """Resume: delete partial shards, keep index entries that a result line points at; the next shard number.
+        Streams the output and the index (memory does not grow with the records)."""
         for tmp in self.folder.glob("*.tmp"):
             tmp.unlink()
-        referenced = set()
-        for record in _records(self.output):
-            pointer = record.get("activations")
-            if isinstance(pointer, dict):
-                referenced.add((record["id"], pointer["shard"]))
         index = self.folder / INDEX_NAME
-        kept = [line for line in _lines(index) if (line["id"], line["shard"]) in referenced]
-        _write_atomic(index, "".join(json.dumps(line) + "\n" for line in kept).encode())
+        if index.exists():
+            referenced = done if done is not None else _pointers(self.output)
+            try:
+                kept = (line for line in complete_lines(index) if referenced.has_shard(line["id"], line["shard"]))
+                _write_atomic_lines(index, (json.dumps(line) + "\n" for line in kept))
+            finally:
+                if done is None:
+                    referenced.close()
         numbers = [int(p.stem) for p in self.folder.glob("*.safetensors") if p.stem.isdigit()]
         return max(numbers, default=-1) + 1
 
@@ -333,11 +353,14 @@ class ActivationStore:
                                         or time.monotonic() - self._since >= self.flush_seconds)
 
     def flush(self) -> None:
-        """Write the buffered shard durably (see the class doc); a no-op when nothing is buffered."""
+        """Write the buffered shard durably (see the class doc); a no-op when nothing is buffered. DiskLow, with
+        nothing written, if the disk cannot take it and keep min_free_bytes free."""
         if not self._entries:
             return
         from safetensors.torch import save_file
 
+        index_lines = "".join(json.dumps(entry) + "\n" for entry in self._entries).encode()
+        self._check_space(self._bytes + _header_bytes(self._tensors) + len(index_lines))
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{self._next:05d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
@@ -345,12 +368,39 @@ class ActivationStore:
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(self.folder)
-        with (self.folder / INDEX_NAME).open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(entry) + "\n" for entry in self._entries))
+        with (self.folder / INDEX_NAME).open("ab") as f:
+            f.write(index_lines)
             f.flush()
             os.fsync(f.fileno())
-        self._tensors, self._entries, self._bytes, self._since = {}, [], 0, None
+        self.discard()
         self._next += 1
+
+    def _check_space(self, num_bytes: int) -> None:
+        where = self.folder if self.folder.is_dir() else self.folder.parent
+        free = free_bytes(where)
+        if free < num_bytes + self.min_free_bytes:
+            raise DiskLow(f"disk low: {free / 1e9:.2f} GB free in {where}; activation shard "
+                          f"{self.folder.name}/{self._next:05d}.safetensors ({len(self._entries)} records, "
+                          f"{num_bytes / 1e6:.1f} MB) and the {self.min_free_bytes / 1e9:g} GB to keep free need "
+                          f"{(num_bytes + self.min_free_bytes) / 1e9:.2f} GB. Nothing of that shard was written; every "
+                          f"record before it is on disk")
+
+    def discard(self) -> None:
+        """Drop the buffered shard (written, or refused: its records run again on resume)."""
+        self._tensors, self._entries, self._bytes, self._since = {}, [], 0, None
+
+
+def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """About the size of a safetensors header: 8 bytes, then a JSON entry (key, dtype, shape, offsets) per tensor."""
+    return 8 + sum(len(key.encode()) + 96 for key in tensors)
+
+
+def _pointers(output: Path) -> IdIndex:
+    """The output's result ids, each with the shard its activations pointer names."""
+    pointers = IdIndex()
+    pointers.add_many((r["id"], r["activations"].get("shard")) for r in _records(output)
+                      if isinstance(r.get("activations"), dict))
+    return pointers
 
 
 def _fsync_path(path: Path) -> None:
@@ -361,31 +411,30 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic_lines(path: Path, lines) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _lines(path: Path) -> list[dict]:
-    """Complete JSON lines of a file (a line cut short by a crash is skipped)."""
+def complete_lines(path: Path):
+    """The complete JSON lines of a file, streamed (a line cut short by a crash is skipped); nothing if it is absent."""
     if not path.exists():
-        return []
-    out = []
-    for raw in path.read_bytes().splitlines(keepends=True):
-        if raw.endswith(b"\n"):
-            try:
-                out.append(json.loads(raw))
-            except json.JSONDecodeError:
-                continue
-    return out
+        return
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                try:
+                    yield json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
 
 
 def _records(output: Path):
-    return (r for r in _lines(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
+    return (r for r in complete_lines(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
 
 
 def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[str, dict[int, torch.Tensor]]:

@@ -15,7 +15,7 @@ from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, DTYPES, STEER_POSI
                            ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
-from engine.writer import JsonlWriter, ManifestMismatch, check_manifest, scan_done_ids
+from engine.writer import DiskLow, JsonlWriter, ManifestMismatch, check_free_space, check_manifest, scan_done_ids
 
 EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -88,9 +88,22 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--ordered", action="store_true", help="write results in input order")
     p.add_argument("--force", action="store_true", help="settings changed: move old results aside and start again")
     p.add_argument("--return-tokens", action="store_true", help="add completion_token_ids to each record")
+    p.add_argument("--min-free-gb", type=_gigabytes, default=1.0, metavar="GB",
+                   help="disk space to keep free: checked before starting and before each activation shard; when low, "
+                        "the run stops cleanly and the same command resumes it (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_args(p)
     return p
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the gigabytes to keep free as a number >= 0, e.g. 1 or 0.5")
+    return value
 
 
 def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -165,6 +178,10 @@ def run_main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"engine-run: {exc}", file=sys.stderr)
         return EXIT_FATAL
+    except DiskLow as exc:
+        print(f"engine-run: {exc}. Free some space (or lower --min-free-gb), then run the same command to resume",
+              file=sys.stderr)
+        return EXIT_FATAL
     except KeyboardInterrupt:
         print("engine-run: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -174,9 +191,10 @@ def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
     wall = time.perf_counter()
     manifest = manifest_of(config)
     check_manifest(output, manifest, args.force)
+    check_free_space(output.parent, args.min_free_gb, "--min-free-gb")
     done = scan_done_ids(output)
     with Engine(config) as engine:
-        writer = JsonlWriter(output, manifest, args.ordered)
+        writer = JsonlWriter(output, manifest, args.ordered, min_free_gb=args.min_free_gb, done=done)
         progress = Progress(max(_count_lines(source) - len(done), 0), not args.quiet)
         stop = lambda signum, frame: engine.interrupt()  # noqa: E731 - stop admitting, then flush below
         old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -186,10 +204,12 @@ def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
                 writer.write(outcome)
                 progress.update(writer.num_tokens)
         finally:
-            writer.close()
-            progress.close()
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+            try:
+                writer.close()  # DiskLow if the last activation shard does not fit
+            finally:
+                progress.close()
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
         elapsed = time.perf_counter() - gen_started
         interrupted = engine.is_interrupted
     print(

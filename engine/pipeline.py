@@ -15,12 +15,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Container, Iterable, Iterator
 
 from engine.activations import tensors_of
 from engine.config import EngineConfig
 from engine.core import core_main
 from engine.decoder_worker import decoder_main
+from engine.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model
 from engine.procs import Lifeline, MsgQueue, start
 from engine.request import Request, RecordError, decode_line, load_named_specs, parse_record
@@ -56,15 +57,16 @@ def error_record(line: int | None, request_id: str | None, error: str) -> dict:
     return record
 
 
-def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, skip_ids: set[str] = frozenset()
+def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, skip_ids: Container[str] = frozenset()
                   ) -> Iterator[Request | dict]:
     """(line number, raw bytes or dict or str) -> Requests, or error records for lines that cannot run.
 
-    Ids in `skip_ids` (already in the output) are dropped silently; a repeated id is an error.
+    Ids in `skip_ids` (already in the output: a set, or engine.writer.scan_done_ids's IdIndex) are dropped silently;
+    a repeated id is an error. The ids seen are kept on disk (IdIndex), so memory does not grow with the input.
     """
     steering, capture = config.steering.as_record(), config.capture.as_record()
     named = load_named_specs(config.steering_specs) if config.steering_specs else {}
-    seen: set[str] = set()
+    seen = IdIndex()  # its temporary file goes when the generator ends or is dropped
     for line, raw in sources:
         request_id = None
         try:
@@ -79,9 +81,8 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
                 raise RecordError(f"field(s) {clash} are output fields of the engine; rename them in the input")
             if request.id in skip_ids:
                 continue
-            if request.id in seen:
+            if not seen.add(request.id):
                 raise RecordError(f"duplicate id {request.id!r}; ids must be unique within the input")
-            seen.add(request.id)
             yield request
         except RecordError as exc:
             yield error_record(line, request_id, str(exc))

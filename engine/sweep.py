@@ -37,7 +37,8 @@ from engine.config import DTYPES, TRUNCATE_MODES, CaptureDefaults, ConfigError, 
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.request import RecordError, decode_line, derive_seed, parse_steering
-from engine.writer import JsonlWriter, scan_done_ids
+from engine.id_index import IdIndex
+from engine.writer import DiskLow, JsonlWriter, scan_done_ids
 
 log = logging.getLogger("engine.sweep")
 
@@ -756,13 +757,13 @@ class StatusBoard:
     """status.json, rewritten atomically every few seconds from a thread: per model done/total, errors, tok/s,
     ETA, the last error. `check` runs on every tick too (the free-space check)."""
 
-    def __init__(self, path: Path, plan: Plan, done: set[str], check=None, interval: float = STATUS_SECONDS):
+    def __init__(self, path: Path, plan: Plan, done: IdIndex, check=None, interval: float = STATUS_SECONDS):
         self.path, self.plan, self.check, self.interval = path, plan, check, interval
         self.lock = threading.Lock()
         self.state, self.started, self.last_error = "starting", _now(), None
         self.models = {}
         for m in plan.config.models:
-            num_done = sum(1 for i in done if i.startswith(m.label + "/"))
+            num_done = done.count_prefix(m.label + "/")
             self.models[m.label] = {"model": m.model, "state": "done" if num_done >= plan.num_per_model else "waiting",
                                     "done": num_done, "total": plan.num_per_model, "errors": 0, "tokens": 0}
         self.num_records = self.num_tokens = 0  # this invocation's
@@ -893,7 +894,8 @@ class SweepRunner:
         self._check_disk()
         if self.stopper.reason:
             raise SweepError(f"{self.stopper.reason}: free some space (or lower min_free_gb) and run again")
-        writer = JsonlWriter(self.results, {"version": 1, "sweep_config_hash": self.plan.config_hash}, ordered=False)
+        writer = JsonlWriter(self.results, {"version": 1, "sweep_config_hash": self.plan.config_hash}, ordered=False,
+                             min_free_gb=self.plan.config.min_free_gb, done=self.done)
         todo = deque(m for m in self.plan.config.models if self.status.models[m.label]["state"] != "done")
         lanes = [threading.Thread(target=self._lane, args=(device, todo), name=f"sweep-{device}", daemon=True)
                  for device in self.plan.config.devices()[:len(todo)]]
@@ -903,6 +905,8 @@ class SweepRunner:
             for lane in lanes:
                 lane.start()
             self._write_outcomes(lanes, writer)
+        except DiskLow as exc:  # the next activation shard does not fit: stop as on a low disk
+            self._disk_low(exc)
         except BaseException as exc:
             self.stopper.stop(f"failed: {type(exc).__name__}")
             self.failures.append(exc)
@@ -911,9 +915,12 @@ class SweepRunner:
                 lane.join()
             try:
                 writer.close()
+            except DiskLow as exc:  # the last shard does not fit: its records run again on resume
+                self._disk_low(exc)
             finally:
                 for sig, handler in old.items():
                     signal.signal(sig, handler)
+                self.done.close()
         if self.failures:
             exc = self.failures[0]
             self.status.finish("failed", f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))
@@ -922,6 +929,11 @@ class SweepRunner:
         ended = "done" if reason is None else "disk" if reason.startswith("disk") else "interrupted"
         self.status.finish({"done": "done", "disk": "stopped", "interrupted": "interrupted"}[ended], reason)
         return ended, writer
+
+    def _disk_low(self, exc: DiskLow) -> None:
+        if self.stopper.reason is not None and not self.stopper.reason.startswith("disk"):
+            log.error("%s; those records run again on resume", exc)  # the sweep was stopping for another reason
+        self.stopper.stop(str(exc))
 
     def _write_outcomes(self, lanes: list[threading.Thread], writer: JsonlWriter) -> None:
         while any(lane.is_alive() for lane in lanes) or not self.outcomes.empty():

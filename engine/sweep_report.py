@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.activations import complete_lines
 from engine.sweep import BASELINE, ERRORS, PLAN, RESULTS, SUMMARY_COLUMNS, SweepError
 
 
@@ -217,28 +218,15 @@ def collect(out: Path, plan: dict) -> dict[tuple[str, str], PointStats]:
     """Stream results.jsonl and errors.jsonl into PointStats per (model, point)."""
     stats = {(m["label"], p["key"]): PointStats() for m in plan["models"] for p in plan["points"]}
     scorer = Scorer(plan, out)
-    for record in _lines(out / RESULTS):
+    for record in complete_lines(out / RESULTS):
         tag = record.get("sweep")
         if isinstance(tag, dict) and (tag.get("model"), tag.get("point")) in stats:
             stats[tag["model"], tag["point"]].add(record, scorer.score(record))
-    for record in _lines(out / ERRORS):
+    for record in complete_lines(out / ERRORS):
         key = tuple(str(record.get("id", "")).split("/")[:2])
         if key in stats:
             stats[key].num_errors += 1
     return stats
-
-
-def _lines(path: Path):
-    """Complete JSON lines (a line cut short by a crash is skipped)."""
-    if not path.exists():
-        return
-    with path.open("rb") as f:
-        for raw in f:
-            if raw.endswith(b"\n"):
-                try:
-                    yield json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
 
 
 def summary_rows(plan: dict, stats: dict) -> tuple[list[str], list[dict]]:

@@ -2,7 +2,9 @@
 
 Records are written as whole lines, flushed and fsynced in batches; a line cut short by a crash is
 removed on resume, so the output is always a file of complete JSON records. Result lines that point at
-activations wait until their shard is on disk (engine.activations.ActivationStore).
+activations wait until their shard is on disk (engine.activations.ActivationStore), and a shard is only written
+while the disk keeps `min_free_gb` free besides it (DiskLow otherwise: its records run again on resume).
+The ids already done are kept in an IdIndex (on disk), so resuming a run of millions of records stays small.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from engine.activations import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir, tensors_of
+from engine.activations import (FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, DiskLow, activations_dir,
+                                free_bytes, tensors_of)
+from engine.id_index import IdIndex
 from engine.pipeline import Outcome
 
 MANIFEST_VERSION = 1
@@ -31,26 +35,42 @@ def errors_path(output: Path) -> Path:
     return output.with_name("errors.jsonl")
 
 
-def scan_done_ids(output: Path) -> set[str]:
-    """Ids of complete records in an existing output; a trailing partial line is cut off."""
+def scan_done_ids(output: Path) -> IdIndex:
+    """Ids of complete records in an existing output, each with the activation shard it points at; a trailing
+    partial line is cut off."""
+    done = IdIndex()
     if not output.exists():
-        return set()
-    done, good_end = set(), 0
-    with output.open("rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
-                done.add(record["id"])
-            good_end += len(raw)
+        return done
+    good_end = 0
+
+    def complete_records():
+        nonlocal good_end
+        with output.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    return
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    return
+                good_end += len(raw)
+                if isinstance(record, dict) and isinstance(record.get("id"), str):
+                    pointer = record.get("activations")
+                    yield record["id"], pointer.get("shard") if isinstance(pointer, dict) else None
+
+    done.add_many(complete_records())
     if good_end < output.stat().st_size:
         with output.open("r+b") as f:
             f.truncate(good_end)
     return done
+
+
+def check_free_space(folder: Path, min_free_gb: float, option: str) -> None:
+    """DiskLow, naming the option that sets the limit, if `folder`'s file system has less than min_free_gb free."""
+    folder = next(p for p in (folder, *folder.resolve().parents) if p.exists())  # it may not be made yet
+    free = free_bytes(folder)
+    if free < min_free_gb * 1e9:
+        raise DiskLow(f"disk low: {free / 1e9:.2f} GB free in {folder}, below {option} = {min_free_gb:g}")
 
 
 def check_manifest(output: Path, manifest: dict, force: bool) -> None:
@@ -78,7 +98,10 @@ class JsonlWriter:
     """Appends result records, writes error records, keeps input order when asked."""
 
     def __init__(self, output: Path, manifest: dict, ordered: bool, sync_every: int = 256, sync_seconds: float = 2.0,
-                 max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS):
+                 max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS, min_free_gb: float = 0.0,
+                 done: IdIndex | None = None):
+        """`done`: scan_done_ids(output) if the caller has it (saves reading the output again to resume the
+        activation index); `min_free_gb`: the free space to keep besides each activation shard."""
         output.parent.mkdir(parents=True, exist_ok=True)
         manifest_path(output).write_text(json.dumps(manifest, indent=2) + "\n")
         self.results = output.open("a", encoding="utf-8")
@@ -90,8 +113,9 @@ class JsonlWriter:
         self._unsynced = 0
         self._last_sync = time.monotonic()
         self.num_results = self.num_errors = self.num_tokens = 0
-        self.activations = ActivationStore(output, max_shard_bytes, flush_seconds)
+        self.activations = ActivationStore(output, max_shard_bytes, flush_seconds, int(min_free_gb * 1e9), done)
         self._held_lines: list[str] = []  # result lines behind a buffered activation shard, in order
+        self._held_tokens = 0  # their completion tokens
 
     def write(self, outcome: Outcome) -> None:
         if not self.ordered:
@@ -114,6 +138,7 @@ class JsonlWriter:
         else:
             if outcome.activations is not None or self._held_lines:
                 self._held_lines.append(line)
+                self._held_tokens += outcome.record["num_completion_tokens"]
             else:
                 self.results.write(line)
             self.num_results += 1
@@ -131,14 +156,25 @@ class JsonlWriter:
         self._unsynced, self._last_sync = 0, time.monotonic()
 
     def _flush_activations(self) -> None:
-        """The shard first (durably), then the result lines that point at it."""
-        self.activations.flush()
+        """The shard first (durably), then the result lines that point at it. DiskLow: the shard and its lines are
+        dropped (nothing of them on disk; those requests run again on resume) and the error is raised."""
+        try:
+            self.activations.flush()
+        except DiskLow:
+            self.num_results -= len(self._held_lines)
+            self.num_tokens -= self._held_tokens
+            self._held_lines, self._held_tokens = [], 0
+            self.activations.discard()
+            raise
         self.results.write("".join(self._held_lines))
-        self._held_lines = []
+        self._held_lines, self._held_tokens = [], 0
 
     def close(self) -> None:
-        """Flush what is held; held records waiting for an earlier one stay unwritten (resume redoes them)."""
-        self._flush_activations()
-        self.sync()
-        self.results.close()
-        self.errors.close()
+        """Flush what is held; held records waiting for an earlier one stay unwritten (resume redoes them). The files
+        are closed even when the last shard finds the disk low (DiskLow is raised after)."""
+        try:
+            self._flush_activations()
+        finally:
+            self.sync()
+            self.results.close()
+            self.errors.close()

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +272,132 @@ def test_writer_rolls_shards_and_holds_result_lines_until_their_shard_is_on_disk
     got = load(out)
     assert got["r2"][3].shape == (5, 4) and float(got["r3"][3][0, 0]) == 3.0 and "plain" not in got
     assert list(load(out, ids=["r3", "plain"])) == ["r3"]
+
+
+# ---------------------------------------------------------------- free disk space before each shard
+def free_gb(folder: Path) -> float:
+    import shutil
+
+    return shutil.disk_usage(folder).free / 1e9
+
+
+def test_a_shard_that_does_not_fit_is_not_written_and_its_records_run_again_on_resume(tmp_path):
+    from engine.writer import DiskLow, scan_done_ids
+
+    out = tmp_path / "res.jsonl"
+    writer = JsonlWriter(out, {}, ordered=False, max_shard_bytes=100, flush_seconds=3600, min_free_gb=0.0)
+    for i in (0, 1):  # 80 + 80 bytes: the second one fills shard 0
+        writer.write(outcome(i, 5))
+    writer.close()
+    assert [r["id"] for r in read_jsonl(out)] == ["r0", "r1"]
+    # The disk is "full": min_free_gb above what the file system has.
+    too_much = free_gb(tmp_path) + 1000
+    writer = JsonlWriter(out, {}, ordered=False, max_shard_bytes=100, flush_seconds=3600, min_free_gb=too_much,
+                         done=scan_done_ids(out))
+    writer.write(outcome(2, 5))
+    writer.write(Outcome(3, {"id": "plain", "completion": "", "num_completion_tokens": 1}, False))  # held behind r2
+    with pytest.raises(DiskLow) as info:
+        writer.write(outcome(4, 5))
+    message = str(info.value)
+    assert message.startswith("disk low: ") and "res.activations/00001.safetensors (2 records" in message, message
+    assert f"the {too_much:g} GB to keep free" in message and "Nothing of that shard was written" in message
+    assert writer.num_results == 0 and writer.num_tokens == 0
+    writer.write(outcome(5, 1))  # 16 bytes: buffered until close, which finds the disk still low
+    with pytest.raises(DiskLow):
+        writer.close()
+    assert writer.results.closed and writer.errors.closed
+    folder = activations_dir(out)
+    assert [r["id"] for r in read_jsonl(out)] == ["r0", "r1"]  # everything before the refused shard, nothing after
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.safetensors", INDEX_NAME]
+    assert [e["id"] for e in read_jsonl(folder / INDEX_NAME)] == ["r0", "r1"]
+    # Space again (a lower limit): the same records run again, into the next shard; nothing lost or doubled.
+    done = scan_done_ids(out)
+    assert len(done) == 2 and "r1" in done and "r2" not in done
+    writer = JsonlWriter(out, {}, ordered=False, max_shard_bytes=100, flush_seconds=3600, min_free_gb=0.0, done=done)
+    for item in (outcome(2, 5), Outcome(3, {"id": "plain", "completion": "", "num_completion_tokens": 1}, False),
+                 outcome(4, 5), outcome(5, 1)):
+        writer.write(item)
+    writer.close()
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert sorted(ids) == ["plain", "r0", "r1", "r2", "r4", "r5"] and len(ids) == len(set(ids))
+    got = load(out)
+    assert sorted(got) == ["r0", "r1", "r2", "r4", "r5"] and float(got["r4"][3][0, 0]) == 4.0
+    assert sorted(e["id"] for e in read_jsonl(folder / INDEX_NAME)) == ["r0", "r1", "r2", "r4", "r5"]
+
+
+def engine_run_cli(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_engine_run_refuses_to_start_on_a_low_disk_and_checks_the_option(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi"}])
+    out = tmp_path / "out.jsonl"
+    args = ["--input", source, "--output", out, "--model", TINY, "--device", "cpu", "--quiet"]
+    result = engine_run(*map(str, args), "--min-free-gb", "1e9")
+    assert result.returncode == 1, result.stderr
+    assert "disk low: " in result.stderr and "below --min-free-gb = 1e+09" in result.stderr, result.stderr
+    assert "Free some space (or lower --min-free-gb), then run the same command to resume" in result.stderr
+    assert not out.exists()
+    result = engine_run(*map(str, args), "--min-free-gb", "-1")
+    assert result.returncode == 2 and "'-1': give the gigabytes to keep free as a number >= 0" in result.stderr
+
+
+@contextmanager
+def disk_taken(folder: Path, num_bytes: int):
+    """Take num_bytes of the file system with a real, allocated file, as another program filling the disk would."""
+    path = folder / "filler.bin"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, num_bytes)
+        yield path
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll `condition` while `proc` runs; fail if it ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.05)
+
+
+def test_engine_run_stops_cleanly_when_the_disk_fills_before_a_shard_and_the_same_command_resumes(tmp_path):
+    if free_gb(tmp_path) < 4:
+        pytest.skip("needs 4 GB free disk to take 0.5 GB of it")
+    plain = [{"id": f"p{i}", "prompt": PROMPTS[i], "max_new_tokens": 4} for i in range(6)]
+    captured = [{"id": f"c{i}", "prompt": PROMPTS[i], "max_new_tokens": 250,  # seconds of decoding after the plain ones
+                 "capture": {"layers": [1], "positions": "generated"}} for i in range(4)]
+    source = write_jsonl(tmp_path / "in.jsonl", plain + captured)
+    out = tmp_path / "out.jsonl"
+    args = ["--input", source, "--output", out, "--model", TINY, "--device", "cpu", "--quiet", "--ignore-eos",
+            "--max-num-seqs", "1"]  # one at a time: records finish in input order
+    # The limit leaves 256 MB of today's free space; taking 512 MB once records are on disk puts the disk below it.
+    proc = engine_run_cli(*args, "--min-free-gb", f"{free_gb(tmp_path) - 0.256:.3f}")
+    wait_until(lambda: count_lines(out) >= len(plain), proc)  # plain records are written as they come (synced every 2 s)
+    with disk_taken(tmp_path, 512 << 20):
+        _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    assert "engine-run: disk low: " in stderr and ".safetensors (" in stderr and "Nothing of that shard was written; " \
+        "every record before it is on disk. Free some space (or lower --min-free-gb), then run the same command to " \
+        "resume" in stderr, stderr
+    ids = [r["id"] for r in read_jsonl(out)]
+    everything = [r["id"] for r in plain + captured]
+    assert len(plain) <= len(ids) < len(everything) and ids == everything[:len(ids)]
+    assert not list(activations_dir(out).glob("*.tmp"))
+    # The same command with a lower limit finishes: nothing lost, nothing twice, every capture readable.
+    again = engine_run(*map(str, args), "--min-free-gb", "0")
+    assert again.returncode == 0, again.stderr
+    assert f"skipped {len(ids)} done" in again.stderr
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert sorted(ids) == sorted(everything) and len(ids) == len(set(ids))
+    got = load(out)
+    assert sorted(got) == sorted(r["id"] for r in captured) and all(got[i][1].shape == (249, 64) for i in got)
+    assert sorted(e["id"] for e in read_jsonl(activations_dir(out) / INDEX_NAME)) == sorted(got)

@@ -404,3 +404,36 @@ def test_logprob_metric_scores_the_completion_under_the_unsteered_model(tmp_path
     for point, values in by_point.items():
         assert float(rows[point]["lp"]) == pytest.approx(np.mean(values), rel=1e-4)
     assert float(rows["v@L1*8.0"]["lp"]) < float(rows["none"]["lp"])  # steered text is less likely unsteered
+
+
+def test_a_disk_filling_mid_sweep_stops_it_cleanly_and_the_same_command_resumes(tmp_path):
+    import shutil
+
+    from test_activations import disk_taken, wait_until
+
+    if shutil.disk_usage(tmp_path).free < 4e9:
+        pytest.skip("needs 4 GB free disk to take 0.5 GB of it")
+    path = make_sweep(tmp_path, coefs="[0, 2, 4]", max_num_seqs=2, num_prompts=4,  # 56 requests
+                      extra='\n[capture]\nlayers = [1]\npositions = "generated"\n')
+    # The limit leaves 256 MB of today's free space; taking 512 MB once records are done puts the disk below it.
+    text = path.read_text()
+    path.write_text(f"min_free_gb = {shutil.disk_usage(tmp_path).free / 1e9 - 0.256:.3f}\n" + text)
+    status = tmp_path / "out" / "status.json"
+    proc = start_sweep(path)
+    wait_until(lambda: status.exists() and json.loads(status.read_text())["done"] >= 2, proc)
+    with disk_taken(tmp_path, 512 << 20):
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert "engine-sweep: disk low: " in stderr and "then run the same command to resume" in stderr, stderr
+    state = json.loads(status.read_text())
+    assert state["state"] == "stopped" and state["last_error"].startswith("disk low: "), state
+    results = tmp_path / "out" / "results.jsonl"
+    num_before = len(read_jsonl(results))
+    assert num_before < 56
+    path.write_text("min_free_gb = 0\n" + text)  # a lower limit: not part of the plan, so no --force needed
+    result = engine_sweep(path)
+    assert result.returncode == 0, result.stderr
+    assert f"{56 - num_before} records" in result.stderr
+    records = check_output(tmp_path, path)
+    from engine.activations import load
+    assert sorted(load(results)) == sorted(r["id"] for r in records)
