@@ -26,7 +26,7 @@ import psutil
 
 from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
                                  no_gpu_metrics, notes, references, system_metrics, versions, write_outputs)
-from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError, EngineConfig, SamplingDefaults
+from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError, EngineConfig, SamplingDefaults, parse_devices
 from engine.models import ModelNotFound, hidden_size, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
 from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload, prompts_from_msg,
@@ -52,7 +52,8 @@ class BenchConfig:
 
     model: str = "random:gemma-2b"
     tokenizer: str | None = None
-    device: str = "auto"
+    device: str = "auto"  # with devices: where the baselines run (default the first of them)
+    devices: list[str] = field(default_factory=list)  # several: the engine runs one core per device
     dtype: str = "auto"
     workloads: list[str] = field(default_factory=lambda: ["short"])
     input: str | None = None
@@ -104,6 +105,9 @@ class BenchConfig:
         if min(self.capture_layers, default=0) < 0 or self.capture_positions not in CAPTURE_POSITIONS:
             raise ConfigError(f"--capture-layers {self.capture_layers} / --capture-positions {self.capture_positions}: "
                               f"give layer indices >= 0 and one of {', '.join(CAPTURE_POSITIONS)}")
+        self.devices = parse_devices(self.devices) if self.devices else []
+        if self.devices and self.device == "auto":
+            self.device = self.devices[0]
         if self.sample_hz < 10:
             raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
         self.cache_dir = self.engine_config().cache_dir  # EngineConfig checks device, dtype, sampling; fills cache_dir
@@ -113,8 +117,8 @@ class BenchConfig:
                                 top_k=self.top_k, seed=self.seed, ignore_eos=True)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype, device=self.device,
-                            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+        return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
+                            device="auto" if self.devices else self.device, devices=self.devices, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             gpu_memory_fraction=self.gpu_memory_fraction, sampling=self.sampling(),
                             return_tokens=True, cache_dir=self.cache_dir)
 
@@ -290,11 +294,13 @@ def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float]
 
 
 class GpuMonitor:
-    """Samples one card's utilisation and memory through NVML in a background thread."""
+    """Samples the cards' utilisation and memory through NVML in a background thread; with several cards (the
+    engine on --devices) utilisation is their mean and memory their sum."""
 
-    def __init__(self, device: str, hz: float):
+    def __init__(self, devices: str | list[str], hz: float):
         self.nvml = _nvml()
-        self.handle = _nvml_handle(self.nvml, device)
+        self.handles = [_nvml_handle(self.nvml, device) for device in ([devices] if isinstance(devices, str) else devices)]
+        self.handle = self.handles[0]
         self.period = 1.0 / hz
         self.samples: list[tuple[float, int, int]] = []  # (monotonic time, util %, memory used bytes)
         self._stop = threading.Event()
@@ -309,12 +315,12 @@ class GpuMonitor:
         self._thread.join(timeout=5)
 
     def memory_used(self) -> int:
-        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        return sum(int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used) for handle in self.handles)
 
     def _loop(self) -> None:
         next_at = time.monotonic()
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
-            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            util = sum(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles) / len(self.handles)
             self.samples.append((time.monotonic(), int(util), self.memory_used()))
             next_at = max(next_at + self.period, time.monotonic())  # a slow read delays, never bunches, samples
 
@@ -322,9 +328,10 @@ class GpuMonitor:
         import torch
 
         name, driver = self.nvml.nvmlDeviceGetName(self.handle), self.nvml.nvmlSystemGetDriverVersion()
-        return {"name": name if isinstance(name, str) else name.decode(), "device": device,
+        name = name if isinstance(name, str) else name.decode()
+        return {"name": name if len(self.handles) == 1 else f"{len(self.handles)}x {name}", "device": device,
                 "driver": driver if isinstance(driver, str) else driver.decode(), "cuda": torch.version.cuda,
-                "memory_gib": self.nvml.nvmlDeviceGetMemoryInfo(self.handle).total / GIB,
+                "memory_gib": sum(self.nvml.nvmlDeviceGetMemoryInfo(h).total for h in self.handles) / GIB,
                 "memory_used_before_gib": self.memory_used() / GIB}
 
     def window(self, start: float, end: float) -> dict:
@@ -488,8 +495,9 @@ def run_bench(config: BenchConfig) -> list[dict]:
     config = dataclasses.replace(config, device=resolve_device(config.device))
     source = resolve_model(config.model, config.tokenizer, config.cache_dir)
     workloads = load_workloads(config, load_tokenizer(source.tokenizer_dir), source.max_position_embeddings)
-    gpu = GpuMonitor(config.device, config.sample_hz) if config.device.startswith("cuda") else None
-    env = {"card": gpu.card(config.device) if gpu else cpu_card(), "versions": versions(),
+    cards = config.devices or [config.device]  # with --devices, the engine's cards (the baselines use the first)
+    gpu = GpuMonitor(cards, config.sample_hz) if config.device.startswith("cuda") else None
+    env = {"card": gpu.card(",".join(cards)) if gpu else cpu_card(), "versions": versions(),
            "host": {"cpu": cpu_name(), "num_cpus": psutil.cpu_count()},
            "dtype": str(resolve_dtype(config.dtype, config.device)).removeprefix("torch.")}
     reports = []
@@ -518,6 +526,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="random:gemma-2b", help="random:<preset> | local HF dir | file.gguf | embedded")
     p.add_argument("--tokenizer", help="tokenizer.json (or its dir) to use instead of the model's")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--devices", default="", metavar="all|0,1,...",
+                   help="run the engine with one core per device (all, 0,1, cuda:0,cuda:1 or cpu,cpu); the naive "
+                        "and HF loops run on the first")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--workload", type=_csv, help=f"comma list of {', '.join(WORKLOADS)} (default short)")
     p.add_argument("--input", help="JSONL of {\"prompt\": ..., \"max_new_tokens\"?: N} instead of a workload")
@@ -557,7 +568,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.input is not None and args.workload is not None:
         raise ConfigError("give --workload or --input, not both")
     return BenchConfig(
-        model=args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        model=args.model, tokenizer=args.tokenizer, device=args.device, devices=args.devices, dtype=args.dtype,
         workloads=args.workload or ([] if args.input else ["short"]), input=args.input, systems=args.systems,
         num_prompts=args.num_prompts, naive_prompts=args.naive_prompts, batch_sizes=args.batch_sizes,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens,

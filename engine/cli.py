@@ -33,6 +33,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json (or its dir) to use instead of the model's")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--devices", default="", metavar="all|0,1,...",
+                   help="one engine core per device, requests shared between them: all (every visible GPU), GPU "
+                        "indices like 0,1, devices like cuda:0,cuda:1, or cpu,cpu")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-model-len", type=int, help="prompt + new tokens limit (default: the model's, at most 4096)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of the GPU the engine may fill")
@@ -66,7 +69,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, devices=args.devices,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, tokenizer_workers=args.tokenizer_workers,
         gpu_memory_fraction=args.gpu_memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
         enforce_eager=args.enforce_eager,
@@ -141,7 +144,7 @@ def _count_lines(path: Path) -> int:
 
 
 class Progress:
-    """A tqdm bar on a terminal (prompts/s, output tok/s, ETA); silent otherwise."""
+    """A tqdm bar on a terminal (prompts/s, output tok/s in all and per device, ETA); silent otherwise."""
 
     def __init__(self, total: int, enabled: bool):
         self.bar = None
@@ -151,14 +154,31 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="prompt", dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, tokens: int) -> None:
+    def update(self, tokens: int, devices: list[dict] | None = None) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"{tokens / max(time.perf_counter() - self.started, 1e-9):,.0f} tok/s", refresh=False)
+            self.bar.set_postfix_str(throughput(tokens, devices or [], time.perf_counter() - self.started),
+                                     refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def throughput(tokens: int, devices: list[dict], seconds: float) -> str:
+    """`1,234 tok/s`, and with several devices each one's share: `(cuda:0 610, cuda:1 624)`; a dead one is marked."""
+    seconds = max(seconds, 1e-9)
+    text = f"{tokens / seconds:,.0f} tok/s"
+    if len(devices) > 1:
+        text += " (" + ", ".join(f"{d['label']} {d['num_tokens'] / seconds:,.0f}" + ("" if d["is_alive"] else " dead")
+                                 for d in devices) + ")"
+    return text
+
+
+def _died(engine: Engine) -> str:
+    """The summary's note of engine cores that died while others finished their requests (the warnings name them)."""
+    num = len(engine.core_failures)
+    return f"; {num} engine core{'s' * (num != 1)} died, the others ran their requests" if num else ""
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -202,7 +222,7 @@ def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
         try:
             for outcome in engine.run(read_requests(input_lines(source), config, done)):
                 writer.write(outcome)
-                progress.update(writer.num_tokens)
+                progress.update(writer.num_tokens, engine.device_counts())
         finally:
             try:
                 writer.close()  # DiskLow if the last activation shard does not fit
@@ -214,9 +234,9 @@ def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
         interrupted = engine.is_interrupted
     print(
         f"engine-run: {writer.num_results} records, {writer.num_errors} errors, {writer.num_tokens} tokens in "
-        f"{elapsed:.1f} s ({writer.num_tokens / max(elapsed, 1e-9):,.0f} tok/s); start-up {engine.startup_s:.1f} s, "
-        f"wall {time.perf_counter() - wall:.1f} s; {engine.device} {engine.dtype}; skipped {len(done)} done"
-        + ("; interrupted" if interrupted else ""),
+        f"{elapsed:.1f} s ({throughput(writer.num_tokens, engine.device_counts(), elapsed)}); start-up "
+        f"{engine.startup_s:.1f} s, wall {time.perf_counter() - wall:.1f} s; {engine.device} {engine.dtype}; "
+        f"skipped {len(done)} done" + _died(engine) + ("; interrupted" if interrupted else ""),
         file=sys.stderr,
     )
     if interrupted:

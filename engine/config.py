@@ -18,6 +18,65 @@ class ConfigError(ValueError):
     """A setting a user gave is invalid; the message names it and the fix."""
 
 
+DEVICES_HELP = "give all, GPU indices like 0,1, devices like cuda:0,cuda:1, or cpu,cpu"
+
+
+def parse_devices(value) -> list[str]:
+    """`--devices`: all | 0,1 | cuda:0,cuda:1 | cpu,cpu (or a list of those words) -> one device string per core."""
+    words = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    words = [str(w).strip() for w in words]
+    if words == ["all"]:
+        return _all_gpus()
+    devices = []
+    for word in words:
+        if word.isdigit():
+            word = f"cuda:{word}"
+        if word == "cuda":
+            word = "cuda:0"
+        if word != "cpu" and not (word.startswith("cuda:") and word[5:].isdigit()):
+            raise ConfigError(f"--devices {value!r}: {word!r} is not a device; {DEVICES_HELP}")
+        devices.append(word)
+    _check_devices(value, devices)
+    return devices
+
+
+def _check_devices(value, devices: list[str]) -> None:
+    gpus = [d for d in devices if d != "cpu"]
+    if not devices:
+        raise ConfigError(f"--devices {value!r} names no device; {DEVICES_HELP}")
+    if gpus and len(gpus) != len(devices):
+        raise ConfigError(f"--devices {value!r} mixes cpu and GPUs (dtypes and speeds would differ); give only one kind")
+    repeated = sorted({d for d in gpus if gpus.count(d) > 1})
+    if repeated:
+        raise ConfigError(f"--devices {value!r} names {', '.join(repeated)} twice; one engine core per GPU")
+    if gpus:
+        import torch
+
+        count = torch.cuda.device_count()
+        missing = [d for d in gpus if int(d[5:]) >= count]
+        if missing:
+            raise ConfigError(f"--devices {value!r}: {', '.join(missing)} is not a visible GPU (this machine shows "
+                              f"{count}); use indices below {count}, or --devices all")
+
+
+def _all_gpus() -> list[str]:
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError("--devices all: no CUDA GPU is visible here; run on a GPU machine, check "
+                          "CUDA_VISIBLE_DEVICES, or give devices explicitly (e.g. --devices cpu,cpu)")
+    return [f"cuda:{i}" for i in range(count)]
+
+
+def device_settings(text: str) -> dict:
+    """A device word for one engine: a single device (auto, cpu, cuda, cuda:N) as `device`, else (all, 0,1, ...)
+    as `devices` (one engine core per device)."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and "," not in text):
+        return {"device": text}
+    return {"devices": text}
+
+
 @dataclass(slots=True)
 class SamplingDefaults:
     """Generation settings a record may override field by field."""
@@ -120,6 +179,7 @@ class EngineConfig:
     capture: CaptureDefaults = field(default_factory=CaptureDefaults)
     return_tokens: bool = False
     cache_dir: str = ""
+    devices: list[str] = field(default_factory=list)  # several: one engine core per device (data parallel)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -128,6 +188,9 @@ class EngineConfig:
             raise ConfigError(f"--truncate {self.truncate!r}: use left or right")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.devices and self.device != "auto":
+            raise ConfigError(f"--device {self.device} and --devices {self.devices}: give one of them")
+        self.devices = parse_devices(self.devices) if self.devices else []
         for name in ("max_num_seqs", "tokenizer_workers", "decoder_workers", "ring_slots"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
@@ -148,6 +211,16 @@ class EngineConfig:
                 raise ConfigError(str(exc)) from None
         if not self.cache_dir:
             self.cache_dir = os.environ.get("ENGINE_CACHE_DIR") or str(Path.home() / ".cache" / "steer-engine")
+
+    def core_devices(self) -> list[str]:
+        """Where the engine cores run: one per entry."""
+        return list(self.devices) or [self.device]
+
+    def for_core(self, device: str) -> "EngineConfig":
+        """This config as one engine core on `device` sees it."""
+        data = self.to_dict()
+        data.update(device=device, devices=[])
+        return EngineConfig.from_dict(data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -189,16 +189,20 @@ class SlotReader:
 
 
 def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue, dec_q: MsgQueue,
-              events: MsgQueue, lifeline: Lifeline) -> None:
+              events: MsgQueue, lifeline: Lifeline, number: int = 0, num_threads: int = 0) -> None:
+    """One engine core's process; `number` tags its messages when there are several, `num_threads` (CPU only)
+    shares the host's cores between several CPU engine cores instead of each taking them all."""
     started = time.perf_counter()
+    if num_threads:
+        torch.set_num_threads(num_threads)
     config = EngineConfig.from_dict(config_msg)
     core = EngineCore(config, ModelSource(**source_msg))
     reader = SlotReader(ring, core.device)
     name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"
-    events.put({"t": "ready", "startup_s": time.perf_counter() - started, "device": name,
+    events.put({"t": "ready", "core": number, "startup_s": time.perf_counter() - started, "device": name,
                 "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
     max_waiting = 2 * config.max_num_seqs
-    stats = {"t": "stats", "steps": 0, "idle_s": 0.0}  # idle: no sequence to run, waiting for the ring
+    stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0}  # idle: no sequence to run, waiting for the ring
     last_report = time.monotonic()
     while lifeline.ok():
         reader.release_done()

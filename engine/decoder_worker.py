@@ -69,7 +69,12 @@ def finalize(tok, items: list[dict], return_tokens: bool) -> list[dict]:
 
 
 def decoder_main(tokenizer_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
+    """Decodes one engine core's finished sequences, and passes its other messages (ready, stats, errors) on: the
+    core writes to no queue but its own, so a core killed mid-write leaves no shared queue locked or torn."""
     tok = load_tokenizer(tokenizer_dir)
     for msg in messages(inbox, lifeline):
+        if "seqs" not in msg:
+            events.put(msg)
+            continue
         for result in finalize(tok, msg["seqs"], return_tokens):
             events.put(result)

@@ -6,6 +6,7 @@ Build it once from an EngineConfig; `generate(records)` yields result records as
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import multiprocessing as mp
@@ -26,11 +27,13 @@ from engine.models import effective_max_len, resolve_model
 from engine.procs import Lifeline, MsgQueue, start
 from engine.request import Request, RecordError, decode_line, load_named_specs, parse_record
 from engine.ring import ShmRing
+from engine.router import CoreLane, Router, lane_labels
 from engine.tokenizer_worker import tokenizer_main
 
 log = logging.getLogger("engine")
 
 FEED_BATCH = 32
+HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes while results keep arriving
 RESERVED_OUTPUT = ("completion", "finish_reason", "num_prompt_tokens", "num_completion_tokens",
                    "completion_token_ids", "error", "line", "steering_name", "activations")
 
@@ -89,7 +92,13 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
 
 
 class Engine:
-    """The running pipeline; use as a context manager so its processes always end."""
+    """The running pipeline; use as a context manager so its processes always end.
+
+    With several devices (`config.devices`) there is one engine core per device, fed from the same tokenizer
+    workers and ring through a Router; each core has its own decoder workers, whose results meet in one events
+    queue. A core that dies is reported and its unfinished requests run again on the others; the run fails only
+    when no core is left.
+    """
 
     def __init__(self, config: EngineConfig):
         started = time.perf_counter()
@@ -98,21 +107,35 @@ class Engine:
         self.source = resolve_model(config.model, config.tokenizer, config.cache_dir)
         self.max_model_len = effective_max_len(config.max_model_len, self.source)
         ctx = mp.get_context("spawn")
+        devices = config.core_devices()
         self.events = MsgQueue(ctx)
         self.tok_in = MsgQueue(ctx, maxsize=2 * config.tokenizer_workers)
-        self.core_q = MsgQueue(ctx)
-        self.dec_q = MsgQueue(ctx)
-        self.ring = ShmRing(ctx, config.ring_slots, max(config.slot_tokens, self.max_model_len), max_requests=256)
+        # The ring grows with the cores so each keeps as many slots in flight as one core alone would.
+        self.ring = ShmRing(ctx, config.ring_slots * len(devices), max(config.slot_tokens, self.max_model_len),
+                            max_requests=256)
         self.lifeline = Lifeline(ctx)
+        self.lanes = [CoreLane(i, device, label, "engine core" if len(devices) == 1 else f"engine core {i}",
+                               MsgQueue(ctx), MsgQueue(ctx), MsgQueue(ctx))
+                      for i, (device, label) in enumerate(zip(devices, lane_labels(devices)))]
+        self.router = Router(self.lanes, MsgQueue(ctx), self.ring) if len(devices) > 1 else None
+        self.core_q = self.router.inbox if self.router else self.lanes[0].inbox  # where tokenizers send slots
         self.procs = self._start(ctx)
         self.pending: dict[int, tuple[int, Request]] = {}
-        self._next_index = 0
+        self._indices = itertools.count()  # request indices; next() on it is atomic, so two threads may draw
+        self._abandoned: set[int] = set()  # indices of a dead core's requests, run again under new indices
+        self.core_failures: list[str] = []  # one line per core that died while others went on
         self._stop = threading.Event()
         self._closed = False
-        self.core_stats: dict = {"steps": 0, "idle_s": 0.0}  # cumulative, reported by the core every second
+        self._is_ready = False
+        self._next_check = 0.0
         self._stats_id = 0
-        ready = self._wait_ready()
-        self.device, self.dtype = ready["device"], ready["dtype"]
+        self.dtype = ""  # from the cores' ready messages
+        self.generate_s = 0.0  # time spent inside run(), for throughput
+        self._wait_ready()
+        self._is_ready = True
+        if self.router:
+            self.router.start()
+        self.device = _devices_name([lane.name for lane in self.lanes])
         self.startup_s = time.perf_counter() - started
 
     def _start(self, ctx) -> list:
@@ -120,33 +143,60 @@ class Engine:
         procs = [start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main, self.source.tokenizer_dir,
                        self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events, self.lifeline)
                  for i in range(c.tokenizer_workers)]
-        procs.append(start(ctx, "engine core", self.events, core_main, c.to_dict(), self.source.to_msg(),
-                           self.ring, self.core_q, self.dec_q, self.events, self.lifeline))
-        procs += [start(ctx, f"decoder worker {i}", self.events, decoder_main, self.source.tokenizer_dir,
-                        c.return_tokens, self.dec_q, self.events, self.lifeline)
-                  for i in range(c.decoder_workers)]
+        num_cpu = sum(lane.device == "cpu" for lane in self.lanes)
+        threads = max(1, len(os.sched_getaffinity(0)) // num_cpu) if num_cpu > 1 else 0
+        for lane in self.lanes:
+            # The core's results and its messages to the parent both go to its own decoders (see decoder_main).
+            lane.proc = start(ctx, lane.stage, lane.fatal, core_main, c.for_core(lane.device).to_dict(),
+                              self.source.to_msg(), self.ring, lane.inbox, lane.dec_q, lane.dec_q, self.lifeline,
+                              lane.number, threads)
+            prefix = "decoder worker " if len(self.lanes) == 1 else f"decoder worker {lane.number}."
+            lane.decoders = [start(ctx, f"{prefix}{i}", self.events, decoder_main, self.source.tokenizer_dir,
+                                   c.return_tokens, lane.dec_q, self.events, self.lifeline)
+                             for i in range(c.decoder_workers)]
         return procs
 
-    def _wait_ready(self) -> dict:
-        while True:
+    def _wait_ready(self) -> None:
+        waiting = {lane.number for lane in self.lanes}
+        while waiting:
             try:
                 msg = self.events.get(timeout=0.5)
             except queue.Empty:
                 self._check_alive()
                 continue
             if msg["t"] == "ready":
-                return msg
-            self._handle_control(msg)
+                self.lanes[msg["core"]].name, self.dtype = msg["device"], msg["dtype"]
+                waiting.discard(msg["core"])
+            else:
+                self._handle_control(msg)
 
     def _handle_control(self, msg: dict) -> None:
         if msg["t"] == "stats":
-            self.core_stats = msg
+            self.lanes[msg["core"]].stats = msg
         elif msg["t"] == "fatal":
             self.close()
             raise EngineError(f"{msg['stage']} failed: {msg['error']}\n{msg.get('traceback', '')}".rstrip())
 
+    @property
+    def core_stats(self) -> dict:
+        """The cores' last cumulative counters: steps (all cores), idle_s (per core, averaged over cores)."""
+        stats = [lane.stats for lane in self.lanes if lane.stats]
+        return {"steps": sum(s["steps"] for s in stats),
+                "idle_s": sum(s["idle_s"] for s in stats) / max(len(stats), 1)}
+
+    def _check_health(self) -> None:
+        """While results keep arriving, the queue never times out; look for dead processes every so often."""
+        if time.monotonic() >= self._next_check:
+            self._check_alive()
+            self._next_check = time.monotonic() + HEALTH_CHECK_S
+
     def _check_alive(self) -> None:
-        for proc in self.procs:
+        if self.router:
+            self.router.check()
+        for lane in self.lanes:
+            if lane.is_alive and lane.proc.exitcode is not None:
+                self._core_died(lane)
+        for proc in self.procs + [proc for lane in self.lanes if lane.is_alive for proc in lane.decoders]:
             if proc.exitcode is None:
                 continue
             try:  # prefer the stage's own explanation if it sent one before dying
@@ -154,29 +204,84 @@ class Engine:
                     self._handle_control(self.events.get(timeout=0.2))
             except queue.Empty:
                 pass
-            code = proc.exitcode
-            cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             self.close()
-            raise EngineError(f"{proc.name} (pid {proc.pid}) died ({cause}); finished records are on disk")
+            raise EngineError(f"{proc.name} (pid {proc.pid}) died ({_exit_cause(proc)}); finished records are on disk")
+
+    def _core_died(self, lane: CoreLane) -> None:
+        """Report a dead core; run its unfinished requests on the cores left, or fail if none is left."""
+        headline, detail = _core_report(lane)
+        survivors = [other for other in self.lanes if other.is_alive and other is not lane]
+        if not survivors or not self._is_ready:
+            lane.is_alive = False
+            left = "; no engine core is left" if self._is_ready and len(self.lanes) > 1 else ""
+            kept = "; finished records are on disk" if self._is_ready else ""
+            self.close()
+            raise EngineError("\n".join([*self.core_failures, f"{headline}{left}{kept}", *detail]))
+        indices = self.router.fail(lane)
+        headline += f"; its {len(indices)} unfinished requests go to {', '.join(o.label for o in survivors)}"
+        self.core_failures.append(headline)
+        log.warning("%s", "\n".join([headline, *detail]))
+        self._rerun(indices)
+
+    def _rerun(self, indices: list[int]) -> None:
+        """Send a dead core's requests through the tokenizers again, under new indices: a late result under an
+        old index (already decoded when the core died) is dropped, so each request yields exactly once."""
+        batch = []
+        for index in indices:
+            entry = self.pending.pop(index, None)
+            if entry is None:
+                continue  # its result (or error) has already been yielded
+            self._abandoned.add(index)
+            position, request = entry
+            request.index = next(self._indices)
+            self.pending[request.index] = (position, request)
+            batch.append(request.to_msg())
+        for at in range(0, len(batch), FEED_BATCH):
+            self.tok_in.put_until({"requests": batch[at:at + FEED_BATCH]}, self._is_stuck)
+
+    def _is_stuck(self) -> bool:
+        """Stop waiting on the tokenizers: interrupted, or no core is left to free the ring for them."""
+        return self.is_interrupted or not any(lane.is_alive and lane.proc.exitcode is None for lane in self.lanes)
+
+    def device_counts(self) -> list[dict]:
+        """Per core: device, label, card name, whether it is alive, its cumulative steps / idle_s, and the
+        requests and completion tokens it finished."""
+        return [lane.counts() for lane in self.lanes]
 
     def stats(self, timeout: float = 10.0) -> dict:
-        """The core's cumulative counters now: steps run, and idle_s (time it had nothing to run and waited on
-        the ring). Call it between runs; results still arriving are an error here."""
+        """The cores' cumulative counters now: steps run, idle_s (time a core had nothing to run and waited on the
+        ring; averaged over cores), and per device (`devices`) those counters, requests and tokens finished and
+        tok/s over the time spent generating. Call it between runs; results still arriving are an error here."""
         self._stats_id += 1
-        self.core_q.put({"t": "stats?", "id": self._stats_id})
+        waiting = {lane.number for lane in self.lanes if lane.is_alive}
+        for lane in self.lanes:
+            if lane.is_alive:
+                lane.inbox.put({"t": "stats?", "id": self._stats_id})
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while waiting and time.monotonic() < deadline:
             try:
                 msg = self.events.get(timeout=0.2)
             except queue.Empty:
                 self._check_alive()
+                waiting &= {lane.number for lane in self.lanes if lane.is_alive}
                 continue
             if msg["t"] in ("result", "error"):
                 raise EngineError("Engine.stats() was called while results were still arriving; call it between runs")
             self._handle_control(msg)
             if msg.get("reply_to") == self._stats_id:
-                return dict(self.core_stats)
-        raise EngineError(f"the engine core did not answer a stats request within {timeout} s")
+                waiting.discard(msg["core"])
+        if waiting:
+            raise EngineError(f"the engine core did not answer a stats request within {timeout} s")
+        return self._stats_now()
+
+    def _stats_now(self) -> dict:
+        devices = self.device_counts()
+        seconds = max(self.generate_s, 1e-9)
+        for entry in devices:
+            entry["tok_s"] = entry["num_tokens"] / seconds
+        num_tokens = sum(entry["num_tokens"] for entry in devices)
+        return {**self.core_stats, "num_tokens": num_tokens, "tok_s": num_tokens / seconds,
+                "generate_s": self.generate_s, "devices": devices}
 
     def interrupt(self) -> None:
         """Stop admitting work; `run` returns at its next check (from a signal handler or another thread)."""
@@ -191,19 +296,24 @@ class Engine:
         local: deque[Outcome] = deque()
         feeder = _Feeder(self, items, local)
         feeder.start()
-        while not self._stop.is_set():
-            while local:
-                yield local.popleft()
-            if feeder.is_done and not self.pending and not local:
-                break
-            try:
-                msg = self.events.get(timeout=0.2)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            outcome = self._outcome(msg)
-            if outcome is not None:
-                yield outcome
+        started = time.perf_counter()
+        try:
+            while not self._stop.is_set():
+                while local:
+                    yield local.popleft()
+                if feeder.is_done and not self.pending and not local:
+                    break
+                try:
+                    msg = self.events.get(timeout=0.2)
+                except queue.Empty:
+                    self._check_alive()
+                    continue
+                self._check_health()
+                outcome = self._outcome(msg)
+                if outcome is not None:
+                    yield outcome
+        finally:
+            self.generate_s += time.perf_counter() - started
         feeder.join_checked()
 
     def _outcome(self, msg: dict) -> Outcome | None:
@@ -211,9 +321,16 @@ class Engine:
         if kind not in ("result", "error"):
             self._handle_control(msg)
             return None
+        if msg["index"] in self._abandoned:
+            self._abandoned.discard(msg["index"])  # a dead core's request, already sent to another core
+            return None
         position, request = self.pending.pop(msg["index"])
+        lane = self.router.finished(msg["index"]) if self.router else self.lanes[0]
         if kind == "error":
             return Outcome(position, error_record(request.line, request.id, msg["error"]), True)
+        if lane is not None:
+            lane.num_requests += 1
+            lane.num_tokens += msg["num_completion_tokens"]
         record = {"id": request.id, "completion": msg["completion"], "finish_reason": msg["finish_reason"],
                   "num_prompt_tokens": msg["num_prompt_tokens"], "num_completion_tokens": msg["num_completion_tokens"],
                   "seed": request.seed, "steering": request.steering}
@@ -241,14 +358,22 @@ class Engine:
         self._closed = True
         self._stop.set()
         self.lifeline.stop()
+        if self.router:
+            self.router.close()
+        for lane in self.lanes:
+            if not lane.is_alive:  # a dead core's decoders may wait forever on a message it never finished
+                for proc in lane.decoders:
+                    proc.kill()
         deadline = time.monotonic() + 10
-        for proc in self.procs:
+        procs = self.procs + [proc for lane in self.lanes for proc in [lane.proc, *lane.decoders] if proc is not None]
+        for proc in procs:
             proc.join(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.procs:
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        for q in (self.events, self.tok_in, self.core_q, self.dec_q):
+        queues = [self.events, self.tok_in] + [q for lane in self.lanes for q in (lane.inbox, lane.fatal, lane.dec_q)]
+        for q in queues + ([self.router.inbox] if self.router else []):
             q.close()
         self.ring.close()
 
@@ -257,6 +382,29 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _exit_cause(proc) -> str:
+    code = proc.exitcode
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _core_report(lane: CoreLane) -> tuple[str, list[str]]:
+    """What killed a core, as (one line, traceback lines): its own fatal message (a CUDA error, say) if it sent
+    one, else how it exited."""
+    where = f"{lane.stage} on {lane.device} (pid {lane.proc.pid})"
+    try:
+        msg = lane.fatal.get(timeout=0.5)
+    except queue.Empty:
+        return f"{where} died ({_exit_cause(lane.proc)})", []
+    return f"{where} failed: {msg['error']}", msg.get("traceback", "").rstrip().splitlines()
+
+
+def _devices_name(names: list[str]) -> str:
+    """The cards as the summary line names them: one name, `2x NAME` for identical cards, else a list."""
+    if len(names) == 1:
+        return names[0]
+    return f"{len(names)}x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
 
 
 def _with_tensors(outcome: Outcome) -> dict:
@@ -283,8 +431,7 @@ class _Feeder(threading.Thread):
                 if isinstance(item, dict):
                     self.local.append(Outcome(position, item, True))
                     continue
-                item.index = engine._next_index
-                engine._next_index += 1
+                item.index = next(engine._indices)
                 engine.pending[item.index] = (position, item)
                 batch.append(item.to_msg())
                 if len(batch) >= FEED_BATCH:

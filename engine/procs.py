@@ -50,14 +50,16 @@ class Lifeline:
     """Made by the parent, passed to every child: tells a child to stop when the parent asks or has died."""
 
     def __init__(self, ctx):
-        self._stop = ctx.Event()
+        # A bare shared byte, not an Event: an Event's check takes a shared lock, and a child killed while holding
+        # it (one of several engine cores, say) would block every other process that checks.
+        self._stop = ctx.RawValue("b", 0)
         self._parent_pid = os.getpid()
 
     def ok(self) -> bool:
-        return not self._stop.is_set() and os.getppid() == self._parent_pid
+        return not self._stop.value and os.getppid() == self._parent_pid
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop.value = 1
 
 
 def messages(inbox: MsgQueue, lifeline: Lifeline, poll: float = 0.5):
@@ -88,8 +90,8 @@ def child_main(stage: str, events: MsgQueue, target, *args) -> None:
 
 
 def _set_name(stage: str) -> None:
-    """Name the process after its stage (what `top` and psutil show), e.g. engine-core, engine-tok-0."""
-    short = "engine-" + stage.replace("tokenizer worker ", "tok-").replace("decoder worker ", "dec-").replace("engine ", "")
+    """Name the process after its stage (what `top` and psutil show), e.g. engine-core, engine-core-1 (one of several), engine-tok-0."""
+    short = "engine-" + stage.replace("tokenizer worker ", "tok-").replace("decoder worker ", "dec-").replace("engine ", "").replace("core ", "core-")
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(short[:15])

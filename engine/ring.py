@@ -113,8 +113,9 @@ class ShmRing:
         return [(int(index), self.tokens[slot, off:off + n]) for index, off, n in self.meta[slot, :count]]
 
     def release(self, slot: int) -> None:
-        with self._lock:
-            self.slots[slot] = [FREE, 0, -1, 0]
+        # Without the lock, so an engine core killed here leaves no lock held for the others. One aligned store of
+        # the state is all it takes: a producer claiming the slot rewrites every other field under the lock.
+        self.slots[slot, 0] = FREE
         self._free.release()
 
     def reclaim_dead(self) -> list[int]:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.cli import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
-from engine.config import DTYPES, TRUNCATE_MODES, CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults
+from engine.config import (DTYPES, TRUNCATE_MODES, CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults,
+                           device_settings)
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.request import RecordError, decode_line, derive_seed, parse_steering
@@ -164,23 +165,25 @@ class SweepConfig:
                 raise SweepError(f"metrics[{i}].name {metric.name!r} is a column of the report; choose another name")
 
     def engine_config(self, model: ModelEntry, device: str) -> EngineConfig:
-        settings = {k: v for k, v in self.engine.items() if k != "devices"} | {"device": device}
+        """`device` is a lane of devices(): one device, or several ("0,1", "all") that run the model together."""
+        settings = {k: v for k, v in self.engine.items() if k not in ("devices", "device")} | device_settings(device)
         if any(m.kind == "logprob" for m in self.metrics):  # the report scores the completion's own tokens
             settings["return_tokens"] = True
         return EngineConfig(model=model.model, tokenizer=model.tokenizer, sampling=self.sampling(),
                             capture=self.capture, **settings)
 
     def devices(self) -> list[str]:
-        """Where models run, one model per device at a time: `engine.devices` if given; every visible GPU when the
-        device is auto or cuda and there are several GPUs and several models; else the one device."""
+        """Where models run, one model per entry at a time: `engine.devices` if given (an entry like "0,1" or "all"
+        runs one model on those GPUs together); with several visible GPUs and device auto or cuda, one GPU per model
+        when there are several models, else every GPU for the one model; else the one device."""
         if "devices" in self.engine:
             return list(self.engine["devices"])
         device = self.engine.get("device", "auto")
-        if device in ("auto", "cuda") and len(self.models) > 1:
+        if device in ("auto", "cuda"):
             import torch
 
             if torch.cuda.device_count() > 1:
-                return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+                return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if len(self.models) > 1 else ["all"]
         return [device]
 
     def sampling(self) -> SamplingDefaults:
@@ -452,9 +455,10 @@ def _engine(table) -> dict:
         values["devices"] = [_str(d, f"engine.devices[{i}]") for i, d in enumerate(values["devices"])]
         for i, device in enumerate(values["devices"]):
             try:
-                EngineConfig(device=device)
-            except ConfigError:
-                raise SweepError(f"engine.devices[{i}] is {device!r}; use cpu, cuda or cuda:N") from None
+                EngineConfig(**device_settings(device))
+            except ConfigError as exc:
+                raise SweepError(f"engine.devices[{i}] is {device!r} ({exc}); use cpu, cuda or cuda:N, or GPUs that run "
+                                 f"one model together: \"0,1\" or \"all\"") from None
     if values.get("dtype", "auto") not in DTYPES:
         raise SweepError(f"engine.dtype is {values['dtype']!r}; use one of {', '.join(DTYPES)}")
     if values.get("truncate", "none") not in TRUNCATE_MODES:
