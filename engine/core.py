@@ -42,6 +42,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource):
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.startswith("cuda"):  # Triton kernels and CUDA graphs work on the current device: make it ours
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         tok = load_tokenizer(source.tokenizer_dir)
         self.model = load_model(source, self.dtype, self.device, vocab_size=len(tok))
