@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import signal
 import sys
@@ -25,6 +26,20 @@ def _layers(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give layer indices like 6 or 4,6,8") from None
+
+
+def _steer_positions(text: str) -> str | dict:
+    """prompt | generated | all, or a JSON object of ranges (checked with the rest of the steering flags)."""
+    if text in STEER_POSITIONS:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(STEER_POSITIONS)}, or a JSON object of "
+                                         f"ranges like '{{\"prompt\": [-1, null], \"generated\": [0, 20]}}'")
+    return value
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +71,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steer", metavar="FILE", help="vector file: .safetensors, .pt, .npy or a .gguf control vector")
     s.add_argument("--steer-layer", type=_layers, default=[], metavar="L[,L2..]", help="decoder layer(s) whose output is steered")
     s.add_argument("--steer-coef", type=float, default=1.0)
-    s.add_argument("--steer-positions", default="all", choices=STEER_POSITIONS)
+    s.add_argument("--steer-positions", default="all", type=_steer_positions, metavar="prompt|generated|all|JSON",
+                   help=f"{'|'.join(STEER_POSITIONS)}, or ranges as in a record, e.g. '{{\"generated\": [0, 20]}}'")
     s.add_argument("--steering-specs", metavar="TOML", help="named specs; records then say \"steering\": \"name\"")
     c = p.add_argument_group("activation capture (a record's 'capture' field overrides layers and positions)")
     c.add_argument("--capture-layers", type=_layers, default=[], metavar="L[,L2..]",

@@ -112,15 +112,19 @@ class SteeringDefaults:
     vector: str | None = None
     layers: list[int] = field(default_factory=list)
     coef: float = 1.0
-    positions: str = "all"
+    positions: str | dict = "all"  # or ranges, as a record's term takes them: {"generated": [0, 20]}
 
     def __post_init__(self) -> None:
         if self.vector is None:
             return
         if not self.layers:
             raise ConfigError("--steer needs --steer-layer (e.g. --steer-layer 6 or 4,6,8)")
-        if self.positions not in STEER_POSITIONS:
-            raise ConfigError(f"--steer-positions {self.positions!r}: use one of {', '.join(STEER_POSITIONS)}")
+        from engine.request import RecordError, parse_positions  # request imports this module
+
+        try:
+            self.positions = parse_positions(self.positions, "--steer-positions")
+        except RecordError as exc:
+            raise ConfigError(str(exc)) from None
         if not Path(self.vector).is_file():
             raise ConfigError(f"--steer {self.vector}: no such file")
 

@@ -126,7 +126,7 @@ def _parse_term(value, where: str) -> dict:
     coef = value.get("coef", 1.0)
     if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
         raise RecordError(f"{where}.coef must be a finite number, got {json.dumps(coef)}")
-    positions = _parse_positions(value.get("positions", "all"), f"{where}.positions")
+    positions = parse_positions(value.get("positions", "all"), f"{where}.positions")
     term = {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
     for name in NORM_FLAGS:
         flag = value.get(name, False)
@@ -141,7 +141,8 @@ def _shown(value) -> str:
     return json.dumps(value, default=str)[:60]
 
 
-def _parse_positions(value, where: str) -> str | dict:
+def parse_positions(value, where: str) -> str | dict:
+    """A steering term's `positions`: prompt | generated | all, or {"prompt"/"generated": ranges} normalised."""
     if isinstance(value, str) and value in STEER_POSITIONS:
         return value
     if not isinstance(value, dict) or not value or set(value) - set(RANGE_KINDS):

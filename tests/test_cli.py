@@ -183,3 +183,25 @@ def test_records_may_name_specs_from_a_steering_specs_file(tmp_path):
     [record] = read_jsonl(out)
     assert record["steering_name"] == "v+4@L1" and record["steering"]["coef"] == 4.0
     assert "not a named spec" in read_jsonl(tmp_path / "errors.jsonl")[0]["error"]
+
+
+def test_steer_positions_flag_takes_ranges_as_a_record_does(tmp_path):
+    vector = tmp_path / "v.npy"
+    np.save(vector, np.random.default_rng(1).standard_normal(64).astype(np.float32) * 8)
+    positions = {"prompt": [-1, None], "generated": [1, 3]}
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "flag", "prompt": "Hello there"},
+        {"id": "record", "prompt": "Hello there",
+         "steering": {"vector": str(vector), "layers": [1], "coef": 3.0, "positions": positions}},
+        {"id": "plain", "prompt": "Hello there", "steering": None}])
+    out = tmp_path / "out.jsonl"
+    result = engine_run("--input", str(path), "--output", str(out), "--steer", str(vector), "--steer-layer", "1",
+                        "--steer-coef", "3", "--steer-positions", json.dumps(positions), "--return-tokens", *TINY_ARGS)
+    assert result.returncode == 0, result.stderr
+    by_id = {r["id"]: r for r in read_jsonl(out)}
+    assert by_id["flag"]["steering"]["positions"] == {"prompt": [[-1, None]], "generated": [[1, 3]]}
+    assert by_id["flag"]["completion_token_ids"] == by_id["record"]["completion_token_ids"]
+    assert by_id["flag"]["completion_token_ids"] != by_id["plain"]["completion_token_ids"]
+    bad = engine_run("--input", str(path), "--output", str(tmp_path / "bad.jsonl"), "--steer", str(vector),
+                     "--steer-layer", "1", "--steer-positions", '{"generated": [-2, 3]}', *TINY_ARGS)
+    assert bad.returncode != 0 and "--steer-positions.generated" in bad.stderr and "cannot be negative" in bad.stderr
