@@ -124,6 +124,24 @@ def test_decode_capture_inside_cuda_graphs_equals_hf(gpu_parts, vector, is_befor
     check_against_hf(done, captured, tokenizer, model, specs_of(vector), is_before_steering, 1e-4)
 
 
+@pytest.mark.gpu
+def test_bfloat16_capture_on_the_gpu_reports_its_error(gpu_parts, vector):
+    """The engine in bf16 on the GPU (CUDA graphs, packed prefill) against HF's fp32 forward over the same tokens: the
+    largest relative error of each captured value (norm of the difference over norm of the reference)."""
+    source, tokenizer, model = gpu_parts
+    core = EngineCore(tiny_config(device="cuda", dtype="bfloat16", max_num_seqs=4), source)
+    done, captured = run_core(core, tokenizer, specs_of(vector))
+    worst = 0.0
+    for i, seq in done.items():
+        prompt_ids, spec_i = tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, specs_of(vector)[i % 3]
+        states = hf_states(model, prompt_ids + seq.output_ids, spec_i, len(prompt_ids))
+        for layer, value in captured[i].items():
+            want = expected(states, layer, MODES[i // len(PROMPTS)], len(prompt_ids), len(seq.output_ids))
+            worst = max(worst, ((value.float() - want).norm() / want.norm()).item())
+    print(f"\nbf16 capture vs HF fp32 forward: largest relative error {worst:.4f}")
+    assert worst < 0.05
+
+
 def check_against_hf(done, captured, tokenizer, model, specs, is_before_steering, tol) -> None:
     moved = 0
     for i, seq in done.items():
