@@ -231,19 +231,21 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
 
     config = BenchConfig(**config_msg)
     prompts = prompts_from_msg(prompts_msg)
+    base = "engine" if len(config.devices) < 2 else f"engine-{len(config.devices)}dev"
     with Engine(config.engine_config()) as engine, tempfile.TemporaryDirectory() as folder:
-        runs = [("engine", _engine_records(prompts))]
+        runs = [(base, _engine_records(prompts))]
         layers = ",".join(map(str, config.steering_layers))
         for count in config.steering_specs:
             specs = _steering_specs(engine, config, count, Path(folder))
             steered = [{**r, "steering": specs[i % len(specs)]} for i, r in enumerate(_engine_records(prompts))]
-            runs.append((f"engine+steer{count}@L{layers}", steered))
+            runs.append((f"{base}+steer{count}@L{layers}", steered))
         if config.capture_layers:
             capture = {"layers": config.capture_layers, "positions": config.capture_positions}
-            runs.append((f"engine+capture@L{','.join(map(str, config.capture_layers))}:{config.capture_positions}",
+            runs.append((f"{base}+capture@L{','.join(map(str, config.capture_layers))}:{config.capture_positions}",
                          [{**r, "capture": capture} for r in _engine_records(prompts)]))
         for system, records in runs:
-            _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts)
+            _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts,
+                              max(1, len(config.devices)))
     events.put({"t": "exit"})
 
 
@@ -262,7 +264,7 @@ def _steering_specs(engine, config: BenchConfig, count: int, folder: Path) -> li
 
 
 def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dict], events: MsgQueue,
-                      prompts: list[Prompt]) -> None:
+                      prompts: list[Prompt], num_devices: int) -> None:
     engine.generate_all([{**r, "id": f"warmup-{r['id']}", "max_new_tokens": min(r["max_new_tokens"], MAX_WARMUP_TOKENS)}
                          for r in warmup])
     idle_before = _core_idle(engine)
@@ -279,7 +281,8 @@ def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dic
     ordered = [by_id[p.id] for p in prompts]
     token_ids = [r["completion_token_ids"] for r in ordered]
     reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),
-                    startup_s=engine.startup_s, attn="engine", ring_empty_s=_ring_empty_s(idle_before, idle_after, ended))
+                    startup_s=engine.startup_s, attn="engine", ring_empty_s=_ring_empty_s(idle_before, idle_after, ended),
+                    num_devices=num_devices)
 
 
 def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, ended: float) -> float | None:
@@ -294,15 +297,16 @@ def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float]
 
 
 class GpuMonitor:
-    """Samples the cards' utilisation and memory through NVML in a background thread; with several cards (the
-    engine on --devices) utilisation is their mean and memory their sum."""
+    """Samples the cards' utilisation and memory through NVML in a background thread. A row's window reads the
+    cards it ran on (the first, or all of them for the engine on --devices): utilisation their mean, memory
+    their sum."""
 
     def __init__(self, devices: str | list[str], hz: float):
         self.nvml = _nvml()
         self.handles = [_nvml_handle(self.nvml, device) for device in ([devices] if isinstance(devices, str) else devices)]
         self.handle = self.handles[0]
         self.period = 1.0 / hz
-        self.samples: list[tuple[float, int, int]] = []  # (monotonic time, util %, memory used bytes)
+        self.samples: list[tuple[float, list[int], list[int]]] = []  # (monotonic time, util % and bytes per card)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gpu-monitor", daemon=True)
 
@@ -315,13 +319,16 @@ class GpuMonitor:
         self._thread.join(timeout=5)
 
     def memory_used(self) -> int:
-        return sum(int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used) for handle in self.handles)
+        return sum(self._memory())
+
+    def _memory(self) -> list[int]:
+        return [int(self.nvml.nvmlDeviceGetMemoryInfo(handle).used) for handle in self.handles]
 
     def _loop(self) -> None:
         next_at = time.monotonic()
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
-            util = sum(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles) / len(self.handles)
-            self.samples.append((time.monotonic(), int(util), self.memory_used()))
+            utils = [int(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu) for h in self.handles]
+            self.samples.append((time.monotonic(), utils, self._memory()))
             next_at = max(next_at + self.period, time.monotonic())  # a slow read delays, never bunches, samples
 
     def card(self, device: str) -> dict:
@@ -334,8 +341,10 @@ class GpuMonitor:
                 "memory_gib": sum(self.nvml.nvmlDeviceGetMemoryInfo(h).total for h in self.handles) / GIB,
                 "memory_used_before_gib": self.memory_used() / GIB}
 
-    def window(self, start: float, end: float) -> dict:
-        return gpu_metrics(self.samples, start, end)
+    def window(self, start: float, end: float, num_cards: int = 1) -> dict:
+        """Metrics of the first num_cards cards between start and end."""
+        cards = [(t, sum(u[:num_cards]) / num_cards, sum(m[:num_cards])) for t, u, m in self.samples]
+        return gpu_metrics(cards, start, end)
 
 
 def _nvml():
@@ -457,14 +466,17 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     """All chosen systems on one workload -> (report, outputs by system)."""
     # The engine's KV cache is sized by max_model_len; the workload's own longest sequence is the fair size.
     config = dataclasses.replace(config, max_model_len=config.max_model_len or workload.max_total_tokens)
-    groups = [(main, name) for main, name, wanted in ((baselines_main, "naive/hf", {"naive", "hf"}),
-                                                        (engine_main, "engine", {"engine"}))
+    groups = [(main, name, config) for main, name, wanted in ((baselines_main, "naive/hf", {"naive", "hf"}),
+                                                                (engine_main, "engine", {"engine"}))
               if wanted & set(config.systems)]
+    if len(config.devices) > 1 and "engine" in config.systems:  # the scaling ratio needs one card, same run
+        one_card = dataclasses.replace(config, devices=[], steering_specs=[], capture_layers=[])
+        groups.insert(len(groups) - 1, (engine_main, "engine (one card)", one_card))
     done: list[dict] = []
     errors: list[dict] = []
-    for main, name in groups:
+    for main, name, child_config in groups:
         try:
-            done += run_child(main, config, workload.prompts, workload.name)
+            done += run_child(main, child_config, workload.prompts, workload.name)
         except BenchError as exc:  # the other systems' numbers are still worth the device time they took
             errors.append({"systems": name, "error": str(exc)})
             print(f"engine-bench: {workload.name}: {exc}", file=sys.stderr)
@@ -478,8 +490,8 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     report = {
         "schema": 1, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
         "settings": config.to_dict(), "workload": workload.describe(),
-        "systems": [system_metrics(d, workload, gpu.window(d["start"], d["end"]) if gpu else no_gpu_metrics())
-                    for d in done],
+        "systems": [system_metrics(d, workload, gpu.window(d["start"], d["end"], d.get("num_devices", 1))
+                                   if gpu else no_gpu_metrics()) for d in done],
         "agreement": {ref: agreement({s: d["token_ids"] for s, d in outputs.items()}, ref)
                       for ref in references(done, len(workload.prompts))} if config.is_greedy else {},
         "errors": errors,

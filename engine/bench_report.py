@@ -196,9 +196,10 @@ def notes(report: dict) -> list[str]:
     ]
     devices = report["settings"].get("devices") or []
     if len(devices) > 1:  # old reports have no devices setting
-        out.append(f"The engine ran one core per device on {len(devices)} devices ({', '.join(devices)}); the naive "
-                   f"and HF loops ran on {report['settings']['device']}. GPU util is the devices' mean, GPU mem their "
-                   "sum; ring empty is a core's idle share, averaged over the cores.")
+        out.append(f"engine-{len(devices)}dev ran one engine core per device on {len(devices)} devices "
+                   f"({', '.join(devices)}); engine and the naive and HF loops ran on {report['settings']['device']} "
+                   f"alone, in the same run. For engine-{len(devices)}dev GPU util is the devices' mean, GPU mem their "
+                   "sum, and ring empty a core's idle share averaged over the cores.")
     if report["agreement"]:
         out.append("Same ids as X: greedy completions token for token equal to X's, over the prompts both ran "
                    "(batching reorders floating-point sums, so bf16 runs may differ after some tokens).")

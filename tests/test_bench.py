@@ -145,6 +145,22 @@ def test_gpu_monitor_samples_at_10_hz_or_more_and_summarises_a_window(monkeypatc
     assert gpu.card("cuda:1")["name"] == "Fake H100" and gpu.card("cuda:1")["memory_gib"] == 80
 
 
+def test_gpu_monitor_window_reads_the_cards_a_row_ran_on(monkeypatch):
+    class TwoCards(FakeNvml):  # card 1 stays idle: a one-card row must not be diluted by it
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            return SimpleNamespace(gpu=90 if handle == ("card", 0) else 10)
+
+    monkeypatch.setattr(bench, "_nvml", TwoCards)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with GpuMonitor(["cuda:0", "cuda:1"], 20) as gpu:
+        start = time.monotonic()
+        time.sleep(0.3)
+        end = time.monotonic()
+    one, both = gpu.window(start, end), gpu.window(start, end, num_cards=2)
+    assert one["gpu_util_mean_pct"] == 90 and both["gpu_util_mean_pct"] == 50
+    assert one["gpu_mem_peak_gib"] == 2 and both["gpu_mem_peak_gib"] == 4
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tokenizer, tmp_path_factory):
     """All three systems over one input file on CPU: varied prompt lengths, unequal new-token counts."""

@@ -173,7 +173,10 @@ def test_engine_bench_runs_the_engine_on_two_cpu_cores(tmp_path):
     assert code == 0
     report = json.loads(next(tmp_path.glob("short-*.json")).read_text())
     assert report["settings"]["devices"] == ["cpu", "cpu"] and report["errors"] == []
-    assert [m["system"] for m in report["systems"]] == ["engine"] and report["systems"][0]["output_tokens_per_s"] > 0
+    # the engine on the first device alone and on both, in the same run: the scaling ratio's two rows
+    assert [m["system"] for m in report["systems"]] == ["engine", "engine-2dev"]
+    assert all(m["output_tokens_per_s"] > 0 for m in report["systems"])
+    assert report["agreement"]["engine"]["engine-2dev"]["num_identical"] == 6  # greedy: the same completions
 
 
 def test_with_every_core_dead_the_run_stops_naming_them(two_cores, vector):
