@@ -278,11 +278,15 @@ def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dic
         reporter.on_result(1)
     ended = reporter.stop()
     idle_after = _core_idle(engine)
+    # GPU utilisation and ring-empty count from the first token to the last: from when a core first had work, not
+    # from the call (until then the core idles while the first prompts are tokenized: that start is first_work_s).
+    first_work = next((t for t in engine.core_stats["busy_starts"] if t >= reporter.started), reporter.started)
+    ring_empty = _ring_empty_s(idle_before, idle_after, ended)
     ordered = [by_id[p.id] for p in prompts]
     token_ids = [r["completion_token_ids"] for r in ordered]
     reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),
-                    startup_s=engine.startup_s, attn="engine", ring_empty_s=_ring_empty_s(idle_before, idle_after, ended),
-                    num_devices=num_devices)
+                    startup_s=engine.startup_s, attn="engine", num_devices=num_devices, first_work=first_work,
+                    ring_empty_s=None if ring_empty is None else max(0.0, ring_empty - (first_work - reporter.started)))
 
 
 def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, ended: float) -> float | None:
@@ -490,7 +494,7 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     report = {
         "schema": 1, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
         "settings": config.to_dict(), "workload": workload.describe(),
-        "systems": [system_metrics(d, workload, gpu.window(d["start"], d["end"], d.get("num_devices", 1))
+        "systems": [system_metrics(d, workload, gpu.window(d.get("first_work", d["start"]), d["end"], d.get("num_devices", 1))
                                    if gpu else no_gpu_metrics()) for d in done],
         "agreement": {ref: agreement({s: d["token_ids"] for s, d in outputs.items()}, ref)
                       for ref in references(done, len(workload.prompts))} if config.is_greedy else {},

@@ -190,6 +190,9 @@ class SlotReader:
         self._pending = still
 
 
+MAX_BUSY_STARTS = 16
+
+
 def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue, dec_q: MsgQueue,
               events: MsgQueue, lifeline: Lifeline, number: int = 0, num_threads: int = 0) -> None:
     """One engine core's process; `number` tags its messages when there are several, `num_threads` (CPU only)
@@ -204,7 +207,8 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     events.put({"t": "ready", "core": number, "startup_s": time.perf_counter() - started, "device": name,
                 "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
     max_waiting = 2 * config.max_num_seqs
-    stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0}  # idle: no sequence to run, waiting for the ring
+    # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling (monotonic)
+    stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0, "busy_starts": []}
     last_report = time.monotonic()
     while lifeline.ok():
         reader.release_done()
@@ -221,6 +225,8 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
                 events.put({**stats, "reply_to": msg["id"]})
                 continue
             _admit(core, reader, msg, events)
+            if idle_from is not None and core.has_work:
+                stats["busy_starts"] = [*stats["busy_starts"][-(MAX_BUSY_STARTS - 1):], time.monotonic()]
         if core.has_work:
             finished = core.step()
             stats["steps"] += 1

@@ -179,10 +179,12 @@ class Engine:
 
     @property
     def core_stats(self) -> dict:
-        """The cores' last cumulative counters: steps (all cores), idle_s (per core, averaged over cores)."""
+        """The cores' last cumulative counters: steps (all cores), idle_s (per core, averaged over cores), and
+        busy_starts (monotonic times at which a core went from idle to work, recent ones, all cores, sorted)."""
         stats = [lane.stats for lane in self.lanes if lane.stats]
         return {"steps": sum(s["steps"] for s in stats),
-                "idle_s": sum(s["idle_s"] for s in stats) / max(len(stats), 1)}
+                "idle_s": sum(s["idle_s"] for s in stats) / max(len(stats), 1),
+                "busy_starts": sorted(t for s in stats for t in s.get("busy_starts", ()))}
 
     def _check_health(self) -> None:
         """While results keep arriving, the queue never times out; look for dead processes every so often."""
