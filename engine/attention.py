@@ -83,9 +83,7 @@ def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, s
 
 def _causal(query, key, value, window, scaling):
     """Causal attention of one prompt [1, H, n, D] over its own keys (within `window` if set)."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    key, value = _expand_kv(key, value, query.shape[1] // key.shape[1], dim=1)
     n = query.shape[2]
     if window is None or n <= window:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
@@ -101,6 +99,13 @@ def _prefill_backends() -> list:
                SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
                SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled()}
     return [b for b in PREFILL_BACKENDS if enabled[b]] or PREFILL_BACKENDS
+
+
+def _expand_kv(key, value, groups: int, dim: int):
+    """K/V heads repeated for grouped-query attention, for kernels that need as many K/V heads as query heads."""
+    if groups == 1:
+        return key, value
+    return key.repeat_interleave(groups, dim=dim), value.repeat_interleave(groups, dim=dim)
 
 
 class VarlenKernel:
@@ -147,8 +152,8 @@ def _varlen(query, key, value, cu_lens, longest: int, window, scaling, params: s
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and "enable_gqa" in params:
         extra["enable_gqa"] = True
-    elif groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    else:
+        key, value = _expand_kv(key, value, groups, dim=1)
     return varlen_attn(query, key, value, cu_lens, cu_lens, longest, longest, scale=scaling, **extra)
 
 

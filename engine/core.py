@@ -49,7 +49,6 @@ class EngineCore:
         self.model = load_model(source, self.dtype, self.device, vocab_size=len(tok))
         self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok.eos_token_id)
         self.stops = StopScanner(tok)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         reason = unsupported_reason(self.model.config)
         if reason:
             raise ModelNotFound(reason + "; use a model without it")
@@ -59,7 +58,7 @@ class EngineCore:
         self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
         self.steering = SteeringTable(self.model, self.device, slots)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
-        self.runner = ModelRunner(self.model, self.steering, self.cache, pad_id, use_graphs=not config.enforce_eager,
+        self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
                                   recorder=self.recorder, max_prefill_tokens=config.max_prefill_tokens)
         self.scheduler = Scheduler(slots, config.max_prefill_tokens)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read

@@ -1,7 +1,7 @@
 """KVCache: one preallocated K and V tensor per layer, `[num_slots, kv_heads, max_len + 1, head_dim]`.
 
 Each running sequence owns a slot (a row) and its own length; there is no padding between sequences.
-Column `max_len` is a trash column: padded prompt positions write there, and nothing ever reads it.
+Column `max_len` is a trash column: decode rows of idle slots write there, and nothing ever reads it.
 The number of slots is sized from free memory once the model is loaded, so admission cannot over-commit.
 """
 

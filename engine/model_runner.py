@@ -1,7 +1,7 @@
 """ModelRunner: runs an unmodified Hugging Face causal LM over the slot KV cache.
 
-Prefill: the new sequences packed end to end in one row (eager), K/V written into their slots, logits of
-each prompt's last position only. Decode: one token for each of the first B slots from static device buffers; on CUDA
+Prefill: the new sequences packed end to end in one row (not in a graph; on CUDA through the same compiled
+layers as decode), K/V written into their slots, logits of each prompt's last position only. Decode: one token for each of the first B slots from static device buffers; on CUDA
 the forward is captured in a CUDA graph per (B, attended length) bucket and replayed.
 """
 
@@ -31,9 +31,9 @@ MIN_READ_LEN = 128
 class ModelRunner:
     """Prefill and decode steps; returns sampled next tokens on the device."""
 
-    def __init__(self, model, steering: SteeringTable, cache: KVCache, pad_id: int, use_graphs: bool,
+    def __init__(self, model, steering: SteeringTable, cache: KVCache, use_graphs: bool,
                  recorder: ActivationRecorder, max_prefill_tokens: int = 8192):
-        self.model, self.steering, self.cache, self.pad_id = model, steering, cache, pad_id
+        self.model, self.steering, self.cache = model, steering, cache
         self.recorder = recorder
         self.device = next(model.parameters()).device
         attention.register()
