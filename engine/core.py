@@ -42,7 +42,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource):
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.startswith("cuda"):  # Triton kernels and CUDA graphs work on the current device: make it ours
+        if torch.device(self.device).index is not None:  # Triton kernels and CUDA graphs use the current device
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         tok = load_tokenizer(source.tokenizer_dir)

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
+
+ray = pytest.importorskip("ray", reason="the Ray path needs the [test] extra's ray")
 
 from conftest import PROMPTS, read_jsonl, write_jsonl
 from engine.activations import load
