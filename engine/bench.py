@@ -278,23 +278,27 @@ def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dic
         reporter.on_result(1)
     ended = reporter.stop()
     idle_after = _core_idle(engine)
-    # GPU utilisation and ring-empty count from the first token to the last: from when a core first had work, not
-    # from the call (until then the core idles while the first prompts are tokenized: that start is first_work_s).
-    first_work = next((t for t in engine.core_stats["busy_starts"] if t >= reporter.started), reporter.started)
-    ring_empty = _ring_empty_s(idle_before, idle_after, ended)
+    # GPU utilisation and ring-empty count from the first token to the last: from when a core first had work (until
+    # then it idles while the first prompts are tokenized: that start is first_work_s) to when the last core ran
+    # out of work (after that only the last texts are decoded and delivered).
+    stats = engine.core_stats
+    first_work = next((t for t in stats["busy_starts"] if t >= reporter.started), reporter.started)
+    last_work = stats["idle_since"] if stats["idle_since"] and first_work <= stats["idle_since"] <= ended else ended
+    ring_empty = _ring_empty_s(idle_before, idle_after, first_work - reporter.started, last_work)
     ordered = [by_id[p.id] for p in prompts]
     token_ids = [r["completion_token_ids"] for r in ordered]
     reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),
                     startup_s=engine.startup_s, attn="engine", num_devices=num_devices, first_work=first_work,
-                    ring_empty_s=None if ring_empty is None else max(0.0, ring_empty - (first_work - reporter.started)))
+                    last_work=last_work, ring_empty_s=ring_empty)
 
 
-def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, ended: float) -> float | None:
-    """Core idle seconds inside the timed window. After the last result the core has no work, so everything
-    between the window's end and the closing report was idle and is taken off."""
+def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, idle_at_start: float,
+                  last_work: float) -> float | None:
+    """Core idle seconds between its first work and its last: the idle total over the call, less the wait for the
+    first prompts and everything after the last sequence finished (the core had no work left then)."""
     if before is None or after is None:
         return None
-    return max(0.0, after[0] - before[0] - (after[1] - ended))
+    return max(0.0, after[0] - before[0] - idle_at_start - (after[1] - last_work))
 
 
 # ---------------------------------------------------------------- parent side: processes, sampling, metrics
@@ -494,7 +498,7 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     report = {
         "schema": 1, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
         "settings": config.to_dict(), "workload": workload.describe(),
-        "systems": [system_metrics(d, workload, gpu.window(d.get("first_work", d["start"]), d["end"], d.get("num_devices", 1))
+        "systems": [system_metrics(d, workload, gpu.window(d.get("first_work", d["start"]), d.get("last_work", d["end"]), d.get("num_devices", 1))
                                    if gpu else no_gpu_metrics()) for d in done],
         "agreement": {ref: agreement({s: d["token_ids"] for s, d in outputs.items()}, ref)
                       for ref in references(done, len(workload.prompts))} if config.is_greedy else {},

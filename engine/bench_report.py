@@ -36,8 +36,9 @@ def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
         "s_per_1k_prompts": 1000 * wall / num_prompts,
         "time_to_first_result_s": done["first_result"] - done["start"],
         "cpu_util_pct": 100 * done["cpu_s"] / measured,
-        "ring_empty_share": None if ring_empty is None else ring_empty / (done["end"] - done.get("first_work", done["start"])),
+        "ring_empty_share": None if ring_empty is None else ring_empty / (done.get("last_work", done["end"]) - done.get("first_work", done["start"])),
         "first_work_s": done["first_work"] - done["start"] if "first_work" in done else None,
+        "last_result_after_last_work_s": done["end"] - done["last_work"] if "last_work" in done else None,
         "startup_s": done["startup_s"], "attn_implementation": done["attn"],
         **gpu_metrics,
     }
@@ -193,7 +194,8 @@ def notes(report: dict) -> list[str]:
         "GPU util is NVML utilization.gpu (share of time a kernel ran, over the driver's sample period), sampled "
         f"at {report['settings']['sample_hz']:g} Hz; GPU mem is the card's used memory (NVML), peak in the window. "
         "For the engine the window runs from when its core first had work (the first prompts tokenized and "
-        "admitted; the time to that is first_work_s in the JSON) to the last result.",
+        "admitted; the time to that is first_work_s in the JSON) to when its last sequence finished (the last texts "
+        "are decoded and delivered after that: last_result_after_last_work_s).",
         "Ring empty: share of that window in which the engine's core had no sequence to run and waited for "
         "tokenized prompts (the core's idle_s).",
     ]

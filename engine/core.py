@@ -206,8 +206,9 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     events.put({"t": "ready", "core": number, "startup_s": time.perf_counter() - started, "device": name,
                 "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
     max_waiting = 2 * config.max_num_seqs
-    # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling (monotonic)
-    stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0, "busy_starts": []}
+    # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling, idle_since:
+    # when the last sequence finished (both monotonic; engine-bench's window runs between them)
+    stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0, "busy_starts": [], "idle_since": None}
     last_report = time.monotonic()
     while lifeline.ok():
         reader.release_done()
@@ -231,6 +232,8 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
             stats["steps"] += 1
             if finished:
                 dec_q.put({"seqs": [finished_msg(s, core.recorder.pop(s.index)) for s in finished]})
+                if not core.has_work:
+                    stats["idle_since"] = time.monotonic()
         if time.monotonic() - last_report > 1.0:
             events.put(stats)
             last_report = time.monotonic()

@@ -214,6 +214,7 @@ def test_cpu_run_writes_json_table_chart_and_results(cpu_run, tokenizer):
     assert by_name["hf-b2"]["num_generated_tokens"] == 2 * 12 + 2 * 9  # each batch runs to its longest row
     assert 0 <= by_name["engine"]["ring_empty_share"] <= 1
     assert 0 <= by_name["engine"]["first_work_s"] <= by_name["engine"]["time_to_first_result_s"]
+    assert 0 <= by_name["engine"]["last_result_after_last_work_s"] < by_name["engine"]["measured_wall_s"]
     table = next((folder / "out").glob("prompts-*.md")).read_text()
     assert table == markdown(report)
     engine_row = next(line for line in table.splitlines() if line.startswith("| engine |"))
