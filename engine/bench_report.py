@@ -17,7 +17,7 @@ GIB = float(1 << 30)
 def no_gpu_metrics() -> dict:
     """The GPU columns of a run without a GPU (or a window too short for a sample): n/a, never zero."""
     return {"gpu_util_mean_pct": None, "gpu_util_above_90_share": None, "gpu_mem_peak_gib": None,
-            "gpu_samples": 0, "gpu_sample_hz": None}
+            "gpu_samples": 0, "gpu_sample_hz": None, "gpu_util_samples": []}
 
 
 def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
@@ -57,6 +57,7 @@ def gpu_metrics(samples: list[tuple[float, int, int]], start: float, end: float)
         "gpu_mem_peak_gib": max(m for _, _, m in inside) / GIB,
         "gpu_samples": len(inside),
         "gpu_sample_hz": (len(inside) - 1) / span if span > 0 else None,
+        "gpu_util_samples": utils,
     }
 
 

@@ -141,6 +141,7 @@ def test_gpu_monitor_samples_at_10_hz_or_more_and_summarises_a_window(monkeypatc
     assert m["gpu_sample_hz"] >= 10 and m["gpu_samples"] >= 8
     assert 0.25 < m["gpu_util_above_90_share"] < 0.75 and 5 < m["gpu_util_mean_pct"] < 95
     assert m["gpu_mem_peak_gib"] == 2
+    assert len(m["gpu_util_samples"]) == m["gpu_samples"]  # kept in order, to see where a window's low samples fall
     assert gpu.window(end + 10, end + 11) == no_gpu_metrics()  # a window without samples is n/a, not zero
     assert gpu.card("cuda:1")["name"] == "Fake H100" and gpu.card("cuda:1")["memory_gib"] == 80
 
