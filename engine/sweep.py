@@ -449,16 +449,16 @@ def _generation(table) -> SamplingDefaults:
         raise SweepError(f"generation: {exc}") from None
 
 
-def _engine(table) -> dict:
+def _engine(table, devices_name: str = "engine.devices") -> dict:
     values = _section(table, ENGINE_KEYS, "engine")
     if "devices" in values:
-        values["devices"] = [_str(d, f"engine.devices[{i}]") for i, d in enumerate(values["devices"])]
+        values["devices"] = [_str(d, f"{devices_name}[{i}]") for i, d in enumerate(values["devices"])]
         for i, device in enumerate(values["devices"]):
             try:
                 EngineConfig(**device_settings(device))
             except ConfigError as exc:
-                raise SweepError(f"engine.devices[{i}] is {device!r} ({exc}); use cpu, cuda or cuda:N, or GPUs that run "
-                                 f"one model together: \"0,1\" or \"all\"") from None
+                raise SweepError(f"{devices_name}[{i}] is {device!r} ({exc}); use cpu, cuda or cuda:N, or GPUs that "
+                                 f"run one model together: \"0,1\" or \"all\"") from None
     if values.get("dtype", "auto") not in DTYPES:
         raise SweepError(f"engine.dtype is {values['dtype']!r}; use one of {', '.join(DTYPES)}")
     if values.get("truncate", "none") not in TRUNCATE_MODES:
@@ -1004,6 +1004,10 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", action="store_true", help="the sweep only grew: run just the added requests")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--devices", action="append", metavar="all|0,1|cuda:0",
+                   help="where models run, instead of the file's [engine] devices: each --devices runs one model at a "
+                        "time on those GPUs together (--devices all: every GPU; --devices 0 --devices 1: two models "
+                        "at a time, one GPU each). Speed only: the results and the sweep's hash do not change")
     return p
 
 
@@ -1024,7 +1028,10 @@ def sweep_main(argv: list[str] | None = None) -> int:
               "aside", file=sys.stderr)
         return EXIT_FATAL
     try:
-        plan = Plan(load_sweep(args.sweep, args.output))
+        config = load_sweep(args.sweep, args.output)
+        if args.devices:
+            config.engine.update(_engine({"devices": args.devices}, "--devices"))
+        plan = Plan(config)
         if args.dry_run:
             print(json.dumps(plan.to_json(), indent=2))
             return EXIT_OK

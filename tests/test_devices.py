@@ -22,7 +22,7 @@ from engine.cli import throughput
 from engine.config import ConfigError, EngineConfig, parse_devices
 from engine.pipeline import EngineError
 from engine.sweep import SweepError, load_sweep
-from test_sweep import make_sweep
+from test_sweep import engine_sweep, make_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_NEW_TOKENS = 40
@@ -164,6 +164,17 @@ def test_a_sweep_lane_may_run_one_model_on_several_devices(tmp_path):
     path.write_text(path.read_text().replace('"cpu,cpu"', '"cpu,tpu"'))
     with pytest.raises(SweepError, match="engine.devices\\[0\\] is 'cpu,tpu'.*'tpu' is not a device"):
         load_sweep(path)
+
+
+def test_engine_sweep_devices_flag_overrides_the_file_and_keeps_the_hash(tmp_path):
+    path = make_sweep(tmp_path)
+    run = engine_sweep(path, "--devices", "cpu,cpu")
+    assert run.returncode == 0, run.stderr
+    assert "starting random:tiny on cpu,cpu" in run.stderr and "20 of 20 done" in run.stderr
+    again = engine_sweep(path)  # without the flag: the same sweep (devices are speed only), so a resume, not a refusal
+    assert again.returncode == 0 and "20 of 20 done" in again.stderr and "0 records" in again.stderr, again.stderr
+    bad = engine_sweep(path, "--devices", "cpu,tpu")
+    assert bad.returncode == 1 and "--devices[0] is 'cpu,tpu'" in bad.stderr and "'tpu' is not a device" in bad.stderr
 
 
 def test_engine_bench_runs_the_engine_on_two_cpu_cores(tmp_path):
