@@ -78,9 +78,15 @@ class Sampler:
     """Turns last-position logits into next tokens, one row per request."""
 
     def __call__(self, logits: torch.Tensor, params: SamplingParams, step: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] in any float dtype: widening bf16/fp16 to float32 is exact and keeps the order, so the
+        greedy argmax reads them as they are, and sampling divides by the temperature in float32."""
         greedy = logits.argmax(dim=-1)
         if params.is_all_greedy:
             return greedy
+        if _fused is not None and logits.is_cuda and not (params.needs_sort or params.max_top_k):
+            # one pass: the kernel widens, divides by the temperature and adds the noise per element
+            sampled = _fused.gumbel_argmax(logits.contiguous(), params.temperature, row_key(params.seed, step))
+            return torch.where(params.temperature > 0, sampled, greedy)
         scaled = logits.float() / params.temperature.clamp_min(1e-5)[:, None]
         if params.needs_sort:
             scaled = self._top_k_top_p(scaled, params)

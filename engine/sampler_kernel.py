@@ -29,7 +29,8 @@ def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, key_ptr, out_ptr, vocab,
         h = h * 0xC2B2AE35
         h = h ^ (h >> 16)
         u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        v = x / temp - tl.log(-tl.log(u))
+        # div_rn: IEEE division as PyTorch's (Triton's `/` on float32 is div.full, up to 2 ulp off)
+        v = tl.math.div_rn(x.to(tl.float32), temp) - tl.log(-tl.log(u))
         v = tl.where(inside, v, float("-inf"))
         block_max = tl.max(v, axis=0)
         block_idx = tl.argmax(v, axis=0).to(tl.int64) + start
@@ -40,7 +41,8 @@ def _gumbel_argmax_kernel(logits_ptr, stride, temp_ptr, key_ptr, out_ptr, vocab,
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """argmax(logits / temperature + gumbel(key, token)) per row; logits float32 [B, V] with unit stride."""
+    """argmax(logits / temperature + gumbel(key, token)) per row; logits [B, V] with unit stride, float32 or a
+    16-bit float (widened to float32 as they are loaded, as `logits.float()` does)."""
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     _gumbel_argmax_kernel[(logits.shape[0],)](logits, logits.stride(0), temperature, key, out, logits.shape[1],
                                               BLOCK=4096, num_warps=8)

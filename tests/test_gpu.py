@@ -16,7 +16,7 @@ GPU_TOKENIZER = os.environ.get("ENGINE_GPU_TEST_TOKENIZER")
 
 
 def test_fused_sampler_equals_the_pytorch_path():
-    from engine.sampler import gumbel, row_key
+    from engine.sampler import Sampler, SamplingParams, gumbel, row_key
     from engine.sampler_kernel import gumbel_argmax
 
     torch.manual_seed(0)
@@ -29,6 +29,13 @@ def test_fused_sampler_equals_the_pytorch_path():
     reference = (scaled + gumbel(seed, step, scaled.shape[-1])).argmax(-1)
     assert (fused == reference).float().mean() >= 0.98  # libdevice log may differ by an ulp at near-ties
     assert (fused == reference).sum() >= 63
+    # bf16 logits with the temperature inside the kernel (the decode path) equal the float32 division done first
+    half = logits.bfloat16()
+    widened = gumbel_argmax(half.float() / temperature[:, None], torch.ones_like(temperature), row_key(seed, step))
+    assert torch.equal(gumbel_argmax(half, temperature, row_key(seed, step)), widened)
+    sampler = Sampler()
+    params = SamplingParams.build([(float(t), 1.0, 0, int(s)) for t, s in zip(temperature, seed)], "cuda")
+    assert torch.equal(sampler(half, params, step), sampler(half.float(), params, step))
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim,window", [(8, 1, 256, None), (4, 1, 256, 40), (8, 2, 64, None),

@@ -55,3 +55,13 @@ def test_top_k_and_top_p_restrict_the_support():
         picked_p.add(int(Sampler()(logits[:1], params([(1.0, 0.75, 0, 3)]), steps[:1])))
     assert picked_k == {0, 1}
     assert picked_p == {0, 1, 2}  # 0.4 + 0.3 < 0.75, so the third token is still inside the nucleus
+
+
+def test_bfloat16_logits_sample_as_their_float32_widening():
+    """The decode graph hands over logits in the model's dtype; widening is exact, so every row's pick is the same."""
+    torch.manual_seed(1)
+    logits = (torch.randn(6, 3000) * 4).bfloat16()
+    rows = [(0.0, 1.0, 0, 1), (0.7, 1.0, 0, 2), (1.3, 1.0, 0, 3), (0.9, 0.9, 0, 4), (1.0, 1.0, 20, 5), (0.5, 0.8, 7, 6)]
+    for step in range(5):
+        steps = torch.full((6,), step)
+        assert torch.equal(Sampler()(logits, params(rows), steps), Sampler()(logits.float(), params(rows), steps))
