@@ -103,3 +103,14 @@ def test_core_ends_a_sequence_soon_after_its_stop_string(core, tokenizer):
     [result] = finalize(tokenizer, [{"index": 1, "tokens": np.asarray(stopped.output_ids, np.int32).tobytes(),
                                      "finish_reason": "stop", "num_prompt_tokens": len(ids), "stop": [stop]}], False)
     assert result["completion"] == text[:text.find(stop)] and result["finish_reason"] == "stop"
+
+
+def test_decoder_texts_equal_hf_batch_decode(tokenizer):
+    """The decoders' fast path (the Rust tokenizer's batch decode) gives HF's batch_decode texts, special and added
+    tokens, byte pieces and whitespace included."""
+    from engine.decoder_worker import decode_texts
+
+    rng = np.random.default_rng(0)
+    id_lists = [rng.integers(0, len(tokenizer), 60).tolist() for _ in range(64)]
+    id_lists += [tokenizer("Hello , world ! It's  a test.\n\n  x  ")["input_ids"], [], tokenizer.all_special_ids]
+    assert decode_texts(tokenizer, id_lists) == tokenizer.batch_decode(id_lists, skip_special_tokens=True)
