@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--prompt-words", default="20,200", help="min,max words per prompt")
     p.add_argument("--new-tokens", type=int, default=150)
+    p.add_argument("--max-prefill-tokens", type=int, default=EngineConfig.max_prefill_tokens)
     p.add_argument("--no-compile", action="store_true", help="decoder layers run eagerly inside the graphs")
     p.add_argument("--no-decode-kernel", action="store_true", help="decode attention through SDPA with a mask")
     p.add_argument("--profile", action="store_true", help="print the kernels of five decode steps over full slots")
@@ -118,7 +119,7 @@ def main() -> None:
         model_runner.compile_layers = lambda model: None
     attention.DecodeKernel.is_enabled = not args.no_decode_kernel
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
     source = resolve_model(config.model, config.tokenizer, config.cache_dir)
     started = time.perf_counter()
     core = EngineCore(config, source)
