@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--prompt-words", default="20,200", help="min,max words per prompt")
     p.add_argument("--new-tokens", type=int, default=150)
-    p.add_argument("--max-prefill-tokens", type=int, default=EngineConfig.max_prefill_tokens)
+    p.add_argument("--max-prefill-tokens", type=int, default=EngineConfig().max_prefill_tokens)
     p.add_argument("--no-compile", action="store_true", help="decoder layers run eagerly inside the graphs")
     p.add_argument("--no-decode-kernel", action="store_true", help="decode attention through SDPA with a mask")
     p.add_argument("--profile", action="store_true", help="print the kernels of five decode steps over full slots")
