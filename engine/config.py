@@ -169,7 +169,7 @@ class EngineConfig:
     device: str = "auto"
     max_num_seqs: int = 64
     max_model_len: int | None = None
-    max_prefill_tokens: int = 8192
+    max_prefill_tokens: int = 16384  # per prefill call; vs 8192: prefill -3%, long +1.2% (H100, in-process)
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False
     tokenizer_workers: int = 1

@@ -54,7 +54,7 @@ class EngineCore:
             raise ModelNotFound(reason + "; use a model without it")
         max_len = effective_max_len(config.max_model_len, source)
         slots = plan_slots(self.model.config, config.max_num_seqs, max_len, self.dtype, self.device,
-                           config.gpu_memory_fraction)
+                           config.gpu_memory_fraction, config.max_prefill_tokens)
         self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
         self.steering = SteeringTable(self.model, self.device, slots)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)

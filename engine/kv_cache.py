@@ -29,14 +29,15 @@ def kv_shape(model_config) -> tuple[int, int, int]:
     return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
 
 
-def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str, memory_fraction: float) -> int:
+def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str, memory_fraction: float,
+               max_prefill_tokens: int) -> int:
     """How many sequence slots of `max_len` tokens fit the memory budget (at most max_num_seqs)."""
     layers, kv_heads, head_dim = kv_shape(model_config)
     per_slot = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.finfo(dtype).bits // 8
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        budget = memory_fraction * total - used - _activation_reserve(model_config, max_num_seqs, max_len)
+        budget = memory_fraction * total - used - _activation_reserve(model_config, max_num_seqs, max_prefill_tokens)
         where = f"--gpu-memory-fraction {memory_fraction}"
     else:
         budget = CPU_MEMORY_SHARE * psutil.virtual_memory().available
@@ -53,11 +54,11 @@ def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str
     return slots
 
 
-def _activation_reserve(model_config, max_num_seqs: int, max_len: int) -> float:
-    """Room for prefill activations and logits, which are not in the cache."""
+def _activation_reserve(model_config, max_num_seqs: int, max_prefill_tokens: int) -> float:
+    """Room for prefill activations (a full packed row of max_prefill_tokens) and logits, not in the cache."""
     c = model_config.get_text_config()
     logits = max_num_seqs * c.vocab_size * 4 * 4  # fp32 logits, noise and sampler temporaries
-    prefill = 8192 * (c.intermediate_size * 3 + c.hidden_size * 8) * 2
+    prefill = max_prefill_tokens * (c.intermediate_size * 3 + c.hidden_size * 8) * 2
     return logits + prefill + (1 << 30)
 
 

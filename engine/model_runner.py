@@ -32,7 +32,7 @@ class ModelRunner:
     """Prefill and decode steps; returns sampled next tokens on the device."""
 
     def __init__(self, model, steering: SteeringTable, cache: KVCache, use_graphs: bool,
-                 recorder: ActivationRecorder, max_prefill_tokens: int = 8192):
+                 recorder: ActivationRecorder, max_prefill_tokens: int):
         self.model, self.steering, self.cache = model, steering, cache
         self.recorder = recorder
         self.device = next(model.parameters()).device
