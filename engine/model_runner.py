@@ -1,8 +1,9 @@
 """ModelRunner: runs an unmodified Hugging Face causal LM over the slot KV cache.
 
 Prefill: the new sequences packed end to end in one row (not in a graph; on CUDA through the same compiled
-layers as decode), K/V written into their slots, logits of each prompt's last position only. Decode: one token for each of the first B slots from static device buffers; on CUDA
-the forward is captured in a CUDA graph per (B, attended length) bucket and replayed.
+layers as decode), K/V written into their slots, logits of each prompt's last position only. Decode: one token
+for each of the first B slots from static device buffers; on CUDA the forward is captured in a CUDA graph per
+(B, attended length) bucket and replayed.
 """
 
 from __future__ import annotations

@@ -83,18 +83,19 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if params.is_all_greedy:
             return greedy
-        if _fused is not None and logits.is_cuda and not (params.needs_sort or params.max_top_k):
+        is_fused = _fused is not None and logits.is_cuda
+        if is_fused and not (params.needs_sort or params.max_top_k):
             # one pass: the kernel widens, divides by the temperature and adds the noise per element
-            sampled = _fused.gumbel_argmax(logits.contiguous(), params.temperature, row_key(params.seed, step))
-            return torch.where(params.temperature > 0, sampled, greedy)
-        scaled = logits.float() / params.temperature.clamp_min(1e-5)[:, None]
-        if params.needs_sort:
-            scaled = self._top_k_top_p(scaled, params)
-        elif params.max_top_k:
-            scaled = self._top_k(scaled, params)
-        if _fused is not None and scaled.is_cuda:
-            sampled = _fused.gumbel_argmax(scaled.contiguous(), torch.ones_like(params.temperature),
-                                           row_key(params.seed, step))
+            scaled, temperature = logits.contiguous(), params.temperature
+        else:
+            scaled = logits.float() / params.temperature.clamp_min(1e-5)[:, None]
+            if params.needs_sort:
+                scaled = self._top_k_top_p(scaled, params)
+            elif params.max_top_k:
+                scaled = self._top_k(scaled, params)
+            temperature = torch.ones_like(params.temperature)  # already divided
+        if is_fused:
+            sampled = _fused.gumbel_argmax(scaled.contiguous(), temperature, row_key(params.seed, step))
         else:
             sampled = (scaled + gumbel(params.seed, step, scaled.shape[-1])).argmax(dim=-1)
         return torch.where(params.temperature > 0, sampled, greedy)
