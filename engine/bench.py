@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
-                                 no_gpu_metrics, notes, references, system_metrics, versions, write_outputs)
+                                 no_gpu_metrics, notes, references, system_metrics, versions, work_window, write_outputs)
 from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError, EngineConfig, SamplingDefaults, parse_devices
 from engine.models import ModelNotFound, hidden_size, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
@@ -118,7 +118,8 @@ class BenchConfig:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
-                            device="auto" if self.devices else self.device, devices=self.devices, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                            device="auto" if self.devices else self.device, devices=self.devices,
+                            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             gpu_memory_fraction=self.gpu_memory_fraction, sampling=self.sampling(),
                             return_tokens=True, cache_dir=self.cache_dir)
 
@@ -311,7 +312,8 @@ class GpuMonitor:
 
     def __init__(self, devices: str | list[str], hz: float):
         self.nvml = _nvml()
-        self.handles = [_nvml_handle(self.nvml, device) for device in ([devices] if isinstance(devices, str) else devices)]
+        self.handles = [_nvml_handle(self.nvml, device)
+                        for device in ([devices] if isinstance(devices, str) else devices)]
         self.handle = self.handles[0]
         self.period = 1.0 / hz
         self.samples: list[tuple[float, list[int], list[int]]] = []  # (monotonic time, util % and bytes per card)
@@ -498,7 +500,7 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     report = {
         "schema": 1, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
         "settings": config.to_dict(), "workload": workload.describe(),
-        "systems": [system_metrics(d, workload, gpu.window(d.get("first_work", d["start"]), d.get("last_work", d["end"]), d.get("num_devices", 1))
+        "systems": [system_metrics(d, workload, gpu.window(*work_window(d), d.get("num_devices", 1))
                                    if gpu else no_gpu_metrics()) for d in done],
         "agreement": {ref: agreement({s: d["token_ids"] for s, d in outputs.items()}, ref)
                       for ref in references(done, len(workload.prompts))} if config.is_greedy else {},

@@ -20,6 +20,12 @@ def no_gpu_metrics() -> dict:
             "gpu_samples": 0, "gpu_sample_hz": None, "gpu_util_samples": []}
 
 
+def work_window(done: dict) -> tuple[float, float]:
+    """The span GPU utilisation and ring-empty are measured over: the engine's first to last token (its core's
+    first work to its last sequence's end), the whole timed run for the baselines."""
+    return done.get("first_work", done["start"]), done.get("last_work", done["end"])
+
+
 def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
     """One system's metrics from its 'done' message and the GPU samples of its window; a subset run (the naive
     loop) is extrapolated to the workload by output tokens."""
@@ -28,6 +34,7 @@ def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
     tokens_run = sum(len(ids) for ids in done["token_ids"])
     wall = measured * workload.num_output_tokens / tokens_run
     ring_empty = done.get("ring_empty_s")
+    window_start, window_end = work_window(done)
     return {
         "system": done["system"], "num_prompts": num_prompts, "num_prompts_run": num_run,
         "is_extrapolated": num_run < num_prompts, "wall_s": wall, "measured_wall_s": measured,
@@ -36,7 +43,7 @@ def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
         "s_per_1k_prompts": 1000 * wall / num_prompts,
         "time_to_first_result_s": done["first_result"] - done["start"],
         "cpu_util_pct": 100 * done["cpu_s"] / measured,
-        "ring_empty_share": None if ring_empty is None else ring_empty / (done.get("last_work", done["end"]) - done.get("first_work", done["start"])),
+        "ring_empty_share": None if ring_empty is None else ring_empty / (window_end - window_start),
         "first_work_s": done["first_work"] - done["start"] if "first_work" in done else None,
         "last_result_after_last_work_s": done["end"] - done["last_work"] if "last_work" in done else None,
         "startup_s": done["startup_s"], "attn_implementation": done["attn"],

@@ -35,7 +35,8 @@ class IdIndex:
     def add(self, request_id: str, shard: str | None = None) -> bool:
         """Add an id; False (and nothing changes) if it is already there."""
         with self._lock:
-            added = self._db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (_key(request_id), _key(shard))).rowcount == 1
+            row = (_key(request_id), _key(shard))
+            added = self._db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", row).rowcount == 1
             self._count += added
             return added
 

@@ -90,8 +90,10 @@ def child_main(stage: str, events: MsgQueue, target, *args) -> None:
 
 
 def _set_name(stage: str) -> None:
-    """Name the process after its stage (what `top` and psutil show), e.g. engine-core, engine-core-1 (one of several), engine-tok-0."""
-    short = "engine-" + stage.replace("tokenizer worker ", "tok-").replace("decoder worker ", "dec-").replace("engine ", "").replace("core ", "core-")
+    """Name the process after its stage (what `top` and psutil show), e.g. engine-core, engine-core-1 (one of
+    several), engine-tok-0."""
+    short = "engine-" + (stage.replace("tokenizer worker ", "tok-").replace("decoder worker ", "dec-")
+                         .replace("engine ", "").replace("core ", "core-"))
     try:
         with open("/proc/self/comm", "w") as f:
             f.write(short[:15])
