@@ -12,16 +12,19 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32  # columns per inner iteration
-TARGET_PROGRAMS = 528  # about four waves of programs on a 132-SM card
+# Tuned with benchmarks/decode_kernel.py (H100): best over the long/short x B512/B256 mixes, and best on `long`.
+BLOCK_N = 64  # columns per inner iteration
+NUM_WARPS, NUM_STAGES = 8, 3
+TARGET_PROGRAMS = 264  # two programs per SM on a 132-SM card: at 512 rows one split a row, and no merge
+DEFAULT_TUNING = {"block_n": BLOCK_N, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES, "target": TARGET_PROGRAMS}
 NO_WINDOW = 1 << 30
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr,
-                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, out_ptr,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh,
                          scale, window, split_len, num_splits, group,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr):
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv = tl.num_programs(1)
     g = tl.arange(0, BLOCK_G)
@@ -52,10 +55,15 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr,
         v = tl.load(v_ptr + offs, mask=inside[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = ((row * num_kv + kv_head) * num_splits + split) * BLOCK_G + g
-    tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc)
-    tl.store(ml_ptr + out * 2, m)
-    tl.store(ml_ptr + out * 2 + 1, l)
+    if DIRECT:  # one split: this program has the whole row, so it writes the output and no merge runs
+        heads = kv_head * group + g
+        tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=is_head[:, None])
+    else:
+        part = ((row * num_kv + kv_head) * num_splits + split) * BLOCK_G + g
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=is_head[:, None])
+        tl.store(ml_ptr + part * 2, m)
+        tl.store(ml_ptr + part * 2 + 1, l)
 
 
 @triton.jit
@@ -76,7 +84,8 @@ def _merge_splits_kernel(acc_ptr, ml_ptr, out_ptr, stride_ob, stride_oh, num_spl
         # An empty split has m_s = -inf: its weight is exp(-inf) = 0 (guard -inf - -inf when all are empty so far).
         a = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
         b = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_s - m_new))
-        acc = acc * a[:, None] + tl.load(acc_ptr + part[:, None] * HEAD_DIM + d[None, :]) * b[:, None]
+        acc_s = tl.load(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=(g < group)[:, None], other=0.0)
+        acc = acc * a[:, None] + acc_s * b[:, None]
         l = l * a + l_s * b
         m = m_new
     result = acc / l[:, None]
@@ -102,24 +111,28 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """query [B, H, 1, D]; caches [S, KVH, max_len + 1, D]; row b attends columns [0, positions[b]] (within the
     window) -> [B, 1, H, D]. Static shapes for a given (B, read_len), so it is captured in CUDA graphs.
     `tuning` (block_n, num_warps, num_stages, target) overrides the defaults, for benchmarks/decode_kernel.py."""
-    t = {"block_n": BLOCK_N, "num_warps": 4, "num_stages": 2, "target": TARGET_PROGRAMS, **(tuning or {})}
+    t = {**DEFAULT_TUNING, **(tuning or {})}
     batch, heads, _, dim = query.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     splits = num_splits(batch, kv_heads, read_len, t["target"], t["block_n"])
     split_len = triton.cdiv(triton.cdiv(read_len, splits), t["block_n"]) * t["block_n"]
-    acc = torch.empty(batch * kv_heads * splits * block_g, dim, dtype=torch.float32, device=query.device)
-    ml = torch.empty(batch * kv_heads * splits * block_g, 2, dtype=torch.float32, device=query.device)
+    direct = splits == 1
+    parts = 1 if direct else batch * kv_heads * splits * block_g  # one split writes no partial results
+    acc = torch.empty(parts, dim, dtype=torch.float32, device=query.device)
+    ml = torch.empty(parts, 2, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, 1, heads, dim, dtype=query.dtype, device=query.device)
     q = query[:, :, 0]
     if q.stride(-1) != 1:
         q = q.contiguous()
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, positions, acc, ml,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, positions, acc, ml, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(2),
         scale, window or NO_WINDOW, split_len, splits, group,
-        BLOCK_G=block_g, BLOCK_N=t["block_n"], HEAD_DIM=dim, num_warps=t["num_warps"], num_stages=t["num_stages"])
-    _merge_splits_kernel[(batch, kv_heads)](acc, ml, out, out.stride(0), out.stride(2), splits, group,
-                                            BLOCK_G=block_g, HEAD_DIM=dim, num_warps=4)
+        BLOCK_G=block_g, BLOCK_N=t["block_n"], HEAD_DIM=dim, DIRECT=direct,
+        num_warps=t["num_warps"], num_stages=t["num_stages"])
+    if not direct:
+        _merge_splits_kernel[(batch, kv_heads)](acc, ml, out, out.stride(0), out.stride(2), splits, group,
+                                                BLOCK_G=block_g, HEAD_DIM=dim, num_warps=4)
     return out
