@@ -54,8 +54,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     p.add_argument("--max-model-len", type=int, help="prompt + new tokens limit (default: the model's, at most 4096)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of the GPU the engine may fill")
-    p.add_argument("--max-prefill-tokens", type=int, default=EngineConfig().max_prefill_tokens,
-                   help="prompt tokens in one prefill (packed, no padding)")
+    p.add_argument("--max-prefill-tokens", type=int,
+                   help="prompt tokens in one prefill (packed, no padding; default: 32768, less where the KV cache "
+                        "would otherwise get fewer than --max-num-seqs slots)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (debugging)")
     p.add_argument("--tokenizer-workers", type=int, default=1)
     p.add_argument("--decoder-workers", type=int, default=1)

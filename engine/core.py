@@ -53,14 +53,14 @@ class EngineCore:
         if reason:
             raise ModelNotFound(reason + "; use a model without it")
         max_len = effective_max_len(config.max_model_len, source)
-        slots = plan_slots(self.model.config, config.max_num_seqs, max_len, self.dtype, self.device,
-                           config.gpu_memory_fraction, config.max_prefill_tokens)
+        slots, self.max_prefill_tokens = plan_slots(self.model.config, config.max_num_seqs, max_len, self.dtype,
+                                                    self.device, config.gpu_memory_fraction, config.max_prefill_tokens)
         self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
         self.steering = SteeringTable(self.model, self.device, slots)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
         self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
-                                  recorder=self.recorder, max_prefill_tokens=config.max_prefill_tokens)
-        self.scheduler = Scheduler(slots, config.max_prefill_tokens)
+                                  recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens)
+        self.scheduler = Scheduler(slots, self.max_prefill_tokens)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
         self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
                              for _ in range(2)]

@@ -11,7 +11,7 @@ from engine.scheduler import Scheduler
 def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
     """For each sequence: the logits the engine computes at its last prompt position (prefill) and at every
     later position, feeding the sequence's own next token at each decode step (teacher forcing)."""
-    core.scheduler = Scheduler(core.cache.num_slots, core.config.max_prefill_tokens)
+    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
     for i, (ids, n) in enumerate(zip(sequences, prompt_lens)):
         core.add(dict(index=i, max_new_tokens=len(ids) - n + 1, temperature=0.0, top_p=1.0, top_k=0, seed=0,
                       ignore_eos=True, stop=[], steering=None), torch.tensor(ids[:n], device=core.device))
@@ -30,7 +30,7 @@ def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: lis
         logits = core.runner.decode_logits(decode).float().clone()  # a graph's output is overwritten by the next replay
         for seq in live:
             out[seq.index].append(logits[seq.slot])
-    core.scheduler = Scheduler(core.cache.num_slots, core.config.max_prefill_tokens)
+    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
     return [torch.stack(rows) for rows in out]
 
 

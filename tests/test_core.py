@@ -40,7 +40,7 @@ def first_step_logits(core, tokenizer, specs: list) -> torch.Tensor:
     batch = core.scheduler.schedule()
     assert batch.is_prefill and len(batch.seqs) == len(specs)
     logits = core.runner.prefill_logits(batch.seqs)
-    core.scheduler = Scheduler(core.cache.num_slots, core.config.max_prefill_tokens)  # drop them again
+    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)  # drop them again
     return logits
 
 

@@ -1,0 +1,40 @@
+"""The KV cache's memory plan: the prefill budget gives way before the cache's slots do."""
+
+from functools import partial
+
+from transformers import GemmaConfig
+
+from engine.kv_cache import AUTO_PREFILL_TOKENS, MIN_AUTO_PREFILL_TOKENS, activation_reserve, fit_prefill
+
+GIB = 1 << 30
+GEMMA_2B = GemmaConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+                       num_key_value_heads=1, head_dim=256, vocab_size=256000)
+PER_SLOT = 2 * 18 * 1 * (1250 + 1) * 256 * 2  # bf16 K and V of one 1,250-token sequence: 23 MB
+
+
+def fit(budget: float, seqs: int = 512, requested: int | None = None) -> int:
+    return fit_prefill(budget, PER_SLOT, seqs, partial(activation_reserve, GEMMA_2B, seqs), requested)
+
+
+def slots_left(budget: float, prefill: int, seqs: int = 512) -> int:
+    return int((budget - activation_reserve(GEMMA_2B, seqs, prefill)) // PER_SLOT)
+
+
+def test_a_roomy_card_gets_the_full_prefill_budget():
+    assert fit(60 * GIB) == AUTO_PREFILL_TOKENS
+
+
+def test_a_tight_card_halves_the_prefill_budget_until_every_slot_fits():
+    need = 512 * PER_SLOT
+    budget = need + activation_reserve(GEMMA_2B, 512, 8192) + 1  # room for 8,192 prefill tokens, not 16,384
+    assert slots_left(budget, AUTO_PREFILL_TOKENS) < 512
+    assert fit(budget) == 8192
+    assert slots_left(budget, 8192) >= 512
+
+
+def test_the_prefill_budget_stops_shrinking_at_its_floor():
+    assert fit(2 * GIB) == MIN_AUTO_PREFILL_TOKENS
+
+
+def test_a_prefill_budget_the_user_set_is_kept():
+    assert fit(2 * GIB, requested=20000) == 20000
