@@ -112,14 +112,15 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=150)
     p.add_argument("--max-prefill-tokens", type=int, default=EngineConfig().max_prefill_tokens)
     p.add_argument("--no-compile", action="store_true", help="decoder layers run eagerly inside the graphs")
-    p.add_argument("--no-decode-kernel", action="store_true", help="decode attention through SDPA with a mask")
+    p.add_argument("--no-decode-kernel", action="store_true",
+                   help="decode attention through SDPA with a mask, K/V writes through index_put")
     p.add_argument("--profile", action="store_true", help="print the kernels of five decode steps over full slots")
     p.add_argument("--phases", action="store_true", help="also time prefill and decode apart (synchronised pass)")
     p.add_argument("--profile-prefill", action="store_true", help="print the kernels of the prefills of a pass")
     args = p.parse_args()
     if args.no_compile:
         model_runner.compile_layers = lambda model: None
-    attention.DecodeKernel.is_enabled = not args.no_decode_kernel
+    attention.TritonKernels.is_enabled = not args.no_decode_kernel
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
     source = resolve_model(config.model, config.tokenizer, config.cache_dir)

@@ -68,8 +68,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, sl
 def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
     """query [1, H, N, D], key/value [1, KVH, N, D]: the prompts packed end to end -> [1, N, H, D]."""
     keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [N, KVH, D]
-    k_cache[ctx.slots, :, ctx.write_pos] = keys
-    v_cache[ctx.slots, :, ctx.write_pos] = values
+    _write_kv(k_cache, v_cache, ctx.slots, ctx.write_pos, keys, values)
     varlen = VarlenKernel.get(query, window)
     if varlen is not None:
         longest = max(length for _, length in ctx.spans)
@@ -169,11 +168,9 @@ def _varlen(query, key, value, cu_lens, longest: int, window, scaling, params: s
     return varlen_attn(query, key, value, cu_lens, cu_lens, longest, longest, scale=scaling, **extra)
 
 
-class DecodeKernel:
-    """The Triton decode kernel where it applies (CUDA, 16-bit, power-of-two head size), else SDPA with a mask.
-
-    `is_enabled` lets tests compare it with SDPA on the same model.
-    """
+class TritonKernels:
+    """The Triton kernels (decode attention, K/V cache writes) where they apply (CUDA, 16-bit, power-of-two head
+    size); else SDPA with a mask and index_put, the same results. `is_enabled` lets tests compare the two paths."""
 
     is_enabled = True
     _module = None
@@ -188,13 +185,15 @@ class DecodeKernel:
                 from engine import attention_kernel
             except ImportError as exc:  # no triton: SDPA gives the same attention, only slower
                 cls._module = False
-                log.info("decode attention: Triton unavailable (%s); using SDPA with a mask", exc)
+                log.info("Triton unavailable (%s): decode attention through SDPA with a mask, K/V writes "
+                         "through index_put", exc)
             else:
                 cls._module = attention_kernel
         if not cls._module or not cls._module.supports(query):
             if not cls._logged:
                 cls._logged = True
-                log.info("decode attention: SDPA with a mask (%s, head size %d)", query.dtype, query.shape[-1])
+                log.info("%s, head size %d: decode attention through SDPA with a mask, K/V writes through index_put",
+                         query.dtype, query.shape[-1])
             return None
         return cls._module
 
@@ -203,9 +202,8 @@ def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, sc
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     rows = torch.arange(batch, device=query.device)
-    k_cache[rows, :, ctx.write_pos] = key[:, :, 0]
-    v_cache[rows, :, ctx.write_pos] = value[:, :, 0]
-    kernel = DecodeKernel.get(query)
+    _write_kv(k_cache, v_cache, rows, ctx.write_pos, key[:, :, 0], value[:, :, 0])
+    kernel = TritonKernels.get(query)
     if kernel is not None:
         scale = dim ** -0.5 if scaling is None else scaling
         return kernel.decode_attention(query, k_cache, v_cache, ctx.positions, ctx.read_len, scale, window)
@@ -215,6 +213,16 @@ def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, sc
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[window], scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2)
+
+
+def _write_kv(k_cache, v_cache, slots, cols, keys, values) -> None:
+    """Cache rows slots[t], columns cols[t] take keys[t] / values[t] ([N, KVH, D])."""
+    kernel = TritonKernels.get(keys)
+    if kernel is not None:
+        kernel.write_kv(k_cache, v_cache, slots, cols, keys, values)
+        return
+    k_cache[slots, :, cols] = keys
+    v_cache[slots, :, cols] = values
 
 
 def register() -> None:

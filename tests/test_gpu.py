@@ -65,6 +65,23 @@ def test_decode_kernel_matches_the_math_backend(heads, kv_heads, dim, window):
             assert err < 2e-2, (batch, read_len, tuning, err)
 
 
+@pytest.mark.parametrize("kv_heads,dim", [(1, 256), (2, 64), (8, 128)])
+def test_kv_write_kernel_equals_index_put(kv_heads, dim):
+    from engine.attention_kernel import write_kv
+
+    torch.manual_seed(0)
+    k_cache = torch.randn(16, kv_heads, 301, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    packed = torch.randn(2, 40, kv_heads, dim, device="cuda", dtype=torch.bfloat16)  # [K or V, tokens, KVH, D]
+    keys, values = packed[0].transpose(0, 1).contiguous().transpose(0, 1), packed[1]  # one strided, one contiguous
+    for slots, cols in ((torch.arange(40, device="cuda") % 16, torch.randperm(301, device="cuda")[:40]),
+                        (torch.full((40,), 3, device="cuda"), torch.arange(40, device="cuda") + 200)):
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        want_k[slots, :, cols], want_v[slots, :, cols] = keys, values
+        write_kv(k_cache, v_cache, slots, cols, keys, values)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
 def _core(**overrides):
     from engine.core import EngineCore
     from engine.models import resolve_model
@@ -96,15 +113,15 @@ def test_attention_backends_match_the_math_backend():
         decode = core.runner.decode_logits(core.scheduler.schedule()).float()
         return prefill, decode
 
-    from engine.attention import DecodeKernel
+    from engine.attention import TritonKernels
 
     fast = logits_of(PROMPTS)
-    DecodeKernel.is_enabled = False
+    TritonKernels.is_enabled = False
     try:
         with sdpa_kernel(SDPBackend.MATH):
             exact = logits_of(PROMPTS)
     finally:
-        DecodeKernel.is_enabled = True
+        TritonKernels.is_enabled = True
     for got, want in zip(fast, exact):
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel < 2e-2, rel
