@@ -287,7 +287,7 @@ class SteeringTable:
                 grown[:self.num_rows] = self.table
                 self.table = grown
                 self.version += 1
-            self.table[self.num_rows] = vector.to(self.device)
+            self.table[self.num_rows] = to_device(vector, torch.float32, self.device)  # .to() would wait for the GPU
             self._rows[key] = self.num_rows
             self.num_rows += 1
         return self._rows[key]
