@@ -38,3 +38,17 @@ def test_the_prefill_budget_stops_shrinking_at_its_floor():
 
 def test_a_prefill_budget_the_user_set_is_kept():
     assert fit(2 * GIB, requested=20000) == 20000
+
+
+def test_the_reserve_covers_the_prefill_memory_measured_on_a_gpu():
+    # H100, 20,000 prompts of up to 2,048 tokens, 512 slots: peak 33.31 GiB at 8,192 prefill tokens, 47.95 at 32,768
+    grown = activation_reserve(GEMMA_2B, 512, 32768) - activation_reserve(GEMMA_2B, 512, 8192)
+    assert grown >= (47.95 - 33.31) * GIB
+
+
+def test_half_an_80gb_card_keeps_all_512_slots_of_2110_tokens_with_a_smaller_prefill():
+    per_slot = 2 * 18 * 1 * (2110 + 1) * 256 * 2
+    budget = 0.5 * 79.65 * GIB - 5.5 * GIB  # the memory workload's setting, after the weights
+    prefill = fit_prefill(budget, per_slot, 512, partial(activation_reserve, GEMMA_2B, 512), None)
+    assert prefill < AUTO_PREFILL_TOKENS
+    assert budget - activation_reserve(GEMMA_2B, 512, prefill) >= 512 * per_slot
