@@ -290,7 +290,8 @@ def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dic
     token_ids = [r["completion_token_ids"] for r in ordered]
     reporter.report(token_ids, [r["completion"] for r in ordered], sum(map(len, token_ids)),
                     startup_s=engine.startup_s, attn="engine", num_devices=num_devices, first_work=first_work,
-                    last_work=last_work, ring_empty_s=ring_empty)
+                    last_work=last_work, ring_empty_s=ring_empty,
+                    torch_peaks=(stats["torch_allocated_peak"], stats["torch_reserved_peak"]))
 
 
 def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, idle_at_start: float,

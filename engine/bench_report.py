@@ -47,8 +47,16 @@ def system_metrics(done: dict, workload: Workload, gpu_metrics: dict) -> dict:
         "first_work_s": done["first_work"] - done["start"] if "first_work" in done else None,
         "last_result_after_last_work_s": done["end"] - done["last_work"] if "last_work" in done else None,
         "startup_s": done["startup_s"], "attn_implementation": done["attn"],
+        **_torch_peaks(done.get("torch_peaks")),
         **gpu_metrics,
     }
+
+
+def _torch_peaks(peaks: tuple | None) -> dict:
+    """The engine core's allocator peaks since its start (warm-up included), beside NVML's card-wide figure."""
+    allocated, reserved = peaks or (None, None)
+    return {"torch_allocated_peak_gib": None if allocated is None else allocated / GIB,
+            "torch_reserved_peak_gib": None if reserved is None else reserved / GIB}
 
 
 def gpu_metrics(samples: list[tuple[float, int, int]], start: float, end: float) -> dict:

@@ -222,7 +222,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
                 if idle_from is not None:
                     stats["idle_s"] += time.perf_counter() - idle_from
             if msg["t"] == "stats?":
-                events.put({**stats, "reply_to": msg["id"]})
+                events.put({**stats, **_memory_peaks(reader), "reply_to": msg["id"]})
                 continue
             _admit(core, reader, msg, events)
             if idle_from is not None and core.has_work:
@@ -235,8 +235,18 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
                 if not core.has_work:
                     stats["idle_since"] = time.monotonic()
         if time.monotonic() - last_report > 1.0:
-            events.put(stats)
+            events.put({**stats, **_memory_peaks(reader)})
             last_report = time.monotonic()
+
+
+def _memory_peaks(reader: SlotReader) -> dict:
+    """The caching allocator's peaks since the core started (bytes in live tensors, bytes it holds from the card):
+    NVML's figure is the second plus the CUDA context, so together they say whether memory went to tensors or to
+    the allocator's blocks."""
+    if not reader.is_cuda:
+        return {}
+    return {"torch_allocated_peak": torch.cuda.max_memory_allocated(),
+            "torch_reserved_peak": torch.cuda.max_memory_reserved()}
 
 
 def _admit(core: EngineCore, reader: SlotReader, msg: dict, events: MsgQueue) -> None:

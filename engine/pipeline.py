@@ -181,13 +181,16 @@ class Engine:
     def core_stats(self) -> dict:
         """The cores' last cumulative counters: steps (all cores), idle_s (per core, averaged over cores),
         busy_starts (monotonic times at which a core went from idle to work, recent ones, all cores, sorted) and
-        idle_since (when the last core to run out of work did so; None before any finished)."""
+        idle_since (when the last core to run out of work did so; None before any finished); on CUDA also the
+        largest core's torch_allocated_peak / torch_reserved_peak (bytes, since its start; None on CPU)."""
         stats = [lane.stats for lane in self.lanes if lane.stats]
         ends = [s["idle_since"] for s in stats if s.get("idle_since") is not None]
+        peaks = {key: max((s[key] for s in stats if key in s), default=None)
+                 for key in ("torch_allocated_peak", "torch_reserved_peak")}
         return {"steps": sum(s["steps"] for s in stats),
                 "idle_s": sum(s["idle_s"] for s in stats) / max(len(stats), 1),
                 "busy_starts": sorted(t for s in stats for t in s.get("busy_starts", ())),
-                "idle_since": max(ends, default=None)}
+                "idle_since": max(ends, default=None), **peaks}
 
     def _check_health(self) -> None:
         """While results keep arriving, the queue never times out; look for dead processes every so often."""

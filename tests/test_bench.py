@@ -211,6 +211,7 @@ def test_cpu_run_writes_json_table_chart_and_results(cpu_run, tokenizer):
         assert m["wall_s"] > 0 and m["output_tokens_per_s"] > 0 and m["cpu_util_pct"] > 0
         assert 0 < m["time_to_first_result_s"] <= m["wall_s"]
         assert m["gpu_util_mean_pct"] is None and m["gpu_mem_peak_gib"] is None
+        assert m.get("torch_reserved_peak_gib") is None  # the engine core's allocator peaks: CUDA only
         assert report["agreement"]["naive"][m["system"]]["num_identical"] == len(rows)
     assert by_name["hf-b2"]["num_generated_tokens"] == 2 * 12 + 2 * 9  # each batch runs to its longest row
     assert 0 <= by_name["engine"]["ring_empty_share"] <= 1
@@ -238,6 +239,8 @@ def test_gpu_run_samples_nvml(tmp_path):
         assert m["gpu_util_mean_pct"] is not None and m["gpu_mem_peak_gib"] > 0
         assert m["gpu_sample_hz"] is None or m["gpu_sample_hz"] >= 10
     assert next(m for m in report["systems"] if m["system"] == "naive")["is_extrapolated"]
+    engine = next(m for m in report["systems"] if m["system"] == "engine")
+    assert 0 < engine["torch_allocated_peak_gib"] <= engine["torch_reserved_peak_gib"] <= engine["gpu_mem_peak_gib"]
 
 
 def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
