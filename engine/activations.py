@@ -283,8 +283,13 @@ class DiskLow(OSError):
     what was needed."""
 
 
-def free_bytes(folder: Path) -> int:
-    return shutil.disk_usage(folder).free
+def require_free(path: Path, num_bytes: float, detail: str) -> None:
+    """DiskLow("disk low: <free> GB free in <folder><detail>") if the file system of `path` (or of its nearest
+    existing parent: it may not be made yet) has less than num_bytes free."""
+    folder = next(p for p in (path, *path.resolve().parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if free < num_bytes:
+        raise DiskLow(f"disk low: {free / 1e9:.2f} GB free in {folder}{detail}")
 
 
 class ActivationStore:
@@ -304,8 +309,8 @@ class ActivationStore:
 
     def __init__(self, output: Path, max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS,
                  min_free_bytes: int = 0, done: IdIndex | None = None):
-        """`done`: the output's ids with the shard each points at (engine.writer.scan_done_ids), if the caller has
-        them; else the output is read for them when there is an index to resume."""
+        """`done`: the output's ids with the shard each points at (engine.writer.scan_done_ids); needed when the
+        activation folder exists (a resume), to keep only the index entries a result line points at."""
         self.output, self.folder = output, activations_dir(output)
         self.max_shard_bytes, self.flush_seconds, self.min_free_bytes = max_shard_bytes, flush_seconds, min_free_bytes
         self._tensors: dict[str, torch.Tensor] = {}
@@ -321,13 +326,10 @@ class ActivationStore:
             tmp.unlink()
         index = self.folder / INDEX_NAME
         if index.exists():
-            referenced = done if done is not None else _pointers(self.output)
-            try:
-                kept = (line for line in complete_lines(index) if referenced.has_shard(line["id"], line["shard"]))
-                _write_atomic_lines(index, (json.dumps(line) + "\n" for line in kept))
-            finally:
-                if done is None:
-                    referenced.close()
+            if done is None:
+                raise ValueError(f"{self.folder}: resuming an activation index needs the output's done ids")
+            kept = (line for line in complete_lines(index) if done.has_shard(line["id"], line["shard"]))
+            _write_atomic_lines(index, (json.dumps(line) + "\n" for line in kept))
         numbers = [int(p.stem) for p in self.folder.glob("*.safetensors") if p.stem.isdigit()]
         return max(numbers, default=-1) + 1
 
@@ -376,14 +378,11 @@ class ActivationStore:
         self._next += 1
 
     def _check_space(self, num_bytes: int) -> None:
-        where = self.folder if self.folder.is_dir() else self.folder.parent
-        free = free_bytes(where)
-        if free < num_bytes + self.min_free_bytes:
-            raise DiskLow(f"disk low: {free / 1e9:.2f} GB free in {where}; activation shard "
-                          f"{self.folder.name}/{self._next:05d}.safetensors ({len(self._entries)} records, "
-                          f"{num_bytes / 1e6:.1f} MB) and the {self.min_free_bytes / 1e9:g} GB to keep free need "
-                          f"{(num_bytes + self.min_free_bytes) / 1e9:.2f} GB. Nothing of that shard was written; every "
-                          f"record before it is on disk")
+        need = num_bytes + self.min_free_bytes
+        require_free(self.folder, need, f"; activation shard {self.folder.name}/{self._next:05d}.safetensors "
+                     f"({len(self._entries)} records, {num_bytes / 1e6:.1f} MB) and the "
+                     f"{self.min_free_bytes / 1e9:g} GB to keep free need {need / 1e9:.2f} GB. Nothing of that shard "
+                     f"was written; every record before it is on disk")
 
     def discard(self) -> None:
         """Drop the buffered shard (written, or refused: its records run again on resume)."""
@@ -393,14 +392,6 @@ class ActivationStore:
 def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """About the size of a safetensors header: 8 bytes, then a JSON entry (key, dtype, shape, offsets) per tensor."""
     return 8 + sum(len(key.encode()) + 96 for key in tensors)
-
-
-def _pointers(output: Path) -> IdIndex:
-    """The output's result ids, each with the shard its activations pointer names."""
-    pointers = IdIndex()
-    pointers.add_many((r["id"], r["activations"].get("shard")) for r in _records(output)
-                      if isinstance(r.get("activations"), dict))
-    return pointers
 
 
 def _fsync_path(path: Path) -> None:

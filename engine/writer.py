@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from engine.activations import (FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, DiskLow, activations_dir,
-                                free_bytes, tensors_of)
+                                require_free, tensors_of)
 from engine.id_index import IdIndex
 from engine.pipeline import Outcome
 
@@ -67,10 +67,7 @@ def scan_done_ids(output: Path) -> IdIndex:
 
 def check_free_space(folder: Path, min_free_gb: float, option: str) -> None:
     """DiskLow, naming the option that sets the limit, if `folder`'s file system has less than min_free_gb free."""
-    folder = next(p for p in (folder, *folder.resolve().parents) if p.exists())  # it may not be made yet
-    free = free_bytes(folder)
-    if free < min_free_gb * 1e9:
-        raise DiskLow(f"disk low: {free / 1e9:.2f} GB free in {folder}, below {option} = {min_free_gb:g}")
+    require_free(folder, min_free_gb * 1e9, f", below {option} = {min_free_gb:g}")
 
 
 def check_manifest(output: Path, manifest: dict, force: bool) -> None:
@@ -113,7 +110,14 @@ class JsonlWriter:
         self._unsynced = 0
         self._last_sync = time.monotonic()
         self.num_results = self.num_errors = self.num_tokens = 0
-        self.activations = ActivationStore(output, max_shard_bytes, flush_seconds, int(min_free_gb * 1e9), done)
+        scanned = done is None and activations_dir(output).is_dir()  # a resume whose caller did not scan the output
+        if scanned:
+            done = scan_done_ids(output)
+        try:
+            self.activations = ActivationStore(output, max_shard_bytes, flush_seconds, int(min_free_gb * 1e9), done)
+        finally:
+            if scanned:
+                done.close()
         self._held_lines: list[str] = []  # result lines behind a buffered activation shard, in order
         self._held_tokens = 0  # their completion tokens
 
