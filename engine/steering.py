@@ -294,9 +294,9 @@ class SteeringTable:
         return self._rows[key]
 
     def _upload_rows(self) -> None:
-        """Copy the rows added since the last forward into the device table, all in one copy: a copy per new vector
-        (256 distinct specs arriving mid-run) stalled the core's one-step-ahead loop (H100: the card half idle for
-        0.4 s of a 1.5 s run). Called by the steps' entry points, prefill_inputs and advance."""
+        """Copy the rows added since the last forward into the device table, all in one copy, not one per new
+        vector (256 distinct specs arrive while a run is going; a `.to()` from pageable memory waits for the GPU).
+        Called by the steps' entry points, prefill_inputs and advance."""
         if not self._new_rows:
             return
         rows = to_device([row for row, _ in self._new_rows], torch.int64, self.device)
