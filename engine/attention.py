@@ -30,7 +30,7 @@ PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 class ForwardContext:
     cache: KVCache | None = None
     is_prefill: bool = False
-    slots: torch.Tensor | None = None  # prefill: [N] slot of each packed token
+    slots: torch.Tensor | None = None  # prefill: [N] slot of each packed token; decode: [B] 0..B-1 (row b is slot b)
     write_pos: torch.Tensor | None = None  # prefill: [N] column of each token; decode: [B] (trash for idle slots)
     spans: list = field(default_factory=list)  # prefill: (start, length) of each prompt in the packed row
     cu_lens: torch.Tensor | None = None  # prefill: int32 [P + 1] prompt boundaries (the varlen kernel's cu_seqlens)
@@ -201,8 +201,7 @@ class TritonKernels:
 def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    rows = torch.arange(batch, device=query.device)
-    _write_kv(k_cache, v_cache, rows, ctx.write_pos, key[:, :, 0], value[:, :, 0])
+    _write_kv(k_cache, v_cache, ctx.slots, ctx.write_pos, key[:, :, 0], value[:, :, 0])
     kernel = TritonKernels.get(query)
     if kernel is not None:
         scale = dim ** -0.5 if scaling is None else scaling

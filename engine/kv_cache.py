@@ -42,7 +42,6 @@ def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str
     would cost the cache slots: a bigger prefill is a few percent faster, a slot more is a whole sequence more."""
     layers, kv_heads, head_dim = kv_shape(model_config)
     per_slot = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.finfo(dtype).bits // 8
-    prefill = max_prefill_tokens or AUTO_PREFILL_TOKENS
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(device)
         budget = memory_fraction * total - (total - free)
@@ -51,6 +50,7 @@ def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str
         budget -= reserve(prefill)
         where = f"--gpu-memory-fraction {memory_fraction}"
     else:
+        prefill = max_prefill_tokens or AUTO_PREFILL_TOKENS  # on CPU the prefill budget is not traded for slots
         budget = CPU_MEMORY_SHARE * psutil.virtual_memory().available
         where = f"{int(CPU_MEMORY_SHARE * 100)}% of available RAM"
     slots = min(max_num_seqs, int(budget // per_slot))

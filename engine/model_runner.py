@@ -51,6 +51,7 @@ class ModelRunner:
         # Static decode inputs, indexed by slot.
         self.tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self.meta = torch.zeros(3, slots, dtype=torch.int64, device=self.device)  # position, write column, step
+        self.slot_ids = torch.arange(slots, device=self.device)  # decode row b is slot b (not an arange per layer)
         # Two pinned staging buffers, alternating: the host writes step N+1's while step N's copy may still be queued.
         self._meta_hosts = [torch.zeros(3, slots, dtype=torch.int64, pin_memory=self.device.type == "cuda")
                             for _ in range(2)]
@@ -164,7 +165,7 @@ class ModelRunner:
 
     def _decode_forward(self, rows: int, read_len: int) -> torch.Tensor:
         positions = self.meta[0, :rows]
-        CONTEXT.cache, CONTEXT.is_prefill = self.cache, False
+        CONTEXT.cache, CONTEXT.is_prefill, CONTEXT.slots = self.cache, False, self.slot_ids[:rows]
         CONTEXT.write_pos, CONTEXT.read_len, CONTEXT.positions = self.meta[1, :rows], read_len, positions
         CONTEXT.masks = decode_masks(positions, read_len, self.windows)
         self.steering.set_active(self.steering.decode_inputs(rows))

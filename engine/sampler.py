@@ -86,7 +86,7 @@ class Sampler:
         is_fused = _fused is not None and logits.is_cuda
         if is_fused and not (params.needs_sort or params.max_top_k):
             # one pass: the kernel widens, divides by the temperature and adds the noise per element
-            scaled, temperature = logits.contiguous(), params.temperature
+            scaled, temperature = logits, params.temperature
         else:
             scaled = logits.float() / params.temperature.clamp_min(1e-5)[:, None]
             if params.needs_sort:
