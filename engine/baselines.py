@@ -32,9 +32,8 @@ class LoopOutput:
 def load_hf(source: ModelSource, dtype: torch.dtype, device: str):
     """(model, tokenizer, attention implementation) for the baselines; flash-attn where installed."""
     tok = load_tokenizer(source.tokenizer_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # the usual recipe for tokenizers without a pad token
     model = load_model(source, dtype, device, vocab_size=len(tok))
+    set_pad_token(tok, model.config)
     # No EOS id: generate then runs every row to max_new_tokens without touching the logits (min_new_tokens
     # would mask EOS and change greedy picks), which matches the engine's ignore_eos.
     model.generation_config.eos_token_id = None
@@ -43,6 +42,21 @@ def load_hf(source: ModelSource, dtype: torch.dtype, device: str):
         model.set_attn_implementation("flash_attention_2")
         attn = "flash_attention_2"
     return model, tok, attn
+
+
+def set_pad_token(tok, config) -> None:
+    """Give the tokenizer a pad token for left padding: its own, else its EOS (the usual recipe), else the model
+    config's pad/EOS id (a bare tokenizer.json names no special tokens)."""
+    if tok.pad_token_id is not None:
+        return
+    for pad_id in (tok.eos_token_id, getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(pad_id, list):
+            pad_id = pad_id[0] if pad_id else None
+        if pad_id is not None:
+            tok.pad_token = tok.convert_ids_to_tokens(int(pad_id))
+            return
+    raise ValueError(f"tokenizer in {tok.name_or_path!r} has no pad or EOS token and the model config names neither: "
+                     "pass --tokenizer a directory whose tokenizer_config.json names pad_token or eos_token")
 
 
 def generate_kwargs(sampling: SamplingDefaults, pad_id: int) -> dict:

@@ -100,6 +100,22 @@ def test_a_failing_system_is_reported_and_the_others_kept(monkeypatch):
     assert "**engine failed** and has no row" in markdown(report)
 
 
+def test_baselines_pad_with_the_model_configs_id_when_given_a_bare_tokenizer_json(tiny_source, tmp_path):
+    import shutil
+
+    from engine.baselines import set_pad_token
+    from engine.tokenizer_worker import load_tokenizer
+
+    shutil.copy(Path(tiny_source.tokenizer_dir) / "tokenizer.json", tmp_path)  # no tokenizer_config.json: no roles
+    bare = load_tokenizer(str(tmp_path))
+    assert bare.pad_token_id is None and bare.eos_token_id is None
+    set_pad_token(bare, SimpleNamespace(pad_token_id=0, eos_token_id=1))
+    assert bare.pad_token_id == 0
+    nameless = load_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="tokenizer_config.json names pad_token or eos_token"):
+        set_pad_token(nameless, SimpleNamespace(pad_token_id=None, eos_token_id=None))
+
+
 def test_agreement_counts_identical_sequences_and_prefixes():
     outputs = {"naive": [[1, 2, 3, 4], [5, 6]], "engine": [[1, 2, 9, 9], [5, 6], [7, 7]]}
     result = agreement(outputs, "naive")
