@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -79,6 +80,7 @@ class BenchConfig:
     steering_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
     capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
     capture_positions: str = "last_prompt"
+    trace: str | None = None  # a folder: the engine cores' loop timelines (engine.trace) and each run's window
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -121,7 +123,7 @@ class BenchConfig:
                             device="auto" if self.devices else self.device, devices=self.devices,
                             max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                             gpu_memory_fraction=self.gpu_memory_fraction, sampling=self.sampling(),
-                            return_tokens=True, cache_dir=self.cache_dir)
+                            return_tokens=True, cache_dir=self.cache_dir, trace_dir=self.trace)
 
     @property
     def is_greedy(self) -> bool:
@@ -245,8 +247,12 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
             runs.append((f"{base}+capture@L{','.join(map(str, config.capture_layers))}:{config.capture_positions}",
                          [{**r, "capture": capture} for r in _engine_records(prompts)]))
         for system, records in runs:
-            _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts,
-                              max(1, len(config.devices)))
+            window = _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts,
+                                       max(1, len(config.devices)))
+            if config.trace:
+                with (Path(config.trace) / "runs.jsonl").open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"system": system, "prompts": len(records), "first_work": window[0],
+                                        "last_work": window[1]}) + "\n")
     events.put({"t": "exit"})
 
 
@@ -265,7 +271,8 @@ def _steering_specs(engine, config: BenchConfig, count: int, folder: Path) -> li
 
 
 def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dict], events: MsgQueue,
-                      prompts: list[Prompt], num_devices: int) -> None:
+                      prompts: list[Prompt], num_devices: int) -> tuple[float, float]:
+    """One timed engine run after a short warm-up; returns its (first work, last work) monotonic window."""
     engine.generate_all([{**r, "id": f"warmup-{r['id']}", "max_new_tokens": min(r["max_new_tokens"], MAX_WARMUP_TOKENS)}
                          for r in warmup])
     idle_before = _core_idle(engine)
@@ -292,6 +299,7 @@ def _timed_engine_run(engine, system: str, warmup: list[dict], records: list[dic
                     startup_s=engine.startup_s, attn="engine", num_devices=num_devices, first_work=first_work,
                     last_work=last_work, ring_empty_s=ring_empty,
                     torch_peaks=(stats["torch_allocated_peak"], stats["torch_reserved_peak"]))
+    return first_work, last_work
 
 
 def _ring_empty_s(before: tuple[float, float] | None, after: tuple[float, float] | None, idle_at_start: float,
@@ -584,6 +592,8 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="also run the engine capturing activations at these layers, to measure the overhead")
     p.add_argument("--capture-positions", default="last_prompt", help=f"what that run captures: "
                    f"{', '.join(CAPTURE_POSITIONS)}")
+    p.add_argument("--trace", metavar="DIR", help="write the engine cores' loop timelines (core<N>.jsonl: admission, "
+                   "launch and wait per step, GC pauses) and each engine run's window (runs.jsonl) to DIR")
     return p
 
 
@@ -600,6 +610,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
         steering_layers=args.steering_layers, capture_layers=args.capture_layers, capture_positions=args.capture_positions,
+        trace=args.trace,
     )
 
 

@@ -24,6 +24,7 @@ from engine.request import RecordError
 from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import SteeringTable
+from engine.trace import StepTrace
 from engine.decoder_worker import StopScanner
 from engine.tokenizer_worker import load_tokenizer
 
@@ -65,6 +66,7 @@ class EngineCore:
         self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
                              for _ in range(2)]
         self._flip = 0
+        self.timing: dict = {}  # the last step's host timings (StepTrace)
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
         """Queue one request; RecordError if its steering or capture cannot apply to this model."""
@@ -82,6 +84,7 @@ class EngineCore:
 
     def step(self) -> list[Sequence]:
         """Launch the next step, then read the previous one's tokens while the device works (one step ahead)."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         tokens = None
         if batch is not None:
@@ -93,6 +96,7 @@ class EngineCore:
             for seq in batch.seqs:
                 seq.num_scheduled += 1
             launched = (batch, self._copy_to_host(tokens, batch))
+        self.timing = _step_timing(batch, started)
         finished = self._read(*self._inflight) if self._inflight is not None else []
         self._inflight = launched
         return finished
@@ -125,12 +129,16 @@ class EngineCore:
 
     def _read(self, batch, copied) -> list[Sequence]:
         host, event, captured = copied
+        waited = time.perf_counter()
         if event is not None:
             event.synchronize()
+        read = time.perf_counter()
         values = host.tolist()
         tokens = values if batch.is_prefill else [values[s.slot] for s in batch.seqs]  # decode rows are slots
         self.recorder.collect(batch, captured)
-        return self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
+        finished = self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
+        self.timing.update(wait_ms=1e3 * (read - waited), read_ms=1e3 * (time.perf_counter() - read))
+        return finished
 
     def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
         """In-process convenience: run requests to completion; returns finished sequences by index."""
@@ -140,6 +148,15 @@ class EngineCore:
         while self.has_work:
             done.update((s.index, s) for s in self.step())
         return done
+
+
+def _step_timing(batch, started: float) -> dict:
+    """What a step launched and the host time it took (StepTrace's fields; the read adds wait_ms and read_ms)."""
+    if batch is None:
+        return {"step": "read", "launch_ms": 1e3 * (time.perf_counter() - started)}
+    size = sum(s.num_prompt_tokens for s in batch.seqs) if batch.is_prefill else batch.num_rows
+    return {"step": "prefill" if batch.is_prefill else "decode", "size": size,
+            "launch_ms": 1e3 * (time.perf_counter() - started)}
 
 
 def finished_msg(seq: Sequence, activations: dict | None = None) -> dict:
@@ -210,7 +227,9 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     # when the last sequence finished (both monotonic; engine-bench's window runs between them)
     stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0, "busy_starts": [], "idle_since": None}
     last_report = time.monotonic()
+    trace = StepTrace(config.trace_dir, number) if config.trace_dir else None
     while lifeline.ok():
+        iteration, admit_s, admitted = time.monotonic(), 0.0, 0
         reader.release_done()
         while len(core.scheduler.waiting) < max_waiting:
             idle_from = None if core.has_work else time.perf_counter()
@@ -224,19 +243,28 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
             if msg["t"] == "stats?":
                 events.put({**stats, **_memory_peaks(reader), "reply_to": msg["id"]})
                 continue
-            _admit(core, reader, msg, events)
+            admit_from = time.perf_counter()
+            admitted += _admit(core, reader, msg, events)
+            admit_s += time.perf_counter() - admit_from
             if idle_from is not None and core.has_work:
                 stats["busy_starts"] = [*stats["busy_starts"][-(MAX_BUSY_STARTS - 1):], time.monotonic()]
-        if core.has_work:
+        stepped = core.has_work
+        if stepped:
             finished = core.step()
             stats["steps"] += 1
             if finished:
                 dec_q.put({"seqs": [finished_msg(s, core.recorder.pop(s.index)) for s in finished]})
                 if not core.has_work:
                     stats["idle_since"] = time.monotonic()
+        if trace is not None:
+            trace.iteration(iteration, admit_s, admitted, core.timing if stepped else None)
         if time.monotonic() - last_report > 1.0:
             events.put({**stats, **_memory_peaks(reader)})
             last_report = time.monotonic()
+            if trace is not None:
+                trace.flush()
+    if trace is not None:
+        trace.close()
 
 
 def _memory_peaks(reader: SlotReader) -> dict:
@@ -249,9 +277,11 @@ def _memory_peaks(reader: SlotReader) -> dict:
             "torch_reserved_peak": torch.cuda.max_memory_reserved()}
 
 
-def _admit(core: EngineCore, reader: SlotReader, msg: dict, events: MsgQueue) -> None:
+def _admit(core: EngineCore, reader: SlotReader, msg: dict, events: MsgQueue) -> int:
+    """Queue a ring slot's requests; returns how many."""
     for request, (index, ids) in zip(msg["requests"], reader.read(msg["slot"], msg["seq"])):
         try:
             core.add(request, ids)
         except RecordError as exc:
             events.put({"t": "error", "index": index, "error": str(exc)})
+    return len(msg["requests"])

@@ -262,7 +262,8 @@ def test_gpu_run_samples_nvml(tmp_path):
 def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
     code = bench_main(["--model", "random:tiny", "--device", "cpu", "--workload", "short", "--systems", "engine",
                        "--num-prompts", "3", "--steering-specs", "3", "--steering-layers", "1,3", "--max-num-seqs", "4",
-                       "--capture-layers", "0,2", "--out", str(tmp_path), "--save-outputs", "--quiet"])
+                       "--capture-layers", "0,2", "--out", str(tmp_path), "--save-outputs", "--quiet",
+                       "--trace", str(tmp_path / "trace")])
     assert code == 0
     outputs = read_jsonl(next(tmp_path.glob("*-outputs.jsonl")))
     by_system: dict[str, dict[str, list[int]]] = {}
@@ -273,3 +274,13 @@ def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
     assert captured == plain  # capturing changes nothing it generates
     assert [len(v) for v in steered.values()] == [len(v) for v in plain.values()] == [150] * 3
     assert steered != plain  # the vectors really were applied
+    runs = read_jsonl(tmp_path / "trace" / "runs.jsonl")
+    assert [r["system"] for r in runs] == list(by_system)
+    timeline = read_jsonl(tmp_path / "trace" / "core0.jsonl")
+    steps = [e for e in timeline if "step" in e]
+    assert sum(e["admitted"] for e in steps) >= 3 * 3  # each run's prompts (and the warm-ups) were admitted
+    # an iteration's "at" is its start, before it admits the prompts that mark a run's first work
+    in_run = [e for e in steps if any(r["first_work"] - 0.1 <= e["at"] <= r["last_work"] for r in runs)]
+    assert {e["step"] for e in in_run} >= {"prefill", "decode"}
+    assert all(e["launch_ms"] >= 0 and e.get("wait_ms", 0) >= 0 for e in in_run)
+    assert sum(e["size"] for e in in_run if e["step"] == "decode") >= 3 * 149 * 3  # 149 decode tokens a prompt
