@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -82,8 +83,10 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._inflight is not None
 
-    def step(self) -> list[Sequence]:
-        """Launch the next step, then read the previous one's tokens while the device works (one step ahead)."""
+    def step(self, on_wait: Callable[[], bool] | None = None) -> list[Sequence]:
+        """Launch the next step, then read the previous one's tokens while the device works (one step ahead).
+        While those tokens are not ready, `on_wait()` is called until it returns False (the core process admits
+        new requests there, so their host work overlaps the GPU's)."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         tokens = None
@@ -97,7 +100,7 @@ class EngineCore:
                 seq.num_scheduled += 1
             launched = (batch, self._copy_to_host(tokens, batch))
         self.timing = _step_timing(batch, started)
-        finished = self._read(*self._inflight) if self._inflight is not None else []
+        finished = self._read(*self._inflight, on_wait) if self._inflight is not None else []
         self._inflight = launched
         return finished
 
@@ -127,17 +130,22 @@ class EngineCore:
             event.record()
         return host, event, captured
 
-    def _read(self, batch, copied) -> list[Sequence]:
+    def _read(self, batch, copied, on_wait: Callable[[], bool] | None = None) -> list[Sequence]:
         host, event, captured = copied
-        waited = time.perf_counter()
+        waited, busy = time.perf_counter(), 0.0
         if event is not None:
+            while on_wait is not None and not event.query():
+                started = time.perf_counter()
+                if not on_wait():
+                    break
+                busy += time.perf_counter() - started
             event.synchronize()
         read = time.perf_counter()
         values = host.tolist()
         tokens = values if batch.is_prefill else [values[s.slot] for s in batch.seqs]  # decode rows are slots
         self.recorder.collect(batch, captured)
         finished = self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
-        self.timing.update(wait_ms=1e3 * (read - waited), read_ms=1e3 * (time.perf_counter() - read))
+        self.timing.update(wait_ms=1e3 * (read - waited - busy), read_ms=1e3 * (time.perf_counter() - read))
         return finished
 
     def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
@@ -222,42 +230,27 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"
     events.put({"t": "ready", "core": number, "startup_s": time.perf_counter() - started, "device": name,
                 "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
-    max_waiting = 2 * config.max_num_seqs
     # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling, idle_since:
     # when the last sequence finished (both monotonic; engine-bench's window runs between them)
     stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0, "busy_starts": [], "idle_since": None}
+    admission = Admission(core, reader, inbox, events, stats, max_waiting=2 * config.max_num_seqs)
     last_report = time.monotonic()
     trace = StepTrace(config.trace_dir, number) if config.trace_dir else None
     while lifeline.ok():
-        iteration, admit_s, admitted = time.monotonic(), 0.0, 0
+        iteration = time.monotonic()
         reader.release_done()
-        while len(core.scheduler.waiting) < max_waiting:
-            idle_from = None if core.has_work else time.perf_counter()
-            try:
-                msg = inbox.get_nowait() if idle_from is None else inbox.get(timeout=0.5)
-            except queue.Empty:
-                break
-            finally:
-                if idle_from is not None:
-                    stats["idle_s"] += time.perf_counter() - idle_from
-            if msg["t"] == "stats?":
-                events.put({**stats, **_memory_peaks(reader), "reply_to": msg["id"]})
-                continue
-            admit_from = time.perf_counter()
-            admitted += _admit(core, reader, msg, events)
-            admit_s += time.perf_counter() - admit_from
-            if idle_from is not None and core.has_work:
-                stats["busy_starts"] = [*stats["busy_starts"][-(MAX_BUSY_STARTS - 1):], time.monotonic()]
+        admission.between_steps()
         stepped = core.has_work
         if stepped:
-            finished = core.step()
+            finished = core.step(on_wait=admission.take)
             stats["steps"] += 1
             if finished:
                 dec_q.put({"seqs": [finished_msg(s, core.recorder.pop(s.index)) for s in finished]})
                 if not core.has_work:
                     stats["idle_since"] = time.monotonic()
         if trace is not None:
-            trace.iteration(iteration, admit_s, admitted, core.timing if stepped else None)
+            trace.iteration(iteration, admission.seconds, admission.count, core.timing if stepped else None)
+        admission.seconds, admission.count = 0.0, 0
         if time.monotonic() - last_report > 1.0:
             events.put({**stats, **_memory_peaks(reader)})
             last_report = time.monotonic()
@@ -265,6 +258,47 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
                 trace.flush()
     if trace is not None:
         trace.close()
+
+
+class Admission:
+    """Takes ring messages off the inbox into the core: between steps, and while the host waits for the GPU."""
+
+    def __init__(self, core: EngineCore, reader: SlotReader, inbox: MsgQueue, events: MsgQueue, stats: dict,
+                 max_waiting: int):
+        self.core, self.reader, self.inbox, self.events, self.stats = core, reader, inbox, events, stats
+        self.max_waiting = max_waiting
+        self.seconds, self.count = 0.0, 0  # admission time and requests since the trace last read them
+
+    def between_steps(self) -> None:
+        """Admit what the inbox holds (waiting on it while there is nothing to run). On a GPU, stop as soon as the
+        next step is worth launching (sequences are running, or the waiting ones fill a prefill): the rest is
+        admitted while that step runs (`take` as the core's on_wait), not while the GPU sits idle."""
+        scheduler = self.core.scheduler
+        while self.take(block=not self.core.has_work):
+            if self.reader.is_cuda and (scheduler.running or scheduler.prefill_ready()):
+                break
+
+    def take(self, block: bool = False) -> bool:
+        """Handle one inbox message; False if there was none (after up to 0.5 s when blocking) or no room."""
+        if len(self.core.scheduler.waiting) >= self.max_waiting:
+            return False
+        idle_from = time.perf_counter() if block else None
+        try:
+            msg = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return False
+        finally:
+            if idle_from is not None:
+                self.stats["idle_s"] += time.perf_counter() - idle_from
+        if msg["t"] == "stats?":
+            self.events.put({**self.stats, **_memory_peaks(self.reader), "reply_to": msg["id"]})
+            return True
+        started = time.perf_counter()
+        self.count += _admit(self.core, self.reader, msg, self.events)
+        self.seconds += time.perf_counter() - started
+        if block and self.core.has_work:
+            self.stats["busy_starts"] = [*self.stats["busy_starts"][-(MAX_BUSY_STARTS - 1):], time.monotonic()]
+        return True
 
 
 def _memory_peaks(reader: SlotReader) -> dict:

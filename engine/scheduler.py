@@ -87,6 +87,12 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def prefill_ready(self) -> bool:
+        """Whether the waiting sequences already fill a prefill: every free slot, or the prefill token budget."""
+        if len(self.waiting) >= len(self._free):
+            return True
+        return sum(s.num_prompt_tokens for s in self.waiting) >= self.max_prefill_tokens
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

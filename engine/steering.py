@@ -1,20 +1,22 @@
 """Steering: vector files, and the SteeringTable that adds per-request vectors inside the decoder layers.
 
 The table holds every loaded vector in one device tensor whose row 0 is zero. For each forward, each steered
-layer gets a per-token (row index, coefficient) pair; its hook adds `coef * table[row]` to the layer's
-output (the residual stream after layer L). Unsteered tokens point at row 0 with coefficient 0, so they get
-exactly zero added.
+layer gets a per-token row index; its hook adds `table[row]` to the layer's output (the residual stream after
+layer L). Unsteered tokens point at row 0, so they get exactly zero added.
 
-A token's row is the sum of the terms whose positions cover it. Layers where some term uses norm_match or
-normalize get a second per-token row, scaled by the residual's norm h (float32) before it is added, and a flag:
-h' = h + a + ||h|| b, then h' *= ||h|| / ||h'|| where any covering term has normalize. Other layers keep the
-single gather-multiply-add.
+A token's row is the sum, coefficients included, of the terms whose positions cover it. Layers where some term
+uses norm_match or normalize get a second per-token row, scaled by the residual's norm h (float32) before it is
+added, and a flag: h' = h + a + ||h|| b, then h' *= ||h|| / ||h'|| where any covering term has normalize. Other
+layers keep the single gather-add (of the rows cast once to the model's dtype: the same numbers as casting each
+gathered row).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -173,8 +175,22 @@ class SteerPlan:
     generated: tuple  # (k, {layer: LayerRows}): from generated position k on; the first has k = 0
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """What a spec's terms need whatever the prompt: their vectors per layer and, per set of covering terms, the
+    table rows. Cached by spec, so requests that share a spec resolve with no vector arithmetic."""
+
+    terms: list[dict]
+    added: list[dict]  # per term: {layer: float32 array it adds there}
+    layers: list[int]
+    rows: dict = field(default_factory=dict)  # covering term indices -> {layer: LayerRows}
+
+
+MAX_PREPARED_SPECS = 4096
+
+
 class SteeringTable:
-    """Device table of loaded vectors plus per-layer (row, coef) inputs read by forward hooks.
+    """Device table of loaded vectors plus per-layer row inputs read by forward hooks.
 
     The table is preallocated and only grows by reallocation, which bumps `version`, as do a newly hooked layer
     and a layer switched to the norm-aware hook; the runner re-captures its CUDA graphs when the version changes.
@@ -187,10 +203,12 @@ class SteeringTable:
         self.hidden_size = model.config.get_text_config().hidden_size
         self.device = torch.device(device)
         self.table = torch.zeros(capacity, self.hidden_size, dtype=torch.float32, device=device)
+        dtype = next(model.parameters()).dtype
+        # what a plain row adds, cast once to the model's dtype (a float32 model adds the table itself)
+        self.cast = self.table if dtype == torch.float32 else self.table.to(dtype)
         self.num_rows = 1  # row 0 stays zero: "no vector"
         shape = (self.num_layers, num_slots)
         self.slot_rows = torch.zeros(shape, dtype=torch.int64, device=device)  # row used at decode
-        self.slot_coef = torch.zeros(shape, dtype=torch.float32, device=device)  # 1 where a row is set
         self.slot_matched = torch.zeros(shape, dtype=torch.int64, device=device)  # row added times ||h||
         self.slot_normalize = torch.zeros(shape, dtype=torch.bool, device=device)
         self.num_slots = num_slots
@@ -198,32 +216,29 @@ class SteeringTable:
         self.hooked: list[int] = []
         self.norm_layers: set[int] = set()  # layers whose hook also does norm_match / normalize
         self._rows: dict[bytes, int] = {}
-        self._files: dict[str, dict | RecordError] = {}
+        self._files: dict[str, dict | RecordError] = {}  # path -> {layer or None: float32 array}
+        self._prepared: OrderedDict[str, _Prepared] = OrderedDict()  # spec -> its _Prepared, least recent first
         self._following: dict[int, tuple] = {}  # slot -> (sequence, its generated changes still ahead, last first)
-        self._new_rows: list[tuple[int, torch.Tensor]] = []  # (row, vector) not yet in the device table
+        self._new_rows: list[tuple[int, np.ndarray]] = []  # (row, vector) not yet in the device table
         self.active: dict[int, tuple] = {}
 
     def resolve(self, spec: dict | list | None, num_prompt_tokens: int) -> SteerPlan | None:
         """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply.
 
         The terms covering a token are summed per layer (coefficients included) into one table row (two with
-        norm_match), so any number of terms costs one gather-multiply-add per steered layer.
+        norm_match), so any number of terms costs one gather-add per steered layer.
         """
         terms = steering_terms(spec)
         if not terms:
             return None
-        added = [self._term_vectors(term) for term in terms]
-        layers = sorted({layer for vectors in added for layer in vectors})
-        for term in terms:
-            for layer in term["layers"]:
-                self._hook(layer, term.get("normalize", False) or term.get("norm_match", False))
+        prepared = self._prepare(terms)
         spans = [_spans(term["positions"], num_prompt_tokens) for term in terms]
-        memo: dict[tuple, dict] = {}
 
         def rows(covering: tuple) -> dict[int, LayerRows]:
-            if covering not in memo:
-                memo[covering] = self._layer_rows([(terms[i], added[i]) for i in covering], layers)
-            return memo[covering]
+            if covering not in prepared.rows:
+                prepared.rows[covering] = self._layer_rows([(terms[i], prepared.added[i]) for i in covering],
+                                                           prepared.layers)
+            return prepared.rows[covering]
 
         prompt = [(a, b, rows(c)) for a, b, c in _pieces([p for p, _ in spans], num_prompt_tokens) if c]
         generated = []
@@ -232,7 +247,24 @@ class SteeringTable:
                 generated.append((k, rows(covering)))
         return SteerPlan(tuple(prompt), tuple(generated))
 
-    def _term_vectors(self, term: dict) -> dict[int, torch.Tensor]:
+    def _prepare(self, terms: list[dict]) -> _Prepared:
+        """The spec's vectors and hooks, once per distinct spec (the most recent MAX_PREPARED_SPECS are kept)."""
+        key = json.dumps(terms, sort_keys=True)
+        prepared = self._prepared.get(key)
+        if prepared is not None:
+            self._prepared.move_to_end(key)
+            return prepared
+        added = [self._term_vectors(term) for term in terms]
+        for term in terms:
+            for layer in term["layers"]:
+                self._hook(layer, term.get("normalize", False) or term.get("norm_match", False))
+        prepared = _Prepared(terms, added, sorted({layer for vectors in added for layer in vectors}))
+        self._prepared[key] = prepared
+        if len(self._prepared) > MAX_PREPARED_SPECS:
+            self._prepared.popitem(last=False)
+        return prepared
+
+    def _term_vectors(self, term: dict) -> dict[int, np.ndarray]:
         """{layer: what the term adds there}: coef * v, or for norm_match coef * v / ||v|| (times ||h|| later)."""
         bad = [layer for layer in term["layers"] if not 0 <= layer < self.num_layers]
         if bad:
@@ -246,12 +278,13 @@ class SteeringTable:
         for layer in term["layers"]:
             vector = vectors.get(layer, vectors.get(None))
             if term.get("norm_match"):
-                norm = vector.norm()
+                direction = torch.from_numpy(vector)
+                norm = direction.norm()
                 if norm == 0:
                     raise RecordError(f"steering vector {term['vector']}: zero at layer {layer}; norm_match needs a "
                                       f"non-zero direction (or drop norm_match)")
-                vector = vector / norm
-            added[layer] = term["coef"] * vector
+                vector = (direction / norm).numpy()
+            added[layer] = np.float32(term["coef"]) * vector  # float32 arithmetic, as torch does it
         return added
 
     def _layer_rows(self, covering: list[tuple[dict, dict]], layers: list[int]) -> dict[int, LayerRows]:
@@ -271,7 +304,8 @@ class SteeringTable:
     def _file(self, path: str) -> dict:
         if path not in self._files:
             try:
-                self._files[path] = load_vectors(path, self.num_layers, self.hidden_size)
+                vectors = load_vectors(path, self.num_layers, self.hidden_size)
+                self._files[path] = {layer: v.numpy() for layer, v in vectors.items()}
             except RecordError as exc:
                 self._files[path] = exc
         entry = self._files[path]
@@ -279,14 +313,16 @@ class SteeringTable:
             raise entry
         return entry
 
-    def _row(self, vector: torch.Tensor) -> int:
+    def _row(self, vector: np.ndarray) -> int:
         """The table row holding `vector` (rows are shared by content)."""
-        key = hashlib.blake2b(vector.numpy().tobytes(), digest_size=16).digest()
+        key = hashlib.blake2b(vector.tobytes(), digest_size=16).digest()
         if key not in self._rows:
             if self.num_rows == self.table.shape[0]:
+                self._upload_rows()  # into the old table, copied over with the rest
                 grown = torch.zeros(2 * self.num_rows, self.hidden_size, dtype=torch.float32, device=self.device)
                 grown[:self.num_rows] = self.table
                 self.table = grown
+                self.cast = grown if self.cast.dtype == torch.float32 else grown.to(self.cast.dtype)
                 self.version += 1
             self._new_rows.append((self.num_rows, vector))  # uploaded with the others before the next forward
             self._rows[key] = self.num_rows
@@ -300,8 +336,11 @@ class SteeringTable:
         if not self._new_rows:
             return
         rows = to_device([row for row, _ in self._new_rows], torch.int64, self.device)
-        vectors = to_device(torch.stack([vector.float() for _, vector in self._new_rows]), torch.float32, self.device)
+        vectors = to_device(torch.from_numpy(np.stack([vector for _, vector in self._new_rows])), torch.float32,
+                            self.device)
         self.table.index_copy_(0, rows, vectors)
+        if self.cast is not self.table:
+            self.cast.index_copy_(0, rows, vectors.to(self.cast.dtype))
         self._new_rows = []
 
     def _hook(self, layer: int, uses_norm: bool) -> None:
@@ -319,11 +358,11 @@ class SteeringTable:
             inputs = self.active.get(layer)
             if inputs is None:
                 return None
-            rows, coefs = inputs[:2]
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + (coefs[..., None] * self.table[rows]).to(hidden.dtype)
+            rows = self.cast if self.cast.dtype == hidden.dtype else self.table
+            steered = hidden + rows[inputs[0]].to(hidden.dtype)  # row 0 is zero: unsteered tokens get +0
             if layer in self.norm_layers:
-                steered = self._norm_terms(hidden, steered, *inputs[2:])
+                steered = self._norm_terms(hidden, steered, *inputs[1:])
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
@@ -375,38 +414,42 @@ class SteeringTable:
         host = torch.tensor([[layer, slot, *rows] for layer, slot, rows in updates], dtype=torch.int64)
         layer, slot, plain, matched, normalize = to_device(host.T.contiguous(), torch.int64, self.device)
         self.slot_rows.index_put_((layer, slot), plain)
-        self.slot_coef.index_put_((layer, slot), (plain != 0).float())
         self.slot_matched.index_put_((layer, slot), matched)
         self.slot_normalize.index_put_((layer, slot), normalize != 0)
 
 
     def set_active(self, per_layer: dict) -> None:
-        """Per-token (row, coef, norm-matched row, normalize) tensors of each hooked layer for the next forward;
+        """Per-token (row, norm-matched row, normalize) tensors of each hooked layer for the next forward;
         {} turns steering off."""
         self.active = per_layer
 
     def decode_inputs(self, num_rows: int) -> dict:
-        buffers = (self.slot_rows, self.slot_coef, self.slot_matched, self.slot_normalize)
+        buffers = (self.slot_rows, self.slot_matched, self.slot_normalize)
         return {layer: tuple(b[layer, :num_rows, None] for b in buffers) for layer in self.hooked}
 
     def prefill_inputs(self, seqs, starts) -> dict:
-        """Per hooked layer: (row, coef, norm-matched row, normalize), each [1, N], for a packed prefill: prompt
-        token i of sequence j sits at column starts[j] + i. Uploads new table rows first."""
+        """Per hooked layer: (row, norm-matched row, normalize), each [1, N], for a packed prefill: prompt token i
+        of sequence j sits at column starts[j] + i. Uploads new table rows first.
+
+        Built as runs of equal rows: [kinds, layers] values per run and one np.repeat, not a slice per sequence,
+        piece and layer (a 256-prompt prefill would be ~800 slice writes)."""
         self._upload_rows()
         if not self.hooked:
             return {}
-        index = {layer: j for j, layer in enumerate(self.hooked)}
         kinds = 3 if self.norm_layers else 1  # plain, matched, normalize; the last two only for norm-aware hooks
-        host = np.zeros((kinds, len(self.hooked), 1, int(starts[-1])), dtype=np.int64)
+        unsteered = np.zeros((kinds, len(self.hooked)), dtype=np.int64)
+        values, lengths, at = [], [], 0
         for seq, offset in zip(seqs, starts):
             for start, end, rows in seq.steering.prompt if seq.steering is not None else ():
-                for layer, r in rows.items():
-                    if r != UNSTEERED:
-                        host[:, index[layer], 0, offset + start:offset + end] = np.asarray(r[:kinds], dtype=np.int64)[:, None]
+                values += [unsteered, np.array([rows.get(layer, UNSTEERED)[:kinds] for layer in self.hooked]).T]
+                lengths += [offset + start - at, end - start]
+                at = offset + end
+        values.append(unsteered)
+        lengths.append(int(starts[-1]) - at)
+        host = np.repeat(np.stack(values, axis=-1), lengths, axis=-1)[:, :, None]  # [kinds, layers, 1, N]
         device = to_device(torch.from_numpy(host), torch.int64, self.device)
-        plain, coefs = device[0], (device[0] != 0).float()
         norm_inputs = (device[1], device[2] != 0) if kinds == 3 else ()
-        return {layer: (plain[j], coefs[j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.hooked)}
+        return {layer: (device[0][j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.hooked)}
 
 
 def _spans(positions: str | dict, num_prompt_tokens: int) -> tuple[list, list]:

@@ -35,6 +35,18 @@ def test_prefill_budget_counts_real_tokens_in_arrival_order():
     assert [q.index for q in s.schedule().seqs] == [4]
 
 
+def test_prefill_ready_once_the_waiting_fill_the_budget_or_the_free_slots():
+    s = Scheduler(num_slots=4, max_prefill_tokens=20)
+    s.add(seq(0, prompt_len=12))
+    assert not s.prefill_ready()  # 12 of 20 tokens, 1 of 4 slots: admitting more would make a fuller prefill
+    s.add(seq(1, prompt_len=8))
+    assert s.prefill_ready()  # 20 tokens
+    s.schedule()
+    for i in range(2, 4):
+        s.add(seq(i, prompt_len=1))
+    assert s.prefill_ready()  # 2 tokens, but they take both free slots
+
+
 def test_finished_slot_is_freed_at_once_and_refilled():
     s = Scheduler(num_slots=2, max_prefill_tokens=100)
     s.add(seq(0, max_new=1))

@@ -185,7 +185,7 @@ def test_position_ranges_under_continuous_batching(forced, tiny_model, vectors):
     core, _, _, plain = forced
     got = check_against_hooks(forced, tiny_model, [spec for spec, _ in cases])
     assert [first_changed(g, p) for g, p in zip(got, plain)] == [first for _, first in cases]
-    assert not core.steering.norm_layers  # no norm_match / normalize asked: every hook stays one gather-multiply-add
+    assert not core.steering.norm_layers  # no norm_match / normalize asked: every hook stays one gather-add
 
 
 def test_normalize_and_norm_match_against_the_formula(forced, tiny_model, vectors):
