@@ -83,11 +83,6 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._inflight is not None
 
-    def device_busy(self) -> bool:
-        """Whether the last launched step is still running on the GPU (so host work now costs it nothing)."""
-        event = self._inflight[1][1] if self._inflight is not None else None
-        return event is not None and not event.query()
-
     def step(self, on_wait: Callable[[], bool] | None = None) -> list[Sequence]:
         """Launch the next step, then read the previous one's tokens while the device works (one step ahead).
         While those tokens are not ready, `on_wait()` is called until it returns False (the core process admits
@@ -275,12 +270,12 @@ class Admission:
         self.seconds, self.count = 0.0, 0  # admission time and requests since the trace last read them
 
     def between_steps(self) -> None:
-        """Admit what the inbox holds (waiting on it while there is nothing to run). On a GPU, stop once the GPU
-        has run out of work or the waiting sequences fill a prefill: the rest is admitted while the next step
-        runs (`take` as the core's on_wait), not while the GPU sits idle."""
-        scheduler = self.core.scheduler
+        """Admit what the inbox holds (waiting on it while there is nothing to run), up to a full prefill on a GPU:
+        the rest is admitted while that prefill runs (`take` as the core's on_wait), not while the GPU sits idle.
+        It does not stop sooner: a prefill costs ~20-50 ms of host time whatever its size, so launching one per
+        ring message when admission is slow (new steering vectors) leaves the host, not the GPU, the bottleneck."""
         while self.take(block=not self.core.has_work):
-            if self.reader.is_cuda and (not self.core.device_busy() or scheduler.prefill_ready()):
+            if self.reader.is_cuda and self.core.scheduler.prefill_ready():
                 break
 
     def take(self, block: bool = False) -> bool:

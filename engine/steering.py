@@ -146,9 +146,10 @@ def _check(path: str, layer: int | None, tensor: torch.Tensor, num_layers: int, 
         raise RecordError(f"{where}: shape {tuple(tensor.shape)}, but the model's hidden size is {hidden_size}")
     if not tensor.is_floating_point():
         raise RecordError(f"{where}: dtype {tensor.dtype}; a steering vector must be floating point")
-    if not torch.isfinite(tensor).all():
+    tensor = tensor.float()
+    if not np.isfinite(tensor.numpy()).all():  # numpy: a tenth of torch's per-call cost on a 2,048-vector
         raise RecordError(f"{where}: contains NaN or inf")
-    return tensor.float()
+    return tensor
 
 
 class LayerRows(NamedTuple):
@@ -274,9 +275,13 @@ class SteeringTable:
         if missing:
             raise RecordError(f"steering vector {term['vector']}: no vector for layer(s) {missing} "
                               f"(it has layer.{sorted(vectors)})")
-        added = {}
+        added, scaled = {}, {}  # scaled: one product per source vector (a file's one vector serves every layer)
         for layer in term["layers"]:
             vector = vectors.get(layer, vectors.get(None))
+            if id(vector) in scaled:
+                added[layer] = scaled[id(vector)]
+                continue
+            source = vector
             if term.get("norm_match"):
                 direction = torch.from_numpy(vector)
                 norm = direction.norm()
@@ -284,12 +289,14 @@ class SteeringTable:
                     raise RecordError(f"steering vector {term['vector']}: zero at layer {layer}; norm_match needs a "
                                       f"non-zero direction (or drop norm_match)")
                 vector = (direction / norm).numpy()
-            added[layer] = np.float32(term["coef"]) * vector  # float32 arithmetic, as torch does it
+            added[layer] = scaled[id(source)] = np.float32(term["coef"]) * vector  # float32, as torch does it
         return added
 
     def _layer_rows(self, covering: list[tuple[dict, dict]], layers: list[int]) -> dict[int, LayerRows]:
         """The rows of tokens covered by these (term, vectors): sums per layer; normalize if any term says so."""
-        out = {}
+        # rows: by array identity, so a vector shared by several layers is hashed once; each entry keeps its array
+        # alive, so a later temporary cannot reuse the id
+        out, rows = {}, {}
         for layer in layers:
             sums: list = [None, None]  # plain, norm-matched
             normalize = False
@@ -298,7 +305,10 @@ class SteeringTable:
                     i = int(term.get("norm_match", False))
                     sums[i] = vectors[layer] if sums[i] is None else sums[i] + vectors[layer]
                     normalize = normalize or term.get("normalize", False)
-            out[layer] = LayerRows(*(0 if v is None else self._row(v) for v in sums), normalize)
+            for v in sums:
+                if v is not None and id(v) not in rows:
+                    rows[id(v)] = (self._row(v), v)
+            out[layer] = LayerRows(*(0 if v is None else rows[id(v)][0] for v in sums), normalize)
         return out
 
     def _file(self, path: str) -> dict:
