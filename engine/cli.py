@@ -16,7 +16,10 @@ from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, DTYPES, STEER_POSI
                            ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
-from engine.writer import DiskLow, JsonlWriter, ManifestMismatch, check_free_space, check_manifest, scan_done_ids
+from engine.request import not_a_file
+from engine.storage.output import (OutputError, changed_message, check_input, check_manifest, check_output_path,
+                                   drop_records, errors_path, lock_output, scan_done_ids)
+from engine.writer import DiskLow, JsonlWriter, OutputWriteError, check_free_space
 
 EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -199,18 +202,26 @@ def _died(engine: Engine) -> str:
     return f"; {num} engine core{'s' * (num != 1)} died, the others ran their requests" if num else ""
 
 
+def interrupt_on_signals() -> None:
+    """From a command's first line, SIGINT and SIGTERM raise KeyboardInterrupt (start-up stops, children are ended,
+    exit 130); once generation runs, `draining` replaces that with a drain."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 def run_main(argv: list[str] | None = None) -> int:
-    args = run_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    source = Path(args.input)
-    if not source.is_file():
-        print(f"engine-run: --input {source}: no such file", file=sys.stderr)
-        return EXIT_FATAL
-    output = Path(args.output) if args.output else source.with_name(source.stem + ".out.jsonl")
+    interrupt_on_signals()
     try:
-        config = config_from_args(args)
-        return _run(config, source, output, args)
-    except (ConfigError, ModelNotFound, ManifestMismatch) as exc:
+        args = run_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="engine-run: %(message)s")
+        source = Path(args.input)
+        problem = not_a_file(source)
+        if problem:
+            print(f"engine-run: --input {source}: {problem}", file=sys.stderr)
+            return EXIT_FATAL
+        output = Path(args.output) if args.output else source.with_name(source.stem + ".out.jsonl")
+        return _run(source, output, args)
+    except (ConfigError, ModelNotFound, OutputError) as exc:
         print(f"engine-run: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except EngineError as exc:
@@ -220,30 +231,65 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"engine-run: {exc}. Free some space (or lower --min-free-gb), then run the same command to resume",
               file=sys.stderr)
         return EXIT_FATAL
+    except OutputWriteError as exc:
+        print(f"engine-run: {exc.strerror}; every record before it is on disk: fix that (free some space, say), then "
+              f"run the same command to resume", file=sys.stderr)
+        return EXIT_FATAL
     except KeyboardInterrupt:
         print("engine-run: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
+def _run(source: Path, output: Path, args) -> int:
     wall = time.perf_counter()
-    manifest = manifest_of(config)
-    check_manifest(output, manifest, args.force)
-    check_free_space(output.parent, args.min_free_gb, "--min-free-gb")
+    check_output_path(output, source)
+    config = config_from_args(args)
+    lock = lock_output(output)
+    try:
+        manifest = manifest_of(config)
+        check_manifest(output, manifest, args.force)
+        check_free_space(output.parent, args.min_free_gb, "--min-free-gb")
+        done = _resume_index(source, output, args.force)
+        return _generate(config, source, output, manifest, done, args, wall)
+    finally:
+        lock.release()
+
+
+def _resume_index(source: Path, output: Path, force: bool):
+    """The output's done ids, once the input is known to match them (changed records refused, or with --force their
+    old results moved aside so they run again)."""
     done = scan_done_ids(output)
+    if not len(done):
+        return done
+    changed = check_input(input_lines(source), done)
+    if not changed:
+        return done
+    if not force:
+        done.close()
+        raise OutputError(changed_message(output, changed))
+    aside = drop_records(output, {request_id for _, request_id in changed})
+    logging.getLogger("engine").warning("%d changed record(s) run again; the output before is kept as %s",
+                                        len(changed), aside.name)
+    done.close()
+    return scan_done_ids(output)
+
+
+def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, done, args, wall: float) -> int:
     with Engine(config) as engine:
         writer = JsonlWriter(output, manifest, args.ordered, min_free_gb=args.min_free_gb, done=done)
         progress = Progress(max(_count_lines(source) - len(done), 0), not args.quiet)
         stop = lambda signum, frame: engine.interrupt()  # noqa: E731 - stop admitting, then flush below
         old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         gen_started = time.perf_counter()
+        is_complete = False
         try:
-            for outcome in engine.run(read_requests(input_lines(source), config, done)):
+            for outcome in engine.run(read_requests(input_lines(source), config, done, digests=True)):
                 writer.write(outcome)
                 progress.update(writer.num_tokens, engine.device_counts())
+            is_complete = not engine.is_interrupted
         finally:
             try:
-                writer.close()  # DiskLow if the last activation shard does not fit
+                writer.close(is_complete)  # DiskLow if the last activation shard does not fit
             finally:
                 progress.close()
                 for sig, handler in old.items():
@@ -257,6 +303,8 @@ def _run(config: EngineConfig, source: Path, output: Path, args) -> int:
         f"skipped {len(done)} done" + _died(engine) + ("; interrupted" if interrupted else ""),
         file=sys.stderr,
     )
+    if writer.num_errors:
+        print(f"engine-run: {writer.num_errors} record(s) could not run; see {errors_path(output)}", file=sys.stderr)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_REJECTED if writer.num_errors else EXIT_OK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,10 @@ def device_settings(text: str) -> dict:
     return {"devices": text}
 
 
+MAX_SEED = (1 << 63) - 1  # seeds, top_k and positions travel as int64
+MAX_TOKENS = 1 << 31  # max_new_tokens above this cannot fit any model's context anyway
+
+
 @dataclass(slots=True)
 class SamplingDefaults:
     """Generation settings a record may override field by field."""
@@ -91,18 +96,35 @@ class SamplingDefaults:
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, ConfigError)
+        check_seed(self.seed, ConfigError)
+        check_stop(self.stop, ConfigError)
 
 
-def check_sampling(max_new_tokens, temperature, top_p, top_k, error) -> None:
-    """Shared checks for run-level defaults and per-record values; raises `error`."""
-    if max_new_tokens < 1:
-        raise error(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0:
-        raise error(f"temperature={temperature} must be >= 0 (0 means greedy)")
+def check_sampling(max_new_tokens, temperature, top_p, top_k, error, name: str = "{}") -> None:
+    """The one set of range checks for run-level defaults (flags, sweep files) and per-record values; raises `error`,
+    naming each field through `name` ("field '{}'" for records). NaN fails every comparison, so each check is
+    written to fail for it."""
+    if not 1 <= max_new_tokens <= MAX_TOKENS:
+        raise error(f"{name.format('max_new_tokens')} is {max_new_tokens}; it must be an integer in [1, {MAX_TOKENS}]")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise error(f"{name.format('temperature')} is {temperature}; it must be a finite number >= 0 (0 means greedy)")
     if not 0 < top_p <= 1:
-        raise error(f"top_p={top_p} must be in (0, 1]")
-    if top_k < 0:
-        raise error(f"top_k={top_k} must be >= 0 (0 means no top-k filter)")
+        raise error(f"{name.format('top_p')} is {top_p}; it must be in (0, 1]")
+    if not 0 <= top_k <= MAX_SEED:
+        raise error(f"{name.format('top_k')} is {top_k}; it must be an integer >= 0 (0 means no top-k filter), at most "
+                    f"{MAX_SEED}")
+
+
+def check_seed(seed, error, name: str = "{}") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise error(f"{name.format('seed')} is {seed}; it must be an integer in [0, {MAX_SEED}]")
+
+
+def check_stop(stop, error, name: str = "{}") -> None:
+    """Stop strings: a list of non-empty strings (an empty one would end every completion at its first token)."""
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise error(f"{name.format('stop')} is {stop!r}; give non-empty strings (an empty string would end every "
+                    f"completion at its first token)")
 
 
 @dataclass(slots=True)
@@ -119,14 +141,16 @@ class SteeringDefaults:
             return
         if not self.layers:
             raise ConfigError("--steer needs --steer-layer (e.g. --steer-layer 6 or 4,6,8)")
-        from engine.request import RecordError, parse_positions  # request imports this module
+        from engine.request import RecordError, not_a_file, parse_steering  # request imports this module
 
-        try:
-            self.positions = parse_positions(self.positions, "--steer-positions")
+        problem = not_a_file(self.vector)
+        if problem:
+            raise ConfigError(f"--steer {self.vector}: {problem}")
+        try:  # the record parser's checks, so a flag cannot pass what a record would be refused
+            self.positions = parse_steering(self.as_record(), "--steer")["positions"]
         except RecordError as exc:
-            raise ConfigError(str(exc)) from None
-        if not Path(self.vector).is_file():
-            raise ConfigError(f"--steer {self.vector}: no such file")
+            raise ConfigError(str(exc).replace("--steer.coef", "--steer-coef")
+                              .replace("--steer.positions", "--steer-positions")) from None
 
     def as_record(self) -> dict | None:
         if self.vector is None:

@@ -25,7 +25,7 @@ from engine.decoder_worker import decoder_main
 from engine.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model
 from engine.procs import Lifeline, MsgQueue, start
-from engine.request import Request, RecordError, decode_line, load_named_specs, parse_record
+from engine.request import Request, RecordError, decode_line, load_named_specs, parse_record, record_digest
 from engine.ring import ShmRing
 from engine.router import CoreLane, Router, lane_labels
 from engine.tokenizer_worker import tokenizer_main
@@ -35,7 +35,7 @@ log = logging.getLogger("engine")
 FEED_BATCH = 32
 HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes while results keep arriving
 RESERVED_OUTPUT = ("completion", "finish_reason", "num_prompt_tokens", "num_completion_tokens",
-                   "completion_token_ids", "error", "line", "steering_name", "activations")
+                   "completion_token_ids", "error", "line", "steering_name", "activations", "input_digest")
 
 
 class EngineError(RuntimeError):
@@ -60,16 +60,19 @@ def error_record(line: int | None, request_id: str | None, error: str) -> dict:
     return record
 
 
-def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, skip_ids: Container[str] = frozenset()
-                  ) -> Iterator[Request | dict]:
-    """(line number, raw bytes or dict or str) -> Requests, or error records for lines that cannot run.
+def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, skip_ids: Container[str] = frozenset(),
+                  digests: bool = False) -> Iterator[Request | dict]:
+    """(line number, raw bytes or dict or str) -> Requests, or error records for lines that cannot run: the one place
+    where a record becomes a request, so whatever is wrong with a record (any exception its checks raise) becomes
+    that record's error, and the run goes on.
 
     Ids in `skip_ids` (already in the output: a set, or engine.writer.scan_done_ids's IdIndex) are dropped silently;
     a repeated id is an error. The ids seen are kept on disk (IdIndex), so memory does not grow with the input.
+    `digests`: each Request carries its record's digest (engine.request.record_digest), which its result keeps.
     """
     steering, capture = config.steering.as_record(), config.capture.as_record()
     named = load_named_specs(config.steering_specs) if config.steering_specs else {}
-    seen = IdIndex()  # its temporary file goes when the generator ends or is dropped
+    seen = IdIndex()  # its temporary file goes when the generator ends or is dropped; each id keeps its line
     for line, raw in sources:
         request_id = None
         try:
@@ -82,13 +85,42 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             clash = [k for k in request.extra if k in RESERVED_OUTPUT]
             if clash:
                 raise RecordError(f"field(s) {clash} are output fields of the engine; rename them in the input")
+            request.check_wire()
             if request.id in skip_ids:
                 continue
-            if not seen.add(request.id):
-                raise RecordError(f"duplicate id {request.id!r}; ids must be unique within the input")
+            _check_unique(seen, request.id, line, "id" in obj)
+            if digests:
+                request.digest = record_digest(obj)
             yield request
         except RecordError as exc:
             yield error_record(line, request_id, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a record is the unit of failure; the first is logged in full
+            _log_unexpected(exc)
+            yield error_record(line, request_id, f"could not read this record ({type(exc).__name__}: {exc})")
+
+
+def _check_unique(seen: IdIndex, request_id: str, line: int, is_explicit: bool) -> None:
+    """RecordError if an earlier record has this id, saying where that id came from on both sides."""
+    if seen.add(request_id, str(line), "explicit" if is_explicit else "line"):
+        return
+    first_line, how = seen.get(request_id)
+    if not is_explicit:
+        raise RecordError(f"line {line} has no 'id', so its id is its line number {request_id!r}, which line "
+                          f"{first_line} already gives as its id; give line {line} an id (or give every line one)")
+    origin = "as its id" if how == "explicit" else "by its line number (it has no 'id')"
+    raise RecordError(f"duplicate id {request_id!r}: line {first_line} already has it {origin}; ids must be unique "
+                      f"within the input")
+
+
+_unexpected_logged = False
+
+
+def _log_unexpected(exc: Exception) -> None:
+    """Log the first unexpected exception of a run's records with its traceback: an engine bug stays visible."""
+    global _unexpected_logged
+    if not _unexpected_logged:
+        _unexpected_logged = True
+        log.warning("unexpected error while reading a record (reported as its error record)", exc_info=exc)
 
 
 class Engine:
@@ -119,7 +151,7 @@ class Engine:
                       for i, (device, label) in enumerate(zip(devices, lane_labels(devices)))]
         self.router = Router(self.lanes, MsgQueue(ctx), self.ring) if len(devices) > 1 else None
         self.core_q = self.router.inbox if self.router else self.lanes[0].inbox  # where tokenizers send slots
-        self.procs = self._start(ctx)
+        self.procs: list = []
         self.pending: dict[int, tuple[int, Request]] = {}
         self._indices = itertools.count()  # request indices; next() on it is atomic, so two threads may draw
         self._abandoned: set[int] = set()  # indices of a dead core's requests, run again under new indices
@@ -131,18 +163,25 @@ class Engine:
         self._stats_id = 0
         self.dtype = ""  # from the cores' ready messages
         self.generate_s = 0.0  # time spent inside run(), for throughput
-        self._wait_ready()
+        try:  # whatever stops start-up (a signal, a stage's failure), no process outlives it
+            self._start(ctx)
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
         self._is_ready = True
         if self.router:
             self.router.start()
         self.device = _devices_name([lane.name for lane in self.lanes])
         self.startup_s = time.perf_counter() - started
 
-    def _start(self, ctx) -> list:
+    def _start(self, ctx) -> None:
+        """Start every stage, each kept as soon as it runs (so close() reaches it if start-up is interrupted)."""
         c = self.config
-        procs = [start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main, self.source.tokenizer_dir,
-                       self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events, self.lifeline)
-                 for i in range(c.tokenizer_workers)]
+        for i in range(c.tokenizer_workers):
+            self.procs.append(start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main, self.source.tokenizer_dir,
+                                    self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events,
+                                    self.lifeline))
         num_cpu = sum(lane.device == "cpu" for lane in self.lanes)
         threads = max(1, len(os.sched_getaffinity(0)) // num_cpu) if num_cpu > 1 else 0
         for lane in self.lanes:
@@ -151,10 +190,9 @@ class Engine:
                               self.source.to_msg(), self.ring, lane.inbox, lane.dec_q, lane.dec_q, self.lifeline,
                               lane.number, threads)
             prefix = "decoder worker " if len(self.lanes) == 1 else f"decoder worker {lane.number}."
-            lane.decoders = [start(ctx, f"{prefix}{i}", self.events, decoder_main, self.source.tokenizer_dir,
-                                   c.return_tokens, lane.dec_q, self.events, self.lifeline)
-                             for i in range(c.decoder_workers)]
-        return procs
+            for i in range(c.decoder_workers):
+                lane.decoders.append(start(ctx, f"{prefix}{i}", self.events, decoder_main, self.source.tokenizer_dir,
+                                           c.return_tokens, lane.dec_q, self.events, self.lifeline))
 
     def _wait_ready(self) -> None:
         waiting = {lane.number for lane in self.lanes}
@@ -346,6 +384,8 @@ class Engine:
             record["steering_name"] = request.steering_name
         if "completion_token_ids" in msg:
             record["completion_token_ids"] = msg["completion_token_ids"]
+        if request.digest is not None:
+            record["input_digest"] = request.digest
         record.update(request.extra)
         return Outcome(position, record, False, msg.get("activations"))
 
@@ -372,7 +412,8 @@ class Engine:
             if not lane.is_alive:  # a dead core's decoders may wait forever on a message it never finished
                 for proc in lane.decoders:
                     proc.kill()
-        deadline = time.monotonic() + 10
+        # A core still loading its model cannot have finished anything: an interrupted start-up need not wait for it.
+        deadline = time.monotonic() + (10 if self._is_ready else 1)
         procs = self.procs + [proc for lane in self.lanes for proc in [lane.proc, *lane.decoders] if proc is not None]
         for proc in procs:
             proc.join(timeout=max(0.1, deadline - time.monotonic()))

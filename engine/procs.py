@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -12,6 +14,7 @@ import traceback
 import msgpack
 
 log = logging.getLogger("engine")
+PR_SET_PDEATHSIG = 1
 
 
 class MsgQueue:
@@ -74,6 +77,7 @@ def messages(inbox: MsgQueue, lifeline: Lifeline, poll: float = 0.5):
 def child_main(stage: str, events: MsgQueue, target, *args) -> None:
     """Entry point of every spawned process: the parent owns signals; errors become one fatal message."""
     _set_name(stage)
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=logging.WARNING, format=f"[{stage}] %(message)s", stream=sys.stderr)
@@ -87,6 +91,19 @@ def child_main(stage: str, events: MsgQueue, target, *args) -> None:
         except queue.Full:
             pass
         sys.exit(1)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies, however it dies (SIGKILL included): a stage loading a
+    model for a minute would otherwise outlive a killed run. Elsewhere the Lifeline's parent check still ends it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _set_name(stage: str) -> None:

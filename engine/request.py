@@ -5,15 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from engine.config import CAPTURE_POSITIONS, STEER_POSITIONS, SamplingDefaults, check_sampling
+import msgpack
+
+from engine.config import (CAPTURE_POSITIONS, MAX_SEED, STEER_POSITIONS, SamplingDefaults, check_sampling, check_seed,
+                           check_stop)
 
 KNOWN_FIELDS = {
     "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
     "ignore_eos", "steering", "capture",
 }
-MAX_SEED = (1 << 63) - 1
+FIELD = "field '{}'"  # how messages about a record name its fields
+MAX_COEF = float(3.4028234663852886e38)  # float32's largest: a coefficient beyond it cannot be applied
 RANGE_KINDS = ("prompt", "generated")
 RANGE_EXAMPLE = '{"prompt": [-1, null]} (the last prompt token) or {"generated": [0, 20]}'
 NORM_FLAGS = ("normalize", "norm_match")
@@ -43,9 +50,31 @@ class Request:
     extra: dict = field(default_factory=dict)
     steering_name: str | None = None  # the named spec the record asked for, if any
     capture: dict | None = None  # {"layers": [...], "positions": ...} or None: no activations
+    digest: str | None = None  # record_digest of the input record, when its output keeps one
 
     def to_msg(self) -> dict:
-        return asdict(self)
+        """What the worker processes need of it; pass-through fields and the id stay with the parent."""
+        return {name: getattr(self, name) for name in WIRE_FIELDS}
+
+    def check_wire(self) -> None:
+        """RecordError naming the field if msgpack cannot carry the request (an integer outside 64 bits, say)."""
+        try:
+            msgpack.packb(self.to_msg(), use_bin_type=True)
+            return
+        except (OverflowError, ValueError, TypeError, UnicodeEncodeError):
+            pass
+        for name in WIRE_FIELDS:
+            try:
+                msgpack.packb(getattr(self, name), use_bin_type=True)
+            except (OverflowError, ValueError, TypeError, UnicodeEncodeError) as exc:
+                raise RecordError(f"field '{name}' holds a value the engine cannot carry ({type(exc).__name__}: "
+                                  f"{exc}); integers must lie in [-2^63, 2^63), text must be valid Unicode") from None
+
+
+# The request fields the tokenizer workers and the engine core read.
+WIRE_FIELDS = ("index", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+               "ignore_eos", "steering", "capture")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def derive_seed(base_seed: int, request_id: str) -> int:
@@ -61,12 +90,81 @@ def decode_line(raw: bytes, line: int) -> dict:
     except UnicodeDecodeError as exc:
         raise RecordError(f"line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise RecordError(f"line {line} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecordError as exc:
+        raise RecordError(f"line {line}: {exc}") from None
     if not isinstance(obj, dict):
         raise RecordError(f"line {line} is a JSON {type(obj).__name__}, expected an object with a 'prompt' or 'messages'")
+    if _SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape can make a string that is not Unicode text
+        _check_text(obj, "")
     return obj
+
+
+def _no_constant(name: str):
+    raise RecordError(f"{name} is not a JSON number (the JSON standard has no NaN or Infinity); write a number, "
+                      f"null or a string")
+
+
+def _check_text(value, where: str) -> None:
+    """RecordError naming the first string (or key) holding a lone surrogate: it is not text and cannot be
+    tokenized or written as UTF-8."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}.{key}" if isinstance(key, str) and where else f"{where}[{key}]" if where else str(key)
+        for text in (key, item):
+            if isinstance(text, str) and not _is_unicode(text):
+                bad = next(ch for ch in text if 0xD800 <= ord(ch) <= 0xDFFF)
+                raise RecordError(f"field '{path}' holds a lone surrogate (\\u{ord(bad):04x}), which is not "
+                                  f"Unicode text; fix the encoding of the input (a surrogate must come in a pair)")
+        _check_text(item, path)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def record_digest(obj) -> str:
+    """A record's content as 16 hex digits (keys sorted; ids and pass-through fields included): a resume compares it
+    with the digest its result was written with, so an edited input is noticed."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def record_id(obj: dict, line: int) -> str:
+    """The id a record runs under: its own `id` if it is a string, else its line number."""
+    value = obj.get("id")
+    return value if isinstance(value, str) else str(line)
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a regular file, in words a user can act on; None if it can."""
+    path = Path(path)
+    if str(path) == "-":
+        return "'-' (standard input) cannot be read twice; save it to a file first (e.g. cat > prompts.jsonl)"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot look at it ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory; give a file inside it"
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        return f"is {kind}, which cannot be read twice; save its contents to a regular file first"
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    return None
 
 
 def _typed(obj: dict, name: str, kinds: tuple, label: str):
@@ -75,8 +173,8 @@ def _typed(obj: dict, name: str, kinds: tuple, label: str):
         raise RecordError(f"field '{name}' is {value!r}; it must be {label}")
     if not isinstance(value, kinds):
         raise RecordError(f"field '{name}' is {json.dumps(value)[:60]}; it must be {label}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RecordError(f"field '{name}' is {value}; it must be a finite number")
+    if isinstance(value, (int, float)) and float in kinds and not _is_finite(value):
+        raise RecordError(f"field '{name}' is {_shown(value)}; it must be a finite number")
     return value
 
 
@@ -124,8 +222,11 @@ def _parse_term(value, where: str) -> dict:
     if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         raise RecordError(f"{where}.layers must be a layer index or a non-empty list of them, got {json.dumps(layers)}")
     coef = value.get("coef", 1.0)
-    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
-        raise RecordError(f"{where}.coef must be a finite number, got {json.dumps(coef)}")
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not _is_finite(coef):
+        raise RecordError(f"{where}.coef must be a finite number, got {_shown(coef)}")
+    if abs(coef) > MAX_COEF:
+        raise RecordError(f"{where}.coef is {float(coef):g}, beyond float32's range (|coef| <= 3.4e38) in which "
+                          f"steering is applied; use a smaller coefficient")
     positions = parse_positions(value.get("positions", "all"), f"{where}.positions")
     term = {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
     for name in NORM_FLAGS:
@@ -139,6 +240,14 @@ def _parse_term(value, where: str) -> dict:
 
 def _shown(value) -> str:
     return json.dumps(value, default=str)[:60]
+
+
+def _is_finite(number) -> bool:
+    """math.isfinite that holds for integers too large for a float (they are finite, and refused elsewhere)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 def parse_positions(value, where: str) -> str | dict:
@@ -217,8 +326,7 @@ def _stop(obj: dict) -> list[str] | None:
     stop = obj["stop"]
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise RecordError("field 'stop' must be a non-empty string or a list of non-empty strings")
+    check_stop(stop, RecordError, FIELD)
     return stop
 
 
@@ -272,10 +380,10 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
     temperature = float(_get(obj, "temperature", defaults.temperature, (int, float), "a number >= 0"))
     top_p = float(_get(obj, "top_p", defaults.top_p, (int, float), "a number in (0, 1]"))
     top_k = _get(obj, "top_k", defaults.top_k, (int,), "an integer >= 0")
-    check_sampling(max_new_tokens, temperature, top_p, top_k, RecordError)
+    check_sampling(max_new_tokens, temperature, top_p, top_k, RecordError, FIELD)
     seed = _get(obj, "seed", None, (int,), f"an integer in [0, {MAX_SEED}]")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise RecordError(f"field 'seed' is {seed}; it must be in [0, {MAX_SEED}]")
+    if seed is not None:
+        check_seed(seed, RecordError, FIELD)
     stop = _stop(obj)
     spec, spec_name = _record_steering(obj, steering, named or {})
     return Request(

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from engine.request import RecordError, steering_terms
+from engine.request import RecordError, not_a_file, steering_terms
 from engine.transfer import to_device
 
 VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy", ".gguf")
@@ -111,14 +111,17 @@ def load_vectors(path: str, num_layers: int, hidden_size: int) -> dict[int | Non
     Accepted: one 1-D tensor; tensors named `layer.<L>`; or a 2-D array with one row per layer.
     """
     file = Path(path)
-    if not file.is_file():
-        raise RecordError(f"steering vector {path}: no such file")
+    problem = not_a_file(file)
+    if problem:
+        raise RecordError(f"steering vector {path}: {problem}")
     try:
         data = _read_tensors(file)
     except RecordError:
         raise
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise RecordError(f"steering vector {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any parser's complaint (SafetensorError, UnpicklingError, EOFError...)
+        # is about the user's file, so it is this record's error, never the run's
+        raise RecordError(f"steering vector {path}: cannot read it as a {file.suffix} file ({type(exc).__name__}: "
+                          f"{exc}); is it complete, and of the format its suffix says?") from None
     if isinstance(data, dict):
         if len(data) == 1 and not _is_layer_key(next(iter(data))):
             data = next(iter(data.values()))

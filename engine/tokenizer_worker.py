@@ -21,22 +21,42 @@ def load_tokenizer(tokenizer_dir: str):
 
 
 def encode(tok, requests: list[dict]) -> list[list[int] | RecordError]:
-    """Token ids per request: `prompt` via one batch encode, `messages` via the chat template."""
+    """Token ids per request: `prompt` via one batch encode, `messages` via the chat template; a request the
+    tokenizer cannot encode gets a RecordError, and the others are encoded all the same."""
     texts = [r["prompt"] for r in requests if r["prompt"] is not None]
-    encoded = iter(tok(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
+    encoded = iter(_encode_texts(tok, texts))
+    return [next(encoded) if request["prompt"] is not None else _encode_chat(tok, request["messages"])
+            for request in requests]
+
+
+def _encode_texts(tok, texts: list[str]) -> list[list[int] | RecordError]:
+    """One batch encode; if the tokenizer refuses the batch, each text alone, so only the bad one fails."""
+    if not texts:
+        return []
+    try:
+        return tok(texts, add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - the tokenizer's own error for some text: found below, text by text
+        pass
     out: list[list[int] | RecordError] = []
-    for request in requests:
-        if request["prompt"] is not None:
-            out.append(next(encoded))
-        elif not tok.chat_template:
-            out.append(RecordError(
-                "this model's tokenizer has no chat template (it is a base model): send 'prompt' text instead of "
-                "'messages', or pass --tokenizer with a tokenizer that has one"
-            ))
-        else:
-            text = tok.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
-            out.append(tok(text, add_special_tokens=False)["input_ids"])
+    for text in texts:
+        try:
+            out.append(tok(text, add_special_tokens=True)["input_ids"])
+        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer raises about this text is this record's error
+            out.append(RecordError(f"the tokenizer cannot encode this prompt ({type(exc).__name__}: {exc})"))
     return out
+
+
+def _encode_chat(tok, messages: list[dict]) -> list[int] | RecordError:
+    if not tok.chat_template:
+        return RecordError(
+            "this model's tokenizer has no chat template (it is a base model): send 'prompt' text instead of "
+            "'messages', or pass --tokenizer with a tokenizer that has one"
+        )
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    except Exception as exc:  # noqa: BLE001 - a template's own checks (roles must alternate, say) judge this record
+        return RecordError(f"the chat template cannot render these messages ({type(exc).__name__}: {exc})")
 
 
 def fit_length(ids: list[int], max_new_tokens: int, max_model_len: int, truncate: str, bos_id: int | None) -> list[int]:

@@ -1,4 +1,4 @@
-"""JsonlWriter: the single owner of results.jsonl, errors.jsonl, the run manifest and the activation shards.
+"""JsonlWriter: the single owner of an output's results, its errors file, its manifest and its activation shards.
 
 Records are written as whole lines, flushed and fsynced in batches; a line cut short by a crash is
 removed on resume, so the output is always a file of complete JSON records. Result lines that point at
@@ -12,57 +12,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine.activations import (FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, DiskLow, activations_dir,
                                 require_free, tensors_of)
 from engine.id_index import IdIndex
 from engine.pipeline import Outcome
+from engine.storage.files import write_atomic
+from engine.storage.output import (ErrorLog, ManifestMismatch, check_manifest, errors_path, manifest_path,  # noqa: F401
+                                   scan_done_ids)
 
 MANIFEST_VERSION = 1
 
 
-class ManifestMismatch(ValueError):
-    """The output was made with other settings; the message lists them and the way out."""
-
-
-def manifest_path(output: Path) -> Path:
-    return output.with_name(output.name + ".manifest.json")
-
-
-def errors_path(output: Path) -> Path:
-    return output.with_name("errors.jsonl")
-
-
-def scan_done_ids(output: Path) -> IdIndex:
-    """Ids of complete records in an existing output, each with the activation shard it points at; a trailing
-    partial line is cut off."""
-    done = IdIndex()
-    if not output.exists():
-        return done
-    good_end = 0
-
-    def complete_records():
-        nonlocal good_end
-        with output.open("rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    return
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError:
-                    return
-                good_end += len(raw)
-                if isinstance(record, dict) and isinstance(record.get("id"), str):
-                    pointer = record.get("activations")
-                    yield record["id"], pointer.get("shard") if isinstance(pointer, dict) else None
-
-    done.add_many(complete_records())
-    if good_end < output.stat().st_size:
-        with output.open("r+b") as f:
-            f.truncate(good_end)
-    return done
+class OutputWriteError(OSError):
+    """A results, errors or manifest file could not be written (disk full, say); the message names it."""
 
 
 def check_free_space(folder: Path, min_free_gb: float, option: str) -> None:
@@ -70,25 +35,26 @@ def check_free_space(folder: Path, min_free_gb: float, option: str) -> None:
     require_free(folder, min_free_gb * 1e9, f", below {option} = {min_free_gb:g}")
 
 
-def check_manifest(output: Path, manifest: dict, force: bool) -> None:
-    """Refuse to mix settings in one output; with force, set the old files aside and start afresh."""
-    path = manifest_path(output)
-    if not path.exists() or not output.exists():
-        return
-    old = json.loads(path.read_text())
-    changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-    if not changed:
-        return
-    if not force:
-        details = "; ".join(f"{k}: was {json.dumps(old.get(k))}, now {json.dumps(manifest.get(k))}" for k in changed)
-        raise ManifestMismatch(
-            f"{output} was made with other settings ({details}). Use a new --output, or pass --force to move "
-            f"the old results aside (renamed *.replaced-<time>) and start again."
-        )
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    for old_file in (output, path, activations_dir(output)):
-        if old_file.exists():
-            old_file.rename(old_file.with_name(f"{old_file.name}.replaced-{stamp}"))
+def _json_line(record: dict) -> str:
+    """One JSON line, its text as is; where some string is not Unicode text (a lone surrogate, which an error record
+    may quote) the line is written \\u-escaped instead, which reads back the same."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record) + "\n"
+    return line
+
+
+@contextmanager
+def _naming(path: Path):
+    """OutputWriteError naming `path` for an OSError raised while writing it."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError(exc.errno, f"cannot write {path} ({exc.strerror or exc})") from None
 
 
 class JsonlWriter:
@@ -100,9 +66,13 @@ class JsonlWriter:
         """`done`: scan_done_ids(output) if the caller has it (saves reading the output again to resume the
         activation index); `min_free_gb`: the free space to keep besides each activation shard."""
         output.parent.mkdir(parents=True, exist_ok=True)
-        manifest_path(output).write_text(json.dumps(manifest, indent=2) + "\n")
-        self.results = output.open("a", encoding="utf-8")
-        self.errors = errors_path(output).open("w", encoding="utf-8")
+        self.output = output
+        with _naming(manifest_path(output)):
+            write_atomic(manifest_path(output), (json.dumps(manifest, indent=2) + "\n").encode())
+        with _naming(output):
+            self.results = output.open("a", encoding="utf-8")
+        with _naming(errors_path(output)):
+            self.errors = ErrorLog(errors_path(output))
         self.ordered = ordered
         self.sync_every, self.sync_seconds = sync_every, sync_seconds
         self._held: dict[int, Outcome] = {}
@@ -135,16 +105,18 @@ class JsonlWriter:
         if outcome.activations is not None:
             pointer = self.activations.add(record["id"], outcome.activations, tensors_of(outcome.activations))
             record = {**record, "activations": pointer}
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        line = _json_line(record)
         if outcome.is_error:
-            self.errors.write(line)
+            with _naming(self.errors.path):
+                self.errors.write(line)
             self.num_errors += 1
         else:
             if outcome.activations is not None or self._held_lines:
                 self._held_lines.append(line)
                 self._held_tokens += outcome.record["num_completion_tokens"]
             else:
-                self.results.write(line)
+                with _naming(self.output):
+                    self.results.write(line)
             self.num_results += 1
             self.num_tokens += outcome.record["num_completion_tokens"]
         if self.activations.is_due:
@@ -154,9 +126,10 @@ class JsonlWriter:
             self.sync()
 
     def sync(self) -> None:
-        for f in (self.results, self.errors):
-            f.flush()
-            os.fsync(f.fileno())
+        for path, f in ((self.output, self.results), (self.errors.path, self.errors.file)):
+            with _naming(path):
+                f.flush()
+                os.fsync(f.fileno())
         self._unsynced, self._last_sync = 0, time.monotonic()
 
     def _flush_activations(self) -> None:
@@ -170,15 +143,20 @@ class JsonlWriter:
             self._held_lines, self._held_tokens = [], 0
             self.activations.discard()
             raise
-        self.results.write("".join(self._held_lines))
+        with _naming(self.output):
+            self.results.write("".join(self._held_lines))
         self._held_lines, self._held_tokens = [], 0
 
-    def close(self) -> None:
+    def close(self, is_complete: bool = False) -> None:
         """Flush what is held; held records waiting for an earlier one stay unwritten (resume redoes them). The files
-        are closed even when the last shard finds the disk low (DiskLow is raised after)."""
+        are closed even when the last shard finds the disk low (DiskLow is raised after). `is_complete`: the run read
+        its whole input, so the errors file keeps only this run's errors (engine.storage.output.ErrorLog)."""
         try:
             self._flush_activations()
         finally:
-            self.sync()
-            self.results.close()
-            self.errors.close()
+            try:
+                self.sync()
+            finally:
+                self.results.close()
+                with _naming(self.errors.path):
+                    self.errors.close(is_complete)

@@ -66,7 +66,7 @@ def test_bad_input_is_reported_per_line_and_the_rest_completes(tmp_path):
     done = {r["id"]: r for r in read_jsonl(out)}
     assert set(done) == {"ok1", "empty", "ok2"}
     assert done["ok1"]["colour"] == "blue" and done["ok2"]["num_completion_tokens"] == 3
-    errors = {e["line"]: e for e in read_jsonl(tmp_path / "errors.jsonl")}
+    errors = {e["line"]: e for e in read_jsonl(tmp_path / "out.errors.jsonl")}
     expect = {2: "not valid JSON", 3: "exactly one of 'prompt'", 4: "field 'max_new_tokens'", 5: "duplicate id",
               6: "no such file", 7: "hidden size is 64", 8: "exceeds max_model_len=64", 10: "not valid UTF-8",
               11: "exceeds max_model_len=64", 12: "no chat template", 14: "out of range"}
@@ -182,7 +182,7 @@ def test_records_may_name_specs_from_a_steering_specs_file(tmp_path):
     assert result.returncode == 3, result.stderr
     [record] = read_jsonl(out)
     assert record["steering_name"] == "v+4@L1" and record["steering"]["coef"] == 4.0
-    assert "not a named spec" in read_jsonl(tmp_path / "errors.jsonl")[0]["error"]
+    assert "not a named spec" in read_jsonl(tmp_path / "out.errors.jsonl")[0]["error"]
 
 
 def test_steer_positions_flag_takes_ranges_as_a_record_does(tmp_path):

@@ -1,0 +1,111 @@
+"""Durable-file helpers: atomic writes with a directory fsync, moving files aside, an exclusive lock per file."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (a file's own fsync does not cover its directory entry)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file, fsync, rename, fsync the folder: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def time_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def move_aside(paths: list[Path], stamp: str | None = None) -> list[Path]:
+    """Rename each existing path to `<name>.replaced-<UTC time>`; returns the new paths."""
+    stamp = stamp or time_stamp()
+    moved = []
+    for path in paths:
+        if path.exists():
+            moved.append(path.rename(path.with_name(f"{path.name}.replaced-{stamp}")))
+    return moved
+
+
+class Locked(RuntimeError):
+    """Another process holds the lock; the message names it."""
+
+
+class FileLock:
+    """An exclusive advisory lock held through `<path>` (flock: released by the kernel when the holder dies, however it
+    dies); the file names its holder for the message another process gets, and is removed on release."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        self._fd: int | None = None
+
+    def acquire(self) -> "FileLock":
+        """Take the lock, or Locked naming the process that has it. OSError if the file cannot be made."""
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace")
+                os.close(fd)
+                raise Locked(f"{self.what} is being written by another process ({_holder(holder)}); wait for it to "
+                             f"finish or stop it, or choose another output") from None
+            if _same_file(fd, self.path):
+                self._fd = fd
+            else:  # the holder removed the file between our open and our lock: lock the new one
+                os.close(fd)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                       "command": " ".join(sys.argv)[:1000]}).encode())
+        return self
+
+    def release(self) -> None:
+        """Remove the file, then unlock (in that order, so nobody can lock a file that is about to go)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        since = datetime.fromtimestamp(info["since"]).strftime("%Y-%m-%d %H:%M:%S")
+        return f"pid {info['pid']} on {info['host']}, since {since}: {info['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "its pid is not recorded yet"
