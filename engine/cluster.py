@@ -5,9 +5,9 @@ parts when all are complete.
 
 The output directory (on storage every node mounts at the same path):
   cluster.json                   the job: kind, num_parts, the settings (batch) or the sweep's config hash
-  parts/part-00003/              a batch part: results.jsonl, errors.jsonl, results.activations/, the manifest,
+  parts/part-00003/              a batch part: results.jsonl, results.errors.jsonl, results.activations/, the manifest,
                                  complete.json once the part ran to its end (a sweep: parts/<model>/part-00003/)
-  results.jsonl, errors.jsonl    merged when every part is complete: a valid engine-run output (activation
+  results.jsonl, results.errors.jsonl merged when every part is complete: a valid engine-run output (activation
                                  pointers rewritten to the part folders), which engine-run or engine-sweep can resume
   status.json                    progress, rewritten every few seconds
 Each part has exactly one writer at a time (JsonlWriter, with its durability and resume rules); a restarted job
@@ -38,6 +38,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.sweep import Plan, SweepError, load_sweep, prepare_directory, write_atomic
+from engine.storage.output import OutputError
 from engine.writer import JsonlWriter, ManifestMismatch, check_manifest, errors_path, manifest_path, scan_done_ids
 
 log = logging.getLogger("engine.cluster")
@@ -414,7 +415,7 @@ class ClusterJob:
         elif (self.out / RESULTS).exists():  # an engine-run output: resume it if its settings match
             try:
                 check_manifest(self.out / RESULTS, manifest, force=False)
-            except ManifestMismatch:
+            except OutputError:  # other settings, or a file engine-run did not write
                 if not self.spec.force:
                     raise
                 self._move_aside()
@@ -654,7 +655,7 @@ class ClusterJob:
     # ---- the end
     def merge(self) -> tuple[int, int]:
         """results.jsonl: the merged records kept, plus every part's records not yet in it (activation pointers
-        made relative to the output directory); errors.jsonl: every part's errors. Both written atomically.
+        made relative to the output directory); results.errors.jsonl: every part's errors. Both written atomically.
         Returns (records, errors) in the merged files."""
         results, merged_ids = self.out / RESULTS, scan_done_ids(self.out / RESULTS)
         tmp = results.with_name(f".{results.name}.tmp")
@@ -753,7 +754,7 @@ def ray_main(argv: list[str] | None = None) -> int:
         finally:
             if is_ours:
                 ray.shutdown()
-    except (ClusterError, ConfigError, ModelNotFound, ManifestMismatch, SweepError, EngineError) as exc:
+    except (ClusterError, ConfigError, ModelNotFound, OutputError, SweepError, EngineError) as exc:
         print(f"engine-ray: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:

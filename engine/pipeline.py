@@ -25,7 +25,8 @@ from engine.decoder_worker import decoder_main
 from engine.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model
 from engine.procs import Lifeline, MsgQueue, start
-from engine.request import Request, RecordError, decode_line, load_named_specs, parse_record, record_digest
+from engine.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs, parse_record,
+                            record_digest)
 from engine.ring import ShmRing
 from engine.router import CoreLane, Router, lane_labels
 from engine.tokenizer_worker import tokenizer_main
@@ -79,7 +80,9 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             obj = decode_line(raw, line) if isinstance(raw, bytes) else {"prompt": raw} if isinstance(raw, str) else raw
             if not isinstance(obj, dict):
                 raise RecordError(f"record {line} is a {type(obj).__name__}; give a dict with 'prompt' or 'messages'")
-            request_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+            request_id = obj.get("id") if isinstance(obj.get("id"), str) and is_unicode(obj["id"]) else None
+            if isinstance(raw, bytes):
+                check_text(raw, obj)
             request = parse_record(obj, -1, line, config.sampling, steering, named, capture)
             request_id = request.id
             clash = [k for k in request.extra if k in RESERVED_OUTPUT]

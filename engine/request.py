@@ -89,6 +89,8 @@ def decode_line(raw: bytes, line: int) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecordError(f"line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    if line == 1:
+        text = text.removeprefix("\ufeff")  # the byte-order mark some editors put at the start of a file
     try:
         obj = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
@@ -97,9 +99,13 @@ def decode_line(raw: bytes, line: int) -> dict:
         raise RecordError(f"line {line}: {exc}") from None
     if not isinstance(obj, dict):
         raise RecordError(f"line {line} is a JSON {type(obj).__name__}, expected an object with a 'prompt' or 'messages'")
-    if _SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape can make a string that is not Unicode text
-        _check_text(obj, "")
     return obj
+
+
+def check_text(raw: bytes, obj: dict) -> None:
+    """RecordError naming the first string of a decoded line that is not Unicode text (a lone surrogate)."""
+    if _SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape can make such a string: the common case is free
+        _check_text(obj, "")
 
 
 def _no_constant(name: str):
@@ -114,14 +120,14 @@ def _check_text(value, where: str) -> None:
     for key, item in items:
         path = f"{where}.{key}" if isinstance(key, str) and where else f"{where}[{key}]" if where else str(key)
         for text in (key, item):
-            if isinstance(text, str) and not _is_unicode(text):
+            if isinstance(text, str) and not is_unicode(text):
                 bad = next(ch for ch in text if 0xD800 <= ord(ch) <= 0xDFFF)
                 raise RecordError(f"field '{path}' holds a lone surrogate (\\u{ord(bad):04x}), which is not "
                                   f"Unicode text; fix the encoding of the input (a surrogate must come in a pair)")
         _check_text(item, path)
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

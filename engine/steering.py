@@ -235,6 +235,10 @@ class SteeringTable:
         terms = steering_terms(spec)
         if not terms:
             return None
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is this record's error (_check_representable)
+            return self._resolve(terms, num_prompt_tokens)
+
+    def _resolve(self, terms: list[dict], num_prompt_tokens: int) -> SteerPlan:
         prepared = self._prepare(terms)
         spans = [_spans(term["positions"], num_prompt_tokens) for term in terms]
 
@@ -330,6 +334,7 @@ class SteeringTable:
         """The table row holding `vector` (rows are shared by content)."""
         key = hashlib.blake2b(vector.tobytes(), digest_size=16).digest()
         if key not in self._rows:
+            self._check_representable(vector)
             if self.num_rows == self.table.shape[0]:
                 self._upload_rows()  # into the old table, copied over with the rest
                 grown = torch.zeros(2 * self.num_rows, self.hidden_size, dtype=torch.float32, device=self.device)
@@ -341,6 +346,15 @@ class SteeringTable:
             self._rows[key] = self.num_rows
             self.num_rows += 1
         return self._rows[key]
+
+    def _check_representable(self, vector: np.ndarray) -> None:
+        """RecordError if what steering adds overflows float32 (coef x vector) or the model's dtype (the table is cast
+        to it): the residual stream would become non-finite."""
+        limit = float(torch.finfo(self.cast.dtype).max)
+        peak = float(np.abs(vector).max(initial=0.0))
+        if not peak <= limit:
+            raise RecordError(f"steering would add values up to {peak:.3g}, beyond what {self.cast.dtype} holds "
+                              f"({limit:.3g}): the residual stream would become non-finite; use a smaller coef")
 
     def _upload_rows(self) -> None:
         """Copy the rows added since the last forward into the device table, all in one copy, not one per new

@@ -157,6 +157,9 @@ class JsonlWriter:
             try:
                 self.sync()
             finally:
-                self.results.close()
-                with _naming(self.errors.path):
-                    self.errors.close(is_complete)
+                try:
+                    with _naming(self.output):
+                        self.results.close()
+                finally:
+                    with _naming(self.errors.path):
+                        self.errors.close(is_complete)

@@ -62,6 +62,8 @@ def check_output_path(output: Path, source: Path | None = None, option: str = "-
         raise OutputError(f"{where}: cannot create its folder {output.parent} ({exc.strerror})") from None
     if not os.access(output.parent, os.W_OK | os.X_OK):
         raise OutputError(f"{where}: its folder {output.parent} is not writable; choose another --output")
+    if output.exists() and not output.is_file():
+        raise OutputError(f"{where} exists and is not a regular file (a device or a FIFO, say); give a file name")
     if output.exists() and not os.access(output, os.W_OK):
         raise OutputError(f"{where} exists and is not writable; choose another --output or fix its permissions")
 
@@ -185,6 +187,7 @@ def check_input(lines: Iterable[tuple[int, bytes]], done: IdIndex) -> list[tuple
     """(line, id) of each input record whose id is done in the output but whose content differs from the record
     that result was made from. Results written before outputs kept digests cannot be checked (logged once)."""
     changed, unknown = [], 0
+    seen = IdIndex()  # a later line repeating an id is a duplicate (the run reports it), not a change
     for line, raw in lines:
         try:
             obj = decode_line(raw, line)
@@ -192,12 +195,13 @@ def check_input(lines: Iterable[tuple[int, bytes]], done: IdIndex) -> list[tuple
             continue  # a line that cannot run: the run reports it
         request_id = record_id(obj, line)
         kept = done.get(request_id)
-        if kept is None:
+        if kept is None or not seen.add(request_id):
             continue
         if kept[1] is None:
             unknown += 1
         elif kept[1] != record_digest(obj):
             changed.append((line, request_id))
+    seen.close()
     if unknown:
         log.warning("%d done records have no input_digest (written by an older engine-run): an edit to their input "
                     "lines cannot be detected", unknown)
