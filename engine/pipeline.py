@@ -89,9 +89,10 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             if clash:
                 raise RecordError(f"field(s) {clash} are output fields of the engine; rename them in the input")
             request.check_wire()
+            # before the skip, so a resume reports a repeated id as the first run did
+            _check_unique(seen, request.id, line, "id" in obj)
             if request.id in skip_ids:
                 continue
-            _check_unique(seen, request.id, line, "id" in obj)
             if digests:
                 request.digest = record_digest(obj)
             yield request
