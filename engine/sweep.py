@@ -6,7 +6,7 @@ id>/s<sample>` and a seed derived from (seed, id), so a re-run reproduces it. Al
 engine run (the engine mixes steering per request); models run one after another.
 
 The output directory holds: `sweep.toml` (the file as given), `plan.json` (the resolved plan and its hash),
-`results.jsonl` / `errors.jsonl` / `results.activations/` (written by JsonlWriter, as engine-run writes them),
+`results.jsonl` / `results.errors.jsonl` / `results.activations/` (written by JsonlWriter, as engine-run writes them),
 `status.json` (rewritten every few seconds), `sweep.log`, and at the end the report (engine.sweep_report).
 """
 
@@ -24,21 +24,29 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from engine.cli import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
-from engine.config import (DTYPES, TRUNCATE_MODES, CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults,
-                           device_settings)
+from engine.config import (
+    DTYPES,
+    TRUNCATE_MODES,
+    CaptureDefaults,
+    ConfigError,
+    EngineConfig,
+    SamplingDefaults,
+    device_settings,
+)
+from engine.id_index import IdIndex
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.request import RecordError, decode_line, derive_seed, parse_steering
-from engine.id_index import IdIndex
 from engine.writer import DiskLow, JsonlWriter, scan_done_ids
 
 log = logging.getLogger("engine.sweep")
@@ -47,7 +55,7 @@ PLAN_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 NAME_RULE = "letters, digits and _ . + - only"
 STATUS_SECONDS = 2.0
-RESULTS, ERRORS, PLAN, STATUS, LOG = "results.jsonl", "errors.jsonl", "plan.json", "status.json", "sweep.log"
+RESULTS, ERRORS, PLAN, STATUS, LOG = "results.jsonl", "results.errors.jsonl", "plan.json", "status.json", "sweep.log"
 # Prompt-record fields the sweep sets itself; a prompt file may not carry them.
 SWEEP_FIELDS = ("steering", "capture", "sweep")
 # EngineConfig fields a sweep file may set under [engine], with their types.
@@ -211,7 +219,7 @@ def _read_table(path: Path) -> dict:
         else:
             with path.open("rb") as f:
                 table = tomllib.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSON / TOML / UTF-8 errors, and JSON integers too long to read
         raise SweepError(f"cannot read it ({exc})") from None
     if not isinstance(table, dict):
         raise SweepError("the file must hold a table (a JSON object)")
@@ -230,7 +238,7 @@ def _build(table: dict, path: Path, output: str | None) -> SweepConfig:
         capture_defaults = CaptureDefaults(**capture)
     except ConfigError as exc:
         raise SweepError(f"capture: {exc}") from None
-    return SweepConfig(
+    config = SweepConfig(
         source=str(path),
         output=str(base / output_name(table, path)) if output is None else output,
         models=_models(_need(table, "models", list, "models"), base),
@@ -246,6 +254,22 @@ def _build(table: dict, path: Path, output: str | None) -> SweepConfig:
         engine=_engine(table.get("engine", {})),
         metrics=[_metric(m, f"metrics[{i}]") for i, m in enumerate(_list(table.get("metrics", []), "metrics"))],
     )
+    try:
+        config.sampling()
+    except ConfigError as exc:
+        raise SweepError(str(exc)) from None  # it names the seed
+    _check_points(config)
+    return config
+
+
+def _check_points(config: SweepConfig) -> None:
+    """Every grid point's steering through parse_steering, the parser records use, so the sweep file cannot hold
+    a term that its records would be refused for; SweepError names the point."""
+    for point in grid_points(config.grid):
+        try:
+            parse_steering(point.steering(config.vectors), f"grid point {point.key}")
+        except RecordError as exc:
+            raise SweepError(str(exc)) from None
 
 
 def output_name(table: dict, path: Path) -> str:
@@ -257,7 +281,8 @@ def output_name(table: dict, path: Path) -> str:
 
 # ---- field readers: each error names the field's path
 def _shown(value) -> str:
-    return json.dumps(value, default=str)[:60]
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:56] + " ..."
 
 
 def _known(table: dict, keys, where: str) -> None:
@@ -290,11 +315,18 @@ def _int(value, where: str, minimum: int | None = None) -> int:
 
 
 def _number(value, where: str, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SweepError(f"{where} must be a number, got {_shown(value)}")
-    if minimum is not None and value < minimum:
-        raise SweepError(f"{where} is {value}; it must be at least {minimum}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond float64
+        raise SweepError(f"{where} is an integer of {len(str(abs(value)))} digits, beyond the range of a number; "
+                         f"give a finite number") from None
+    if not math.isfinite(number):
+        raise SweepError(f"{where} is {_shown(value)}; give a finite number")
+    if minimum is not None and number < minimum:
+        raise SweepError(f"{where} is {number}; it must be at least {minimum}")
+    return number
 
 
 def _bool(value, where: str) -> bool:
@@ -415,7 +447,7 @@ def _grid(table: dict) -> Grid:
             if key not in axes:
                 raise SweepError(f"grid.{key} is missing; give a list, e.g. {key} = {'[6]' if key == 'layers' else '[0, 4, 8]'}")
     grid = Grid(vectors=vectors, layers=[_layer_set(v, f"grid.layers[{i}]") for i, v in enumerate(axes.get("layers", []))],
-                coefs=[_number(v, f"grid.coefs[{i}]") for i, v in enumerate(axes.get("coefs", []))], baseline=baseline)
+                coefs=[_coef(v, f"grid.coefs[{i}]") for i, v in enumerate(axes.get("coefs", []))], baseline=baseline)
     if "positions" in axes:
         grid.positions = [_positions(v, f"grid.positions[{i}]") for i, v in enumerate(axes["positions"])]
     for key in ("normalize", "norm_match"):
@@ -430,6 +462,18 @@ def _layer_set(value, where: str) -> list[int]:
         raise SweepError(f"{where} is an empty list; give a layer index or a list of them (steered together)")
     return sorted({_int(layer, where if not isinstance(value, list) else f"{where}[{j}]", minimum=0)
                    for j, layer in enumerate(layers)})
+
+
+def _coef(value, where: str) -> float:
+    """A grid coefficient, through parse_steering (the parser records use): what a record is refused for, the sweep
+    file is too, with the grid field named."""
+    coef = _number(value, where)
+    try:
+        parse_steering({"vector": "-", "layers": [0], "coef": coef}, where)
+    except RecordError as exc:
+        detail, head = str(exc).replace(f"{where}.coef", where), f"{where} is {_shown(value)}"
+        raise SweepError(detail if detail.startswith(head) else f"{head}: {detail}") from None
+    return coef
 
 
 def _positions(value, where: str):
@@ -663,7 +707,7 @@ class Plan:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- the output directory
@@ -701,17 +745,51 @@ def extension_problems(old: dict, new: dict) -> list[str]:
 
 def prepare_directory(out: Path, plan: Plan, force: bool, extend: bool) -> str:
     """Check `out` against the plan, then write the sweep file's copy and plan.json. Returns what happens:
-    `new`, `resume`, `extend` or `replaced`; SweepError when the sweep changed and neither flag allows it."""
+    `new`, `resume`, `extend` or `replaced`; SweepError when the sweep changed and neither flag allows it, or when
+    `out` cannot be a sweep directory (a file, or in a folder that takes no files)."""
+    check_output_dir(out)
     how = _compare(out, plan, force, extend)
-    if how == "replaced":
-        aside = out.with_name(f"{out.name}.replaced-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
-        out.rename(aside)
-        log.warning("moved the old sweep aside to %s", aside)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(plan.config.source)
-    write_atomic(out / f"sweep{source.suffix}", source.read_bytes())
-    write_atomic(out / PLAN, (json.dumps(plan.to_json(), indent=2) + "\n").encode())
+    try:
+        if how == "replaced":
+            aside = out.with_name(f"{out.name}.replaced-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+            out.rename(aside)
+            log.warning("moved the old sweep aside to %s", aside)
+        out.mkdir(parents=True, exist_ok=True)
+        source = Path(plan.config.source)
+        write_atomic(out / f"sweep{source.suffix}", source.read_bytes())
+        write_atomic(out / PLAN, (json.dumps(plan.to_json(), indent=2) + "\n").encode())
+    except OSError as exc:
+        raise SweepError(f"cannot set up the output directory {out} ({_why(exc)}); nothing has run: fix that, or "
+                         f"choose another output, and run again") from None
     return how
+
+
+def check_output_dir(out: Path) -> None:
+    """Before anything starts: `out` is a directory or can be made one, in a folder that takes files (probed with a
+    temporary file); SweepError names the path and the fix."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise SweepError(f"output {out} is a file; a sweep writes a directory; choose another output (the sweep "
+                             f"file's `output`, or --output)")
+        folder = out
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise SweepError(f"output {out}: cannot use it ({_why(exc)}); choose another output") from None
+    if not folder.is_dir():
+        raise SweepError(f"output {out}: {folder} is a file, so the directory cannot be made under it; choose another "
+                         f"output")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".engine-sweep-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise SweepError(f"output {out}: cannot write in {folder} ({_why(exc)}); choose a directory you can write "
+                         f"to, or fix its permissions") from None
+
+
+def _why(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else f"{type(exc).__name__}: {exc}"
 
 
 def _compare(out: Path, plan: Plan, force: bool, extend: bool) -> str:
@@ -911,7 +989,7 @@ class SweepRunner:
             self._write_outcomes(lanes, writer)
         except DiskLow as exc:  # the next activation shard does not fit: stop as on a low disk
             self._disk_low(exc)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - stops the lanes, then re-raised below once they have drained
             self.stopper.stop(f"failed: {type(exc).__name__}")
             self.failures.append(exc)
         finally:
@@ -1037,7 +1115,10 @@ def sweep_main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         out = Path(plan.config.output)
         how = prepare_directory(out, plan, args.force, args.extend)
-        _log_to(out / LOG)
+        try:
+            _log_to(out / LOG)
+        except OSError as exc:
+            raise SweepError(f"cannot open {out / LOG} ({_why(exc)}); nothing has run: fix that and run again") from None
         log.info("engine-sweep %s: %s into %s (config %s): %d models x %d points x %d prompts x %d samples", args.sweep,
                  how, out, plan.config_hash, len(plan.config.models), len(plan.points), plan.num_prompts,
                  plan.config.samples)
@@ -1114,4 +1195,8 @@ def _log_to(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(sweep_main())
+    # Run engine.sweep's own copy, not this __main__ one: sweep_report raises engine.sweep.SweepError, which a handler
+    # here (__main__.SweepError, another class) would not catch.
+    from engine.sweep import sweep_main as main
+
+    sys.exit(main())

@@ -102,7 +102,7 @@ class Scorer:
     def _custom(self, name: str, spec: str, record: dict) -> float | None:
         try:
             value = self._functions[name](record)
-        except Exception as exc:  # noqa: BLE001 - a user's function: report which record broke it, with the cause
+        except Exception as exc:  # a user's function, re-raised: report which record broke it, with the cause
             raise SweepError(f"metric {name} ({spec}) failed on record {record['id']}: {type(exc).__name__}: {exc}") from exc
         if value is None:
             return None
@@ -179,7 +179,12 @@ class LogProbs:
     def _model(self, label: str) -> tuple:
         if label not in self._models:
             from engine.config import EngineConfig
-            from engine.models import load_model, resolve_device, resolve_dtype, resolve_model
+            from engine.models import (
+                load_model,
+                resolve_device,
+                resolve_dtype,
+                resolve_model,
+            )
             from engine.tokenizer_worker import load_tokenizer
 
             entry = next(m for m in self.plan["models"] if m["label"] == label)
@@ -215,7 +220,7 @@ def _import(spec: str, base_dir: str, name: str):
 
 
 def collect(out: Path, plan: dict) -> dict[tuple[str, str], PointStats]:
-    """Stream results.jsonl and errors.jsonl into PointStats per (model, point)."""
+    """Stream results.jsonl and results.errors.jsonl into PointStats per (model, point)."""
     stats = {(m["label"], p["key"]): PointStats() for m in plan["models"] for p in plan["points"]}
     scorer = Scorer(plan, out)
     for record in complete_lines(out / RESULTS):
@@ -329,8 +334,8 @@ def markdown(plan: dict, columns: list[str], rows: list[dict], plots: list[Path]
     done = sum(r["num_records"] for r in rows)
     shown = [c for c in columns if c not in ("vector", "layers", "coef", "positions", "normalize", "norm_match")]
     lines = [f"# Sweep report: {Path(plan['sweep_file']).name}", "",
-             f"Config {plan['config_hash']}; {done} of {plan['num_requests']} records done; "
-             f"{len(plan['models'])} model(s) x {len(plan['points'])} grid point(s).", "",
+             (f"Config {plan['config_hash']}; {done} of {plan['num_requests']} records done; "
+              f"{len(plan['models'])} model(s) x {len(plan['points'])} grid point(s)."), "",
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(r[c]) for c in shown) + " |" for r in rows]
     lines += [""] + [f"![{p.stem}](plots/{p.name})" for p in plots]

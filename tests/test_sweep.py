@@ -14,10 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import read_jsonl, write_jsonl
+
 from engine.request import derive_seed
-from engine.sweep import Plan, SweepError, load_sweep, prepare_directory
+from engine.sweep import (
+    ERRORS,
+    RESULTS,
+    Plan,
+    SweepError,
+    load_sweep,
+    prepare_directory,
+)
 from engine.sweep_report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +69,7 @@ def make_sweep(folder: Path, coefs="[0, 4]", max_num_seqs=4, extra="", num_promp
 
 def engine_sweep(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "engine.sweep", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def plan_ids(path: Path) -> dict[str, int]:
@@ -113,7 +120,15 @@ BAD_FILES = [
     ("samples = 2", "samples = 0", "samples is 0; it must be at least 1"),
     ("label = \"tiny\"", "label = \"a/b\"", "models[0].label is 'a/b'"),
     ("v = \"v.npy\"", "v = \"missing.npy\"", "vectors.v:"),
-    ("temperature = 0.9", "temperature = -1", "generation: temperature=-1.0 must be >= 0"),
+    ("temperature = 0.9", "temperature = -1", "generation: temperature"),  # SamplingDefaults' check, its field named
+    ("temperature = 0.9", "temperature = 0.9\ntop_p = 0", "generation: top_p"),
+    ("temperature = 0.9", "temperature = nan", "generation.temperature is NaN; give a finite number"),
+    ("temperature = 0.9", "temperature = -inf", "generation.temperature is -Infinity; give a finite number"),
+    ("temperature = 0.9", "temperature = 0.9\ntop_p = inf", "generation.top_p is Infinity; give a finite number"),
+    ("temperature = 0.9", "temperature = 0.9\nstop = [\"\"]", "generation.stop[0] must be a non-empty string"),
+    ("coefs = [0, 4]", "coefs = [0, 4, 1e39]", "grid.coefs[2] is 1e+39"),  # float64, beyond float32: as records
+    ("coefs = [0, 4]", "coefs = [-1e39, 4]", "grid.coefs[0] is -1e+39"),
+    ("coefs = [0, 4]", "coefs = [0, nan]", "grid.coefs[1] is NaN; give a finite number"),
     ("ignore_eos = true", "ignore_eos = 1", "generation.ignore_eos must be true or false"),
     ("baseline = true", "baseline = true\npositions = [\"everywhere\"]", "grid.positions[0] is \"everywhere\""),
     ("max_num_seqs = 4", "max_num_seqs = \"4\"", "engine.max_num_seqs must be an integer"),
@@ -149,7 +164,87 @@ def test_a_bad_prompt_line_names_file_and_line_and_the_cli_says_it_in_one_line(t
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def json_sweep(folder: Path, change) -> Path:
+    """The test sweep as a JSON file, changed by `change(table)`: JSON holds what TOML cannot (huge integers)."""
+    import tomllib
+
+    table = tomllib.loads(make_sweep(folder).read_text())
+    change(table)
+    path = folder / "sweep.json"
+    path.write_text(json.dumps(table))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t["grid"].update(coefs=[0, 10 ** 400]), "grid.coefs[1] is an integer of 401 digits"),
+    (lambda t: t["grid"].update(coefs=[10 ** 39]), "grid.coefs[0] is 1e+39"),
+    (lambda t: t["generation"].update(temperature=float("nan")), "generation.temperature is NaN"),
+    (lambda t: t["generation"].update(max_new_tokens=10 ** 30), "generation: max_new_tokens"),
+    (lambda t: t["generation"].update(top_k=2 ** 70), "generation: top_k"),
+    (lambda t: t.update(seed=2 ** 64), "seed is 18446744073709551616"),
+    (lambda t: t.update(min_free_gb=10 ** 400), "min_free_gb is an integer of 401 digits"),
+], ids=["coef-huge-int", "coef-1e39", "nan", "max_new_tokens", "top_k", "seed", "min_free_gb"])
+def test_a_json_sweep_file_names_the_field_of_a_number_out_of_range(tmp_path, change, message):
+    path = json_sweep(tmp_path, change)
+    with pytest.raises(SweepError) as info:
+        load_sweep(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value), str(info.value)
+
+
+def test_every_grid_point_goes_through_the_record_parser(tmp_path, monkeypatch):
+    import engine.sweep as sweep_module
+    from engine.request import RecordError, parse_steering
+
+    seen = []
+
+    def parse(value, where="field 'steering'"):
+        seen.append(where)
+        if where == "grid point v@L0,2*4.0":
+            raise RecordError(f"{where}.layers: refused for the test")
+        return parse_steering(value, where)
+
+    monkeypatch.setattr(sweep_module, "parse_steering", parse)
+    path = make_sweep(tmp_path)
+    with pytest.raises(SweepError, match=r"sweep.toml: grid point v@L0,2\*4.0.layers: refused for the test"):
+        load_sweep(path)
+    assert {"grid.coefs[0]", "grid.coefs[1]", "grid point v@L1*0.0", "grid point v@L1*4.0"} <= set(seen)
+
+
 # ---------------------------------------------------------------- the output directory
+def sweep_main_in_process(path: Path, *args, capsys) -> tuple[int, str]:
+    from engine.sweep import sweep_main
+
+    code = sweep_main([str(path), *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys):
+    path = make_sweep(tmp_path)
+    (tmp_path / "out").write_text("my notes\n")
+    result = engine_sweep(path)
+    assert result.returncode == 1
+    assert result.stderr == (f"engine-sweep: output {tmp_path / 'out'} is a file; a sweep writes a directory; choose "
+                             f"another output (the sweep file's `output`, or --output)\n"), result.stderr
+    assert (tmp_path / "out").read_text() == "my notes\n"
+    code, err = sweep_main_in_process(path, "--force", capsys=capsys)  # --force does not set a file aside either
+    assert code == 1 and "is a file; a sweep writes a directory" in err and "resume" not in err
+    assert (tmp_path / "out").read_text() == "my notes\n"
+
+
+def test_an_output_that_cannot_be_made_or_written_is_refused_before_anything_starts(tmp_path, capsys):
+    path = make_sweep(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    cases = [(tmp_path / "a-file" / "sweep", f"{tmp_path / 'a-file'} is a file, so the directory cannot be made"),
+             (tmp_path / ("x" * 300), "cannot use it (File name too long")]
+    if Path("/proc/self").is_dir():  # a folder nobody may write in, even root
+        cases.append((Path("/proc/engine-sweep-test"), "cannot write in /proc ("))
+    for out, fragment in cases:
+        code, err = sweep_main_in_process(path, "--output", out, capsys=capsys)
+        assert code == 1 and err.startswith(f"engine-sweep: output {out}") and fragment in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "resume" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "prompts.jsonl", "sweep.toml", "v.npy"]
+
+
 def test_a_changed_sweep_is_refused_unless_extend_or_force(tmp_path):
     path = make_sweep(tmp_path)
     out = tmp_path / "out"
@@ -329,8 +424,8 @@ def test_report_numbers_on_a_known_case(tmp_path):
     rows = [{"id": i, "completion": c, "finish_reason": f, "num_prompt_tokens": 3, "num_completion_tokens": n,
              "seed": made[i]["seed"], "steering": made[i]["steering"], "sweep": made[i]["sweep"]}
             for i, c, n, f in known]
-    write_jsonl(out / "results.jsonl", rows)
-    write_jsonl(out / "errors.jsonl", [{"line": 7, "id": "tiny/v@L1*4.0/prompts/2/s1", "error": "x"}])
+    write_jsonl(out / RESULTS, rows)
+    write_jsonl(out / ERRORS, [{"line": 7, "id": "tiny/v@L1*4.0/prompts/2/s1", "error": "x"}])
     paths = write_report(out)
     summary = {r["point"]: r for r in read_csv(out / "summary.csv")}
     base, steered = summary["none"], summary["v@L1*4.0"]
@@ -437,3 +532,12 @@ def test_a_disk_filling_mid_sweep_stops_it_cleanly_and_the_same_command_resumes(
     records = check_output(tmp_path, path)
     from engine.activations import load
     assert sorted(load(results)) == sorted(r["id"] for r in records)
+
+
+def test_report_of_a_folder_that_is_no_sweep_says_so_in_one_line(tmp_path):
+    """Through `python -m engine.sweep`, whose handler must catch the SweepError that engine.sweep_report raises."""
+    for target in (tmp_path / "nothing-here", make_sweep(tmp_path)):
+        result = engine_sweep("report", target)
+        assert result.returncode == 1
+        assert result.stderr == (f"engine-sweep report: {target}: no plan.json; give the output directory of an "
+                                 f"engine-sweep run\n"), result.stderr
