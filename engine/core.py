@@ -9,25 +9,32 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from engine.activations import ActivationRecorder
-from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
 from engine.attention import unsupported_reason
+from engine.config import EngineConfig
+from engine.decoder_worker import StopScanner
 from engine.kv_cache import KVCache, plan_slots
-from engine.models import ModelNotFound, ModelSource, effective_max_len, load_model, resolve_device, resolve_dtype
+from engine.model_runner import ModelRunner
+from engine.models import (
+    ModelNotFound,
+    ModelSource,
+    effective_max_len,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from engine.procs import Lifeline, MsgQueue
 from engine.request import RecordError
 from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import SteeringTable
-from engine.trace import StepTrace
-from engine.decoder_worker import StopScanner
 from engine.tokenizer_worker import load_tokenizer
+from engine.trace import StepTrace
 
 log = logging.getLogger("engine")
 
@@ -68,16 +75,44 @@ class EngineCore:
                              for _ in range(2)]
         self._flip = 0
         self.timing: dict = {}  # the last step's host timings (StepTrace)
+        self._is_unexpected_logged = False  # whether an admission error other than RecordError has been logged
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
-        """Queue one request; RecordError if its steering or capture cannot apply to this model."""
+        """Queue one request, or raise RecordError and keep nothing of it: whatever goes wrong while admitting one
+        request (its steering or capture, an unreadable vector file) is that request's error, not the core's.
+        Errors that may leave the device unusable (out of memory, CUDA errors: `is_device_error`) propagate, so
+        the core dies of them loudly instead of running on a poisoned device."""
+        try:
+            self._add(request, prompt_ids)
+        except RecordError:
+            raise
+        except Exception as exc:  # a record is the unit of failure; device errors are re-raised below
+            if is_device_error(exc):
+                raise
+            self._log_unexpected(request, exc)
+            raise RecordError(f"could not admit this record: {type(exc).__name__}: {exc}") from exc
+
+    def _add(self, request: dict, prompt_ids: torch.Tensor) -> None:
+        # What resolve leaves behind if it fails half-way is shared by content, not owned by the request (cached
+        # vector files and specs, table rows, hooks on layers that add zero to unsteered rows), so it is harmless.
         plan = self.steering.resolve(request["steering"], int(prompt_ids.shape[0]))
-        self.recorder.register(request["index"], request.get("capture"))
-        self.scheduler.add(Sequence(
+        seq = Sequence(
             index=request["index"], prompt_ids=prompt_ids, max_new_tokens=request["max_new_tokens"],
             temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
             seed=request["seed"], ignore_eos=request["ignore_eos"], stop=request["stop"], steering=plan,
-        ))
+        )
+        # The capture is registered last, when nothing after it can fail, so a refused request leaves none behind
+        # (register itself checks every layer before it keeps anything).
+        self.recorder.register(seq.index, request.get("capture"))
+        self.scheduler.add(seq)
+
+    def _log_unexpected(self, request: dict, exc: Exception) -> None:
+        """Log the first unexpected admission error with its traceback: an engine bug stays visible, once."""
+        if self._is_unexpected_logged:
+            return
+        self._is_unexpected_logged = True
+        log.warning("request %s could not be admitted (%s: %s); it becomes that record's error, and later such "
+                    "errors are not logged", request.get("index"), type(exc).__name__, exc, exc_info=exc)
 
     @property
     def has_work(self) -> bool:
@@ -145,11 +180,25 @@ class EngineCore:
         tokens = values if batch.is_prefill else [values[s.slot] for s in batch.seqs]  # decode rows are slots
         self.recorder.collect(batch, captured)
         finished = self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
+        for seq in finished:
+            if seq.finish_reason == "error":
+                self._fail_non_finite(seq)
         self.timing.update(wait_ms=1e3 * (read - waited - busy), read_ms=1e3 * (time.perf_counter() - read))
         return finished
 
+    def _fail_non_finite(self, seq: Sequence) -> None:
+        """End a sequence whose forward overflowed (it sampled NON_FINITE: NaN or inf logits, or a collapsed final
+        norm): its error, no activations, and its KV row cleared. The row's K/V may hold NaN by now, and attention
+        over the next owner's masked columns would still spread them (a NaN times a zero weight is NaN). Its slot is free already (Scheduler.update);
+        the clearing is queued on the device after every step launched so far, before any that reuses the slot."""
+        seq.error = non_finite_error(seq, self.dtype)
+        self.recorder.pop(seq.index)
+        for tensor in (*self.cache.k, *self.cache.v):
+            tensor[seq.slot, :, :seq.num_tokens].zero_()  # every column it (or a step still in flight) wrote
+
     def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
-        """In-process convenience: run requests to completion; returns finished sequences by index."""
+        """In-process convenience: run requests to completion; returns finished sequences by index (a sequence
+        that failed has finish_reason "error" and its message in `error`)."""
         for request, ids in zip(requests, prompts):
             self.add(request, torch.tensor(ids, dtype=torch.int64, device=self.device))
         done: dict[int, Sequence] = {}
@@ -165,6 +214,39 @@ def _step_timing(batch, started: float) -> dict:
     size = sum(s.num_prompt_tokens for s in batch.seqs) if batch.is_prefill else batch.num_rows
     return {"step": "prefill" if batch.is_prefill else "decode", "size": size,
             "launch_ms": 1e3 * (time.perf_counter() - started)}
+
+
+def non_finite_error(seq: Sequence, dtype: torch.dtype) -> str:
+    """The error of a sequence that sampled NON_FINITE: what happened, where, and what to change.
+
+    The sentinel does not say which of the two failures it was (logits NaN or inf, or a final norm whose mean of
+    squares overflowed, which zeroes every logit), so the message names both: one cause, the residual stream's size."""
+    name = str(dtype).removeprefix("torch.")
+    # output_ids holds the good tokens; the failed one is the next, counted from 1 as a reader counts tokens
+    where = (f"the model's forward became non-finite at generated token {len(seq.output_ids) + 1}: the residual "
+             f"stream grew too large for {name}'s range (the logits became NaN or inf, or the norms' mean of "
+             f"squares overflowed and they collapsed to 0)")
+    if seq.steering is not None:
+        return (f"{where}; the steering pushed it there: use a smaller coef (or norm_match, which scales the vector "
+                f"to the residual's norm)")
+    fix = "check the model's weights for NaN or inf" if dtype == torch.float32 else "run it in float32 (--dtype float32)"
+    return f"{where}; with no steering, the model itself overflowed on this prompt: {fix}"
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """Whether an exception may have left the device unusable: CUDA out of memory, a CUDA/accelerator error, or a
+    RuntimeError whose text says so (older torch raises CUDA errors as plain RuntimeErrors). Host MemoryError is
+    not one: a vector file whose header claims terabytes fails its own allocation and nothing else."""
+    if isinstance(exc, _DEVICE_ERRORS):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_ERROR_TEXTS)
+
+
+_DEVICE_ERRORS = tuple(kind for kind in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None),
+                                         getattr(torch.cuda, "CudaError", None),
+                                         getattr(torch.cuda, "DeferredCudaCallError", None)) if kind is not None)
+_DEVICE_ERROR_TEXTS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error",
+                       "device-side assert", "HIP error", "NCCL error")
 
 
 def finished_msg(seq: Sequence, activations: dict | None = None) -> dict:
@@ -245,7 +327,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
             finished = core.step(on_wait=admission.take)
             stats["steps"] += 1
             if finished:
-                dec_q.put({"seqs": [finished_msg(s, core.recorder.pop(s.index)) for s in finished]})
+                _send_finished(dec_q, core, finished)
                 if not core.has_work:
                     stats["idle_since"] = time.monotonic()
         if trace is not None:
@@ -258,6 +340,16 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
                 trace.flush()
     if trace is not None:
         trace.close()
+
+
+def _send_finished(dec_q: MsgQueue, core: EngineCore, finished: list[Sequence]) -> None:
+    """Finished sequences to the decoders; a failed one as its error, which a decoder passes on to the parent."""
+    for seq in finished:
+        if seq.error is not None:
+            dec_q.put({"t": "error", "index": seq.index, "error": seq.error})
+    results = [finished_msg(s, core.recorder.pop(s.index)) for s in finished if s.error is None]
+    if results:
+        dec_q.put({"seqs": results})
 
 
 class Admission:
@@ -312,7 +404,8 @@ def _memory_peaks(reader: SlotReader) -> dict:
 
 
 def _admit(core: EngineCore, reader: SlotReader, msg: dict, events: MsgQueue) -> int:
-    """Queue a ring slot's requests; returns how many."""
+    """Queue a ring slot's requests, each refused one as its error record (EngineCore.add makes every admission
+    error a RecordError, except device errors, which end the core); returns how many."""
     for request, (index, ids) in zip(msg["requests"], reader.read(msg["slot"], msg["seq"])):
         try:
             core.add(request, ids)

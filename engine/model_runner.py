@@ -3,7 +3,8 @@
 Prefill: the new sequences packed end to end in one row (not in a graph; on CUDA through the same compiled
 layers as decode), K/V written into their slots, logits of each prompt's last position only. Decode: one token
 for each of the first B slots from static device buffers; on CUDA the forward is captured in a CUDA graph per
-(B, attended length) bucket and replayed.
+(B, attended length) bucket and replayed. Every forward also checks, at the positions whose logits it keeps, that
+the final norm did not collapse (CollapseCheck).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ MIN_READ_LEN = 128
 
 
 class ModelRunner:
-    """Prefill and decode steps; returns sampled next tokens on the device."""
+    """Prefill and decode steps; returns sampled next tokens on the device (NON_FINITE for rows whose logits
+    overflowed or whose final norm collapsed, see engine.sampler)."""
 
     def __init__(self, model, steering: SteeringTable, cache: KVCache, use_graphs: bool,
                  recorder: ActivationRecorder, max_prefill_tokens: int):
@@ -43,7 +45,6 @@ class ModelRunner:
         text._attn_implementation = attention.NAME
         windows = {getattr(text, "sliding_window", None)} if "sliding_attention" in (getattr(text, "layer_types", None) or []) else set()
         self.windows = windows | {None}
-        self.sampler = Sampler()
         slots = cache.num_slots
         # Decode attends over a power-of-two bucket of columns >= every row's length (static for graphs).
         self.read_lens = sorted({min(MIN_READ_LEN << i, cache.max_len)
@@ -60,6 +61,8 @@ class ModelRunner:
         self.top_p = torch.ones(slots, dtype=torch.float32, device=self.device)
         self.top_k = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self.seed = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.collapse = CollapseCheck(model, slots, self.device)  # a prefill has at most one prompt per slot
+        self.sampler = Sampler(self.collapse.is_norm_ok)
         self.use_graphs = use_graphs and self.device.type == "cuda"
         if self.use_graphs:
             compile_layers(model)
@@ -98,7 +101,7 @@ class ModelRunner:
         steps = torch.zeros(len(seqs), dtype=torch.int64, device=self.device)
         tokens = self.sampler(logits, params, steps)
         slots = to_device([s.slot for s in seqs], torch.int64, self.device)
-        self.tokens.index_copy_(0, slots, tokens)
+        self.tokens.index_copy_(0, slots, _feedable(tokens))
         self._set_sampling(seqs, slots)
         self.steering.assign(seqs)
         return tokens
@@ -123,11 +126,13 @@ class ModelRunner:
         self.steering.set_active(self.steering.prefill_inputs(seqs, starts))
         self.recorder.start_prefill(seqs, starts, owner)
         last = to_device(starts[1:] - 1, torch.int64, self.device)
+        self.collapse.watch(last)
         try:
             out = self.model(input_ids=ids, position_ids=positions[None], use_cache=False, logits_to_keep=last)
         finally:
             self.steering.set_active({})
             self.recorder.stop()
+            self.collapse.stop()
         return out.logits[0]
 
     def _set_sampling(self, seqs: list[Sequence], slots: torch.Tensor) -> None:
@@ -143,7 +148,7 @@ class ModelRunner:
         logits = self.decode_logits(batch)
         params = self._decode_params(batch.seqs, rows)
         tokens = self.sampler(logits, params, self.meta[2, :rows])
-        self.tokens[:rows] = tokens
+        self.tokens[:rows] = _feedable(tokens)
         return tokens
 
     def decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -170,12 +175,14 @@ class ModelRunner:
         CONTEXT.masks = decode_masks(positions, read_len, self.windows)
         self.steering.set_active(self.steering.decode_inputs(rows))
         self.recorder.start_decode(rows)
+        self.collapse.watch(None)
         try:
             out = self.model(input_ids=self.tokens[:rows, None], position_ids=positions[:, None], use_cache=False,
                              logits_to_keep=1)
         finally:
             self.steering.set_active({})
             self.recorder.stop()
+            self.collapse.stop()
         # In the model's dtype: the greedy argmax and the fused sampler read it as is (casting 512 x 256k logits to
         # float32 inside the graph cost a write and a re-read of 0.5 GB a step); the sampler casts where it must.
         return out.logits[:, -1, :]
@@ -214,6 +221,63 @@ class ModelRunner:
 
     def step(self, batch: ScheduledBatch) -> torch.Tensor:
         return self.prefill(batch.seqs) if batch.is_prefill else self.decode(batch)
+
+
+def _feedable(tokens: torch.Tensor) -> torch.Tensor:
+    """Sampled tokens as the next decode embeds them: NON_FINITE (-1) becomes token 0. The host ends that sequence
+    when it reads the -1, but the step launched meanwhile still embeds its slot's token, and an id outside the
+    vocabulary there is an out-of-bounds gather (on CUDA a device-side assert that kills the whole core)."""
+    return tokens.clamp_min(0)
+
+
+def final_norm(model) -> torch.nn.Module | None:
+    """The norm applied to the last hidden state before the LM head (`model.model.norm`: Llama, Gemma, Qwen, Mistral,
+    Phi3, OLMo2; `model.model.language_model.norm` in a multimodal wrapper), or None if the model has none there."""
+    inner = getattr(model, "model", None)
+    for owner in (inner, getattr(inner, "language_model", None)):
+        norm = getattr(owner, "norm", None)
+        if isinstance(norm, torch.nn.Module):
+            return norm
+    return None
+
+
+class CollapseCheck:
+    """Whether each kept position's final norm worked: a bool per row in a static device buffer (`is_norm_ok`, which
+    the sampler reads), written by a forward pre-hook on the final norm while the runner watches a forward.
+
+    An RMSNorm scales by rsqrt(mean(h.float() ** 2) + eps). A residual stream that is finite but huge (a steering
+    coef of 1e38, say) overflows that mean to inf, rsqrt makes the scale 0, and the norm outputs exactly 0: every
+    logit is 0, finite, so the logits check passes and every token would be token 0. The hook computes that same
+    mean (a NaN or inf already in h fails it too) at the positions whose logits are kept only: a prefill's prompts'
+    last tokens (gathered first, so the cost is prompts x hidden), a decode's rows. It writes the buffer in place and
+    never syncs the host, so it is captured inside the decode CUDA graphs with the rest of the forward; every watched
+    forward overwrites the rows the sampler then reads, so warm-up and capture forwards leave nothing that matters."""
+
+    def __init__(self, model, max_rows: int, device):
+        norm = final_norm(model)
+        self.is_norm_ok = None if norm is None else torch.ones(max_rows, dtype=torch.bool, device=device)
+        self._kept: torch.Tensor | None = None  # prefill: the kept positions of the packed row; None: every row's
+        self._is_watching = False  # only the runner's forwards are checked (and their shapes known)
+        if norm is None:
+            log.info("%s has no final norm at model.model.norm: collapsed forwards (a residual stream too large for "
+                     "its norms' float range, which makes every logit 0) are not detected", type(model).__name__)
+        else:
+            norm.register_forward_pre_hook(self._check, with_kwargs=True)
+
+    def watch(self, kept: torch.Tensor | None) -> None:
+        """Check the next forward, at `kept` positions of a packed prefill row, or (None) at every decode row."""
+        self._kept, self._is_watching = kept, True
+
+    def stop(self) -> None:
+        self._kept, self._is_watching = None, False
+
+    def _check(self, module, args, kwargs) -> None:
+        """Write is_norm_ok for the watched forward's kept positions (a pre-hook: changes nothing it is given)."""
+        if not self._is_watching:
+            return
+        hidden = args[0] if args else next(iter(kwargs.values()))  # HF passes it positionally; a kwarg works too
+        kept = hidden[0].index_select(0, self._kept) if self._kept is not None else hidden[:, -1]
+        self.is_norm_ok[:kept.shape[0]].copy_(kept.float().pow(2).mean(-1).isfinite())
 
 
 def compile_layers(model) -> None:

@@ -4,6 +4,11 @@ Sampling is Gumbel-max: next token = argmax(logits / T + g), with g[v] hashed fr
 integer arithmetic. The noise of a row depends only on its own request, so a request's tokens do not
 depend on its batch-mates, the hash gives the same numbers on CPU and GPU, and (unlike inverse-CDF
 sampling) a last-bit difference in the logits almost never changes the pick.
+
+A row whose logits are not finite (NaN, +inf, or all -inf: an overflowed residual stream), or whose forward
+collapsed (a flag from the runner: the final norm's mean of squares overflowed, so every logit is 0, finite but
+meaningless), samples NON_FINITE instead of a token, whatever its temperature; the host ends that request with an
+error when it reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from engine.transfer import to_device
 
 _M32 = 0xFFFFFFFF
+NON_FINITE = -1  # the token a failed row samples (see above); never a vocabulary id, never fed to a forward
 
 try:  # the fused CUDA kernel; without Triton the PyTorch path computes the same noise
     from engine import sampler_kernel as _fused
@@ -68,21 +74,34 @@ class SamplingParams:
         return not sampled, max_top_k, uses_p or (any(r[2] > 0 for r in sampled) and not all_k)
 
     @classmethod
-    def build(cls, rows: list[tuple[float, float, int, int]], device) -> "SamplingParams":
+    def build(cls, rows: list[tuple[float, float, int, int]], device) -> SamplingParams:
         columns = [to_device([r[i] for r in rows], dtype, device)
                    for i, dtype in enumerate((torch.float32, torch.float32, torch.int64, torch.int64))]
         return cls(*columns, *cls.flags(rows))
 
 
 class Sampler:
-    """Turns last-position logits into next tokens, one row per request."""
+    """Turns last-position logits into next tokens, one row per request.
+
+    `is_norm_ok`: the runner's static flags (bool [max rows] on the device, see model_runner.CollapseCheck), which
+    each forward writes for its rows; logits [B, V] read rows [:B]. None: not checked (a model without a final norm,
+    or logits that come from no forward)."""
+
+    def __init__(self, is_norm_ok: torch.Tensor | None = None):
+        self.is_norm_ok = is_norm_ok
 
     def __call__(self, logits: torch.Tensor, params: SamplingParams, step: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] in any float dtype: widening bf16/fp16 to float32 is exact and keeps the order, so the
+        """Next tokens [B] for logits [B, V]; NON_FINITE for rows whose logits hold a NaN or +inf or are all -inf,
+        and for rows whose final norm collapsed.
+
+        Logits may be in any float dtype: widening bf16/fp16 to float32 is exact and keeps the order, so the
         greedy argmax reads them as they are, and sampling divides by the temperature in float32."""
         greedy = logits.argmax(dim=-1)
+        is_ok = _is_finite_rows(logits, greedy)
+        if self.is_norm_ok is not None:
+            is_ok = is_ok & self.is_norm_ok[:logits.shape[0]]
         if params.is_all_greedy:
-            return greedy
+            return torch.where(is_ok, greedy, NON_FINITE)
         is_fused = _fused is not None and logits.is_cuda
         if is_fused and not (params.needs_sort or params.max_top_k):
             # one pass: the kernel widens, divides by the temperature and adds the noise per element
@@ -98,7 +117,7 @@ class Sampler:
             sampled = _fused.gumbel_argmax(scaled.contiguous(), temperature, row_key(params.seed, step))
         else:
             sampled = (scaled + gumbel(params.seed, step, scaled.shape[-1])).argmax(dim=-1)
-        return torch.where(params.temperature > 0, sampled, greedy)
+        return torch.where(is_ok, torch.where(params.temperature > 0, sampled, greedy), NON_FINITE)
 
     @staticmethod
     def _top_k(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -120,3 +139,15 @@ class Sampler:
         drop |= ranks >= k
         drop[:, 0] = False  # the most likely token always stays
         return scaled.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def _is_finite_rows(logits: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """bool [B]: whether each row's largest logit is finite (no NaN, no +inf, not all -inf), read from B values.
+
+    argmax ranks NaN above every number (ATen's argmax and max share one comparator, GreaterOrNan in
+    SharedReduceOps.h, on CPU and CUDA, in every float dtype; tests/test_core_faults.py checks it on CPU), so a row
+    holding a NaN has a NaN at its argmax, a row holding +inf has +inf there, and a row of -inf only has -inf there:
+    the value at the argmax the sampler takes anyway tells all three apart from a usable row (one with some -inf,
+    as top-k masking makes, is usable). No second pass over [B, V] and no host sync; it runs after the decode
+    graph's replay, outside the graph."""
+    return logits.gather(-1, greedy[:, None])[:, 0].isfinite()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.sampler import NON_FINITE
+
 if TYPE_CHECKING:
     from engine.steering import SteerPlan
 
@@ -36,6 +38,7 @@ class Sequence:
     finish_reason: str | None = None
     slot: int = -1
     num_scheduled: int = 0  # tokens sampled on the device, including one the host has not read yet
+    error: str | None = None  # why it ended without a result (finish_reason "error"); the core words it
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -135,21 +138,31 @@ class Scheduler:
 
         A sequence that finished one step earlier (EOS seen late) was still computed; its token is dropped.
         `stop_hit(output_ids, stops)` says whether a stop string has appeared (the decoders cut the text there).
+        A NON_FINITE token (the forward overflowed: see engine.sampler) ends its sequence with finish_reason
+        "error", not appended.
         """
         finished = []
         for seq, token in zip(seqs, tokens):
             if seq.finish_reason is not None:
                 continue
-            seq.output_ids.append(token)
-            if token in eos_ids and not seq.ignore_eos:
-                seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.max_new_tokens:
-                seq.finish_reason = "length"
-            elif seq.stop and stop_hit is not None and stop_hit(seq.output_ids, seq.stop):
-                seq.finish_reason = "stop"
-            else:
+            seq.finish_reason = _finish_reason(seq, token, eos_ids, stop_hit)
+            if seq.finish_reason is None:
                 continue
             finished.append(seq)
             del self.running[seq.slot]
             heapq.heappush(self._free, seq.slot)
         return finished
+
+
+def _finish_reason(seq: Sequence, token: int, eos_ids: set[int], stop_hit) -> str | None:
+    """Take one sampled token into a running sequence; why it ends with it, or None if it goes on."""
+    if token == NON_FINITE:
+        return "error"
+    seq.output_ids.append(token)
+    if token in eos_ids and not seq.ignore_eos:
+        return "stop"
+    if len(seq.output_ids) >= seq.max_new_tokens:
+        return "length"
+    if seq.stop and stop_hit is not None and stop_hit(seq.output_ids, seq.stop):
+        return "stop"
+    return None

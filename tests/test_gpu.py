@@ -208,3 +208,34 @@ def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
     with capsys.disabled():
         print(f"\nteacher-forced logits, 200 prompts x 9 positions, bf16: largest relative error {worst:.4f}")
     assert worst < 0.05
+
+
+def test_a_broken_forward_ends_only_its_request_inside_the_graphs(tmp_path):
+    """bf16, decode in CUDA graphs: steering that overflows (NaN) or collapses the final norm (all-zero logits) ends
+    its request with an error at the step it breaks; batch-mates, greedy and sampled, get the tokens they get alone."""
+    import numpy as np
+
+    from engine.tokenizer_worker import load_tokenizer
+
+    core = _core()
+    tok = load_tokenizer(_tokenizer_dir(core))
+    hidden = core.steering.hidden_size
+    twos, normal = tmp_path / "twos.npy", tmp_path / "normal.npy"
+    np.save(twos, np.full(hidden, 2.0, dtype=np.float32))
+    np.save(normal, np.clip(np.random.default_rng(0).standard_normal(hidden), -2, 2).astype(np.float32))
+
+    def request(index, steering=None, temperature=0.0):
+        return dict(index=index, max_new_tokens=10, temperature=temperature, top_p=1.0, top_k=0, seed=index,
+                    ignore_eos=True, stop=[], steering=steering)
+
+    good = [request(10 + i, temperature=0.8 * (i % 2)) for i in range(6)]
+    bad = [request(0, {"vector": str(twos), "layers": [1, 2], "coef": 1e38, "positions": "generated"}),
+           request(1, {"vector": str(normal), "layers": [1], "coef": 1e38, "positions": "all"}, temperature=0.9)]
+    prompts = [tok(PROMPTS[r["index"] % len(PROMPTS)]).input_ids for r in bad + good]
+    with_bad = core.generate(bad + good, prompts)
+    alone = _core().generate(good, prompts[len(bad):])
+    for r in good:
+        assert with_bad[r["index"]].output_ids == alone[r["index"]].output_ids
+    for r in bad:
+        seq = with_bad[r["index"]]
+        assert seq.finish_reason == "error" and "non-finite" in seq.error, (seq.finish_reason, seq.output_ids)
