@@ -33,6 +33,7 @@ from engine.config import CaptureDefaults
 from engine.id_index import IdIndex
 from engine.request import RecordError
 from engine.steering import decoder_layers
+from engine.storage.files import fsync_path
 from engine.transfer import to_device
 
 ITEM_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -367,9 +368,9 @@ class ActivationStore:
         path = self.folder / f"{self._next:05d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
         save_file(self._tensors, str(tmp), metadata={"format": "pt"})
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(self.folder)
+        fsync_path(self.folder)
         with (self.folder / INDEX_NAME).open("ab") as f:
             f.write(index_lines)
             f.flush()
@@ -392,14 +393,6 @@ class ActivationStore:
 def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """About the size of a safetensors header: 8 bytes, then a JSON entry (key, dtype, shape, offsets) per tensor."""
     return 8 + sum(len(key.encode()) + 96 for key in tensors)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic_lines(path: Path, lines) -> None:

@@ -42,6 +42,7 @@ from engine.config import (
 )
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError
+from engine.storage.files import write_problem
 from engine.steering import save_vectors
 
 log = logging.getLogger("engine.extract")
@@ -299,25 +300,11 @@ def check_output(output: Path) -> None:
             if path.is_dir():
                 raise ExtractError(f"--output {output}: its report {path} would replace the folder of that name; "
                                    f"move that folder or choose another output")
-        folder = output.absolute().parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
     except OSError as exc:  # e.g. a name too long for the file system
         raise ExtractError(f"--output {output}: cannot use it ({exc.strerror or exc}); choose another path") from None
-    if not folder.is_dir():
-        raise ExtractError(f"--output {output}: {folder} is a file, not a folder, so the vectors cannot go under it; "
-                           f"choose an output in a folder")
-    _probe(folder, output)
-
-
-def _probe(folder: Path, output: Path) -> None:
-    try:
-        handle, name = tempfile.mkstemp(prefix=".engine-extract-probe-", dir=folder)
-        os.close(handle)
-        os.unlink(name)
-    except OSError as exc:
-        raise ExtractError(f"--output {output}: cannot write in {folder} ({exc.strerror or exc}); choose a folder you "
-                           f"can write to, or fix its permissions") from None
+    problem = write_problem(output.parent)
+    if problem:
+        raise ExtractError(f"--output {output}: {problem}; choose an output in a folder you can write to") from None
 
 
 def write_vectors(output: Path, vectors: dict[int, torch.Tensor], model_hint: str) -> None:

@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -47,6 +46,7 @@ from engine.id_index import IdIndex
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.request import RecordError, decode_line, derive_seed, parse_steering
+from engine.storage.files import write_atomic, write_problem  # noqa: F401 - write_atomic: cluster's too
 from engine.writer import DiskLow, JsonlWriter, scan_done_ids
 
 log = logging.getLogger("engine.sweep")
@@ -771,21 +771,11 @@ def check_output_dir(out: Path) -> None:
         if out.exists() and not out.is_dir():
             raise SweepError(f"output {out} is a file; a sweep writes a directory; choose another output (the sweep "
                              f"file's `output`, or --output)")
-        folder = out
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
     except OSError as exc:  # e.g. a name too long for the file system
         raise SweepError(f"output {out}: cannot use it ({_why(exc)}); choose another output") from None
-    if not folder.is_dir():
-        raise SweepError(f"output {out}: {folder} is a file, so the directory cannot be made under it; choose another "
-                         f"output")
-    try:
-        handle, name = tempfile.mkstemp(prefix=".engine-sweep-probe-", dir=folder)
-        os.close(handle)
-        os.unlink(name)
-    except OSError as exc:
-        raise SweepError(f"output {out}: cannot write in {folder} ({_why(exc)}); choose a directory you can write "
-                         f"to, or fix its permissions") from None
+    problem = write_problem(out)
+    if problem:
+        raise SweepError(f"output {out}: {problem}; choose a directory you can write to") from None
 
 
 def _why(exc: OSError) -> str:
@@ -818,16 +808,6 @@ def _compare(out: Path, plan: Plan, force: bool, extend: bool) -> str:
     raise SweepError(f"the sweep file changed since {out} was started ({shown}). Run the file it was started with "
                      f"to resume, pass --extend to run only the added requests (when nothing already run changes), "
                      f"--force to set the old results aside and start again, or use a new output directory.")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename: readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def free_gb(path: Path) -> float:

@@ -234,7 +234,7 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, ca
 def test_an_output_that_cannot_be_made_or_written_is_refused_before_anything_starts(tmp_path, capsys):
     path = make_sweep(tmp_path)
     (tmp_path / "a-file").write_text("x")
-    cases = [(tmp_path / "a-file" / "sweep", f"{tmp_path / 'a-file'} is a file, so the directory cannot be made"),
+    cases = [(tmp_path / "a-file" / "sweep", f"{tmp_path / 'a-file'} is a file, not a folder, so nothing can be made under it"),
              (tmp_path / ("x" * 300), "cannot use it (File name too long")]
     if Path("/proc/self").is_dir():  # a folder nobody may write in, even root
         cases.append((Path("/proc/engine-sweep-test"), "cannot write in /proc ("))

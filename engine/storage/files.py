@@ -7,14 +7,16 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in `folder` durable (a file's own fsync does not cover its directory entry)."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path; a folder's makes a rename or a new file in it durable (a file's own fsync
+    does not cover its directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -29,7 +31,28 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why files could not be made in `folder` (which may not exist yet: its nearest existing ancestor is tried), in
+    words a user can act on; None if they can. Probed with a temporary file, since permissions alone do not tell
+    (root, read-only mounts)."""
+    try:
+        folder = folder.absolute()
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    except OSError as exc:  # e.g. a name too long for the file system
+        return f"cannot use it ({exc.strerror or exc})"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder, so nothing can be made under it"
+    try:
+        handle, name = tempfile.mkstemp(prefix=".engine-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
 
 
 def time_stamp() -> str:

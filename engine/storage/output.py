@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from engine.id_index import IdIndex
 from engine.request import RecordError, decode_line, record_digest, record_id
-from engine.storage.files import FileLock, Locked, fsync_dir, move_aside, time_stamp
+from engine.storage.files import FileLock, Locked, fsync_path, move_aside, time_stamp, write_problem
 
 log = logging.getLogger("engine")
 
@@ -60,8 +60,9 @@ def check_output_path(output: Path, source: Path | None = None, option: str = "-
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{where}: cannot create its folder {output.parent} ({exc.strerror})") from None
-    if not os.access(output.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{where}: its folder {output.parent} is not writable; choose another --output")
+    problem = write_problem(output.parent)
+    if problem:
+        raise OutputError(f"{where}: {problem}; choose another --output")
     if output.exists() and not output.is_file():
         raise OutputError(f"{where} exists and is not a regular file (a device or a FIFO, say); give a file name")
     if output.exists() and not os.access(output, os.W_OK):
@@ -177,7 +178,7 @@ def _keep_aside(output: Path, damaged: list[tuple[int, bytes]], num_records: int
         dst.flush()
         os.fsync(dst.fileno())
     os.replace(tmp, output)
-    fsync_dir(output.parent)
+    fsync_path(output.parent)
     shown = ", ".join(str(n) for n, _ in damaged[:MAX_SHOWN]) + (", ..." if len(damaged) > MAX_SHOWN else "")
     log.warning("%s: %d line(s) (line %s) are not complete JSON records; moved them to %s and kept the %d valid "
                 "records; their records run again", output, len(damaged), shown, aside.name, num_records)
@@ -226,7 +227,7 @@ def drop_records(output: Path, ids: set[str]) -> Path:
         os.fsync(dst.fileno())
     aside = move_aside([output])[0]
     os.replace(tmp, output)
-    fsync_dir(output.parent)
+    fsync_path(output.parent)
     return aside
 
 
@@ -274,7 +275,7 @@ class ErrorLog:
             os.fsync(dst.fileno())
         seen.close()
         os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
 
 
 def _line_key(raw: bytes) -> str:
