@@ -183,6 +183,13 @@ class CaptureDefaults:
         return {"layers": sorted(set(self.layers)), "positions": self.positions}
 
 
+# The counts a run may set, with what they may be: far beyond the upper ends no machine has the memory, and a
+# typo there would fail deep in a process instead of here.
+COUNT_RANGES = {"max_num_seqs": (1, 1 << 16), "tokenizer_workers": (1, 256), "decoder_workers": (1, 256),
+                "ring_slots": (1, 4096), "max_prefill_tokens": (16, 1 << 24), "max_model_len": (2, 1 << 24),
+                "slot_tokens": (1024, 1 << 26)}
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine's processes need; built once by the CLI or the Python API."""
@@ -220,17 +227,12 @@ class EngineConfig:
         if self.devices and self.device != "auto":
             raise ConfigError(f"--device {self.device} and --devices {self.devices}: give one of them")
         self.devices = parse_devices(self.devices) if self.devices else []
-        for name in ("max_num_seqs", "tokenizer_workers", "decoder_workers", "ring_slots"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name, (low, high) in COUNT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: use a value in [{low}, {high:,}]")
         if not 0.05 <= self.gpu_memory_fraction <= 0.98:
             raise ConfigError(f"--gpu-memory-fraction {self.gpu_memory_fraction}: use a value in [0.05, 0.98]")
-        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 16:
-            raise ConfigError(f"--max-prefill-tokens {self.max_prefill_tokens}: must be at least 16")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"--max-model-len {self.max_model_len}: must be at least 2")
-        if self.slot_tokens < 1024:
-            raise ConfigError(f"slot_tokens={self.slot_tokens}: must be at least 1024")
         if self.steering_specs is not None:
             from engine.request import load_named_specs
 

@@ -77,6 +77,9 @@ SUMMARY_COLUMNS = ("model", "point", "vector", "layers", "coef", "positions", "n
                    "num_errors", "mean_completion_tokens", "median_completion_tokens")
 
 
+MAX_SAMPLES = 1_000_000  # samples per prompt and grid point; a plan holds every request id
+
+
 class SweepError(ValueError):
     """The sweep file or its output directory cannot be used; the message names the field or file and the fix."""
 
@@ -245,7 +248,7 @@ def _build(table: dict, path: Path, output: str | None) -> SweepConfig:
         prompts=_prompts(_need(table, "prompts", list, "prompts"), base),
         vectors=vectors,
         grid=_grid(grid_table),
-        samples=_int(table.get("samples", 1), "samples", minimum=1),
+        samples=_int(table.get("samples", 1), "samples", minimum=1, maximum=MAX_SAMPLES),
         seed=_int(table.get("seed", 0), "seed", minimum=0),
         paired_seeds=_bool(table.get("paired_seeds", False), "paired_seeds"),
         min_free_gb=_number(table.get("min_free_gb", 1.0), "min_free_gb", minimum=0.0),
@@ -306,11 +309,13 @@ def _list(value, where: str) -> list:
     return value
 
 
-def _int(value, where: str, minimum: int | None = None) -> int:
+def _int(value, where: str, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SweepError(f"{where} must be an integer, got {_shown(value)}")
     if minimum is not None and value < minimum:
         raise SweepError(f"{where} is {value}; it must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SweepError(f"{where} is {_shown(value)}; it must be at most {maximum:,}")
     return value
 
 

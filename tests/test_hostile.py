@@ -235,6 +235,8 @@ def test_damaged_lines_in_the_middle_are_kept_aside_and_later_records_stay(tmp_p
     (["--steer-coef", "nan"], "--steer-coef must be a finite number"),
     (["--steer-coef", "inf"], "--steer-coef must be a finite number"),
     (["--steer-coef", "1e39"], "beyond float32's range"),
+    (["--max-num-seqs", "99999999999"], "--max-num-seqs 99999999999: use a value in [1, 65,536]"),
+    (["--tokenizer-workers", "0"], "--tokenizer-workers 0: use a value in [1, 256]"),
 ])
 def test_flags_share_the_record_validation(tmp_path, flags, fragment):
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])

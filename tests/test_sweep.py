@@ -118,6 +118,7 @@ BAD_FILES = [
     ("layers = [1, [0, 2]]", "layers = [1, [0, -2]]", "grid.layers[1][1] is -2; it must be at least 0"),
     ("vectors = [\"v\"]", "vectors = [\"w\"]", "grid.vectors[0] 'w' is not in [vectors]"),
     ("samples = 2", "samples = 0", "samples is 0; it must be at least 1"),
+    ("samples = 2", "samples = 100000000000000000000", "samples is 100000000000000000000; it must be at most 1,000,000"),
     ("label = \"tiny\"", "label = \"a/b\"", "models[0].label is 'a/b'"),
     ("v = \"v.npy\"", "v = \"missing.npy\"", "vectors.v:"),
     ("temperature = 0.9", "temperature = -1", "generation: temperature"),  # SamplingDefaults' check, its field named
