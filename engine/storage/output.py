@@ -250,6 +250,10 @@ class ErrorLog:
         if self._now.add(key) and key not in self._before:
             self.file.write(line)
 
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
     def close(self, is_complete: bool) -> None:
         """Close; when the run reached its input's end, drop the lines this run did not write again."""
         self.file.close()
