@@ -8,7 +8,9 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -202,15 +204,28 @@ def _died(engine: Engine) -> str:
     return f"; {num} engine core{'s' * (num != 1)} died, the others ran their requests" if num else ""
 
 
-def interrupt_on_signals() -> None:
+@contextmanager
+def interrupt_on_signals():
     """From a command's first line, SIGINT and SIGTERM raise KeyboardInterrupt (start-up stops, children are ended,
-    exit 130); once generation runs, `draining` replaces that with a drain."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
+    exit 130); once generation runs, a drain replaces that. The old handlers come back at the end (a caller in a
+    thread other than the main one keeps its own: only the main thread may set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_main(argv: list[str] | None = None) -> int:
-    interrupt_on_signals()
+    with interrupt_on_signals():
+        return _run_main(argv)
+
+
+def _run_main(argv: list[str] | None) -> int:
     try:
         args = run_parser().parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="engine-run: %(message)s")

@@ -158,7 +158,8 @@ class EngineActor:
         writer = JsonlWriter(output, manifest, ordered=False)
         self._running(True)
         try:
-            for outcome in engine.run(read_requests(self._sources(index, label), config, done)):
+            # a batch part's results carry their input digests, so engine-run can resume the merged output
+            for outcome in engine.run(read_requests(self._sources(index, label), config, done, digests=label is None)):
                 writer.write(outcome)
                 self._count(outcome)
         except EngineError:
