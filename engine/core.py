@@ -189,8 +189,9 @@ class EngineCore:
     def _fail_non_finite(self, seq: Sequence) -> None:
         """End a sequence whose forward overflowed (it sampled NON_FINITE: NaN or inf logits, or a collapsed final
         norm): its error, no activations, and its KV row cleared. The row's K/V may hold NaN by now, and attention
-        over the next owner's masked columns would still spread them (a NaN times a zero weight is NaN). Its slot is free already (Scheduler.update);
-        the clearing is queued on the device after every step launched so far, before any that reuses the slot."""
+        over the next owner's masked columns would still spread them (a NaN times a zero weight is NaN). Its slot is
+        free already (Scheduler.update); the clearing is queued on the device after every step launched so far,
+        before any that reuses the slot."""
         seq.error = non_finite_error(seq, self.dtype)
         self.recorder.pop(seq.index)
         for tensor in (*self.cache.k, *self.cache.v):
