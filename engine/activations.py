@@ -33,7 +33,7 @@ from engine.config import CaptureDefaults
 from engine.id_index import IdIndex
 from engine.request import RecordError
 from engine.steering import decoder_layers
-from engine.storage.files import fsync_path
+from engine.storage.files import fsync_path, write_atomic
 from engine.transfer import to_device
 
 ITEM_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -330,7 +330,7 @@ class ActivationStore:
             if done is None:
                 raise ValueError(f"{self.folder}: resuming an activation index needs the output's done ids")
             kept = (line for line in complete_lines(index) if done.has_shard(line["id"], line["shard"]))
-            _write_atomic_lines(index, (json.dumps(line) + "\n" for line in kept))
+            write_atomic(index, ((json.dumps(line) + "\n").encode() for line in kept))
         numbers = [int(p.stem) for p in self.folder.glob("*.safetensors") if p.stem.isdigit()]
         return max(numbers, default=-1) + 1
 
@@ -393,15 +393,6 @@ class ActivationStore:
 def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """About the size of a safetensors header: 8 bytes, then a JSON entry (key, dtype, shape, offsets) per tensor."""
     return 8 + sum(len(key.encode()) + 96 for key in tensors)
-
-
-def _write_atomic_lines(path: Path, lines) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_lines(path: Path):

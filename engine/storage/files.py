@@ -9,6 +9,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,11 +24,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename, fsync the folder: readers see the old file or the new one."""
+def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write `data` (bytes, or chunks streamed one by one, which may still read the old file) to a temporary file,
+    fsync, rename, fsync the folder: readers see the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
-        f.write(data)
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            f.writelines(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -12,12 +12,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from engine.id_index import IdIndex
 from engine.request import RecordError, decode_line, record_digest, record_id
-from engine.storage.files import FileLock, Locked, fsync_path, move_aside, time_stamp, write_problem
+from engine.storage.files import FileLock, Locked, move_aside, time_stamp, write_atomic, write_problem
 
 log = logging.getLogger("engine")
 
@@ -172,13 +173,7 @@ def _keep_aside(output: Path, damaged: list[tuple[int, bytes]], num_records: int
     aside = output.with_name(f"{output.name}.damaged-{time_stamp()}")
     aside.write_bytes(b"".join(raw for _, raw in damaged))
     bad = {number for number, _ in damaged}
-    tmp = output.with_name(f".{output.name}.tmp")
-    with output.open("rb") as src, tmp.open("wb") as dst:
-        dst.writelines(raw for number, raw in enumerate(src, 1) if number not in bad)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, output)
-    fsync_path(output.parent)
+    write_atomic(output, (raw for number, raw in enumerate(_lines(output), 1) if number not in bad))
     shown = ", ".join(str(n) for n, _ in damaged[:MAX_SHOWN]) + (", ..." if len(damaged) > MAX_SHOWN else "")
     log.warning("%s: %d line(s) (line %s) are not complete JSON records; moved them to %s and kept the %d valid "
                 "records; their records run again", output, len(damaged), shown, aside.name, num_records)
@@ -220,14 +215,9 @@ def changed_message(output: Path, changed: list[tuple[int, str]]) -> str:
 
 def drop_records(output: Path, ids: set[str]) -> Path:
     """Rewrite the output without the records of `ids`; the old file is kept as `*.replaced-<time>`."""
-    tmp = output.with_name(f".{output.name}.tmp")
-    with output.open("rb") as src, tmp.open("wb") as dst:
-        dst.writelines(raw for raw in src if (_record(raw) or {}).get("id") not in ids)
-        dst.flush()
-        os.fsync(dst.fileno())
-    aside = move_aside([output])[0]
-    os.replace(tmp, output)
-    fsync_path(output.parent)
+    aside = output.with_name(f"{output.name}.replaced-{time_stamp()}")
+    shutil.copyfile(output, aside)
+    write_atomic(output, (raw for raw in _lines(output) if (_record(raw) or {}).get("id") not in ids))
     return aside
 
 
@@ -268,18 +258,14 @@ class ErrorLog:
         return any(_line_key(raw) not in self._now for raw in _complete_lines(self.path))
 
     def _compact(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        seen = IdIndex()
-        with tmp.open("wb") as dst:
-            for raw in _complete_lines(self.path):
-                key = _line_key(raw)
-                if key in self._now and seen.add(key):
-                    dst.write(raw)
-            dst.flush()
-            os.fsync(dst.fileno())
-        seen.close()
-        os.replace(tmp, self.path)
-        fsync_path(self.path.parent)
+        with IdIndex() as seen:
+            write_atomic(self.path, (raw for raw in _complete_lines(self.path)
+                                     if (key := _line_key(raw)) in self._now and seen.add(key)))
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        yield from f
 
 
 def _line_key(raw: bytes) -> str:
