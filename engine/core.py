@@ -34,7 +34,7 @@ from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import SteeringTable
 from engine.tokenizer_worker import load_tokenizer
-from engine.trace import StepTrace
+from engine.trace import Phases, StepTrace
 
 log = logging.getLogger("engine")
 
@@ -50,12 +50,15 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, source: ModelSource):
         self.config = config
+        self.phases = Phases()  # start-up, phase by phase (what engine-bench reports)
         self.device = resolve_device(config.device)
         if torch.device(self.device).index is not None:  # Triton kernels and CUDA graphs use the current device
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         tok = load_tokenizer(source.tokenizer_dir)
+        self.phases.done("tokenizer")
         self.model = load_model(source, self.dtype, self.device, vocab_size=len(tok))
+        self.phases.done("load")
         self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok.eos_token_id)
         self.stops = StopScanner(tok)
         reason = unsupported_reason(self.model.config)
@@ -68,7 +71,8 @@ class EngineCore:
         self.steering = SteeringTable(self.model, self.device, slots)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
         self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
-                                  recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens)
+                                  recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens,
+                                  phases=self.phases)
         self.scheduler = Scheduler(slots, self.max_prefill_tokens)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
         self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
@@ -312,6 +316,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     reader = SlotReader(ring, core.device)
     name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"
     events.put({"t": "ready", "core": number, "startup_s": time.perf_counter() - started, "device": name,
+                "phases": core.phases.seconds,
                 "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
     # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling, idle_since:
     # when the last sequence finished (both monotonic; engine-bench's window runs between them)

@@ -23,6 +23,7 @@ from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SamplingParams
 from engine.scheduler import ScheduledBatch, Sequence, batch_sizes, bucket
 from engine.steering import SteeringTable, decoder_layers
+from engine.trace import Phases
 from engine.transfer import to_device
 
 log = logging.getLogger("engine")
@@ -35,7 +36,7 @@ class ModelRunner:
     overflowed or whose final norm collapsed, see engine.sampler)."""
 
     def __init__(self, model, steering: SteeringTable, cache: KVCache, use_graphs: bool,
-                 recorder: ActivationRecorder, max_prefill_tokens: int):
+                 recorder: ActivationRecorder, max_prefill_tokens: int, phases: Phases | None = None):
         self.model, self.steering, self.cache = model, steering, cache
         self.recorder = recorder
         self.device = next(model.parameters()).device
@@ -64,13 +65,18 @@ class ModelRunner:
         self.collapse = CollapseCheck(model, slots, self.device)  # a prefill has at most one prompt per slot
         self.sampler = Sampler(self.collapse.is_norm_ok)
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        phases = phases or Phases()
+        phases.done("setup")
         if self.use_graphs:
             compile_layers(model)
             self._warm_prefill(max_prefill_tokens)
+            phases.done("compile")
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._graph_version = -1
         self.capture_all()
+        phases.done("capture")
         self._warm_sampler()
+        phases.done("sampler")
 
     def _warm_sampler(self) -> None:
         """Compile the fused sampler kernel now, not in the middle of the first sampled step (~1-2 s)."""

@@ -166,6 +166,7 @@ class Engine:
         self._next_check = 0.0
         self._stats_id = 0
         self.dtype = ""  # from the cores' ready messages
+        self.startup_phases: dict[int, dict[str, float]] = {}  # core number -> its start-up phases (trace.Phases)
         self.generate_s = 0.0  # time spent inside run(), for throughput
         try:  # whatever stops start-up (a signal, a stage's failure), no process outlives it
             self._start(ctx)
@@ -208,6 +209,7 @@ class Engine:
                 continue
             if msg["t"] == "ready":
                 self.lanes[msg["core"]].name, self.dtype = msg["device"], msg["dtype"]
+                self.startup_phases[msg["core"]] = msg.get("phases", {})
                 waiting.discard(msg["core"])
             else:
                 self._handle_control(msg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,3 +47,31 @@ class StepTrace:
     def close(self) -> None:
         gc.callbacks.remove(self._on_gc)
         self._file.close()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: its start time in /proc; elsewhere 0), so the interpreter's start
+    and the imports before any engine code ran count in start-up phases."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class Phases:
+    """A process's start-up, phase by phase: {name: seconds} in the order they ended; the first phase, `imports`,
+    runs from the process's start to this object's creation."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {"imports": round(process_age(), 3)}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        """End phase `name` (the time since the last phase ended; a name given twice adds up)."""
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
