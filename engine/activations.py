@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.activation_messages import trim_generated  # noqa: F401 - re-exported for existing importers
 from engine.config import CaptureDefaults
 from engine.id_index import IdIndex
 from engine.request import RecordError
@@ -36,7 +37,6 @@ from engine.steering import decoder_layers
 from engine.storage.files import fsync_path, write_atomic
 from engine.transfer import to_device
 
-ITEM_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_SHARD_BYTES = 512 << 20
 FLUSH_SECONDS = 30.0
 INDEX_NAME = "index.jsonl"
@@ -54,12 +54,14 @@ class _Capture:
 
 
 class ActivationRecorder:
-    """Forward hooks on the captured decoder layers: prefill reduces on the device into per-request tensors;
-    decode writes every running slot into a static [num_slots, num_generated_layers, H] buffer (read inside the
-    CUDA graphs), which the core copies to pinned host memory with the step's tokens, one step ahead.
+    """Forward hooks on every decoder layer, armed per forward for the layers requests capture: prefill reduces on
+    the device into per-request tensors; decode writes every running slot into a static [num_slots, num_layers, H]
+    buffer (read inside the CUDA graphs), whose captured layers the core copies to pinned host memory with the
+    step's tokens, one step ahead.
 
-    Hooks are added as requests first ask for a layer and never removed. `version` changes when the decode
-    buffer is reallocated (a new `generated` layer); the runner re-captures its graphs then.
+    The hooks exist from the start and the decode buffer, made when a request first captures generated tokens, has
+    a column for every layer; a CUDA graph of a capturing decode step writes them all. So a request capturing a
+    layer no earlier one did needs no new hook and no re-capture (`graph_key` only says whether a step captures).
     """
 
     def __init__(self, model, steering, device, num_slots: int, capture: CaptureDefaults):
@@ -70,16 +72,18 @@ class ActivationRecorder:
         self.dtype_name = capture.dtype
         self.dtype = getattr(torch, capture.dtype)
         self.is_before_steering = capture.is_before_steering
-        self.version = 0
         self.requests: dict[int, _Capture] = {}  # Sequence.index -> its capture
-        self.generated_layers: list[int] = []  # decode buffer column -> layer
-        self.decode_buffer: torch.Tensor | None = None
-        self._host: list[torch.Tensor] = []  # two pinned copies of the decode buffer, used in turn
+        self.generated_layers: list[int] = []  # layers captured at generated positions, first use first
+        self.decode_buffer: torch.Tensor | None = None  # [num_slots, num_layers, H], made on first need
+        self._columns: torch.Tensor | None = None  # generated_layers on the device, for the copy to the host
+        self._host: list[torch.Tensor] = []  # two pinned [num_slots, len(generated_layers), H] copies, used in turn
         self._flip = 0
-        self._handles: dict = {}  # layer -> hook handle
-        self._ordered_at = -1  # the steering version the hook order was last fixed for
         self._active: dict[int, partial] = {}  # layer -> what the hook does in the running forward
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # the last prefill's (index, layer, device tensor)
+        for index, layer in enumerate(self.layers):
+            handle = layer.register_forward_hook(self._make_hook(index))
+            if self.is_before_steering:  # ahead of the steering hooks (which the SteeringTable registered first)
+                layer._forward_hooks.move_to_end(handle.id, last=False)
 
     # ---- requests
     def register(self, index: int, spec: dict | None) -> None:
@@ -90,10 +94,8 @@ class ActivationRecorder:
         if bad:
             raise RecordError(f"capture layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
         capture = _Capture(list(spec["layers"]), spec["positions"])
-        for layer in capture.layers:
-            self._hook(layer)
-            if capture.positions == "generated":
-                capture.columns.append((layer, self._column(layer)))
+        if capture.positions == "generated":
+            capture.columns = [(layer, self._column(layer)) for layer in capture.layers]
         self.requests[index] = capture
 
     def pop(self, index: int) -> dict | None:
@@ -113,11 +115,6 @@ class ActivationRecorder:
         return _numpy(torch.empty(num_layers, 0, self.hidden_size, dtype=self.dtype))
 
     # ---- hooks
-    def _hook(self, layer: int) -> None:
-        if layer not in self._handles:
-            self._handles[layer] = self.layers[layer].register_forward_hook(self._make_hook(layer))
-            self._ordered_at = -1
-
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             write = self._active.get(layer)
@@ -126,26 +123,22 @@ class ActivationRecorder:
 
         return hook
 
-    def _order(self) -> None:
-        """Put the capture hooks after (or, before steering, ahead of) the steering hooks of their layer.
-
-        Steering registers its hooks with prepend=True whenever a request first steers a layer, so the order is
-        fixed again whenever the steering version moves, before the next forward (and before graph capture)."""
-        if self._ordered_at == self.steering.version:
-            return
-        for layer, handle in self._handles.items():
-            self.layers[layer]._forward_hooks.move_to_end(handle.id, last=not self.is_before_steering)
-        self._ordered_at = self.steering.version
-
     def _column(self, layer: int) -> int:
+        """The column of `layer` in the host copy of a decode step (stable: layers are only appended)."""
+        if self.decode_buffer is None:
+            self.decode_buffer = torch.zeros(self.num_slots, self.num_layers, self.hidden_size, dtype=self.dtype,
+                                             device=self.device)
         if layer not in self.generated_layers:
             self.generated_layers.append(layer)
+            self._columns = torch.tensor(self.generated_layers, dtype=torch.int64).to(self.device)
             shape = (self.num_slots, len(self.generated_layers), self.hidden_size)
-            self.decode_buffer = torch.zeros(shape, dtype=self.dtype, device=self.device)
             pin = self.device.type == "cuda"
             self._host = [torch.zeros(shape, dtype=self.dtype, pin_memory=pin) for _ in range(2)]
-            self.version += 1
         return self.generated_layers.index(layer)
+
+    def graph_key(self, batch) -> bool:
+        """Whether a decode step captures (any of its sequences records generated tokens): part of its graph's key."""
+        return any(self._generated(s.index) for s in batch.seqs)
 
     def stop(self) -> None:
         self._active = {}
@@ -164,7 +157,6 @@ class ActivationRecorder:
                 by_layer[layer].append((j, seq.index, capture.positions))
         if not by_layer:
             return
-        self._order()
         spans = (starts, owner, len(seqs))
         self._active = {layer: partial(self._reduce, layer, items, spans) for layer, items in by_layer.items()}
 
@@ -192,15 +184,16 @@ class ActivationRecorder:
         self._pending += [(index, layer, values[i]) for i, (_, index) in enumerate(items)]
 
     # ---- decode: static buffers, read inside the graphs
-    def start_decode(self, num_rows: int) -> None:
-        """Arm the hooks of the `generated` layers to write the first num_rows slots into the decode buffer."""
-        if not self.generated_layers:
+    def start_decode(self, num_rows: int, is_capturing: bool, is_graph: bool) -> None:
+        """Arm the hooks to write the first num_rows slots into the decode buffer: in a captured graph every layer's
+        column (see the class doc), else the captured layers' only; nothing for a step that captures nothing."""
+        if not is_capturing:
             return
-        self._order()
-        self._active = {layer: partial(self._write, num_rows, column) for column, layer in enumerate(self.generated_layers)}
+        layers = range(self.num_layers) if is_graph else self.generated_layers
+        self._active = {layer: partial(self._write, num_rows, layer) for layer in layers}
 
-    def _write(self, num_rows: int, column: int, hidden: torch.Tensor) -> None:
-        self.decode_buffer[:num_rows, column].copy_(hidden[:, -1])
+    def _write(self, num_rows: int, layer: int, hidden: torch.Tensor) -> None:
+        self.decode_buffer[:num_rows, layer].copy_(hidden[:, -1])
 
     # ---- to the host, one step ahead
     def stage(self, batch) -> tuple | None:
@@ -217,7 +210,7 @@ class ActivationRecorder:
             return None
         host = self._host[self._flip][:batch.num_rows]
         self._flip ^= 1
-        host.copy_(self.decode_buffer[:batch.num_rows], non_blocking=True)
+        host.copy_(self.decode_buffer[:batch.num_rows].index_select(1, self._columns), non_blocking=True)
         return host, None
 
     def _generated(self, index: int) -> bool:
@@ -253,18 +246,6 @@ def _numpy(host: torch.Tensor) -> np.ndarray:
 
 
 # ---- messages between processes
-def trim_generated(message: dict, num_tokens: int) -> dict:
-    """Keep `generated` rows for all but the last of the completion tokens a stop string left, as without a cut."""
-    if message["positions"] != "generated":
-        return message
-    keep = max(num_tokens - 1, 0)
-    layers = {}
-    for layer, (shape, data) in message["layers"].items():
-        size = ITEM_SIZES[message["dtype"]] * math.prod(shape[1:])
-        layers[layer] = [[min(shape[0], keep), *shape[1:]], data[:keep * size]]
-    return {**message, "layers": layers}
-
-
 def tensors_of(message: dict) -> dict[int, torch.Tensor]:
     """A message's activations as CPU tensors {layer: tensor}."""
     dtype = getattr(torch, message["dtype"])

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.kv_cache import KVCache
+from engine.steering import decoder_layers
 
 log = logging.getLogger("engine")
 
 NAME = "engine"
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CACHE_BUFFERS = ("engine_k_cache", "engine_v_cache")  # bind_cache's buffer names on an attention module
 
 
 @dataclass(slots=True)
@@ -53,16 +55,57 @@ def unsupported_reason(model_config) -> str | None:
     return None
 
 
-@torch.compiler.disable  # compiled decoder layers call it eagerly: slot writes and kernels are ours
 def engine_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
-    """HF attention-interface entry: query [B, H, T, D], key/value [B, KVH, T, D] -> ([B, T, H, D], None)."""
-    ctx = CONTEXT
+    """HF attention-interface entry: query [B, H, T, D], key/value [B, KVH, T, D] -> ([B, T, H, D], None).
+
+    Inside a compiled decoder layer it is one opaque op (engine::attention) over the layer's cache tensors, which
+    bind_cache made buffers of the attention module: no graph break, so a layer is one graph, not four, and the
+    layers share it (a buffer is a graph input, where the layer's index would be a constant guarded per layer)."""
+    k_cache = getattr(module, CACHE_BUFFERS[0], None)
+    if k_cache is not None and torch.compiler.is_compiling():
+        v_cache = getattr(module, CACHE_BUFFERS[1])
+        return torch.ops.engine.attention(query, key, value, k_cache, v_cache, sliding_window or 0, scaling), None
+    return _eager_attention(module, query, key, value, scaling, sliding_window)
+
+
+@torch.compiler.disable  # a compiled layer whose module has no bound cache calls it eagerly (a graph break)
+def _eager_attention(module, query, key, value, scaling, sliding_window):
     layer = module.layer_idx
-    k_cache, v_cache = ctx.cache.k[layer], ctx.cache.v[layer]
-    window = sliding_window or None
+    return _attend(query, key, value, CONTEXT.cache.k[layer], CONTEXT.cache.v[layer], sliding_window or None,
+                   scaling), None
+
+
+def _attend(query, key, value, k_cache, v_cache, window, scaling):
+    ctx = CONTEXT
     if ctx.is_prefill:
-        return _prefill(query, key, value, k_cache, v_cache, ctx, window, scaling), None
-    return _decode(query, key, value, k_cache, v_cache, ctx, window, scaling), None
+        return _prefill(query, key, value, k_cache, v_cache, ctx, window, scaling)
+    return _decode(query, key, value, k_cache, v_cache, ctx, window, scaling)
+
+
+@torch.library.custom_op("engine::attention", mutates_args=())
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, window: int, scaling: float | None) -> torch.Tensor:
+    """The engine's attention as compiled layers see it. It writes the step's K/V into the caches, which no other
+    op of a layer's graph reads, so declaring no mutation cannot reorder anything that matters (and keeps
+    functionalization from copying the caches)."""
+    return _attend(query, key, value, k_cache, v_cache, window or None, scaling).contiguous()
+
+
+@_attention_op.register_fake
+def _(query, key, value, k_cache, v_cache, window, scaling):
+    batch, heads, tokens, dim = query.shape
+    return query.new_empty(batch, tokens, heads, dim)
+
+
+def bind_cache(model, cache: KVCache) -> None:
+    """Give each decoder layer's attention module its cache tensors as (non-persistent) buffers, for the compiled
+    path of engine_attention; a model whose layers have no `self_attn` with a `layer_idx` keeps the eager call."""
+    for layer in decoder_layers(model):
+        attn = getattr(layer, "self_attn", None)
+        if not isinstance(attn, torch.nn.Module) or not isinstance(getattr(attn, "layer_idx", None), int):
+            continue
+        attn.register_buffer(CACHE_BUFFERS[0], cache.k[attn.layer_idx], persistent=False)
+        attn.register_buffer(CACHE_BUFFERS[1], cache.v[attn.layer_idx], persistent=False)
 
 
 def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):

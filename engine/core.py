@@ -38,6 +38,10 @@ from engine.trace import Phases, StepTrace
 
 log = logging.getLogger("engine")
 
+# Steering-table rows preallocated (distinct vectors before it grows): growing it re-captures the steered decode
+# graphs, so a GPU reserves many (4096 x hidden x 6 bytes: 50 MB at hidden 2048); a CPU has no graphs.
+STEERING_ROWS = {"gpu": 4096, "cpu": 1024}
+
 
 def _as_set(value) -> set[int]:
     if value is None:
@@ -68,7 +72,8 @@ class EngineCore:
         slots, self.max_prefill_tokens = plan_slots(self.model.config, config.max_num_seqs, max_len, self.dtype,
                                                     self.device, config.gpu_memory_fraction, config.max_prefill_tokens)
         self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
-        self.steering = SteeringTable(self.model, self.device, slots)
+        rows = STEERING_ROWS["cpu" if self.device == "cpu" else "gpu"]
+        self.steering = SteeringTable(self.model, self.device, slots, capacity=rows)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
         self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
                                   recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens,
@@ -340,7 +345,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
             trace.iteration(iteration, admission.seconds, admission.count, core.timing if stepped else None)
         admission.seconds, admission.count = 0.0, 0
         if time.monotonic() - last_report > 1.0:
-            events.put({**stats, **_memory_peaks(reader)})
+            events.put({**stats, "graphs": core.runner.graph_stats, **_memory_peaks(reader)})
             last_report = time.monotonic()
             if trace is not None:
                 trace.flush()

@@ -21,7 +21,7 @@ from engine.activations import ActivationRecorder
 from engine.attention import CONTEXT, decode_masks
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler, SamplingParams
-from engine.scheduler import ScheduledBatch, Sequence, batch_sizes, bucket
+from engine.scheduler import ScheduledBatch, Sequence, bucket
 from engine.steering import SteeringTable, decoder_layers
 from engine.trace import Phases
 from engine.transfer import to_device
@@ -68,12 +68,17 @@ class ModelRunner:
         phases = phases or Phases()
         phases.done("setup")
         if self.use_graphs:
+            attention.bind_cache(model, cache)
             compile_layers(model)
             self._warm_prefill(max_prefill_tokens)
             phases.done("compile")
-        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
-        self._graph_version = -1
-        self.capture_all()
+        self._graphs: dict[tuple, _DecodeGraph] = {}  # GraphKey -> its graph, captured on first use
+        self._stale: set[tuple] = set()  # keys whose graph was dropped because an input it read was reallocated
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one memory pool for all graphs
+        self._steering_version = steering.version
+        self.graph_stats = {"captures": 0, "recaptures": 0, "capture_s": 0.0}
+        if self.use_graphs:  # the largest unsteered bucket now: its pool memory is then there for every later graph
+            self._capture((cache.num_slots, self.read_lens[-1], None, False))
         phases.done("capture")
         self._warm_sampler()
         phases.done("sampler")
@@ -159,7 +164,11 @@ class ModelRunner:
 
     def decode_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         rows = batch.num_rows
-        self.capture_all()  # before this step's inputs are set: a capture overwrites them
+        read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
+        key = (rows, read_len, self.steering.graph_key(any(s.steering is not None for s in batch.seqs)),
+               self.recorder.graph_key(batch))
+        if key not in self._graphs:
+            self._capture(key)  # before this step's inputs are set: a capture's forwards overwrite them
         staging = self._meta_hosts[self._meta_flip]
         self._meta_flip ^= 1
         meta = staging[:, :rows].numpy()
@@ -169,18 +178,18 @@ class ModelRunner:
             meta[2, seq.slot] = seq.num_scheduled
         self.meta[:, :rows].copy_(staging[:, :rows], non_blocking=True)
         self.steering.advance()  # generated-range steering that starts or ends at this step
-        read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
         if not self.use_graphs:
-            return self._decode_forward(rows, read_len)
-        return self._graphs[(rows, read_len)].replay_logits()
+            return self._decode_forward(key, is_graph=False)
+        return self._graphs[key].replay_logits()
 
-    def _decode_forward(self, rows: int, read_len: int) -> torch.Tensor:
+    def _decode_forward(self, key: tuple, is_graph: bool) -> torch.Tensor:
+        rows, read_len, steer_key, is_capturing = key
         positions = self.meta[0, :rows]
         CONTEXT.cache, CONTEXT.is_prefill, CONTEXT.slots = self.cache, False, self.slot_ids[:rows]
         CONTEXT.write_pos, CONTEXT.read_len, CONTEXT.positions = self.meta[1, :rows], read_len, positions
         CONTEXT.masks = decode_masks(positions, read_len, self.windows)
-        self.steering.set_active(self.steering.decode_inputs(rows))
-        self.recorder.start_decode(rows)
+        self.steering.set_active(self.steering.decode_inputs(rows, steer_key is not None, is_graph))
+        self.recorder.start_decode(rows, is_capturing, is_graph)
         self.collapse.watch(None)
         try:
             out = self.model(input_ids=self.tokens[:rows, None], position_ids=positions[:, None], use_cache=False,
@@ -199,31 +208,36 @@ class ModelRunner:
         return SamplingParams(self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows], *flags)
 
     # ---- CUDA graphs
-    @property
-    def hook_version(self) -> tuple[int, int]:
-        """Changes whenever the decode graphs would read stale hook state (steering or activation capture)."""
-        return self.steering.version, self.recorder.version
-
     @torch.inference_mode()
-    def capture_all(self) -> None:
-        """Capture every (batch, length) bucket up front, largest first, so no step pays for a capture.
-
-        Runs again when steering adds hooks or grows its table: old graphs would read stale state.
-        """
-        if not self.use_graphs or self._graph_version == self.hook_version:
-            return
+    def _capture(self, key: tuple) -> None:
+        """Capture the decode step of GraphKey `key` = (rows, read_len, steering.graph_key, recorder.graph_key), on
+        first use: a run captures the buckets it reaches, each once (~tens of ms), instead of every bucket up front.
+        A steering table that was reallocated since drops the steered graphs, which read the old one; capturing one
+        of those keys again is a re-capture, counted in graph_stats (none happen unless the table outgrows its
+        preallocated rows). Without graphs only the bookkeeping runs."""
         started = time.perf_counter()
-        self.meta[1].fill_(self.cache.trash)  # captures run the forward: their K/V writes must land in the trash column
-        self._graphs.clear()
-        torch.cuda.synchronize()
-        self._pool = torch.cuda.graph_pool_handle()  # a fresh pool: the old graphs' pool may not be captured into again
-        sizes = batch_sizes(self.cache.num_slots)
-        for rows in sorted(sizes, reverse=True):
-            for read_len in sorted(self.read_lens, reverse=True):
-                self._graphs[(rows, read_len)] = _DecodeGraph(partial(self._decode_forward, rows, read_len), self._pool)
-        self._graph_version = self.hook_version
-        log.info("captured %d decode graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
+        if self.steering.version != self._steering_version:
+            self._drop_steered()
+        base = (key[0], key[1], None if key[2] is None else key[2][1], key[3])  # the key without the table version
+        is_again = base in self._stale
+        if self.use_graphs:
+            self.meta[1].fill_(self.cache.trash)  # the capture's forwards write K/V: into the trash column only
+            self._graphs[key] = _DecodeGraph(partial(self._decode_forward, key, True), self._pool)
+        else:  # eager (CPU): the same bookkeeping, so which variants a run needs and what it re-captures is counted
+            self._graphs[key] = None
+        self._stale.discard(base)
+        elapsed = time.perf_counter() - started
+        self.graph_stats["captures"] += 1
+        self.graph_stats["recaptures"] += is_again
+        self.graph_stats["capture_s"] += elapsed
+        log.debug("captured the decode graph %s in %.0f ms%s", key, 1e3 * elapsed, " (again)" if is_again else "")
 
+    def _drop_steered(self) -> None:
+        for key in [k for k in self._graphs if k[2] is not None]:
+            del self._graphs[key]
+            self._stale.add((key[0], key[1], key[2][1], key[3]))
+        self._steering_version = self.steering.version
+        log.info("the steering table grew past its preallocated rows: steered decode graphs are captured again")
 
     def step(self, batch: ScheduledBatch) -> torch.Tensor:
         return self.prefill(batch.seqs) if batch.is_prefill else self.decode(batch)
@@ -305,7 +319,7 @@ class _DecodeGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy initialisation must not happen during capture
+            for _ in range(1):  # warm-up: lazy initialisation (a new shape's kernels, workspaces) must not happen during capture
                 forward()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

@@ -225,13 +225,16 @@ class Engine:
     def core_stats(self) -> dict:
         """The cores' last cumulative counters: steps (all cores), idle_s (per core, averaged over cores),
         busy_starts (monotonic times at which a core went from idle to work, recent ones, all cores, sorted) and
-        idle_since (when the last core to run out of work did so; None before any finished); on CUDA also the
+        idle_since (when the last core to run out of work did so; None before any finished), graphs (decode graphs
+        captured, re-captured and the seconds spent, all cores: ModelRunner.graph_stats); on CUDA also the
         largest core's torch_allocated_peak / torch_reserved_peak (bytes, since its start; None on CPU)."""
         stats = [lane.stats for lane in self.lanes if lane.stats]
         ends = [s["idle_since"] for s in stats if s.get("idle_since") is not None]
         peaks = {key: max((s[key] for s in stats if key in s), default=None)
                  for key in ("torch_allocated_peak", "torch_reserved_peak")}
+        graphs = [s["graphs"] for s in stats if "graphs" in s]
         return {"steps": sum(s["steps"] for s in stats),
+                "graphs": {k: sum(g[k] for g in graphs) for k in ("captures", "recaptures", "capture_s")},
                 "idle_s": sum(s["idle_s"] for s in stats) / max(len(stats), 1),
                 "busy_starts": sorted(t for s in stats for t in s.get("busy_starts", ())),
                 "idle_since": max(ends, default=None), **peaks}

@@ -196,9 +196,12 @@ MAX_PREPARED_SPECS = 4096
 class SteeringTable:
     """Device table of loaded vectors plus per-layer row inputs read by forward hooks.
 
-    The table is preallocated and only grows by reallocation, which bumps `version`, as do a newly hooked layer
-    and a layer switched to the norm-aware hook; the runner re-captures its CUDA graphs when the version changes.
-    The per-slot decode inputs are [num_layers, num_slots] device buffers written between steps.
+    Every decoder layer is hooked from the start, so no request adds a hook mid-run. The runner's CUDA graphs of
+    steered decode steps run every layer's gather-add (row 0 adds exactly zero), so whichever layers a later request
+    steers, those graphs already do it; eager forwards (prefill, CPU) run only the layers some request has steered.
+    The graphs' other inputs: the table, preallocated and grown only by reallocation, which bumps `version` (the
+    runner drops the steered graphs then), and the set of layers whose hook also does norm_match / normalize
+    (`graph_key`). The per-slot decode inputs are [num_layers, num_slots] device buffers written between steps.
     """
 
     def __init__(self, model, device, num_slots: int, capacity: int = 1024):
@@ -217,7 +220,7 @@ class SteeringTable:
         self.slot_normalize = torch.zeros(shape, dtype=torch.bool, device=device)
         self.num_slots = num_slots
         self.version = 0
-        self.hooked: list[int] = []
+        self.used: list[int] = []  # layers some request has steered (what eager forwards run), in first-use order
         self.norm_layers: set[int] = set()  # layers whose hook also does norm_match / normalize
         self._rows: dict[bytes, int] = {}
         self._files: dict[str, dict | RecordError] = {}  # path -> {layer or None: float32 array}
@@ -225,6 +228,14 @@ class SteeringTable:
         self._following: dict[int, tuple] = {}  # slot -> (sequence, its generated changes still ahead, last first)
         self._new_rows: list[tuple[int, np.ndarray]] = []  # (row, vector) not yet in the device table
         self.active: dict[int, tuple] = {}
+        for layer in range(self.num_layers):
+            # prepend: runs before transformers' own output-capture hooks, so captured states include steering.
+            self.layers[layer].register_forward_hook(self._make_hook(layer), prepend=True)
+
+    def graph_key(self, is_steered: bool) -> tuple | None:
+        """What a captured decode step's steering depends on besides the slot buffers: None for a step where no
+        sequence is steered (no steering op is captured), else the table's version and the norm-aware layers."""
+        return (self.version, tuple(sorted(self.norm_layers))) if is_steered else None
 
     def resolve(self, spec: dict | list | None, num_prompt_tokens: int) -> SteerPlan | None:
         """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply.
@@ -371,14 +382,11 @@ class SteeringTable:
         self._new_rows = []
 
     def _hook(self, layer: int, uses_norm: bool) -> None:
-        if layer not in self.hooked:
-            # prepend: runs before transformers' own output-capture hooks, so captured states include steering.
-            self.layers[layer].register_forward_hook(self._make_hook(layer), prepend=True)
-            self.hooked.append(layer)
-            self.version += 1
-        if uses_norm and layer not in self.norm_layers:
+        """Mark `layer` steered (its hook already exists), and norm-aware if a term there needs it."""
+        if layer not in self.used:
+            self.used.append(layer)
+        if uses_norm:
             self.norm_layers.add(layer)
-            self.version += 1
 
     def _make_hook(self, layer: int):
         def hook(module, args, output):
@@ -406,13 +414,13 @@ class SteeringTable:
     def assign(self, seqs) -> None:
         """Set each admitted sequence's decode-time rows (those of generated position 0) in its slot, for every
         hooked layer; `advance` follows those whose rows change later."""
-        if not self.hooked:
+        if not self.used:
             return
         updates = []
         for seq in seqs:
             plan = seq.steering
             first = plan.generated[0][1] if plan is not None else {}
-            updates += [(layer, seq.slot, first.get(layer, UNSTEERED)) for layer in self.hooked]
+            updates += [(layer, seq.slot, first.get(layer, UNSTEERED)) for layer in self.used]
             if plan is not None and len(plan.generated) > 1:
                 self._following[seq.slot] = (seq, list(reversed(plan.generated[1:])))
             else:
@@ -450,9 +458,14 @@ class SteeringTable:
         {} turns steering off."""
         self.active = per_layer
 
-    def decode_inputs(self, num_rows: int) -> dict:
+    def decode_inputs(self, num_rows: int, is_steered: bool, is_graph: bool) -> dict:
+        """The decode step's per-layer inputs: none when no row is steered; in a captured graph every layer's (see
+        the class doc), else those of the layers some request has steered."""
+        if not is_steered:
+            return {}
         buffers = (self.slot_rows, self.slot_matched, self.slot_normalize)
-        return {layer: tuple(b[layer, :num_rows, None] for b in buffers) for layer in self.hooked}
+        layers = range(self.num_layers) if is_graph else self.used
+        return {layer: tuple(b[layer, :num_rows, None] for b in buffers) for layer in layers}
 
     def prefill_inputs(self, seqs, starts) -> dict:
         """Per hooked layer: (row, norm-matched row, normalize), each [1, N], for a packed prefill: prompt token i
@@ -461,14 +474,14 @@ class SteeringTable:
         Built as runs of equal rows: [kinds, layers] values per run and one np.repeat, not a slice per sequence,
         piece and layer (a 256-prompt prefill would be ~800 slice writes)."""
         self._upload_rows()
-        if not self.hooked:
+        if not self.used or all(seq.steering is None for seq in seqs):
             return {}
         kinds = 3 if self.norm_layers else 1  # plain, matched, normalize; the last two only for norm-aware hooks
-        unsteered = np.zeros((kinds, len(self.hooked)), dtype=np.int64)
+        unsteered = np.zeros((kinds, len(self.used)), dtype=np.int64)
         values, lengths, at = [], [], 0
         for seq, offset in zip(seqs, starts):
             for start, end, rows in seq.steering.prompt if seq.steering is not None else ():
-                values += [unsteered, np.array([rows.get(layer, UNSTEERED)[:kinds] for layer in self.hooked]).T]
+                values += [unsteered, np.array([rows.get(layer, UNSTEERED)[:kinds] for layer in self.used]).T]
                 lengths += [offset + start - at, end - start]
                 at = offset + end
         values.append(unsteered)
@@ -476,7 +489,7 @@ class SteeringTable:
         host = np.repeat(np.stack(values, axis=-1), lengths, axis=-1)[:, :, None]  # [kinds, layers, 1, N]
         device = to_device(torch.from_numpy(host), torch.int64, self.device)
         norm_inputs = (device[1], device[2] != 0) if kinds == 3 else ()
-        return {layer: (device[0][j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.hooked)}
+        return {layer: (device[0][j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.used)}
 
 
 def _spans(positions: str | dict, num_prompt_tokens: int) -> tuple[list, list]:

@@ -90,10 +90,10 @@ def gpu_parts():
     ENGINE_GPU_TEST_TOKENIZER where the embedded package is missing."""
     from engine.config import EngineConfig
     from engine.models import load_model, resolve_model
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.tokenizer_worker import load_hf_tokenizer
 
     source = resolve_model(TINY, os.environ.get("ENGINE_GPU_TEST_TOKENIZER"), EngineConfig().cache_dir)
-    tok = load_tokenizer(source.tokenizer_dir)
+    tok = load_hf_tokenizer(source.tokenizer_dir)
     return source, tok, load_model(source, torch.float32, "cuda", vocab_size=len(tok))
 
 
@@ -419,3 +419,30 @@ def test_engine_run_stops_cleanly_when_the_disk_fills_before_a_shard_and_the_sam
     got = load(out)
     assert sorted(got) == sorted(r["id"] for r in captured) and all(got[i][1].shape == (249, 64) for i in got)
     assert sorted(e["id"] for e in read_jsonl(activations_dir(out) / INDEX_NAME)) == sorted(got)
+
+
+def test_steering_and_capture_that_start_mid_run_recapture_nothing(tiny_source, tokenizer, vector, monkeypatch):
+    """Hooks exist from the start and the buffers the decode graphs read are sized ahead, so requests that first
+    steer (plain and norm-aware) and first capture generated tokens after the run began add no hook and re-capture
+    no graph; only a steering table that outgrows its preallocated rows does (the count is not always zero)."""
+    import engine.core
+
+    monkeypatch.setitem(engine.core.STEERING_ROWS, "cpu", 3)  # row 0 (zero) and two vectors before it grows
+    core = EngineCore(tiny_config(max_num_seqs=3), tiny_source)
+    hooks = [len(layer._forward_hooks) for layer in core.recorder.layers]
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    plain = [dict(request(i, "generated"), capture=None) for i in range(3)]
+    core.generate(plain, ids)
+    assert core.runner.graph_stats["captures"] > 0 and core.runner.graph_stats["recaptures"] == 0
+    from engine.request import parse_steering
+
+    mid_run = [request(3, "generated", parse_steering(specs_of(vector)[1])), request(4, "last_prompt", None, [3]),
+               request(5, "generated", parse_steering({"vector": vector, "layers": [2], "coef": 2.0, "norm_match": True}))]
+    core.generate(mid_run, ids)
+    core.generate([dict(r, index=r["index"] + 3) for r in mid_run], ids)  # the same variants again: no new capture
+    assert core.runner.graph_stats["recaptures"] == 0
+    assert [len(layer._forward_hooks) for layer in core.recorder.layers] == hooks
+    grown = [request(9 + i, "generated", parse_steering({"vector": vector, "layers": [1], "coef": 5.0 + i}))
+             for i in range(3)]
+    core.generate(grown, ids)  # two new rows: the table grows, and the steered graphs read the old one
+    assert core.runner.graph_stats["recaptures"] > 0
