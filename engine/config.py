@@ -183,6 +183,8 @@ class CaptureDefaults:
         return {"layers": sorted(set(self.layers)), "positions": self.positions}
 
 
+COMPILE_MODES = ("auto", "on", "off")
+
 # The counts a run may set, with what they may be: far beyond the upper ends no machine has the memory, and a
 # typo there would fail deep in a process instead of here.
 COUNT_RANGES = {"max_num_seqs": (1, 1 << 16), "tokenizer_workers": (1, 256), "decoder_workers": (1, 256),
@@ -203,6 +205,7 @@ class EngineConfig:
     max_prefill_tokens: int | None = None  # prompt tokens per prefill; None: as memory allows (kv_cache.plan_slots)
     gpu_memory_fraction: float = 0.9
     enforce_eager: bool = False
+    compile: str = "auto"  # torch.compile the decoder layers: auto (on a GPU, unless enforce_eager), on, off
     tokenizer_workers: int = 1
     decoder_workers: int = 1
     ring_slots: int = 8
@@ -220,6 +223,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile {self.compile!r}: use one of {', '.join(COMPILE_MODES)}")
         if self.truncate not in TRUNCATE_MODES:
             raise ConfigError(f"--truncate {self.truncate!r}: use left or right")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

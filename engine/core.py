@@ -16,10 +16,11 @@ import torch
 
 from engine.activations import ActivationRecorder
 from engine.attention import unsupported_reason
+from engine.compile_cache import CompileCache, cache_key
 from engine.config import EngineConfig
 from engine.decoder_worker import StopScanner
 from engine.kv_cache import KVCache, plan_slots
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
 from engine.models import (
     ModelNotFound,
     ModelSource,
@@ -75,9 +76,12 @@ class EngineCore:
         rows = STEERING_ROWS["cpu" if self.device == "cpu" else "gpu"]
         self.steering = SteeringTable(self.model, self.device, slots, capacity=rows)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
+        self.compile_cache = self._compile_cache()
         self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
                                   recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens,
-                                  phases=self.phases)
+                                  phases=self.phases, compile_cache=self.compile_cache)
+        if self.compile_cache is not None:
+            self.compile_cache.seal()
         self.scheduler = Scheduler(slots, self.max_prefill_tokens)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
         self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
@@ -85,6 +89,23 @@ class EngineCore:
         self._flip = 0
         self.timing: dict = {}  # the last step's host timings (StepTrace)
         self._is_unexpected_logged = False  # whether an admission error other than RecordError has been logged
+
+    def _compile_cache(self) -> CompileCache | None:
+        """The persistent compile cache, opened, when the decoder layers are compiled (EngineConfig.compile), else
+        None. It replaces any TORCHINDUCTOR_CACHE_DIR in this process: torch itself sets that variable once Inductor
+        has looked for its cache, so a value found here need not be the user's."""
+        mode = self.config.compile
+        if mode == "off" or (mode == "auto" and (self.config.enforce_eager or self.device == "cpu")):
+            return None
+        cache = CompileCache(self.config.cache_dir, cache_key(self.model.config, self.dtype, self.device))
+        cache.open()
+        return cache
+
+    def close(self) -> None:
+        """Record what this run compiled in the compile cache and let go of it."""
+        if self.compile_cache is not None:
+            self.compile_cache.seal()
+            self.compile_cache.release()
 
     def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
         """Queue one request, or raise RecordError and keep nothing of it: whatever goes wrong while admitting one
@@ -243,22 +264,6 @@ def non_finite_error(seq: Sequence, dtype: torch.dtype) -> str:
     return f"{where}; with no steering, the model itself overflowed on this prompt: {fix}"
 
 
-def is_device_error(exc: BaseException) -> bool:
-    """Whether an exception may have left the device unusable: CUDA out of memory, a CUDA/accelerator error, or a
-    RuntimeError whose text says so (older torch raises CUDA errors as plain RuntimeErrors). Host MemoryError is
-    not one: a vector file whose header claims terabytes fails its own allocation and nothing else."""
-    if isinstance(exc, _DEVICE_ERRORS):
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_ERROR_TEXTS)
-
-
-_DEVICE_ERRORS = tuple(kind for kind in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None),
-                                         getattr(torch.cuda, "CudaError", None),
-                                         getattr(torch.cuda, "DeferredCudaCallError", None)) if kind is not None)
-_DEVICE_ERROR_TEXTS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error",
-                       "device-side assert", "HIP error", "NCCL error")
-
-
 def finished_msg(seq: Sequence, activations: dict | None = None) -> dict:
     msg = {
         "index": seq.index, "tokens": np.asarray(seq.output_ids, dtype=np.int32).tobytes(),
@@ -351,6 +356,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
                 trace.flush()
     if trace is not None:
         trace.close()
+    core.close()
 
 
 def _send_finished(dec_q: MsgQueue, core: EngineCore, finished: list[Sequence]) -> None:

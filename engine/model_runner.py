@@ -36,7 +36,8 @@ class ModelRunner:
     overflowed or whose final norm collapsed, see engine.sampler)."""
 
     def __init__(self, model, steering: SteeringTable, cache: KVCache, use_graphs: bool,
-                 recorder: ActivationRecorder, max_prefill_tokens: int, phases: Phases | None = None):
+                 recorder: ActivationRecorder, max_prefill_tokens: int, phases: Phases | None = None,
+                 compile_cache=None):
         self.model, self.steering, self.cache = model, steering, cache
         self.recorder = recorder
         self.device = next(model.parameters()).device
@@ -67,10 +68,10 @@ class ModelRunner:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         phases = phases or Phases()
         phases.done("setup")
-        if self.use_graphs:
+        if compile_cache is not None:  # an open engine.compile_cache.CompileCache
             attention.bind_cache(model, cache)
             compile_layers(model)
-            self._warm_prefill(max_prefill_tokens)
+            self._warm_compiled(max_prefill_tokens, compile_cache)
             phases.done("compile")
         self._graphs: dict[tuple, _DecodeGraph] = {}  # GraphKey -> its graph, captured on first use
         self._stale: set[tuple] = set()  # keys whose graph was dropped because an input it read was reallocated
@@ -91,6 +92,19 @@ class ModelRunner:
         rows = [(1.0, 1.0, 0, 0)]
         self.sampler(torch.zeros(1, vocab, device=self.device), SamplingParams.build(rows, self.device),
                      torch.zeros(1, dtype=torch.int64, device=self.device))
+
+    def _warm_compiled(self, max_prefill_tokens: int, compile_cache) -> None:
+        """Compile now (from the persistent cache when it has this model), once more afresh if compiling with the
+        cache's artefacts fails: a cache that passed its checks but still does not load costs a cold start-up."""
+        try:
+            self._warm_prefill(max_prefill_tokens)
+        except Exception as exc:  # noqa: BLE001 - retried once without the cache; a second failure propagates
+            if is_device_error(exc):
+                raise
+            log.warning("compiling the decoder layers failed (%s: %s)", type(exc).__name__, exc)
+            compile_cache.discard()
+            torch._dynamo.reset()
+            self._warm_prefill(max_prefill_tokens)
 
     def _warm_prefill(self, max_prefill_tokens: int) -> None:
         """Compile the layers' prefill variants now, not in a run's first prefills: a one-token row (sizes 1 are
@@ -248,6 +262,22 @@ def _feedable(tokens: torch.Tensor) -> torch.Tensor:
     when it reads the -1, but the step launched meanwhile still embeds its slot's token, and an id outside the
     vocabulary there is an out-of-bounds gather (on CUDA a device-side assert that kills the whole core)."""
     return tokens.clamp_min(0)
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """Whether an exception may have left the device unusable: CUDA out of memory, a CUDA/accelerator error, or a
+    RuntimeError whose text says so (older torch raises CUDA errors as plain RuntimeErrors). Host MemoryError is
+    not one: a vector file whose header claims terabytes fails its own allocation and nothing else."""
+    if isinstance(exc, _DEVICE_ERRORS):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_ERROR_TEXTS)
+
+
+_DEVICE_ERRORS = tuple(kind for kind in (torch.cuda.OutOfMemoryError, getattr(torch, "AcceleratorError", None),
+                                         getattr(torch.cuda, "CudaError", None),
+                                         getattr(torch.cuda, "DeferredCudaCallError", None)) if kind is not None)
+_DEVICE_ERROR_TEXTS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error",
+                       "device-side assert", "HIP error", "NCCL error")
 
 
 def final_norm(model) -> torch.nn.Module | None:
