@@ -17,7 +17,7 @@ import torch
 from engine.activations import ActivationRecorder
 from engine.attention import unsupported_reason
 from engine.compile_cache import CompileCache, cache_key
-from engine.config import EngineConfig
+from engine.config import DEFAULT_NUM_SEQS, EngineConfig
 from engine.decoder_worker import StopScanner
 from engine.kv_cache import KVCache, plan_slots
 from engine.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
@@ -70,8 +70,10 @@ class EngineCore:
         if reason:
             raise ModelNotFound(reason + "; use a model without it")
         max_len = effective_max_len(config.max_model_len, source)
-        slots, self.max_prefill_tokens = plan_slots(self.model.config, config.max_num_seqs, max_len, self.dtype,
-                                                    self.device, config.gpu_memory_fraction, config.max_prefill_tokens)
+        wanted = config.max_num_seqs or DEFAULT_NUM_SEQS["cpu" if self.device == "cpu" else "gpu"]
+        slots, self.max_prefill_tokens = plan_slots(self.model.config, wanted, max_len, self.dtype, self.device,
+                                                    config.gpu_memory_fraction, config.max_prefill_tokens,
+                                                    is_default=config.max_num_seqs is None)
         self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
         rows = STEERING_ROWS["cpu" if self.device == "cpu" else "gpu"]
         self.steering = SteeringTable(self.model, self.device, slots, capacity=rows)
@@ -331,7 +333,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling, idle_since:
     # when the last sequence finished (both monotonic; engine-bench's window runs between them)
     stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0, "busy_starts": [], "idle_since": None}
-    admission = Admission(core, reader, inbox, events, stats, max_waiting=2 * config.max_num_seqs)
+    admission = Admission(core, reader, inbox, events, stats, max_waiting=2 * core.scheduler.num_slots)
     last_report = time.monotonic()
     trace = StepTrace(config.trace_dir, number) if config.trace_dir else None
     while lifeline.ok():

@@ -35,11 +35,12 @@ MIN_AUTO_PREFILL_TOKENS = 4096
 
 
 def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str, memory_fraction: float,
-               max_prefill_tokens: int | None) -> tuple[int, int]:
+               max_prefill_tokens: int | None, is_default: bool = False) -> tuple[int, int]:
     """(slots, prefill tokens): how many sequence slots of `max_len` tokens fit the memory budget (at most
     max_num_seqs), next to the activations of a prefill of that many prompt tokens. With max_prefill_tokens None
     the prefill budget is AUTO_PREFILL_TOKENS, halved (down to MIN_AUTO_PREFILL_TOKENS) while its activations
-    would cost the cache slots: a bigger prefill is a few percent faster, a slot more is a whole sequence more."""
+    would cost the cache slots: a bigger prefill is a few percent faster, a slot more is a whole sequence more.
+    `is_default`: max_num_seqs is the engine's default, not the user's, so fewer slots is no warning."""
     layers, kv_heads, head_dim = kv_shape(model_config)
     per_slot = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.finfo(dtype).bits // 8
     if device.startswith("cuda"):
@@ -60,7 +61,7 @@ def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str
             f"leaves; lower --max-model-len" + (" or raise --gpu-memory-fraction" if device.startswith("cuda") else "")
         )
     if slots < max_num_seqs:
-        log.warning("KV cache: %d slots of %d tokens fit %s (asked for %d); running at most %d sequences",
+        (log.info if is_default else log.warning)("KV cache: %d slots of %d tokens fit %s (asked for %d); running at most %d sequences",
                     slots, max_len, where, max_num_seqs, slots)
     if max_prefill_tokens is None and prefill < AUTO_PREFILL_TOKENS:
         log.info("prefill: %d prompt tokens a call (of %d), so the KV cache keeps %d slots", prefill,
