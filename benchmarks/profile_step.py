@@ -20,7 +20,7 @@ from engine import attention, model_runner
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.models import resolve_model
-from engine.tokenizer_worker import load_tokenizer
+from engine.tokenizer_worker import load_hf_tokenizer
 
 WORDS = "the a river mountain light question answer model token steering vector layer night city".split()
 
@@ -127,7 +127,7 @@ def main() -> None:
     started = time.perf_counter()
     core = EngineCore(config, source)
     startup = time.perf_counter() - started
-    tok = load_tokenizer(source.tokenizer_dir)
+    tok = load_hf_tokenizer(source.tokenizer_dir)
     rng = random.Random(0)
     low, high = map(int, args.prompt_words.split(","))
     prompts = [tok(" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))).input_ids

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from engine.activation_messages import trim_generated  # noqa: F401 - re-exported for existing importers
+from engine.storage.files import DiskLow, require_free  # noqa: F401 - re-exported for existing importers
 from engine.config import CaptureDefaults
 from engine.id_index import IdIndex
 from engine.request import RecordError
@@ -258,20 +258,6 @@ def activations_dir(output: Path) -> Path:
     """The shard folder of a results file: results.jsonl -> results.activations/ (one per output, so several
     outputs can share a folder)."""
     return output.with_name(output.stem + ".activations")
-
-
-class DiskLow(OSError):
-    """Too little free disk for the next write; nothing of it was written. The message says how much is free and
-    what was needed."""
-
-
-def require_free(path: Path, num_bytes: float, detail: str) -> None:
-    """DiskLow("disk low: <free> GB free in <folder><detail>") if the file system of `path` (or of its nearest
-    existing parent: it may not be made yet) has less than num_bytes free."""
-    folder = next(p for p in (path, *path.resolve().parents) if p.exists())
-    free = shutil.disk_usage(folder).free
-    if free < num_bytes:
-        raise DiskLow(f"disk low: {free / 1e9:.2f} GB free in {folder}{detail}")
 
 
 class ActivationStore:

@@ -14,7 +14,7 @@ import torch
 
 from engine.config import SamplingDefaults
 from engine.models import ModelSource, load_model
-from engine.tokenizer_worker import load_tokenizer
+from engine.tokenizer_worker import load_hf_tokenizer
 from engine.workloads import Prompt
 
 OnResult = Callable[[int], None]  # called with the number of prompts just finished
@@ -31,7 +31,7 @@ class LoopOutput:
 
 def load_hf(source: ModelSource, dtype: torch.dtype, device: str):
     """(model, tokenizer, attention implementation) for the baselines; flash-attn where installed."""
-    tok = load_tokenizer(source.tokenizer_dir)
+    tok = load_hf_tokenizer(source.tokenizer_dir)
     model = load_model(source, dtype, device, vocab_size=len(tok))
     set_pad_token(tok, model.config)
     # No EOS id: generate then runs every row to max_new_tokens without touching the logits (min_new_tokens

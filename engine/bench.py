@@ -3,6 +3,7 @@
 Each system runs in its own spawned process (the baselines share one: naive, then each HF batch size), so
 CPU time, GPU memory and start-up belong to that system alone. The parent samples the card through NVML and
 turns each system's timed window into metrics; the JSON, Markdown table and PNG chart are written per workload.
+With --e2e (engine/bench_e2e.py) each system runs instead as the whole command a user would type, cold and warm.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import shlex
 import sys
 import tempfile
 import threading
@@ -81,6 +83,8 @@ class BenchConfig:
     capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
     capture_positions: str = "last_prompt"
     trace: str | None = None  # a folder: the engine cores' loop timelines (engine.trace) and each run's window
+    is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
+    engine_flags_given: list[str] = field(default_factory=list)  # engine settings the user set: --e2e passes only these
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -110,9 +114,19 @@ class BenchConfig:
         self.devices = parse_devices(self.devices) if self.devices else []
         if self.devices and self.device == "auto":
             self.device = self.devices[0]
+        if self.is_e2e:
+            self._check_e2e()
         if self.sample_hz < 10:
             raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
         self.cache_dir = self.engine_config().cache_dir  # EngineConfig checks device, dtype, sampling; fills cache_dir
+
+    def _check_e2e(self) -> None:
+        if not {"engine", "hf"} & set(self.systems):
+            raise ConfigError(f"--e2e --systems {','.join(self.systems)}: whole commands are engine and hf (the naive "
+                              "loop has no command of its own); name one of them")
+        if self.steering_specs or self.capture_layers or self.trace:
+            raise ConfigError("--e2e measures plain generation as whole commands; drop --steering-specs, "
+                              "--capture-layers and --trace, or run those without --e2e")
 
     def sampling(self) -> SamplingDefaults:
         return SamplingDefaults(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -568,11 +582,12 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-prompts", type=int, default=8,
                    help="the naive loop runs the first N prompts; the rest is extrapolated")
     p.add_argument("--batch-sizes", type=_ints, default=[64, 128, 256], help="batch sizes of the HF loop")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's sequences decoded together")
+    p.add_argument("--max-num-seqs", type=int, help="the engine's sequences decoded together (default 256; with --e2e, "
+                   "engine-run's own default unless given)")
     p.add_argument("--max-model-len", type=int, help="the engine's prompt + new tokens limit (default: the "
                    "workload's longest)")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.9,
-                   help="the engine's share of the card's memory (its KV cache is sized to fit)")
+    p.add_argument("--gpu-memory-fraction", type=float,
+                   help="the engine's share of the card's memory (its KV cache is sized to fit; default 0.9)")
     p.add_argument("--max-new-tokens", type=int, default=150, help="for --input records without their own")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (and completions are compared)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -594,23 +609,28 @@ def bench_parser() -> argparse.ArgumentParser:
                    f"{', '.join(CAPTURE_POSITIONS)}")
     p.add_argument("--trace", metavar="DIR", help="write the engine cores' loop timelines (core<N>.jsonl: admission, "
                    "launch and wait per step, GC pauses) and each engine run's window (runs.jsonl) to DIR")
+    p.add_argument("--e2e", action="store_true",
+                   help="time whole commands instead: engine-run, and the batched HF loop as a user's script at each "
+                        "batch size, each a fresh process from start to exit, on empty caches (cold) and again (warm)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.input is not None and args.workload is not None:
         raise ConfigError("give --workload or --input, not both")
+    # Engine settings left out keep BenchConfig's defaults here and engine-run's own under --e2e.
+    given = {name: getattr(args, name) for name in ("max_num_seqs", "gpu_memory_fraction")
+             if getattr(args, name) is not None}
     return BenchConfig(
         model=args.model, tokenizer=args.tokenizer, device=args.device, devices=args.devices, dtype=args.dtype,
         workloads=args.workload or ([] if args.input else ["short"]), input=args.input, systems=args.systems,
         num_prompts=args.num_prompts, naive_prompts=args.naive_prompts, batch_sizes=args.batch_sizes,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens,
-        gpu_memory_fraction=args.gpu_memory_fraction,
+        max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens, **given,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
         steering_layers=args.steering_layers, capture_layers=args.capture_layers, capture_positions=args.capture_positions,
-        trace=args.trace,
+        trace=args.trace, is_e2e=args.e2e, engine_flags_given=list(given),
     )
 
 
@@ -618,7 +638,13 @@ def bench_main(argv: list[str] | None = None) -> int:
     args = bench_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        reports = run_bench(config_from_args(args))
+        config = config_from_args(args)
+        if config.is_e2e:
+            from engine.bench_e2e import run_e2e  # it imports this module
+
+            reports = run_e2e(config, shlex.join(["engine-bench", *(sys.argv[1:] if argv is None else argv)]))
+        else:
+            reports = run_bench(config)
     except (BenchError, ConfigError, ModelNotFound, WorkloadError) as exc:
         print(f"engine-bench: {exc}", file=sys.stderr)
         return 1

@@ -144,7 +144,7 @@ def versions() -> dict:
             "engine": engine_version, "commit": _git_commit()}
 
 
-def _fmt(value, digits: int = 1, scale: float = 1.0) -> str:
+def fmt(value, digits: int = 1, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{value * scale:,.{digits}f}"
 
 
@@ -156,10 +156,10 @@ def _row(m: dict, agreements: dict[str, dict]) -> list[str]:
     run = f"{m['num_prompts_run']} of {m['num_prompts']}*" if m["is_extrapolated"] else str(m["num_prompts_run"])
     same = ["ref" if ref == m["system"] else f"{a[m['system']]['num_identical']}/{a[m['system']]['num_compared']}"
             for ref, a in agreements.items()]
-    return [m["system"], run, _fmt(m["wall_s"]), _fmt(m["output_tokens_per_s"], 0), _fmt(m["prompts_per_s"], 2),
-            _fmt(m["s_per_1k_prompts"]), _fmt(m["time_to_first_result_s"], 2), _fmt(m["gpu_util_mean_pct"]),
-            _fmt(m["gpu_util_above_90_share"], 0, 100), _fmt(m["gpu_mem_peak_gib"], 2), _fmt(m["cpu_util_pct"], 0),
-            _fmt(m["ring_empty_share"], 1, 100), *same]
+    return [m["system"], run, fmt(m["wall_s"]), fmt(m["output_tokens_per_s"], 0), fmt(m["prompts_per_s"], 2),
+            fmt(m["s_per_1k_prompts"]), fmt(m["time_to_first_result_s"], 2), fmt(m["gpu_util_mean_pct"]),
+            fmt(m["gpu_util_above_90_share"], 0, 100), fmt(m["gpu_mem_peak_gib"], 2), fmt(m["cpu_util_pct"], 0),
+            fmt(m["ring_empty_share"], 1, 100), *same]
 
 
 def markdown(report: dict) -> str:
@@ -175,8 +175,8 @@ def markdown(report: dict) -> str:
         f"`{s['model']}` {report['dtype']} on {card['name']} (driver {card['driver'] or 'n/a'}, CUDA "
         f"{card['cuda'] or 'n/a'}); torch {ver['torch']}, transformers {ver['transformers']}, {engine}"
         f" at commit {ver['commit'] or 'n/a (no git)'}.",
-        f"Workload {w['name']}: {w['num_prompts']} prompts of {_span(w['prompt_tokens'])} tokens, "
-        f"{_span(w['new_tokens'])} new tokens each (exact, EOS ignored), {w['num_output_tokens']:,} output tokens; "
+        f"Workload {w['name']}: {w['num_prompts']} prompts of {span(w['prompt_tokens'])} tokens, "
+        f"{span(w['new_tokens'])} new tokens each (exact, EOS ignored), {w['num_output_tokens']:,} output tokens; "
         f"{sampling}; HF attention {attn}, batch sizes {', '.join(map(str, s['batch_sizes']))}; engine max_num_seqs "
         f"{s['max_num_seqs']}, max_model_len {s['max_model_len']}, "
         f"gpu_memory_fraction {s.get('gpu_memory_fraction', 0.9)}.",
@@ -190,7 +190,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _span(spread: dict) -> str:
+def span(spread: dict) -> str:
     if spread["min"] == spread["max"]:
         return str(spread["min"])
     return f"{spread['min']}–{spread['max']} (mean {spread['mean']})"
@@ -258,13 +258,15 @@ def write_chart(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, outputs: dict[str, dict], out_dir: Path, stem: str, is_saving: bool) -> list[Path]:
-    """The JSON, Markdown and PNG of one run (and the completions with --save-outputs); returns the paths."""
+def write_outputs(report: dict, outputs: dict[str, dict], out_dir: Path, stem: str, is_saving: bool,
+                  render=markdown, chart=write_chart) -> list[Path]:
+    """The JSON, Markdown and PNG of one run (and the completions with --save-outputs); returns the paths. render and
+    chart draw the Markdown and the PNG (the steady-state rows' by default; --e2e passes its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.png"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(markdown(report))
-    write_chart(report, paths[2])
+    paths[1].write_text(render(report))
+    chart(report, paths[2])
     if is_saving:
         paths.append(out_dir / f"{stem}-outputs.jsonl")
         with paths[-1].open("w") as f:
@@ -275,6 +277,6 @@ def write_outputs(report: dict, outputs: dict[str, dict], out_dir: Path, stem: s
     return paths
 
 
-def append_results(report: dict, path: str) -> None:
+def append_results(report: dict, path: str, render=markdown) -> None:
     with Path(path).open("a") as f:
-        f.write("\n" + markdown(report))
+        f.write("\n" + render(report))

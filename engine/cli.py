@@ -21,7 +21,8 @@ from engine.pipeline import Engine, EngineError, read_requests
 from engine.request import not_a_file
 from engine.storage.output import (OutputError, changed_message, check_input, check_manifest, check_output_path,
                                    drop_records, errors_path, lock_output, scan_done_ids)
-from engine.writer import DiskLow, JsonlWriter, OutputWriteError, check_free_space
+from engine.trace import process_age
+from engine.storage.files import DiskLow, OutputWriteError, check_free_space, write_atomic
 
 EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -56,7 +57,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="", metavar="all|0,1,...",
                    help="one engine core per device, requests shared between them: all (every visible GPU), GPU "
                         "indices like 0,1, devices like cuda:0,cuda:1, or cpu,cpu")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    p.add_argument("--max-num-seqs", type=int,
+                   help="sequences decoded together (default: 512 on a GPU, as memory allows; 64 on a CPU)")
     p.add_argument("--max-model-len", type=int, help="prompt + new tokens limit (default: the model's, at most 4096)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of the GPU the engine may fill")
     p.add_argument("--max-prefill-tokens", type=int,
@@ -118,6 +120,8 @@ def run_parser() -> argparse.ArgumentParser:
                    help="disk space to keep free: checked before starting and before each activation shard; when low, "
                         "the run stops cleanly and the same command resumes it (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--timings", metavar="PATH", help="write JSON wall-clock stamps (process start, engine ready, first "
+                   "and last result, exit) and the engine cores' start-up phases to PATH (engine-bench --e2e reads it)")
     add_engine_args(p)
     return p
 
@@ -255,8 +259,32 @@ def _run_main(argv: list[str] | None) -> int:
         return EXIT_INTERRUPTED
 
 
+class RunTimings:
+    """--timings: when this run reached each milestone (time.time(), so another process can line them up) and the cores'
+    start-up phases, written atomically as JSON at the end; does nothing without a path."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        if self.path is not None and not self.path.parent.is_dir():
+            raise ConfigError(f"--timings {path}: folder {self.path.parent} does not exist; create it or give another path")
+        now = time.time()
+        self.stamps = {"process_start": now - process_age(), "imports_done": now}  # imports: to the command's start
+
+    def mark(self, name: str) -> None:
+        """Stamp `name` now, once: a later call keeps the first stamp."""
+        if self.path is not None and name not in self.stamps:
+            self.stamps[name] = time.time()
+
+    def write(self, core_phases: dict[int, dict[str, float]]) -> None:
+        if self.path is not None:
+            self.mark("exit")
+            body = {**self.stamps, "core_phases": {str(core): phases for core, phases in core_phases.items()}}
+            write_atomic(self.path, (json.dumps(body, indent=1) + "\n").encode())
+
+
 def _run(source: Path, output: Path, args) -> int:
     wall = time.perf_counter()
+    timings = RunTimings(args.timings)
     check_output_path(output, source)
     config = config_from_args(args)
     lock = lock_output(output)
@@ -265,7 +293,7 @@ def _run(source: Path, output: Path, args) -> int:
         check_manifest(output, manifest, args.force)
         check_free_space(output.parent, args.min_free_gb, "--min-free-gb")
         done = _resume_index(source, output, args.force)
-        return _generate(config, source, output, manifest, done, args, wall)
+        return _generate(config, source, output, manifest, done, args, wall, timings)
     finally:
         lock.release()
 
@@ -289,8 +317,12 @@ def _resume_index(source: Path, output: Path, force: bool):
     return scan_done_ids(output)
 
 
-def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, done, args, wall: float) -> int:
+def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, done, args, wall: float,
+              timings: RunTimings) -> int:
     with Engine(config) as engine:
+        timings.mark("engine_ready")
+        from engine.writer import JsonlWriter  # here: its activation store imports torch, now beside the core's start
+
         writer = JsonlWriter(output, manifest, args.ordered, min_free_gb=args.min_free_gb, done=done)
         progress = Progress(max(_count_lines(source) - len(done), 0), not args.quiet)
         stop = lambda signum, frame: engine.interrupt()  # noqa: E731 - stop admitting, then flush below
@@ -300,7 +332,9 @@ def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, 
         try:
             for outcome in engine.run(read_requests(input_lines(source), config, done, digests=True)):
                 writer.write(outcome)
+                timings.mark("first_result")
                 progress.update(writer.num_tokens, engine.device_counts())
+            timings.mark("last_result")
             is_complete = not engine.is_interrupted
         finally:
             try:
@@ -320,6 +354,7 @@ def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, 
     )
     if writer.num_errors:
         print(f"engine-run: {writer.num_errors} record(s) could not run; see {errors_path(output)}", file=sys.stderr)
+    timings.write(engine.startup_phases)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_REJECTED if writer.num_errors else EXIT_OK

@@ -78,6 +78,7 @@ class CompileCache:
         self.root = Path(cache_dir) / "compile"
         self.folder = self.root / _digest(json.dumps(key, sort_keys=True).encode())
         self.is_private = False  # compiling into a folder of its own (the shared one was unusable and in use)
+        self.is_warm = False  # it holds a sealed, verified build of this key: start-up loads instead of compiling
         self._use_fd: int | None = None
 
     # ---- opening
@@ -88,6 +89,7 @@ class CompileCache:
             self._use_fd = os.open(self.folder / USE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._use_fd, fcntl.LOCK_SH)
             problem, unsealed = self._check()
+            self.is_warm = problem is None and (self.folder / MANIFEST).exists()
             if problem is not None:
                 self._start_afresh(problem)
             elif unsealed and self._try_exclusive():
@@ -156,9 +158,15 @@ class CompileCache:
 
     def _point_caches(self) -> None:
         """Inductor reads TORCHINDUCTOR_CACHE_DIR whenever it looks something up, Triton its own variable when it
-        builds a kernel; both are set before anything compiles."""
+        builds a kernel; both are set before anything compiles. A warm folder also turns off Inductor's pool of
+        compile worker processes: it would start a process per core (each importing torch, contending with this
+        one's start-up, and slow to stop at exit) to compile nothing."""
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder / "inductor")
         os.environ["TRITON_CACHE_DIR"] = str(self.folder / "triton")
+        if self.is_warm:
+            import torch._inductor.config
+
+            torch._inductor.config.compile_threads = 1
 
     # ---- after compiling
     def seal(self) -> None:
@@ -187,6 +195,7 @@ class CompileCache:
     def discard(self) -> None:
         """Stop using this folder's artefacts (a compile failed with them): compile into a private folder."""
         log.warning("compile cache %s: compiling with it failed; compiling afresh in a temporary folder", self.folder)
+        self.is_warm = False
         self._go_private()
         self._point_caches()
 

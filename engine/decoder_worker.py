@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.activations import trim_generated
-from engine.procs import Lifeline, MsgQueue, messages
+from engine.activation_messages import trim_generated
+from engine.procs import (
+    Lifeline,
+    MsgQueue,
+    check_light_imports,
+    is_checking_imports,
+    messages,
+)
 from engine.tokenizer_worker import load_tokenizer
 
 
@@ -81,10 +87,16 @@ def finalize(tok, items: list[dict], return_tokens: bool) -> list[dict]:
 def decoder_main(tokenizer_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
     """Decodes one engine core's finished sequences, and passes its other messages (ready, stats, errors) on: the
     core writes to no queue but its own, so a core killed mid-write leaves no shared queue locked or torn."""
+    is_checking = is_checking_imports()
     tok = load_tokenizer(tokenizer_dir)
+    if is_checking:
+        check_light_imports("decoder worker")
     for msg in messages(inbox, lifeline):
         if "seqs" not in msg:
             events.put(msg)
             continue
-        for result in finalize(tok, msg["seqs"], return_tokens):
+        results = finalize(tok, msg["seqs"], return_tokens)
+        if is_checking:  # before the results go out, so the run fails rather than finishing without noticing
+            check_light_imports("decoder worker")
+        for result in results:
             events.put(result)

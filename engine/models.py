@@ -226,8 +226,9 @@ def load_model(source: ModelSource, dtype, device: str, vocab_size: int):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=dtype, attn_implementation="sdpa")
-        model.to(device)
+        # device_map: each tensor is read from the file straight onto the device, not into host memory first
+        model = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=device)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -18,13 +18,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Container, Iterable, Iterator
 
-from engine.activations import tensors_of
 from engine.config import EngineConfig
-from engine.core import core_main
 from engine.decoder_worker import decoder_main
 from engine.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model
-from engine.procs import Lifeline, MsgQueue, start
+from engine.procs import ByName, Lifeline, MsgQueue, start
 from engine.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs, parse_record,
                             record_digest)
 from engine.ring import ShmRing
@@ -34,6 +32,9 @@ from engine.tokenizer_worker import tokenizer_main
 log = logging.getLogger("engine")
 
 FEED_BATCH = 32
+# The core's entry point by name: the parent never imports engine.core (torch, transformers), so it starts the core
+# at once instead of after seconds of imports, and imports torch later only if a run needs it (activations).
+CORE_MAIN = ByName("engine.core", "core_main")
 HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes while results keep arriving
 RESERVED_OUTPUT = ("completion", "finish_reason", "num_prompt_tokens", "num_completion_tokens",
                    "completion_token_ids", "error", "line", "steering_name", "activations", "input_digest")
@@ -183,17 +184,18 @@ class Engine:
     def _start(self, ctx) -> None:
         """Start every stage, each kept as soon as it runs (so close() reaches it if start-up is interrupted)."""
         c = self.config
+        num_cpu = sum(lane.device == "cpu" for lane in self.lanes)
+        threads = max(1, len(os.sched_getaffinity(0)) // num_cpu) if num_cpu > 1 else 0
+        for lane in self.lanes:  # the cores first: their start-up (model, compile) is the longest, the rest overlaps it
+            # The core's results and its messages to the parent both go to its own decoders (see decoder_main).
+            lane.proc = start(ctx, lane.stage, lane.fatal, CORE_MAIN, c.for_core(lane.device).to_dict(),
+                              self.source.to_msg(), self.ring, lane.inbox, lane.dec_q, lane.dec_q, self.lifeline,
+                              lane.number, threads)
         for i in range(c.tokenizer_workers):
             self.procs.append(start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main, self.source.tokenizer_dir,
                                     self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events,
                                     self.lifeline))
-        num_cpu = sum(lane.device == "cpu" for lane in self.lanes)
-        threads = max(1, len(os.sched_getaffinity(0)) // num_cpu) if num_cpu > 1 else 0
         for lane in self.lanes:
-            # The core's results and its messages to the parent both go to its own decoders (see decoder_main).
-            lane.proc = start(ctx, lane.stage, lane.fatal, core_main, c.for_core(lane.device).to_dict(),
-                              self.source.to_msg(), self.ring, lane.inbox, lane.dec_q, lane.dec_q, self.lifeline,
-                              lane.number, threads)
             prefix = "decoder worker " if len(self.lanes) == 1 else f"decoder worker {lane.number}."
             for i in range(c.decoder_workers):
                 lane.decoders.append(start(ctx, f"{prefix}{i}", self.events, decoder_main, self.source.tokenizer_dir,
@@ -468,6 +470,8 @@ def _devices_name(names: list[str]) -> str:
 def _with_tensors(outcome: Outcome) -> dict:
     if outcome.activations is None:
         return outcome.record
+    from engine.activations import tensors_of  # torch: not imported by the parent until activations arrive
+
     return {**outcome.record, "activations": tensors_of(outcome.activations)}
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.spawn
 import os
 import queue
 import signal
 import sys
+import threading
 import traceback
 
 import msgpack
 
 log = logging.getLogger("engine")
 PR_SET_PDEATHSIG = 1
+# The tokenizer and decoder workers start in every run, so they stay off these (seconds of imports each).
+HEAVY_MODULES = ("torch", "transformers")
+CHECK_IMPORTS_ENV = "ENGINE_CHECK_IMPORTS"  # "1": the light workers fail if they import a heavy module
 
 
 class MsgQueue:
@@ -118,7 +123,63 @@ def _set_name(stage: str) -> None:
         pass  # not Linux: names are cosmetic
 
 
+def is_checking_imports() -> bool:
+    """Whether the light workers check their imports (ENGINE_CHECK_IMPORTS=1; the tests set it)."""
+    return os.environ.get(CHECK_IMPORTS_ENV) == "1"
+
+
+def check_light_imports(stage: str) -> None:
+    """Fail this stage if its process has imported torch or transformers (called only when is_checking_imports)."""
+    loaded = [name for name in HEAVY_MODULES if name in sys.modules]
+    if loaded:
+        raise RuntimeError(f"the {stage} imported {', '.join(loaded)}; tokenizer and decoder workers must use only "
+                           f"the Rust tokenizers, numpy and msgpack ({CHECK_IMPORTS_ENV}=1 checks this)")
+
+
+_starting = threading.local()  # is_main_hidden: this thread is starting a child that needs no __main__
+_spawn_preparation_data = multiprocessing.spawn.get_preparation_data
+
+
+def _preparation_data(name: str) -> dict:
+    """multiprocessing.spawn.get_preparation_data, less the parent's main module while this thread starts a child
+    whose code lives outside it. Spawn would otherwise re-run that module in the child before it unpickles its
+    target: engine-run's imports torch, pytest's imports pytest, a user's script may have side effects."""
+    data = _spawn_preparation_data(name)
+    if getattr(_starting, "is_main_hidden", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+# popen_spawn_posix (and forkserver) look this up at each start; unflagged, it is the original.
+multiprocessing.spawn.get_preparation_data = _preparation_data
+
+
+class ByName:
+    """A child's entry point given as module and function name: picklable without importing the module, so the
+    parent need not import what only the child runs (the engine core's torch and transformers)."""
+
+    def __init__(self, module: str, name: str):
+        self.__module__ = module  # what start() reads to tell an entry point outside __main__
+        self.module, self.name = module, name
+
+    def __call__(self, *args):
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)(*args)
+
+    def __reduce__(self):
+        return ByName, (self.module, self.name)
+
+
 def start(ctx, stage: str, events: MsgQueue, target, *args):
+    """Start `target(*args)` in a child process under child_main. A target defined outside the parent's __main__
+    (every engine stage) starts without re-running __main__; its arguments must not need __main__ either."""
     proc = ctx.Process(target=child_main, args=(stage, events, target, *args), name=stage, daemon=True)
-    proc.start()
+    # Per thread, so a thread starting another child (ours or not) meanwhile gets spawn's usual behaviour.
+    _starting.is_main_hidden = getattr(target, "__module__", "__main__") != "__main__"
+    try:
+        proc.start()
+    finally:
+        _starting.is_main_hidden = False
     return proc

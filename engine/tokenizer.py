@@ -334,6 +334,10 @@ class RustTokenizer:
         """Vocabulary plus added tokens, as `len(hf_tokenizer)`."""
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token text -> id, added tokens included, as `hf_tokenizer.get_vocab()` (engine-bench's workloads)."""
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
     def token_id(self, name: str) -> int | None:
         """The id of a named special token ("bos_token", ...): its text through the vocabulary, else unk's id."""
         text = self.special_tokens_map.get(name)

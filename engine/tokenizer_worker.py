@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from engine.procs import Lifeline, MsgQueue, messages
+from engine.procs import (
+    Lifeline,
+    MsgQueue,
+    check_light_imports,
+    is_checking_imports,
+    messages,
+)
 from engine.request import RecordError
 from engine.ring import ShmRing
+from engine.tokenizer import RustTokenizer, TokenizerUnsupported
+
+log = logging.getLogger("engine")
 
 # What the engine core needs of a request; everything else stays with the parent.
 CORE_FIELDS = ("index", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "steering",
@@ -14,7 +25,19 @@ CORE_FIELDS = ("index", "max_new_tokens", "temperature", "top_p", "top_k", "seed
 
 
 def load_tokenizer(tokenizer_dir: str):
-    """The fast (Rust) tokenizer of a directory holding tokenizer.json; never touches the network."""
+    """The engine's tokenizer for a directory holding tokenizer.json, never from the network: a RustTokenizer
+    (the Rust `tokenizers` alone, so the workers import no transformers), or, for a directory it cannot reproduce
+    exactly, transformers' AutoTokenizer, which it equals wherever it loads: the results are the same either way."""
+    try:
+        return RustTokenizer(tokenizer_dir)
+    except TokenizerUnsupported as exc:
+        log.info("%s: loading it with transformers' AutoTokenizer (the same results, a slower start)", exc)
+        return load_hf_tokenizer(tokenizer_dir)
+
+
+def load_hf_tokenizer(tokenizer_dir: str):
+    """transformers' AutoTokenizer of a directory, for what RustTokenizer leaves out (padding, tensors, a settable
+    pad token: the HF baselines' `generate`) and for comparisons against transformers."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
@@ -81,11 +104,17 @@ def fit_length(ids: list[int], max_new_tokens: int, max_model_len: int, truncate
 
 def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: ShmRing, inbox: MsgQueue,
                    core_q: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
+    is_checking = is_checking_imports()
     tok = load_tokenizer(tokenizer_dir)
+    if is_checking:
+        check_light_imports("tokenizer worker")
     for msg in messages(inbox, lifeline):
         requests = msg["requests"]
+        encoded = encode(tok, requests)
+        if is_checking:  # before anything is sent, so the run fails rather than finishing without noticing
+            check_light_imports("tokenizer worker")
         entries = []
-        for request, ids in zip(requests, encode(tok, requests)):
+        for request, ids in zip(requests, encoded):
             try:
                 if isinstance(ids, RecordError):
                     raise ids

@@ -15,24 +15,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.activations import (FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, DiskLow, activations_dir,
-                                require_free, tensors_of)
+from engine.activations import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir, tensors_of
 from engine.id_index import IdIndex
 from engine.pipeline import Outcome
-from engine.storage.files import write_atomic
+from engine.storage.files import (DiskLow, OutputWriteError, check_free_space, require_free,  # noqa: F401 - re-exported
+                                  write_atomic)
 from engine.storage.output import (ErrorLog, ManifestMismatch, check_manifest, errors_path, manifest_path,  # noqa: F401
                                    scan_done_ids)
 
 MANIFEST_VERSION = 1
-
-
-class OutputWriteError(OSError):
-    """A results, errors or manifest file could not be written (disk full, say); the message names it."""
-
-
-def check_free_space(folder: Path, min_free_gb: float, option: str) -> None:
-    """DiskLow, naming the option that sets the limit, if `folder`'s file system has less than min_free_gb free."""
-    require_free(folder, min_free_gb * 1e9, f", below {option} = {min_free_gb:g}")
 
 
 def _json_line(record: dict) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from engine.config import EngineConfig, SamplingDefaults
 from engine.models import load_model, resolve_model
-from engine.tokenizer_worker import load_tokenizer
+from engine.tokenizer_worker import load_hf_tokenizer
 
 TINY = "random:tiny"
 
@@ -38,7 +38,9 @@ def tiny_source():
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_source):
-    return load_tokenizer(tiny_source.tokenizer_dir)
+    """transformers' tokenizer of the tiny model: the reference the tests compare against (the engine's own,
+    engine.tokenizer.RustTokenizer, equals it: tests/test_tokenizer.py)."""
+    return load_hf_tokenizer(tiny_source.tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,6 +56,8 @@ def test_input_file_errors_name_the_line(tokenizer, tmp_path):
     (dict(append_results="/nowhere/RESULTS.md"), "--append-results"),
     (dict(steering_specs=[0]), "--steering-specs"),
     (dict(capture_layers=[1], capture_positions="first"), "--capture-positions"),
+    (dict(is_e2e=True, systems=["naive"]), "--e2e --systems naive"),
+    (dict(is_e2e=True, steering_specs=[2]), "--e2e measures plain generation"),
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -104,14 +107,14 @@ def test_baselines_pad_with_the_model_configs_id_when_given_a_bare_tokenizer_jso
     import shutil
 
     from engine.baselines import set_pad_token
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.tokenizer_worker import load_hf_tokenizer
 
     shutil.copy(Path(tiny_source.tokenizer_dir) / "tokenizer.json", tmp_path)  # no tokenizer_config.json: no roles
-    bare = load_tokenizer(str(tmp_path))
+    bare = load_hf_tokenizer(str(tmp_path))
     assert bare.pad_token_id is None and bare.eos_token_id is None
     set_pad_token(bare, SimpleNamespace(pad_token_id=0, eos_token_id=1))
     assert bare.pad_token_id == 0
-    nameless = load_tokenizer(str(tmp_path))
+    nameless = load_hf_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="tokenizer_config.json names pad_token or eos_token"):
         set_pad_token(nameless, SimpleNamespace(pad_token_id=None, eos_token_id=None))
 
@@ -284,3 +287,126 @@ def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
     assert {e["step"] for e in in_run} >= {"prefill", "decode"}
     assert all(e["launch_ms"] >= 0 and e.get("wait_ms", 0) >= 0 for e in in_run)
     assert sum(e["size"] for e in in_run if e["step"] == "decode") >= 3 * 149 * 3  # 149 decode tokens a prompt
+
+
+# ---------------------------------------------------------------- --e2e: whole commands, cold and warm
+
+
+E2E_LABELS = ["engine-run cold", "engine-run warm", "hf-script b2 cold", "hf-script b2 warm", "hf-script b4 cold",
+              "hf-script b4 warm"]
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tokenizer, tmp_path_factory):
+    """engine-run and the user's script (batches of 2 and 4) as whole commands on CPU, cold and warm; unequal
+    new-token counts, few of them, since process start-ups are what this measures."""
+    folder = tmp_path_factory.mktemp("e2e")
+    prompts = make_workload("short", tokenizer, len(NEW_TOKENS)).prompts
+    rows = [{"id": p.id, "prompt": p.text, "max_new_tokens": n} for p, n in zip(prompts, NEW_TOKENS)]
+    source = write_jsonl(folder / "prompts.jsonl", rows)
+    results = write_jsonl(folder / "RESULTS.md", ["# Results"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the children inherit it: one thread each on a 2-core runner
+        code = bench_main(["--e2e", "--model", "random:tiny", "--device", "cpu", "--input", str(source),
+                           "--batch-sizes", "2,4", "--out", str(folder / "out"), "--append-results", str(results),
+                           "--quiet"])
+    assert code == 0
+    return folder, json.loads(next((folder / "out").glob("prompts-e2e-*.json")).read_text())
+
+
+def test_e2e_runs_each_system_cold_and_warm_and_times_its_phases(e2e_run):
+    report = e2e_run[1]
+    assert report["mode"] == "e2e" and report["errors"] == []
+    assert [m["label"] for m in report["runs"]] == E2E_LABELS
+    for m in report["runs"]:
+        stamps = m["stamps_s"]
+        ready = stamps["engine_ready" if m["system"] == "engine-run" else "load_done"]
+        assert 0 < stamps["imports_done"] <= ready <= stamps["first_result"] <= stamps["last_result"] <= stamps["exit"]
+        assert m["exit_code"] == 0 and m["launch_s"] >= 0
+        assert 0 < m["time_to_first_result_s"] < m["wall_s"]
+        assert sum(v or 0 for v in m["phases_s"].values()) == pytest.approx(m["wall_s"], abs=0.05)
+        assert m["phases_s"]["generation"] > 0 and m["phases_s"]["load"] > 0
+        assert m["num_output_tokens"] == sum(NEW_TOKENS) and m["output_tokens_per_s"] > 0
+        assert m["gpu_util_mean_pct"] is None and m["gpu_util_generation_pct"] is None
+        assert report["agreement"]["engine-run cold"][m["label"]]["num_identical"] == len(NEW_TOKENS)
+    engine = report["runs"][0]
+    assert {"imports", "tokenizer", "load"} <= set(engine["core_phases"]["0"])
+    assert engine["phases_s"]["compile"] is None  # no torch.compile on CPU: n/a, not zero
+    assert "--max-num-seqs" not in engine["command"]  # engine-run's own default is what is measured
+    assert report["best_batch_size"] in (2, 4) and set(report["ratios"]) == {"cold", "warm"}
+    best = next(m for m in report["runs"] if m["label"] == f"hf-script b{report['best_batch_size']} warm")
+    assert report["ratios"]["warm"]["best_script_over_engine"] == pytest.approx(best["vs_engine_run"])
+    model = Path(report["model_dir"])
+    assert (model / "config.json").is_file() and (model / "tokenizer.json").is_file()
+
+
+def test_e2e_writes_json_table_chart_and_results(e2e_run):
+    from engine.bench_e2e_report import e2e_markdown
+    from engine.cli import run_parser
+
+    folder, report = e2e_run
+    out = folder / "out"
+    table = next(out.glob("prompts-e2e-*.md")).read_text()
+    assert table == e2e_markdown(report)
+    default = run_parser().get_default("max_num_seqs")
+    assert f"| engine-run | cold | max_num_seqs {'auto' if default is None else default} (default) |" in table
+    assert "| hf-script | warm | 4" in table and report["command"].startswith("engine-bench --e2e") and (
+        report["command"] in table)
+    assert next(out.glob("prompts-e2e-*.png")).read_bytes()[:4] == b"\x89PNG"
+    results = (folder / "RESULTS.md").read_text()
+    assert results.startswith("# Results") and "whole command, cold and warm" in results
+    assert results.count("| hf-script |") == 4
+
+
+def test_engine_run_writes_its_timings_file(e2e_run):
+    """engine-run --timings, as the e2e engine runs wrote it: wall-clock stamps in order and the cores' phases."""
+    report = e2e_run[1]
+    timings = json.loads((Path(report["run_dir"]) / "engine-run-cold" / "timings.json").read_text())
+    order = ["process_start", "imports_done", "engine_ready", "first_result", "last_result", "exit"]
+    assert [timings[k] for k in order] == sorted(timings[k] for k in order)
+    assert time.time() - 600 < timings["process_start"] < timings["exit"] < time.time()
+    assert timings["core_phases"]["0"]["load"] > 0
+
+
+def test_run_timings_is_a_no_op_without_a_path_and_refuses_a_missing_folder(tmp_path):
+    from engine.cli import RunTimings
+
+    quiet = RunTimings(None)
+    quiet.mark("first_result")
+    quiet.write({})
+    assert "first_result" not in quiet.stamps
+    with pytest.raises(ConfigError, match="--timings .*does not exist"):
+        RunTimings(str(tmp_path / "missing" / "t.json"))
+    timings = RunTimings(str(tmp_path / "t.json"))
+    timings.mark("first_result")
+    first = timings.stamps["first_result"]
+    timings.mark("first_result")  # the first stamp is kept
+    timings.write({0: {"load": 1.0}})
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert written["first_result"] == first and written["core_phases"] == {"0": {"load": 1.0}}
+    assert written["process_start"] <= written["imports_done"] <= written["exit"]
+
+
+def test_e2e_cold_runs_start_from_empty_caches(tmp_path):
+    from engine.bench_e2e import CACHE_VARS, cache_env
+
+    root = tmp_path / "cache"
+    env = cache_env(root, "cold")
+    assert {env[var] for var in CACHE_VARS} == {str(root / name) for name in CACHE_VARS.values()}
+    (root / "inductor" / "kernel.py").write_text("# compiled")
+    assert cache_env(root, "warm")["TORCHINDUCTOR_CACHE_DIR"] == str(root / "inductor")
+    assert (root / "inductor" / "kernel.py").exists()  # warm: what the cold run left
+    cache_env(root, "cold")
+    assert not (root / "inductor" / "kernel.py").exists() and (root / "inductor").is_dir()
+
+
+def test_e2e_failed_command_names_itself_and_shows_its_stderr(tmp_path):
+    from engine.bench_e2e import read_results, run_command
+
+    argv = [sys.executable, "-c", "import sys; sys.stderr.write('CUDA out of memory'); sys.exit(3)"]
+    with pytest.raises(BenchError, match="(?s)engine-run cold exited with code 3.*CUDA out of memory"):
+        run_command("engine-run cold", argv, tmp_path / "run", dict(os.environ))
+    write_jsonl(tmp_path / "results.jsonl", [{"id": "p0", "completion": "x", "completion_token_ids": [1, 2]}])
+    workload = Workload("t", 0, [Prompt("p0", "x", 3, 2), Prompt("p1", "y", 3, 2)])
+    with pytest.raises(BenchError, match="1 of 2 prompts have no record .*first: p1"):
+        read_results("engine-run cold", tmp_path / "results.jsonl", workload)

@@ -95,10 +95,10 @@ def test_attention_backends_match_the_math_backend():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from engine.scheduler import Scheduler
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.tokenizer_worker import load_hf_tokenizer
 
     core = _core(enforce_eager=True)
-    tok = load_tokenizer(_tokenizer_dir(core))
+    tok = load_hf_tokenizer(_tokenizer_dir(core))
 
     def logits_of(prompts):
         core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
@@ -135,11 +135,11 @@ def _tokenizer_dir(core) -> str:
 
 def test_greedy_agrees_with_hf_generate_until_a_near_tie():
     from engine.models import load_model, resolve_model
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.tokenizer_worker import load_hf_tokenizer
 
     core = _core()
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
-    tok = load_tokenizer(source.tokenizer_dir)
+    tok = load_hf_tokenizer(source.tokenizer_dir)
     ids = [tok(p).input_ids for p in PROMPTS]
     requests = [dict(index=i, max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True,
                      stop=[], steering=None) for i in range(len(PROMPTS))]
@@ -163,10 +163,10 @@ def test_greedy_agrees_with_hf_generate_until_a_near_tie():
 def test_steering_added_after_capture_recaptures(tmp_path):
     import numpy as np
 
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.tokenizer_worker import load_hf_tokenizer
 
     graphs, fresh = _core(), _core()
-    tok = load_tokenizer(_tokenizer_dir(graphs))
+    tok = load_hf_tokenizer(_tokenizer_dir(graphs))
     vector = tmp_path / "v.npy"
     np.save(vector, np.random.default_rng(0).standard_normal(graphs.steering.hidden_size).astype(np.float32) * 4)
     spec = {"vector": str(vector), "layers": [1, 2], "coef": 2.0, "positions": "generated"}
@@ -187,12 +187,12 @@ def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
     import random
 
     from engine.models import load_model, resolve_model
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.tokenizer_worker import load_hf_tokenizer
     from teacher_forcing import engine_logits, hf_logits
 
     core = _core()
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
-    tok = load_tokenizer(source.tokenizer_dir)
+    tok = load_hf_tokenizer(source.tokenizer_dir)
     ref = load_model(source, torch.bfloat16, "cuda", len(tok))
     rng = random.Random(0)
     words = "the a river mountain light question answer model token steering vector layer night city".split()
@@ -215,10 +215,10 @@ def test_a_broken_forward_ends_only_its_request_inside_the_graphs(tmp_path):
     its request with an error at the step it breaks; batch-mates, greedy and sampled, get the tokens they get alone."""
     import numpy as np
 
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.tokenizer_worker import load_hf_tokenizer
 
     core = _core()
-    tok = load_tokenizer(_tokenizer_dir(core))
+    tok = load_hf_tokenizer(_tokenizer_dir(core))
     hidden = core.steering.hidden_size
     twos, normal = tmp_path / "twos.npy", tmp_path / "normal.npy"
     np.save(twos, np.full(hidden, 2.0, dtype=np.float32))

@@ -143,6 +143,7 @@ def test_decode_matches_text_for_text(pair):
 def test_special_ids_len_and_settings_match(pair):
     hf, rust = pair
     assert len(rust) == len(hf)
+    assert rust.get_vocab() == hf.get_vocab()
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         assert getattr(rust, name) == getattr(hf, name), name
     assert rust.special_tokens_map == hf.special_tokens_map
@@ -224,11 +225,8 @@ def test_copied_transformers_facts_are_current():
 
 
 def test_loading_and_using_it_imports_neither_torch_nor_transformers(layouts):
-    # engine/__init__.py imports the pipeline (and torch) eagerly today, so the package is stubbed to a bare
-    # namespace: what is checked is this module and what it pulls in.
     script = f"""
-import sys, types
-pkg = types.ModuleType("engine"); pkg.__path__ = [{str(ROOT / "engine")!r}]; sys.modules["engine"] = pkg
+import sys
 import engine.tokenizer as t
 for d in {[layouts["embedded"], layouts["wordpiece"]]!r}:
     tok = t.RustTokenizer(d)
@@ -260,3 +258,18 @@ def test_hf_call_shape_lets_the_worker_code_run_unchanged(pair):
     ids = hf("stop here, then more words", add_special_tokens=False)["input_ids"]
     text = hf.decode(ids, skip_special_tokens=True)
     assert cut_at_stop(rust, ids, text, ["then"]) == cut_at_stop(hf, ids, text, ["then"])
+
+
+def test_load_tokenizer_is_rust_where_it_can_be_and_transformers_where_not(layouts, tmp_path, caplog):
+    from engine.tokenizer_worker import load_tokenizer
+
+    assert isinstance(load_tokenizer(layouts["embedded"]), RustTokenizer)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    os.symlink(Path(layouts["bpe"]) / "tokenizer.json", llama / "tokenizer.json")
+    (llama / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizerFast"}))
+    with caplog.at_level("INFO", logger="engine"):
+        fallback = load_tokenizer(str(llama))
+    assert not isinstance(fallback, RustTokenizer) and type(fallback).__module__.startswith("transformers")
+    [line] = [r for r in caplog.records if "AutoTokenizer" in r.getMessage()]
+    assert line.levelname == "INFO" and "LlamaTokenizerFast" in line.getMessage() and str(llama) in line.getMessage()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -137,3 +138,26 @@ def _holder(text: str) -> str:
         return f"pid {info['pid']} on {info['host']}, since {since}: {info['command']}"
     except (ValueError, KeyError, TypeError):
         return "its pid is not recorded yet"
+
+
+class DiskLow(OSError):
+    """Too little free disk for the next write; nothing of it was written. The message says how much is free and
+    what was needed."""
+
+
+def require_free(path: Path, num_bytes: float, detail: str) -> None:
+    """DiskLow("disk low: <free> GB free in <folder><detail>") if the file system of `path` (or of its nearest
+    existing parent: it may not be made yet) has less than num_bytes free."""
+    folder = next(p for p in (path, *path.resolve().parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if free < num_bytes:
+        raise DiskLow(f"disk low: {free / 1e9:.2f} GB free in {folder}{detail}")
+
+
+class OutputWriteError(OSError):
+    """A results, errors or manifest file could not be written (disk full, say); the message names it."""
+
+
+def check_free_space(folder: Path, min_free_gb: float, option: str) -> None:
+    """DiskLow, naming the option that sets the limit, if `folder`'s file system has less than min_free_gb free."""
+    require_free(folder, min_free_gb * 1e9, f", below {option} = {min_free_gb:g}")

@@ -1,0 +1,112 @@
+"""The light workers stay light: tokenizer and decoder workers import neither torch nor transformers, `import engine`
+imports no torch, and a spawned child does not re-run the parent's __main__."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import PROMPTS, tiny_config
+
+from engine import Engine, EngineError
+from engine.config import CaptureDefaults
+from engine.procs import CHECK_IMPORTS_ENV, check_light_imports
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_spawned_tokenizer_and_decoder_workers_import_neither_torch_nor_transformers(monkeypatch):
+    # Each worker checks its own sys.modules after loading its tokenizer and after every batch, and fails the run
+    # (a fatal message, an EngineError here) if it finds torch or transformers.
+    monkeypatch.setenv(CHECK_IMPORTS_ENV, "1")
+    config = tiny_config(max_num_seqs=4, tokenizer_workers=2, decoder_workers=2,
+                         capture=CaptureDefaults(layers=[1], positions="generated"))
+    records = [{"id": f"p{i}", "prompt": p, "max_new_tokens": 6} for i, p in enumerate(PROMPTS)]
+    records.append({"id": "stop", "prompt": PROMPTS[0], "max_new_tokens": 8, "stop": ["e"]})  # the decoders' cut
+    records.append({"id": "chat", "messages": [{"role": "user", "content": "hi"}]})  # the chat path (an error here)
+    with Engine(config) as engine:
+        got = {r["id"]: r for r in engine.generate_all(records)}
+    assert all("error" not in got[f"p{i}"] for i in range(len(PROMPTS)))
+    assert all("activations" in got[f"p{i}"] for i in range(len(PROMPTS)))
+    assert "chat template" in got["chat"]["error"]
+
+
+def test_the_import_check_fails_a_worker_that_imported_torch():
+    import torch  # noqa: F401 - this process has it (the tests import it), as a worker that strayed would
+
+    with pytest.raises(RuntimeError, match="the decoder worker imported torch"):
+        check_light_imports("decoder worker")
+
+
+def test_a_worker_that_imports_torch_fails_the_engine(monkeypatch, tmp_path):
+    # Every new interpreter imports torch first (a sitecustomize), as a worker would after someone added a heavy
+    # import: the run must fail, naming the stage.
+    (tmp_path / "sitecustomize.py").write_text("import torch\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(CHECK_IMPORTS_ENV, "1")
+    failed = r"(tokenizer|decoder) worker \d failed: RuntimeError: the (tokenizer|decoder) worker imported torch"
+    with pytest.raises(EngineError, match=failed), Engine(tiny_config()) as engine:
+        engine.generate_all([{"id": "a", "prompt": PROMPTS[0], "max_new_tokens": 2}])
+
+
+def test_importing_the_package_imports_no_torch():
+    script = ("import engine, sys; assert 'torch' not in sys.modules and 'engine.pipeline' not in sys.modules; "
+              "assert engine.EngineConfig.__module__ == 'engine.config' and 'torch' not in sys.modules; "
+              "assert engine.Engine.__module__ == 'engine.pipeline' and 'Engine' in dir(engine)")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120)
+
+
+MAIN_SCRIPT = """
+    import sys
+    import threading
+    import multiprocessing as mp
+    from pathlib import Path
+
+    with open(Path(sys.argv[1]), "a") as f:  # a side effect of running this module, once per run of it
+        f.write("ran\\n")
+
+    def in_main(events):
+        events.put({"in_main": True})
+
+    if __name__ == "__main__":
+        from engine.procs import MsgQueue, start
+        from probe_target import report
+
+        ctx = mp.get_context("spawn")
+        events = MsgQueue(ctx)
+        started = []
+        thread = threading.Thread(target=lambda: started.append(start(ctx, "probe", events, report, events)))
+        thread.start()
+        thread.join()
+        started[0].join(60)
+        print(events.get(timeout=10))
+        proc = start(ctx, "probe main", events, in_main, events)  # a target in __main__ still gets it
+        proc.join(60)
+        print(events.get(timeout=10))
+"""
+TARGET = """
+import sys
+
+def report(events):
+    events.put({"is_main_rerun": hasattr(sys.modules["__main__"], "in_main"), "torch": "torch" in sys.modules,
+                "main_file": getattr(sys.modules["__main__"], "__file__", None)})
+"""
+
+
+@pytest.mark.parametrize("how", ["path", "module"])
+def test_a_child_started_from_a_script_does_not_rerun_it(tmp_path, how):
+    (tmp_path / "probe_main.py").write_text(textwrap.dedent(MAIN_SCRIPT))
+    (tmp_path / "probe_target.py").write_text(TARGET)
+    marker = tmp_path / "marker.txt"
+    command = [str(tmp_path / "probe_main.py")] if how == "path" else ["-m", "probe_main"]
+    done = subprocess.run([sys.executable, *command, str(marker)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == "{'is_main_rerun': False, 'torch': False, 'main_file': None}"
+    assert second == "{'in_main': True}"
+    assert marker.read_text() == "ran\n" * 2  # the parent, and the child whose target lives in __main__
