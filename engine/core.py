@@ -29,7 +29,7 @@ from engine.models import (
     resolve_device,
     resolve_dtype,
 )
-from engine.procs import Lifeline, MsgQueue
+from engine.procs import STOP, Lifeline, MsgQueue
 from engine.request import RecordError
 from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
@@ -401,6 +401,8 @@ class Admission:
         finally:
             if idle_from is not None:
                 self.stats["idle_s"] += time.perf_counter() - idle_from
+        if msg == STOP:  # the lifeline says stop too: the loop ends at its next check
+            return False
         if msg["t"] == "stats?":
             self.events.put({**self.stats, **_memory_peaks(self.reader), "reply_to": msg["id"]})
             return True

@@ -22,7 +22,7 @@ from engine.config import EngineConfig
 from engine.decoder_worker import decoder_main
 from engine.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model
-from engine.procs import ByName, Lifeline, MsgQueue, start
+from engine.procs import ByName, Lifeline, MsgQueue, start, wake
 from engine.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs, parse_record,
                             record_digest)
 from engine.ring import ShmRing
@@ -417,6 +417,9 @@ class Engine:
         self._closed = True
         self._stop.set()
         self.lifeline.stop()
+        for inbox in [self.tok_in] * self.config.tokenizer_workers + [lane.inbox for lane in self.lanes] + \
+                [lane.dec_q for lane in self.lanes for _ in lane.decoders]:
+            wake(inbox)
         if self.router:
             self.router.close()
         for lane in self.lanes:
