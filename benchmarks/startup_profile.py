@@ -1,0 +1,49 @@
+"""Where an engine core's start-up goes: builds one EngineCore in this process under cProfile and prints its phases
+(engine.trace.Phases) and the functions that took the time. Run it twice with the same ENGINE_CACHE_DIR for the cold
+and the warm start-up (the compile cache fills on the first run):
+
+    ENGINE_CACHE_DIR=/tmp/c python benchmarks/startup_profile.py --model random:gemma-2b --tokenizer tok.json
+    python -X importtime benchmarks/startup_profile.py ... 2> imports.txt      # the import tree as well
+
+Not a benchmark row (engine-bench --e2e times whole commands); a profile, for deciding what to cut next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:gemma-2b")
+    p.add_argument("--tokenizer")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=1280)
+    p.add_argument("--top", type=int, default=40, help="functions to print, by cumulative and by own time")
+    args = p.parse_args()
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.enable()
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.models import resolve_model
+
+    config = EngineConfig(model=args.model, tokenizer=args.tokenizer, device=args.device,
+                          max_model_len=args.max_model_len)
+    core = EngineCore(config, resolve_model(config.model, config.tokenizer, config.cache_dir))
+    profile.disable()
+    print(f"start-up {time.perf_counter() - started:.2f} s in this process; phases {core.phases.seconds}; "
+          f"graphs {core.runner.graph_stats}")
+    for order in ("cumulative", "tottime"):
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats(order).print_stats(args.top)
+        print(out.getvalue())
+    core.close()
+
+
+if __name__ == "__main__":
+    main()
