@@ -130,7 +130,7 @@ class ActivationRecorder:
                                              device=self.device)
         if layer not in self.generated_layers:
             self.generated_layers.append(layer)
-            self._columns = torch.tensor(self.generated_layers, dtype=torch.int64).to(self.device)
+            self._columns = to_device(self.generated_layers, torch.int64, self.device)  # no host sync
             shape = (self.num_slots, len(self.generated_layers), self.hidden_size)
             pin = self.device.type == "cuda"
             self._host = [torch.zeros(shape, dtype=self.dtype, pin_memory=pin) for _ in range(2)]

@@ -22,7 +22,7 @@ from engine.config import EngineConfig
 from engine.decoder_worker import decoder_main
 from engine.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model
-from engine.procs import ByName, Lifeline, MsgQueue, start, wake
+from engine.procs import ByName, Lifeline, MsgQueue, start, use_bytecode_cache, wake
 from engine.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs, parse_record,
                             record_digest)
 from engine.ring import ShmRing
@@ -140,6 +140,7 @@ class Engine:
     def __init__(self, config: EngineConfig):
         started = time.perf_counter()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub, in any process
+        use_bytecode_cache()
         self.config = config
         self.source = resolve_model(config.model, config.tokenizer, config.cache_dir)
         self.max_model_len = effective_max_len(config.max_model_len, self.source)

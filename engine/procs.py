@@ -98,6 +98,7 @@ def child_main(stage: str, events: MsgQueue, target, *args) -> None:
     """Entry point of every spawned process: the parent owns signals; errors become one fatal message."""
     _set_name(stage)
     _die_with_parent()
+    use_bytecode_cache()  # before the stage imports its modules (the parent's environment usually set it already)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=logging.WARNING, format=f"[{stage}] %(message)s", stream=sys.stderr)
@@ -208,3 +209,33 @@ def start(ctx, stage: str, events: MsgQueue, target, *args):
     finally:
         _starting.is_main_hidden = False
     return proc
+
+
+BYTECODE_PACKAGES = ("torch", "transformers")  # the heavy imports whose bytecode decides a start-up's imports
+
+
+def use_bytecode_cache() -> None:
+    """Where torch or transformers is installed without bytecode (`pip install --no-compile`) in a folder this user
+    cannot write, Python compiles thousands of their modules from source at every start (7 s of an engine core's
+    start-up on one such GPU host); then keep the compiled bytecode under the engine's cache dir instead
+    (PYTHONPYCACHEPREFIX, for this process and the processes it starts). Identical code, so logged at info level."""
+    if sys.pycache_prefix or sys.dont_write_bytecode:
+        return
+    import importlib.util
+
+    for name in BYTECODE_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)  # finds the package without importing it
+        except (ImportError, ValueError):
+            continue
+        cached = getattr(spec, "cached", None) if spec is not None else None
+        if not cached or os.path.exists(cached):
+            continue
+        folder = os.path.dirname(cached)
+        if os.access(folder if os.path.isdir(folder) else os.path.dirname(folder), os.W_OK):
+            continue  # Python writes the bytecode there itself on the first import
+        root = os.environ.get("ENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "steer-engine")
+        prefix = os.path.join(root, "pycache")
+        sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = prefix
+        log.info("%s has no bytecode and its folder is read-only: compiled modules are kept in %s", name, prefix)
+        return
