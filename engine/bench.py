@@ -30,7 +30,7 @@ import psutil
 from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
                                  no_gpu_metrics, notes, references, system_metrics, versions, work_window, write_outputs)
 from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError, EngineConfig, SamplingDefaults, parse_devices
-from engine.models import ModelNotFound, hidden_size, resolve_device, resolve_dtype, resolve_model
+from engine.models import ModelNotFound, ModelSource, hidden_size, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
 from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload, prompts_from_msg,
                               prompts_to_msg)
@@ -124,9 +124,12 @@ class BenchConfig:
         if not {"engine", "hf"} & set(self.systems):
             raise ConfigError(f"--e2e --systems {','.join(self.systems)}: whole commands are engine and hf (the naive "
                               "loop has no command of its own); name one of them")
-        if self.steering_specs or self.capture_layers or self.trace:
-            raise ConfigError("--e2e measures plain generation as whole commands; drop --steering-specs, "
-                              "--capture-layers and --trace, or run those without --e2e")
+        if self.capture_layers or self.trace:
+            raise ConfigError("--e2e times whole commands, plain or steered; drop --capture-layers and --trace, or run "
+                              "those without --e2e")
+        if self.steering_specs and "engine" not in self.systems:
+            raise ConfigError(f"--e2e --steering-specs runs engine-run steered, but --systems {','.join(self.systems)} "
+                              "leaves engine-run out; add engine (the user's script has no steering)")
 
     def sampling(self) -> SamplingDefaults:
         return SamplingDefaults(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -253,7 +256,7 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
         runs = [(base, _engine_records(prompts))]
         layers = ",".join(map(str, config.steering_layers))
         for count in config.steering_specs:
-            specs = _steering_specs(engine, config, count, Path(folder))
+            specs = random_steering_specs(engine.source, config, count, Path(folder))
             steered = [{**r, "steering": specs[i % len(specs)]} for i, r in enumerate(_engine_records(prompts))]
             runs.append((f"{base}+steer{count}@L{layers}", steered))
         if config.capture_layers:
@@ -270,11 +273,12 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
     events.put({"t": "exit"})
 
 
-def _steering_specs(engine, config: BenchConfig, count: int, folder: Path) -> list[dict]:
-    """Distinct random unit-scale vectors, one file each, on the configured layers."""
+def random_steering_specs(source: ModelSource, config: BenchConfig, count: int, folder: Path) -> list[dict]:
+    """`count` distinct random unit-scale vectors for the source's model, one file each in folder, as record
+    `steering` specs on the configured layers (seeded: the same vectors every run)."""
     import numpy as np
 
-    hidden = hidden_size(engine.source)
+    hidden = hidden_size(source)
     rng = np.random.default_rng(config.seed)
     specs = []
     for i in range(count):
@@ -600,8 +604,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-outputs", action="store_true", help="also write every system's completions as JSONL")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--steering-specs", type=_ints, default=[],
-                   help="also run the engine with N distinct steering vectors (one per prompt), one row per N in a "
-                        "comma list like 1,256, to measure the overhead")
+                   help="also run the engine with N distinct steering vectors (prompt i gets vector i %% N), one row "
+                        "per N in a comma list like 1,256, to measure the overhead; with --e2e, engine-run steered "
+                        "(cache warm) after its unsteered runs")
     p.add_argument("--steering-layers", type=_ints, default=[4, 8, 12], help="layers those vectors steer")
     p.add_argument("--capture-layers", type=_ints, default=[],
                    help="also run the engine capturing activations at these layers, to measure the overhead")
@@ -611,7 +616,8 @@ def bench_parser() -> argparse.ArgumentParser:
                    "launch and wait per step, GC pauses) and each engine run's window (runs.jsonl) to DIR")
     p.add_argument("--e2e", action="store_true",
                    help="time whole commands instead: engine-run, and the batched HF loop as a user's script at each "
-                        "batch size, each a fresh process from start to exit, on empty caches (cold) and again (warm)")
+                        "batch size, each a fresh process from start to exit, on empty caches (cold) and again (warm); "
+                        "with --steering-specs, engine-run steered too (warm), against its plain warm run")
     return p
 
 

@@ -5,7 +5,8 @@ one after another as fresh processes over the same prompts file and the same mod
 command from just before it starts to its exit; the command's own --timings stamps split that into phases. Cold: the
 command's cache folders (ENGINE_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, CUDA_CACHE_PATH) start empty;
 warm: the same command again over what the cold run left there (the script's too: the CUDA driver's JIT cache
-holds its kernels). The OS page cache is not dropped.
+holds its kernels). The OS page cache is not dropped. With --steering-specs, engine-run runs again after its warm run,
+over the same cache folders and prompts, each record steered by one of N random vectors (one row per N).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from engine.bench import BenchConfig, BenchError, GpuMonitor, check_lengths, load_workloads
-from engine.bench_e2e_report import READY, e2e_markdown, run_metrics, summarise, write_e2e_chart
+from engine.bench import BenchConfig, BenchError, GpuMonitor, check_lengths, load_workloads, random_steering_specs
+from engine.bench_e2e_report import READY, e2e_markdown, row_system, run_metrics, summarise, write_e2e_chart
 from engine.bench_report import append_results, cpu_card, cpu_name, no_gpu_metrics, versions, write_outputs
 from engine.models import ModelSource, resolve_device, resolve_dtype, resolve_model
 from engine.workloads import Workload
@@ -105,13 +107,50 @@ def materialise(source_msg: dict, mark: dict, device: str, target: str) -> None:
 # ---------------------------------------------------------------- the commands
 
 
-def write_prompts(workload: Workload, config: BenchConfig, path: Path) -> None:
-    """The workload as the JSONL a user would hand engine-run: prompt, length and sampling settings per record."""
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One system as the command a user runs: engine-run (plain, or steered by num_specs distinct vectors, prompt i
+    by vector i % num_specs) or the script at one batch size."""
+
+    system: str  # the program: engine-run | hf-script
+    batch_size: int | None = None
+    num_specs: int | None = None
+
+    @property
+    def name(self) -> str:
+        """Its rows' system."""
+        return row_system(self.system, self.num_specs)
+
+    @property
+    def key(self) -> str:
+        """Its run folders' name."""
+        return self.name.replace(" ", "-") if self.batch_size is None else f"{self.system}-b{self.batch_size}"
+
+    @property
+    def cache_key(self) -> str:
+        """Its cache folders' name: a steered engine-run shares the plain one's, so it finds its compile artefacts."""
+        return self.system if self.batch_size is None else self.key
+
+    @property
+    def caches(self) -> tuple[str, ...]:
+        """Steered: warm only, right after the plain warm run (what a user's next, steered job meets)."""
+        return CACHE_STATES if self.num_specs is None else ("warm",)
+
+    def label(self, cache: str) -> str:
+        return f"{self.name}{'' if self.batch_size is None else f' b{self.batch_size}'} {cache}"
+
+
+def write_prompts(workload: Workload, config: BenchConfig, path: Path, steering: list[dict] | None = None) -> None:
+    """The workload as the JSONL a user would hand engine-run: prompt, length and sampling settings per record, and
+    with steering specs given, record i's `steering` the (i % len)-th of them."""
     with path.open("w", encoding="utf-8") as f:
-        for p in workload.prompts:
-            f.write(json.dumps({"id": p.id, "prompt": p.text, "max_new_tokens": p.max_new_tokens,
-                                "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
-                                "ignore_eos": True}) + "\n")
+        for i, p in enumerate(workload.prompts):
+            record = {"id": p.id, "prompt": p.text, "max_new_tokens": p.max_new_tokens,
+                      "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+                      "ignore_eos": True}
+            if steering:
+                record["steering"] = steering[i % len(steering)]
+            f.write(json.dumps(record) + "\n")
 
 
 def engine_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path) -> list[str]:
@@ -133,10 +172,12 @@ def script_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path, b
             "--device", config.device, "--seed", str(config.seed), "--timings", str(folder / "timings.json")]
 
 
-def systems(config: BenchConfig) -> list[tuple[str, int | None]]:
-    """(system, batch size) in run order: engine-run, then the script at each batch size."""
-    out: list[tuple[str, int | None]] = [("engine-run", None)] if "engine" in config.systems else []
-    return out + ([("hf-script", b) for b in config.batch_sizes] if "hf" in config.systems else [])
+def systems(config: BenchConfig) -> list[Command]:
+    """The commands in run order: engine-run, engine-run steered at each --steering-specs count, then the script
+    at each batch size (it has no steering)."""
+    out = [Command("engine-run")] if "engine" in config.systems else []
+    out += [Command("engine-run", num_specs=n) for n in dict.fromkeys(config.steering_specs) if out]
+    return out + ([Command("hf-script", b) for b in config.batch_sizes] if "hf" in config.systems else [])
 
 
 def cache_env(root: Path, cache: str) -> dict[str, str]:
@@ -210,19 +251,19 @@ def read_results(label: str, path: Path, workload: Workload) -> dict:
 # ---------------------------------------------------------------- orchestration
 
 
-def run_system(config: BenchConfig, system: str, batch: int | None, model: Path, prompts: Path, run_dir: Path,
+def run_system(config: BenchConfig, command: Command, model: Path, prompts: Path, run_dir: Path,
                workload: Workload, gpu: GpuMonitor | None) -> tuple[list[dict], dict[str, dict]]:
-    """One system cold, then warm: (metrics per run, completions per run label)."""
-    key = system if batch is None else f"{system}-b{batch}"
+    """One command at each of its cache states (cold, then warm): (metrics per run, completions per run label)."""
     metrics, outputs = [], {}
-    for cache in CACHE_STATES:
-        label = f"{system}{'' if batch is None else f' b{batch}'} {cache}"
-        folder = run_dir / f"{key}-{cache}"
+    batch = command.batch_size
+    for cache in command.caches:
+        label = command.label(cache)
+        folder = run_dir / f"{command.key}-{cache}"
         argv = (engine_argv(config, model, prompts, folder) if batch is None
                 else script_argv(config, model, prompts, folder, batch))
-        run = run_command(label, argv, folder, cache_env(Path(config.out) / "e2e-cache" / key, cache))
+        run = run_command(label, argv, folder, cache_env(Path(config.out) / "e2e-cache" / command.cache_key, cache))
         outputs[label] = read_results(label, folder / "results.jsonl", workload)
-        m = run_metrics(run, system, cache, batch, label, argv, outputs[label]["token_ids"])
+        m = run_metrics(run, command.system, cache, batch, label, argv, outputs[label]["token_ids"], command.num_specs)
         m.update(gpu_columns(gpu, run, m, max(1, len(config.devices)) if batch is None else 1))
         print(f"engine-bench: {workload.name} {label}: {m['wall_s']:.1f} s whole command, first result at "
               f"{m['time_to_first_result_s']:.1f} s, {m['output_tokens_per_s']:,.0f} output tok/s", file=sys.stderr,
@@ -235,7 +276,7 @@ def gpu_columns(gpu: GpuMonitor | None, run: dict, m: dict, num_cards: int) -> d
     """NVML figures of a command's cards over the whole command, and utilisation over its generation phase."""
     if gpu is None:
         return {**no_gpu_metrics(), "gpu_util_generation_pct": None}
-    generation_start = run["start"] + m["launch_s"] + m["stamps_s"][READY[m["system"]]]
+    generation_start = run["start"] + m["launch_s"] + m["stamps_s"][READY[m["program"]]]
     generation = gpu.window(generation_start, generation_start + m["generation_s"], num_cards)
     return {**gpu.window(run["start"], run["end"], num_cards), "gpu_util_generation_pct": generation["gpu_util_mean_pct"]}
 
@@ -248,22 +289,40 @@ def engine_run_defaults() -> dict:
     return {name: parser.get_default(name) for name in ("max_num_seqs", "max_model_len", "gpu_memory_fraction")}
 
 
-def run_e2e_workload(config: BenchConfig, workload: Workload, model: Path, gpu: GpuMonitor | None, env: dict,
-                     command: str) -> tuple[dict, dict]:
-    """Every system on one workload, cold and warm -> (report, completions by run label)."""
+def command_prompts(config: BenchConfig, command: Command, source: ModelSource, workload: Workload,
+                    run_dir: Path) -> Path:
+    """The prompts file a command reads: the plain one, or for a steered engine-run the same records steered, its
+    vector files beside it."""
+    if command.num_specs is None:
+        return run_dir / "prompts.jsonl"
+    path = run_dir / f"prompts-{command.key}.jsonl"
+    vectors = run_dir / f"vectors-{command.num_specs}"
+    vectors.mkdir(exist_ok=True)
+    write_prompts(workload, config, path, random_steering_specs(source, config, command.num_specs, vectors))
+    return path
+
+
+def run_e2e_workload(config: BenchConfig, workload: Workload, source: ModelSource, model: Path,
+                     gpu: GpuMonitor | None, env: dict, command: str) -> tuple[dict, dict]:
+    """Every system on one workload, cold and warm (steered engine-run warm only) -> (report, completions by run
+    label)."""
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.out) / "e2e" / f"{workload.name}-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    prompts = run_dir / "prompts.jsonl"
-    write_prompts(workload, config, prompts)
+    write_prompts(workload, config, run_dir / "prompts.jsonl")
     runs: list[dict] = []
     outputs: dict[str, dict] = {}
     errors: list[dict] = []
-    for system, batch in systems(config):
+    for cmd in systems(config):
+        name = cmd.name if cmd.batch_size is None else f"{cmd.name} b{cmd.batch_size}"
+        if cmd.num_specs is not None and not any(m["system"] == "engine-run" for m in runs):
+            errors.append({"systems": name, "error": "not run: engine-run failed, so there is no warm cache or "
+                           "unsteered time to compare it with"})
+            continue
         try:
-            metrics, done = run_system(config, system, batch, model, prompts, run_dir, workload, gpu)
+            prompts = command_prompts(config, cmd, source, workload, run_dir)
+            metrics, done = run_system(config, cmd, model, prompts, run_dir, workload, gpu)
         except BenchError as exc:  # the other systems' numbers are still worth the time they took
-            name = system if batch is None else f"{system} b{batch}"
             errors.append({"systems": name, "error": str(exc)})
             print(f"engine-bench: {workload.name}: {exc}", file=sys.stderr)
             continue
@@ -296,7 +355,7 @@ def run_e2e(config: BenchConfig, command: str) -> list[dict]:
     reports = []
     with gpu if gpu is not None else contextlib.nullcontext():
         for workload in workloads:
-            report, outputs = run_e2e_workload(config, workload, model, gpu, env, command)
+            report, outputs = run_e2e_workload(config, workload, source, model, gpu, env, command)
             stem = f"{workload.name}-e2e-{dt.datetime.now():%Y%m%d-%H%M%S}"
             paths = write_outputs(report, outputs, Path(config.out), stem, config.is_saving_outputs,
                                   render=e2e_markdown, chart=write_e2e_chart)

@@ -1,5 +1,6 @@
 """What engine-bench --e2e reports: each command's phases from its --timings stamps, the best script batch size,
-ratios to engine-run, agreement of greedy completions, and the Markdown table and stacked-phase chart."""
+ratios to engine-run, steered engine-run's speed against plain, agreement of greedy completions, and the Markdown
+table and stacked-phase chart."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ PHASES = ("imports", "load", "compile", "capture", "other start-up", "generation
 READY = {"engine-run": "engine_ready", "hf-script": "load_done"}  # the stamp after which a system generates
 COLORS = ("#8c8c8c", "#3b6ea8", "#d08c2c", "#b5523b", "#c9c9c9", "#5a9e5a", "#6b4c9a")
 SCRIPT_BATCH_REF = 64  # the write-up's batch size: its row is compared with engine-run beside the best one
+STEERED_TARGET = 0.95  # steered engine-run's speed over plain's: steering may cost at most 5%
+
+
+def row_system(system: str, num_specs: int | None) -> str:
+    """A row's system: the program, and for steered engine-run how many distinct vectors it used."""
+    return system if num_specs is None else f"{system} steered-{num_specs}"
 
 
 def stamps_since_start(timings: dict) -> dict[str, float]:
@@ -44,8 +51,9 @@ def phases(system: str, stamps: dict[str, float], core: dict[str, float], wall_s
 
 
 def run_metrics(run: dict, system: str, cache: str, batch_size: int | None, label: str, argv: list[str],
-                token_ids: list[list[int]]) -> dict:
-    """One command's row: whole-command time, first result, phases, output tokens/s (over the whole command)."""
+                token_ids: list[list[int]], num_specs: int | None = None) -> dict:
+    """One command's row: whole-command time, first result, phases, output tokens/s (over the whole command).
+    system is the program (engine-run, hf-script); num_specs, for a steered engine-run, its distinct vectors."""
     timings = run["timings"]
     stamps = stamps_since_start(timings)
     launch = max(0.0, timings["process_start"] - run["started_wall"])  # /proc counts in clock ticks: may read early
@@ -53,7 +61,8 @@ def run_metrics(run: dict, system: str, cache: str, batch_size: int | None, labe
     split = phases(system, stamps, core, run["wall_s"], launch)
     num_tokens = sum(map(len, token_ids))
     return {
-        "label": label, "system": system, "cache": cache, "batch_size": batch_size, "command": argv,
+        "label": label, "system": row_system(system, num_specs), "program": system, "num_steering_specs": num_specs,
+        "cache": cache, "batch_size": batch_size, "command": argv,
         "exit_code": run["exit_code"], "wall_s": run["wall_s"], "launch_s": launch, "stamps_s": stamps,
         "core_phases": timings.get("core_phases", {}), "phases_s": split,
         "time_to_first_result_s": launch + stamps["first_result"], "generation_s": split["generation"],
@@ -89,13 +98,33 @@ def ratios(runs: list[dict], best: int | None) -> dict[str, dict]:
     return out
 
 
+def steered_ratios(runs: list[dict]) -> dict[str, dict]:
+    """Per steered engine-run: plain engine-run warm's time over its own, for the whole command and the generation
+    phase (the same output tokens, so a speed ratio); the whole command's at least STEERED_TARGET meets the target.
+    Each steered run also gets them as vs_unsteered_speed."""
+    plain = next((m for m in runs if m["system"] == "engine-run" and m["cache"] == "warm"), None)
+    out = {}
+    for m in runs:
+        if m["num_steering_specs"] is None:
+            m["vs_unsteered_speed"] = None
+            continue
+        ratio = None if plain is None else {"whole_command": plain["wall_s"] / m["wall_s"],
+                                            "generation": plain["generation_s"] / m["generation_s"]}
+        m["vs_unsteered_speed"] = ratio
+        out[m["system"]] = None if ratio is None else {
+            **ratio, "target": STEERED_TARGET, "is_within_target": ratio["whole_command"] >= STEERED_TARGET}
+    return out
+
+
 def summarise(report: dict, token_ids: dict[str, list[list[int]]], is_greedy: bool) -> dict:
-    """The report's derived parts: best batch size, ratios, agreement (greedy only), notes."""
+    """The report's derived parts: best batch size, ratios, steered speed ratios, agreement (greedy only, steered
+    runs left out: steering changes what they generate), notes."""
     runs = report["runs"]
     best = best_batch(runs)
     reference = next((m["label"] for m in runs if m["system"] == "engine-run"), runs[0]["label"])
-    derived = {"best_batch_size": best, "ratios": ratios(runs, best),
-               "agreement": {reference: agreement(token_ids, reference)} if is_greedy else {}}
+    plain = {m["label"]: token_ids[m["label"]] for m in runs if m["num_steering_specs"] is None}
+    derived = {"best_batch_size": best, "ratios": ratios(runs, best), "steered_ratios": steered_ratios(runs),
+               "agreement": {reference: agreement(plain, reference)} if is_greedy else {}}
     return {**derived, "notes": e2e_notes({**report, **derived})}
 
 
@@ -104,10 +133,11 @@ def summarise(report: dict, token_ids: dict[str, list[list[int]]], is_greedy: bo
 
 COLUMNS = ("system", "cache", "batch", "whole command s", "first result s", *(f"{p} s" for p in PHASES),
            "output tok/s", "× engine-run time", "GPU util %", "GPU util in generation %", "GPU mem peak GiB")
+STEERED_COLUMNS = ("speed × unsteered, whole", "speed × unsteered, generation")  # only with steered rows
 
 
 def _batch(m: dict, report: dict) -> str:
-    if m["system"] == "engine-run":
+    if m["program"] == "engine-run":
         if "max_num_seqs" in report["settings"]["engine_flags_given"]:
             return f"max_num_seqs {report['settings']['max_num_seqs']}"
         default = report["engine_run_defaults"]["max_num_seqs"]
@@ -115,12 +145,21 @@ def _batch(m: dict, report: dict) -> str:
     return f"{m['batch_size']}" + (" (best)" if m["batch_size"] == report["best_batch_size"] else "")
 
 
+def _same(m: dict, ref: str, agreements: dict) -> str:
+    if ref == m["label"]:
+        return "ref"
+    return "not compared (steered)" if m["label"] not in agreements else (
+        f"{agreements[m['label']]['num_identical']}/{agreements[m['label']]['num_compared']}")
+
+
 def _row(m: dict, report: dict) -> list[str]:
-    same = [f"{a[m['label']]['num_identical']}/{a[m['label']]['num_compared']}" if ref != m["label"] else "ref"
-            for ref, a in report["agreement"].items()]
+    same = [_same(m, ref, a) for ref, a in report["agreement"].items()]
+    speed = m["vs_unsteered_speed"] or {}
+    steered = ([fmt(speed.get("whole_command"), 2), fmt(speed.get("generation"), 2)]
+               if report["steered_ratios"] else [])
     split = m["phases_s"]
     return [m["system"], m["cache"], _batch(m, report), fmt(m["wall_s"]), fmt(m["time_to_first_result_s"]),
-            *(fmt(split[p]) for p in PHASES), fmt(m["output_tokens_per_s"], 0), fmt(m["vs_engine_run"], 2),
+            *(fmt(split[p]) for p in PHASES), fmt(m["output_tokens_per_s"], 0), fmt(m["vs_engine_run"], 2), *steered,
             fmt(m.get("gpu_util_mean_pct")), fmt(m.get("gpu_util_generation_pct")),
             fmt(m.get("gpu_mem_peak_gib"), 2), *same]
 
@@ -128,7 +167,9 @@ def _row(m: dict, report: dict) -> list[str]:
 def e2e_markdown(report: dict) -> str:
     """The run as a Markdown section: heading, settings, the command line, one row per command run, notes."""
     card, ver, s, w = report["card"], report["versions"], report["settings"], report["workload"]
-    columns = [*COLUMNS, *(f"same ids as {ref}" for ref in report["agreement"])]
+    head = COLUMNS.index("× engine-run time") + 1
+    steered = STEERED_COLUMNS if report["steered_ratios"] else ()
+    columns = [*COLUMNS[:head], *steered, *COLUMNS[head:], *(f"same ids as {ref}" for ref in report["agreement"])]
     sampling = ("greedy" if s["temperature"] == 0
                 else f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k']}")
     engine = f"engine {ver['engine']}" if ver["engine"] else "engine"
@@ -162,7 +203,8 @@ def e2e_notes(report: dict) -> list[str]:
         + (f" but {', '.join(given)}" if given else "") + "; JSON: engine_run_defaults) or hf-script (engine/bench_user_script.py, the write-up's "
         "batched loop as a user's script: read JSONL, load, tokenize in chunks of 4 batches, one generate per batch, "
         "batch_decode, write JSONL; it imports torch and transformers only), both loading the same Hugging Face "
-        f"directory ({report['model_dir']}) and reading the same prompts file.",
+        f"directory ({report['model_dir']}) and reading the same prompts file"
+        + (" (steered engine-run: the same records, steered; see below)." if report["steered_ratios"] else "."),
         ("Whole command: timed by engine-bench from just before it started the process to the process's exit. First "
          "result and phases come from the command's own --timings stamps (process start read from /proc), in seconds "
          "from the command's start; output tok/s is over the whole command."),
@@ -185,10 +227,37 @@ def e2e_notes(report: dict) -> list[str]:
         out.append("GPU util is NVML utilization.gpu sampled at "
                    f"{s['sample_hz']:g} Hz over the whole command, and over its generation phase alone; GPU mem is "
                    "the card's used memory (NVML), peak over the whole command.")
+    out += steered_notes(report)
     if report["agreement"]:
         ref = next(iter(report["agreement"]))
         out.append(f"Same ids as {ref}: greedy completions token for token equal to its, over every prompt "
-                   "(batching reorders floating-point sums, so bf16 runs may differ after some tokens).")
+                   "(batching reorders floating-point sums, so bf16 runs may differ after some tokens)"
+                   + ("; steered runs are not compared: steering changes what they generate." if
+                      report["steered_ratios"] else "."))
+    return out
+
+
+def steered_notes(report: dict) -> list[str]:
+    """What the steered rows ran and what their speed ratios mean, and each one's verdict against the target."""
+    if not report["steered_ratios"]:
+        return []
+    s = report["settings"]
+    layers = ", ".join(map(str, s["steering_layers"]))
+    out = [(f"engine-run steered-N: engine-run again right after engine-run warm, over the same cache folders (its "
+            "compile artefacts; warm only) and the same prompts, each record with a `steering` spec: N distinct "
+            f"random vectors of the model's hidden size (seed {s['seed']}, norm about 1, .npy files in the run folder), "
+            f"record i the (i mod N)-th, added at layer{'s' * (len(s['steering_layers']) > 1)} {layers} with coef 4 "
+            "at all positions. hf-script is not run steered: the user's script has no steering."),
+           ("Speed × unsteered: engine-run warm's time over the steered run's, for the whole command and for its "
+            "generation phase (the same output tokens, so the steered run's speed as a share of plain's). The "
+            f"target, on the whole command, is ≥ {STEERED_TARGET:.2f}× (steering costs at most "
+            f"{round(100 * (1 - STEERED_TARGET))}%); the generation ratio is steering's cost without the start-up that "
+            "dilutes it. Decode graphs, steered or not, are captured on first use, inside the generation phase.")]
+    for name, ratio in report["steered_ratios"].items():
+        if ratio is not None:
+            verdict = "meets" if ratio["is_within_target"] else "misses"
+            out.append(f"{name}: {ratio['whole_command']:.2f}× whole command, {ratio['generation']:.2f}× generation: "
+                       f"{verdict} the ≥ {STEERED_TARGET:.2f}× whole-command target.")
     return out
 
 

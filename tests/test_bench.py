@@ -57,7 +57,8 @@ def test_input_file_errors_name_the_line(tokenizer, tmp_path):
     (dict(steering_specs=[0]), "--steering-specs"),
     (dict(capture_layers=[1], capture_positions="first"), "--capture-positions"),
     (dict(is_e2e=True, systems=["naive"]), "--e2e --systems naive"),
-    (dict(is_e2e=True, steering_specs=[2]), "--e2e measures plain generation"),
+    (dict(is_e2e=True, capture_layers=[1]), "--e2e times whole commands"),
+    (dict(is_e2e=True, systems=["hf"], steering_specs=[2]), "leaves engine-run out"),
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -292,14 +293,15 @@ def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
 # ---------------------------------------------------------------- --e2e: whole commands, cold and warm
 
 
-E2E_LABELS = ["engine-run cold", "engine-run warm", "hf-script b2 cold", "hf-script b2 warm", "hf-script b4 cold",
-              "hf-script b4 warm"]
+E2E_LABELS = ["engine-run cold", "engine-run warm", "engine-run steered-1 warm", "engine-run steered-2 warm",
+              "hf-script b2 cold", "hf-script b2 warm", "hf-script b4 cold", "hf-script b4 warm"]
 
 
 @pytest.fixture(scope="module")
 def e2e_run(tokenizer, tmp_path_factory):
-    """engine-run and the user's script (batches of 2 and 4) as whole commands on CPU, cold and warm; unequal
-    new-token counts, few of them, since process start-ups are what this measures."""
+    """engine-run and the user's script (batches of 2 and 4) as whole commands on CPU, cold and warm, and engine-run
+    steered by 1 and by 2 vectors (warm); unequal new-token counts, few of them, since process start-ups are what
+    this measures."""
     folder = tmp_path_factory.mktemp("e2e")
     prompts = make_workload("short", tokenizer, len(NEW_TOKENS)).prompts
     rows = [{"id": p.id, "prompt": p.text, "max_new_tokens": n} for p, n in zip(prompts, NEW_TOKENS)]
@@ -308,8 +310,8 @@ def e2e_run(tokenizer, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # the children inherit it: one thread each on a 2-core runner
         code = bench_main(["--e2e", "--model", "random:tiny", "--device", "cpu", "--input", str(source),
-                           "--batch-sizes", "2,4", "--out", str(folder / "out"), "--append-results", str(results),
-                           "--quiet"])
+                           "--batch-sizes", "2,4", "--steering-specs", "1,2", "--steering-layers", "1", "--out",
+                           str(folder / "out"), "--append-results", str(results), "--quiet"])
     assert code == 0
     return folder, json.loads(next((folder / "out").glob("prompts-e2e-*.json")).read_text())
 
@@ -320,7 +322,7 @@ def test_e2e_runs_each_system_cold_and_warm_and_times_its_phases(e2e_run):
     assert [m["label"] for m in report["runs"]] == E2E_LABELS
     for m in report["runs"]:
         stamps = m["stamps_s"]
-        ready = stamps["engine_ready" if m["system"] == "engine-run" else "load_done"]
+        ready = stamps["engine_ready" if m["program"] == "engine-run" else "load_done"]
         assert 0 < stamps["imports_done"] <= ready <= stamps["first_result"] <= stamps["last_result"] <= stamps["exit"]
         assert m["exit_code"] == 0 and m["launch_s"] >= 0
         assert 0 < m["time_to_first_result_s"] < m["wall_s"]
@@ -328,7 +330,8 @@ def test_e2e_runs_each_system_cold_and_warm_and_times_its_phases(e2e_run):
         assert m["phases_s"]["generation"] > 0 and m["phases_s"]["load"] > 0
         assert m["num_output_tokens"] == sum(NEW_TOKENS) and m["output_tokens_per_s"] > 0
         assert m["gpu_util_mean_pct"] is None and m["gpu_util_generation_pct"] is None
-        assert report["agreement"]["engine-run cold"][m["label"]]["num_identical"] == len(NEW_TOKENS)
+        if m["num_steering_specs"] is None:
+            assert report["agreement"]["engine-run cold"][m["label"]]["num_identical"] == len(NEW_TOKENS)
     engine = report["runs"][0]
     assert {"imports", "tokenizer", "load"} <= set(engine["core_phases"]["0"])
     assert engine["phases_s"]["compile"] is None  # no torch.compile on CPU: n/a, not zero
@@ -338,6 +341,40 @@ def test_e2e_runs_each_system_cold_and_warm_and_times_its_phases(e2e_run):
     assert report["ratios"]["warm"]["best_script_over_engine"] == pytest.approx(best["vs_engine_run"])
     model = Path(report["model_dir"])
     assert (model / "config.json").is_file() and (model / "tokenizer.json").is_file()
+
+
+def _completions(folder: Path) -> dict[str, list[int]]:
+    """A run's completion token ids by prompt id (engine-run writes its records as they finish)."""
+    return {r["id"]: r["completion_token_ids"] for r in read_jsonl(folder / "results.jsonl")}
+
+
+def test_e2e_steered_engine_runs_share_the_warm_cache_and_are_compared_with_it(e2e_run):
+    report = e2e_run[1]
+    runs = {m["label"]: m for m in report["runs"]}
+    plain = runs["engine-run warm"]
+    assert set(report["steered_ratios"]) == {"engine-run steered-1", "engine-run steered-2"}
+    assert set(report["agreement"]["engine-run cold"]) == {m["label"] for m in runs.values()
+                                                            if m["num_steering_specs"] is None}
+    run_dir = Path(report["run_dir"])
+    completions = {}
+    for count in (1, 2):
+        m = runs[f"engine-run steered-{count} warm"]
+        assert m["system"] == f"engine-run steered-{count}" and m["program"] == "engine-run"
+        assert m["cache"] == "warm" and m["num_steering_specs"] == count
+        assert m["vs_unsteered_speed"] == pytest.approx({"whole_command": plain["wall_s"] / m["wall_s"],
+                                                         "generation": plain["generation_s"] / m["generation_s"]})
+        assert report["steered_ratios"][m["system"]]["is_within_target"] == (
+            m["vs_unsteered_speed"]["whole_command"] >= 0.95)
+        argv = m["command"]
+        assert argv[argv.index("--input") + 1] == str(run_dir / f"prompts-engine-run-steered-{count}.jsonl")
+        records = read_jsonl(run_dir / f"prompts-engine-run-steered-{count}.jsonl")
+        vectors = [r["steering"]["vector"] for r in records]
+        assert len(set(vectors)) == count and vectors[count % len(vectors)] == vectors[0]
+        assert all(r["steering"]["layers"] == [1] and Path(r["steering"]["vector"]).is_file() for r in records)
+        completions[count] = _completions(run_dir / f"engine-run-steered-{count}-warm")
+        assert [len(completions[count][r["id"]]) for r in records] == NEW_TOKENS
+    assert completions[1] != _completions(run_dir / "engine-run-warm")  # the vectors really were applied
+    assert not (Path(report["settings"]["out"]) / "e2e-cache" / "engine-run-steered-1").exists()  # the plain cache
 
 
 def test_e2e_writes_json_table_chart_and_results(e2e_run):
@@ -352,6 +389,8 @@ def test_e2e_writes_json_table_chart_and_results(e2e_run):
     assert f"| engine-run | cold | max_num_seqs {'auto' if default is None else default} (default) |" in table
     assert "| hf-script | warm | 4" in table and report["command"].startswith("engine-bench --e2e") and (
         report["command"] in table)
+    assert "| engine-run steered-2 | warm | max_num_seqs" in table and "speed × unsteered, generation" in table
+    assert "hf-script is not run steered" in table and "≥ 0.95×" in table and "not compared (steered)" in table
     assert next(out.glob("prompts-e2e-*.png")).read_bytes()[:4] == b"\x89PNG"
     results = (folder / "RESULTS.md").read_text()
     assert results.startswith("# Results") and "whole command, cold and warm" in results
