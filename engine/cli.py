@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, DTYPES, STEER_POSITIONS, TRUNCATE_MODES, CaptureDefaults,
-                           ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
+from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, COMPILE_MODES, DTYPES, STEER_POSITIONS, TRUNCATE_MODES,
+                           CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.request import not_a_file
@@ -66,7 +66,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int,
                    help="prompt tokens in one prefill (packed, no padding; default: 32768, less where the KV cache "
                         "would otherwise get fewer than --max-num-seqs slots)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (debugging)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs and no torch.compile (debugging)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                   help="torch.compile the decoder layers: auto (on a GPU), on, off; compiled artefacts persist in "
+                        "<cache dir>/compile")
     p.add_argument("--tokenizer-workers", type=int, default=1)
     p.add_argument("--decoder-workers", type=int, default=1)
     p.add_argument("--truncate", default="none", choices=TRUNCATE_MODES, help="cut prompts that are too long")
@@ -99,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, devices=args.devices,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, tokenizer_workers=args.tokenizer_workers,
         gpu_memory_fraction=args.gpu_memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, compile=args.compile,
         decoder_workers=args.decoder_workers, truncate=args.truncate,
         return_tokens=getattr(args, "return_tokens", False), steering_specs=args.steering_specs,
         sampling=SamplingDefaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -216,9 +216,10 @@ BYTECODE_PACKAGES = ("torch", "transformers")  # the heavy imports whose bytecod
 
 def use_bytecode_cache() -> None:
     """Where torch or transformers is installed without bytecode (`pip install --no-compile`) in a folder this user
-    cannot write, Python compiles thousands of their modules from source at every start (7 s of an engine core's
-    start-up on one such GPU host); then keep the compiled bytecode under the engine's cache dir instead
-    (PYTHONPYCACHEPREFIX, for this process and the processes it starts). Identical code, so logged at info level."""
+    cannot write, Python compiles their modules from source at every start (on one GPU host ~2,400 modules, 7 s of a
+    core's start-up); then keep the compiled bytecode under the engine's cache dir instead (PYTHONPYCACHEPREFIX, for
+    this process and the processes it starts). Identical code, so logged at info level. A user who turned bytecode
+    writing off (PYTHONDONTWRITEBYTECODE, as that host does) keeps it off."""
     if sys.pycache_prefix or sys.dont_write_bytecode:
         return
     import importlib.util
