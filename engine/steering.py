@@ -413,7 +413,7 @@ class SteeringTable:
 
     def assign(self, seqs) -> None:
         """Set each admitted sequence's decode-time rows (those of generated position 0) in its slot, for every
-        hooked layer; `advance` follows those whose rows change later."""
+        layer some request has steered (`used`); `advance` follows those whose rows change later."""
         if not self.used:
             return
         updates = []
@@ -454,7 +454,7 @@ class SteeringTable:
 
 
     def set_active(self, per_layer: dict) -> None:
-        """Per-token (row, norm-matched row, normalize) tensors of each hooked layer for the next forward;
+        """Per-token (row, norm-matched row, normalize) tensors of each layer it names for the next forward;
         {} turns steering off."""
         self.active = per_layer
 
@@ -468,8 +468,9 @@ class SteeringTable:
         return {layer: tuple(b[layer, :num_rows, None] for b in buffers) for layer in layers}
 
     def prefill_inputs(self, seqs, starts) -> dict:
-        """Per hooked layer: (row, norm-matched row, normalize), each [1, N], for a packed prefill: prompt token i
-        of sequence j sits at column starts[j] + i. Uploads new table rows first.
+        """Per steered layer (`used`): (row, norm-matched row, normalize), each [1, N], for a packed prefill: prompt
+        token i of sequence j sits at column starts[j] + i; {} when no sequence is steered. Uploads new table rows
+        first.
 
         Built as runs of equal rows: [kinds, layers] values per run and one np.repeat, not a slice per sequence,
         piece and layer (a 256-prompt prefill would be ~800 slice writes)."""
