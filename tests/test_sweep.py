@@ -46,7 +46,7 @@ coefs = {coefs}
 baseline = true
 
 [generation]
-max_new_tokens = 4
+max_new_tokens = {max_new_tokens}
 temperature = 0.9
 ignore_eos = true
 
@@ -56,14 +56,14 @@ max_num_seqs = {max_num_seqs}
 {extra}"""
 
 
-def make_sweep(folder: Path, coefs="[0, 4]", max_num_seqs=4, extra="", num_prompts=2) -> Path:
+def make_sweep(folder: Path, coefs="[0, 4]", max_num_seqs=4, extra="", num_prompts=2, max_new_tokens=4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "v.npy", np.random.default_rng(0).standard_normal(64).astype(np.float32))
     prompts = [{"id": "hello", "prompt": "Hello there", "topic": "greeting"}, {"prompt": "The capital of France is"},
                {"id": "story", "prompt": "Once upon a time", "seed": 99}, {"id": "digits", "prompt": "1 2 3 4"}]
     write_jsonl(folder / "prompts.jsonl", prompts[:num_prompts])
     path = folder / "sweep.toml"
-    path.write_text(SWEEP.format(coefs=coefs, max_num_seqs=max_num_seqs, extra=extra))
+    path.write_text(SWEEP.format(coefs=coefs, max_num_seqs=max_num_seqs, extra=extra, max_new_tokens=max_new_tokens))
     return path
 
 
@@ -267,15 +267,15 @@ def test_a_changed_sweep_is_refused_unless_extend_or_force(tmp_path):
 
 
 # ---------------------------------------------------------------- running with the engine
-def check_output(folder: Path, path: Path) -> list[dict]:
-    """Every line valid JSON, no id twice, exactly the plan's ids, each with the plan's seed."""
+def check_output(folder: Path, path: Path, max_new_tokens: int = 4) -> list[dict]:
+    """Every line valid JSON, no id twice, exactly the plan's ids, each with the plan's seed and token count."""
     out = folder / "out"
     records = read_jsonl(out / "results.jsonl")  # fails on any invalid line
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids))
     expected = plan_ids(path)
     assert set(ids) == set(expected)
-    assert all(r["seed"] == expected[r["id"]] and r["num_completion_tokens"] == 4 for r in records)
+    assert all(r["seed"] == expected[r["id"]] and r["num_completion_tokens"] == max_new_tokens for r in records)
     return records
 
 
@@ -352,7 +352,8 @@ def wait_for_more_records(path: Path, than: int, proc: subprocess.Popen, timeout
 
 
 def test_kill_9_of_the_process_group_at_random_moments_loses_and_duplicates_nothing(tmp_path):
-    path = make_sweep(tmp_path, coefs="[0, 2, 4]", max_num_seqs=2, num_prompts=4)  # 7 points x 4 prompts x 2 = 56
+    # 7 points x 4 prompts x 2 = 56 records, long enough (64 tokens each, 2 at a time) that no round finishes them
+    path = make_sweep(tmp_path, coefs="[0, 2, 4]", max_num_seqs=2, num_prompts=4, max_new_tokens=64)
     results = tmp_path / "out" / "results.jsonl"
     rng = random.Random(int(os.environ.get("SWEEP_KILL_SEED", "0")))
     # Power loss as the process group dying: twice at any moment of the first seconds (loading the plan, starting
@@ -380,7 +381,7 @@ def test_kill_9_of_the_process_group_at_random_moments_loses_and_duplicates_noth
     result = engine_sweep(path)
     assert result.returncode == 0, result.stderr
     assert f"{56 - num_before} records" in result.stderr
-    check_output(tmp_path, path)
+    check_output(tmp_path, path, max_new_tokens=64)
 
 
 def read_jsonl_prefix(path: Path) -> None:
