@@ -182,14 +182,18 @@ def test_gpu_monitor_window_reads_the_cards_a_row_ran_on(monkeypatch):
     assert one["gpu_mem_peak_gib"] == 2 and both["gpu_mem_peak_gib"] == 4
 
 
+def input_and_results(folder: Path, tokenizer, workload: str) -> tuple[Path, Path, list[dict]]:
+    """(an --input file of the workload's first prompts with NEW_TOKENS new tokens each, a RESULTS.md, its rows)."""
+    prompts = make_workload(workload, tokenizer, len(NEW_TOKENS)).prompts
+    rows = [{"id": p.id, "prompt": p.text, "max_new_tokens": n} for p, n in zip(prompts, NEW_TOKENS)]
+    return write_jsonl(folder / "prompts.jsonl", rows), write_jsonl(folder / "RESULTS.md", ["# Results"]), rows
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tokenizer, tmp_path_factory):
     """All three systems over one input file on CPU: varied prompt lengths, unequal new-token counts."""
     folder = tmp_path_factory.mktemp("bench")
-    prompts = make_workload("varied", tokenizer, len(NEW_TOKENS)).prompts
-    rows = [{"id": p.id, "prompt": p.text, "max_new_tokens": n} for p, n in zip(prompts, NEW_TOKENS)]
-    source = write_jsonl(folder / "prompts.jsonl", rows)
-    results = write_jsonl(folder / "RESULTS.md", ["# Results"])
+    source, results, rows = input_and_results(folder, tokenizer, "varied")
     with pytest.MonkeyPatch.context() as patch:
         # One thread per spawned process: on a 2-core CI runner the systems' threads would otherwise fight.
         patch.setenv("OMP_NUM_THREADS", "1")
@@ -303,10 +307,7 @@ def e2e_run(tokenizer, tmp_path_factory):
     steered by 1 and by 2 vectors (warm); unequal new-token counts, few of them, since process start-ups are what
     this measures."""
     folder = tmp_path_factory.mktemp("e2e")
-    prompts = make_workload("short", tokenizer, len(NEW_TOKENS)).prompts
-    rows = [{"id": p.id, "prompt": p.text, "max_new_tokens": n} for p, n in zip(prompts, NEW_TOKENS)]
-    source = write_jsonl(folder / "prompts.jsonl", rows)
-    results = write_jsonl(folder / "RESULTS.md", ["# Results"])
+    source, results, rows = input_and_results(folder, tokenizer, "short")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # the children inherit it: one thread each on a 2-core runner
         code = bench_main(["--e2e", "--model", "random:tiny", "--device", "cpu", "--input", str(source),
