@@ -284,7 +284,11 @@ class RunTimings:
         if self.path is not None:
             self.mark("exit")
             body = {**self.stamps, "core_phases": {str(core): phases for core, phases in core_phases.items()}}
-            write_atomic(self.path, (json.dumps(body, indent=1) + "\n").encode())
+            try:
+                write_atomic(self.path, (json.dumps(body, indent=1) + "\n").encode())
+            except OSError as exc:  # the run's results are complete by now: say so, do not fail the run
+                logging.getLogger("engine").warning("--timings %s: could not write it (%s); the results are complete",
+                                                    self.path, exc)
 
 
 def _run(source: Path, output: Path, args) -> int:
