@@ -215,13 +215,30 @@ BYTECODE_PACKAGES = ("torch", "transformers")  # the heavy imports whose bytecod
 
 
 def use_bytecode_cache() -> None:
-    """Where torch or transformers is installed without bytecode (`pip install --no-compile`) in a folder this user
-    cannot write, Python compiles their modules from source at every start (on one GPU host ~2,400 modules, 7 s of a
-    core's start-up); then keep the compiled bytecode under the engine's cache dir instead (PYTHONPYCACHEPREFIX, for
-    this process and the processes it starts). Identical code, so logged at info level. A user who turned bytecode
-    writing off (PYTHONDONTWRITEBYTECODE, as that host does) keeps it off."""
-    if sys.pycache_prefix or sys.dont_write_bytecode:
+    """Where torch or transformers has no bytecode that Python will write itself (installed with `pip install
+    --no-compile` into a folder this user cannot write, or with writing turned off by PYTHONDONTWRITEBYTECODE, as
+    many container images do), Python compiles their modules from source at every start: on one GPU host ~2,400
+    modules, 7 s of every core's start-up. Then keep the compiled bytecode under the engine's cache dir instead
+    (PYTHONPYCACHEPREFIX, for this process and the processes it starts; the install itself is never written).
+    Python checks each cached file against its source, so the code run is identical: logged at info level.
+    ENGINE_BYTECODE_CACHE=0 turns this off."""
+    if sys.pycache_prefix or os.environ.get("ENGINE_BYTECODE_CACHE") == "0":
         return
+    name = _missing_bytecode()
+    if name is None:
+        return
+    root = os.environ.get("ENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "steer-engine")
+    prefix = os.path.join(root, "pycache")
+    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = prefix
+    if sys.dont_write_bytecode:
+        sys.dont_write_bytecode = False
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # so the stages this process starts write it there too
+    log.info("%s has no bytecode Python would write: compiled modules are kept in %s (ENGINE_BYTECODE_CACHE=0 "
+             "turns this off)", name, prefix)
+
+
+def _missing_bytecode() -> str | None:
+    """The first of BYTECODE_PACKAGES whose bytecode is absent and would not be written by Python itself."""
     import importlib.util
 
     for name in BYTECODE_PACKAGES:
@@ -233,10 +250,7 @@ def use_bytecode_cache() -> None:
         if not cached or os.path.exists(cached):
             continue
         folder = os.path.dirname(cached)
-        if os.access(folder if os.path.isdir(folder) else os.path.dirname(folder), os.W_OK):
-            continue  # Python writes the bytecode there itself on the first import
-        root = os.environ.get("ENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "steer-engine")
-        prefix = os.path.join(root, "pycache")
-        sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = prefix
-        log.info("%s has no bytecode and its folder is read-only: compiled modules are kept in %s", name, prefix)
-        return
+        if sys.dont_write_bytecode or not os.access(folder if os.path.isdir(folder) else os.path.dirname(folder),
+                                                    os.W_OK):
+            return name
+    return None

@@ -110,3 +110,38 @@ def test_a_child_started_from_a_script_does_not_rerun_it(tmp_path, how):
     assert first == "{'is_main_rerun': False, 'torch': False, 'main_file': None}"
     assert second == "{'in_main': True}"
     assert marker.read_text() == "ran\n" * 2  # the parent, and the child whose target lives in __main__
+
+
+BYTECODE_SCRIPT = """
+import os, sys
+import engine.procs as procs
+procs.BYTECODE_PACKAGES = ("heavy",)
+procs.use_bytecode_cache()
+import heavy
+import subprocess
+subprocess.run([sys.executable, "-c", "import heavy_child"], check=True)  # a stage it starts inherits the setting
+print(sys.pycache_prefix or "")
+"""
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_bytecode_of_a_package_without_it_is_kept_in_the_cache_dir_even_under_dontwritebytecode(tmp_path, opt_out):
+    # PYTHONDONTWRITEBYTECODE (as container images often set) made every start compile torch and transformers from
+    # source; the engine keeps their bytecode under its cache dir instead, never in the install, unless told not to.
+    site = tmp_path / "site"
+    for name in ("heavy", "heavy_child"):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("VALUE = 1\n")
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}", PYTHONDONTWRITEBYTECODE="1",
+               ENGINE_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    if opt_out:
+        env["ENGINE_BYTECODE_CACHE"] = "0"
+    out = subprocess.run([sys.executable, "-c", BYTECODE_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    written = sorted(p.parent.name for p in (tmp_path / "cache").rglob("__init__*.pyc") if "heavy" in str(p))
+    assert not list(site.rglob("*.pyc"))  # the install is never written
+    if opt_out:
+        assert out.stdout.strip() == "" and written == []
+    else:
+        assert out.stdout.strip() == str(tmp_path / "cache" / "pycache")
+        assert written == ["heavy", "heavy_child"]
