@@ -34,7 +34,7 @@ from engine.request import RecordError
 from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import SteeringTable
-from engine.tokenizer_worker import load_tokenizer
+from engine.tokenizer_worker import tokenizer_facts
 from engine.trace import Phases, StepTrace
 
 log = logging.getLogger("engine")
@@ -60,12 +60,12 @@ class EngineCore:
         if torch.device(self.device).index is not None:  # Triton kernels and CUDA graphs use the current device
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        tok = load_tokenizer(source.tokenizer_dir)
+        tok = tokenizer_facts(source.tokenizer_dir, config.cache_dir)
         self.phases.done("tokenizer")
-        self.model = load_model(source, self.dtype, self.device, vocab_size=len(tok))
+        self.model = load_model(source, self.dtype, self.device, vocab_size=tok["vocab_size"])
         self.phases.done("load")
-        self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok.eos_token_id)
-        self.stops = StopScanner(tok)
+        self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok["eos_token_id"])
+        self.stops = StopScanner(source.tokenizer_dir)
         reason = unsupported_reason(self.model.config)
         if reason:
             raise ModelNotFound(reason + "; use a model without it")

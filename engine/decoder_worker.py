@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from engine.activation_messages import trim_generated
@@ -40,8 +42,13 @@ class StopScanner:
     the exact cut, so results are the same as without it, only sooner.
     """
 
-    def __init__(self, tok, every: int = 8):
-        self.tok, self.every = tok, every
+    def __init__(self, tokenizer_dir: str, every: int = 8):
+        self.tokenizer_dir, self.every = tokenizer_dir, every
+
+    @functools.cached_property
+    def tok(self):
+        """Loaded on the first sequence that has stop strings: a run without any never loads it (~1 s a start)."""
+        return load_tokenizer(self.tokenizer_dir)
 
     def hit(self, output_ids: list[int], stops: list[str]) -> bool:
         if len(output_ids) % self.every:

@@ -273,3 +273,32 @@ def test_load_tokenizer_is_rust_where_it_can_be_and_transformers_where_not(layou
     assert not isinstance(fallback, RustTokenizer) and type(fallback).__module__.startswith("transformers")
     [line] = [r for r in caplog.records if "AutoTokenizer" in r.getMessage()]
     assert line.levelname == "INFO" and "LlamaTokenizerFast" in line.getMessage() and str(llama) in line.getMessage()
+
+
+def test_tokenizer_facts_are_recorded_once_and_follow_the_files(layouts, tmp_path, monkeypatch):
+    # The core takes len(tok) and the EOS id from a record under the cache dir instead of loading the tokenizer
+    # (~1 s); the record is keyed by the files' bytes, so an edited tokenizer gives new facts, and a damaged
+    # record is recomputed.
+    import engine.tokenizer_worker as worker
+
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((Path(layouts["bpe"]) / name).read_bytes())
+    loads = []
+    real = worker.load_tokenizer
+    monkeypatch.setattr(worker, "load_tokenizer", lambda d: loads.append(d) or real(d))
+    tok = real(str(directory))
+    want = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
+    cache = str(tmp_path / "cache")
+    assert worker.tokenizer_facts(str(directory), cache) == want and len(loads) == 1
+    assert worker.tokenizer_facts(str(directory), cache) == want and len(loads) == 1  # from the record
+    [record] = (tmp_path / "cache" / "tokenizer-facts").iterdir()
+    record.write_text("{not json")
+    assert worker.tokenizer_facts(str(directory), cache) == want and len(loads) == 2
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["eos_token"] = config.get("bos_token") or config.get("unk_token")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    edited = worker.tokenizer_facts(str(directory), cache)
+    assert len(loads) == 3 and edited["eos_token_id"] == real(str(directory)).eos_token_id
+    assert edited["eos_token_id"] != want["eos_token_id"]
