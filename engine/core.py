@@ -28,6 +28,7 @@ from engine.models import (
     load_model,
     resolve_device,
     resolve_dtype,
+    skip_unused_imports,
 )
 from engine.procs import STOP, Lifeline, MsgQueue
 from engine.request import RecordError
@@ -324,6 +325,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     if num_threads:
         torch.set_num_threads(num_threads)
     config = EngineConfig.from_dict(config_msg)
+    skip_unused_imports()
     core = EngineCore(config, ModelSource(**source_msg))
     reader = SlotReader(ring, core.device)
     name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"

@@ -213,6 +213,27 @@ def hidden_size(source: ModelSource) -> int:
     return int(config.get("text_config", config)["hidden_size"])
 
 
+def skip_unused_imports() -> None:
+    """Tell transformers, in an engine core's process, that scikit-learn is absent. transformers 5.17 imports it
+    (and with it scipy and pandas: 3 s of a core's start-up on one GPU host) when its assisted-generation module
+    loads, for the assistant's confidence threshold, which the engine never uses (it does not call `generate`);
+    later versions import it only when used. Changes nothing the engine computes. Only before that module loads."""
+    import sys
+
+    if "transformers.generation.candidate_generator" in sys.modules:
+        return
+    import transformers.utils as hf_utils
+    import transformers.utils.import_utils as hf_import_utils
+
+    for module in (hf_utils, hf_import_utils):
+        if hasattr(module, "is_sklearn_available"):
+            module.is_sklearn_available = _absent
+
+
+def _absent() -> bool:
+    return False
+
+
 def load_model(source: ModelSource, dtype, device: str, vocab_size: int):
     """Load the HF causal LM in eval mode on `device`; random presets are seeded so every load is identical."""
     import torch

@@ -145,3 +145,30 @@ def test_bytecode_of_a_package_without_it_is_kept_in_the_cache_dir_even_under_do
     else:
         assert out.stdout.strip() == str(tmp_path / "cache" / "pycache")
         assert written == ["heavy", "heavy_child"]
+
+
+SKLEARN_SCRIPT = """
+import sys
+import engine.models
+if sys.argv[1] == "core":
+    engine.models.skip_unused_imports()  # what core_main does before loading the model
+from transformers import AutoModelForCausalLM  # noqa: F401
+import transformers.generation.candidate_generator  # noqa: F401
+import transformers.utils
+print(transformers.utils.is_sklearn_available(), "sklearn" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("process", ["core", "plain"])
+def test_an_engine_core_tells_transformers_scikit_learn_is_absent(tmp_path, process):
+    # transformers 5.17 imports scikit-learn (with scipy and pandas, ~3 s) for assisted generation, which a core
+    # never runs; a plain process keeps transformers as it is. A stand-in scikit-learn makes it "installed" here.
+    (tmp_path / "sklearn").mkdir()
+    (tmp_path / "sklearn" / "__init__.py").write_text("")
+    (tmp_path / "sklearn" / "metrics.py").write_text("def roc_curve(*args):\n    raise NotImplementedError\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    out = subprocess.run([sys.executable, "-c", SKLEARN_SCRIPT, process], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split()[0] == ("False" if process == "core" else "True")
+    if process == "core":
+        assert out.stdout.split()[1] == "False"
