@@ -22,7 +22,11 @@ def main() -> None:
     p.add_argument("--model", default="random:gemma-2b")
     p.add_argument("--tokenizer")
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-model-len", type=int, default=1280)
+    p.add_argument("--max-model-len", type=int, help="as engine-run's (default: the model's), so a warm compile cache "
+                   "made by engine-run is the one used")
+    p.add_argument("--callees", action="append", default=[], metavar="REGEX",
+                   help="also print what the functions matching REGEX spent their time in (repeatable), e.g. "
+                        "from_pretrained or _warm_compiled")
     p.add_argument("--top", type=int, default=40, help="functions to print, by cumulative and by own time")
     args = p.parse_args()
     profile = cProfile.Profile()
@@ -32,8 +36,11 @@ def main() -> None:
     from engine.core import EngineCore
     from engine.models import resolve_model
 
+    from engine.models import skip_unused_imports
+
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, device=args.device,
                           max_model_len=args.max_model_len)
+    skip_unused_imports()  # as core_main does
     core = EngineCore(config, resolve_model(config.model, config.tokenizer, config.cache_dir))
     profile.disable()
     print(f"start-up {time.perf_counter() - started:.2f} s in this process; phases {core.phases.seconds}; "
@@ -41,6 +48,10 @@ def main() -> None:
     for order in ("cumulative", "tottime"):
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats(order).print_stats(args.top)
+        print(out.getvalue())
+    for pattern in args.callees:
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("cumulative").print_callees(pattern)
         print(out.getvalue())
     core.close()
 

@@ -213,11 +213,15 @@ def hidden_size(source: ModelSource) -> int:
     return int(config.get("text_config", config)["hidden_size"])
 
 
+UNUSED_PACKAGES = ("sklearn", "scipy")  # what transformers imports at start-up for features a core never runs
+
+
 def skip_unused_imports() -> None:
-    """Tell transformers, in an engine core's process, that scikit-learn is absent. transformers 5.17 imports it
-    (and with it scipy and pandas: 3 s of a core's start-up on one GPU host) when its assisted-generation module
-    loads, for the assistant's confidence threshold, which the engine never uses (it does not call `generate`);
-    later versions import it only when used. Changes nothing the engine computes. Only before that module loads."""
+    """Tell transformers, in an engine core's process, that scikit-learn and SciPy are absent. transformers 5.17
+    imports scikit-learn (with scipy and pandas: 3 s of a core's start-up on one GPU host) when its
+    assisted-generation module loads, for the assistant's confidence threshold, and scipy.optimize (~1 s) for the
+    object-detection losses: the engine never calls `generate` or computes a loss, and no causal LM's forward uses
+    either. Changes nothing the engine computes. Only before those modules load."""
     import sys
 
     if "transformers.generation.candidate_generator" in sys.modules:
@@ -226,8 +230,9 @@ def skip_unused_imports() -> None:
     import transformers.utils.import_utils as hf_import_utils
 
     for module in (hf_utils, hf_import_utils):
-        if hasattr(module, "is_sklearn_available"):
-            module.is_sklearn_available = _absent
+        for package in UNUSED_PACKAGES:
+            if hasattr(module, f"is_{package}_available"):
+                setattr(module, f"is_{package}_available", _absent)
 
 
 def _absent() -> bool:

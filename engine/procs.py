@@ -222,13 +222,16 @@ def use_bytecode_cache() -> None:
     (PYTHONPYCACHEPREFIX, for this process and the processes it starts; the install itself is never written).
     Python checks each cached file against its source, so the code run is identical: logged at info level.
     ENGINE_BYTECODE_CACHE=0 turns this off."""
-    if sys.pycache_prefix or os.environ.get("ENGINE_BYTECODE_CACHE") == "0":
-        return
-    name = _missing_bytecode()
-    if name is None:
+    if os.environ.get("ENGINE_BYTECODE_CACHE") == "0":
         return
     root = os.environ.get("ENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "steer-engine")
     prefix = os.path.join(root, "pycache")
+    if sys.pycache_prefix == prefix:  # a stage of an engine process that chose it: spawn passes its parent's
+        sys.dont_write_bytecode = False  # start-up flags (-B under PYTHONDONTWRITEBYTECODE), not its later choice
+        return
+    name = None if sys.pycache_prefix else _missing_bytecode()
+    if name is None:
+        return
     sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = prefix
     if sys.dont_write_bytecode:
         sys.dont_write_bytecode = False

@@ -118,9 +118,19 @@ import engine.procs as procs
 procs.BYTECODE_PACKAGES = ("heavy",)
 procs.use_bytecode_cache()
 import heavy
-import subprocess
-subprocess.run([sys.executable, "-c", "import heavy_child"], check=True)  # a stage it starts inherits the setting
-print(sys.pycache_prefix or "")
+import multiprocessing as mp
+import probe
+if __name__ == "__main__":
+    child = mp.get_context("spawn").Process(target=probe.stage)  # an engine stage: spawned, as child_main starts
+    child.start()
+    child.join()
+    print(sys.pycache_prefix or "")
+"""
+PROBE = """
+def stage():
+    from engine.procs import use_bytecode_cache
+    use_bytecode_cache()  # what child_main does first
+    import heavy_child
 """
 
 
@@ -132,12 +142,14 @@ def test_bytecode_of_a_package_without_it_is_kept_in_the_cache_dir_even_under_do
     for name in ("heavy", "heavy_child"):
         (site / name).mkdir(parents=True)
         (site / name / "__init__.py").write_text("VALUE = 1\n")
+    (site / "probe.py").write_text(PROBE)
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}", PYTHONDONTWRITEBYTECODE="1",
                ENGINE_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("PYTHONPYCACHEPREFIX", None)
     if opt_out:
         env["ENGINE_BYTECODE_CACHE"] = "0"
-    out = subprocess.run([sys.executable, "-c", BYTECODE_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    (tmp_path / "script.py").write_text(BYTECODE_SCRIPT)
+    out = subprocess.run([sys.executable, str(tmp_path / "script.py")], env=env, capture_output=True, text=True, check=True)
     written = sorted(p.parent.name for p in (tmp_path / "cache").rglob("__init__*.pyc") if "heavy" in str(p))
     assert not list(site.rglob("*.pyc"))  # the install is never written
     if opt_out:
@@ -155,20 +167,24 @@ if sys.argv[1] == "core":
 from transformers import AutoModelForCausalLM  # noqa: F401
 import transformers.generation.candidate_generator  # noqa: F401
 import transformers.utils
-print(transformers.utils.is_sklearn_available(), "sklearn" in sys.modules)
+import transformers.loss.loss_utils  # noqa: F401
+print(transformers.utils.is_sklearn_available(), transformers.utils.is_scipy_available(),
+      "sklearn" in sys.modules or "scipy" in sys.modules)
 """
 
 
 @pytest.mark.parametrize("process", ["core", "plain"])
-def test_an_engine_core_tells_transformers_scikit_learn_is_absent(tmp_path, process):
-    # transformers 5.17 imports scikit-learn (with scipy and pandas, ~3 s) for assisted generation, which a core
-    # never runs; a plain process keeps transformers as it is. A stand-in scikit-learn makes it "installed" here.
-    (tmp_path / "sklearn").mkdir()
-    (tmp_path / "sklearn" / "__init__.py").write_text("")
-    (tmp_path / "sklearn" / "metrics.py").write_text("def roc_curve(*args):\n    raise NotImplementedError\n")
+def test_an_engine_core_tells_transformers_scikit_learn_and_scipy_are_absent(tmp_path, process):
+    # transformers 5.17 imports scikit-learn (with scipy and pandas, ~3 s) for assisted generation and
+    # scipy.optimize for detection losses, neither of which a core runs; a plain process keeps transformers as it
+    # is. Stand-ins make both "installed" here.
+    for package, module, name in (("sklearn", "metrics", "roc_curve"), ("scipy", "optimize", "linear_sum_assignment")):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / f"{module}.py").write_text(f"def {name}(*args):\n    raise NotImplementedError\n")
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
     out = subprocess.run([sys.executable, "-c", SKLEARN_SCRIPT, process], env=env, capture_output=True, text=True,
                          check=True)
-    assert out.stdout.split()[0] == ("False" if process == "core" else "True")
+    assert out.stdout.split()[:2] == (["False", "False"] if process == "core" else ["True", "True"])
     if process == "core":
-        assert out.stdout.split()[1] == "False"
+        assert out.stdout.split()[2] == "False"
