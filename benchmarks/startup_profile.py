@@ -28,23 +28,29 @@ def main() -> None:
                    help="also print what the functions matching REGEX spent their time in (repeatable), e.g. "
                         "from_pretrained or _warm_compiled")
     p.add_argument("--top", type=int, default=40, help="functions to print, by cumulative and by own time")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--no-profile", action="store_true", help="phases and the compiler's own times only, without "
+                   "cProfile's overhead")
     args = p.parse_args()
     profile = cProfile.Profile()
     started = time.perf_counter()
-    profile.enable()
+    if not args.no_profile:
+        profile.enable()
     from engine.config import EngineConfig
     from engine.core import EngineCore
-    from engine.models import resolve_model
-
-    from engine.models import skip_unused_imports
+    from engine.models import resolve_model, skip_unused_imports
 
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, device=args.device,
-                          max_model_len=args.max_model_len)
+                          max_model_len=args.max_model_len, compile=args.compile)
     skip_unused_imports()  # as core_main does
     core = EngineCore(config, resolve_model(config.model, config.tokenizer, config.cache_dir))
     profile.disable()
     print(f"start-up {time.perf_counter() - started:.2f} s in this process; phases {core.phases.seconds}; "
           f"graphs {core.runner.graph_stats}")
+    print_compiler_times()
+    if args.no_profile:
+        core.close()
+        return
     for order in ("cumulative", "tottime"):
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats(order).print_stats(args.top)
@@ -54,6 +60,21 @@ def main() -> None:
         pstats.Stats(profile, stream=out).sort_stats("cumulative").print_callees(pattern)
         print(out.getvalue())
     core.close()
+
+
+def print_compiler_times() -> None:
+    """torch.compile's own account: seconds per compiler phase (dynamo, AOTAutograd, Inductor, cache loads) and
+    its cache counters."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return
+    from torch._dynamo.utils import compile_times, counters
+
+    print(compile_times(repr="str", aggregate=True))
+    for group in ("inductor", "aot_autograd", "stats"):
+        if counters.get(group):
+            print(group, dict(counters[group]))
 
 
 if __name__ == "__main__":

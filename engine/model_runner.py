@@ -338,6 +338,9 @@ def compile_layers(model) -> None:
     # Variants: one row (prefill, packed) or several (decode), one token or more, per layer type; the default
     # limit of 8 would silently leave some layers eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Python floats (the attention scale, norm epsilons) as constants, as the model has them: traced as dynamic
+    # inputs, one of them reached the attention op as a float and dynamo traced the first variant twice.
+    torch._dynamo.config.specialize_float = True
     for layer in decoder_layers(model):
         layer.forward = torch.compile(layer.forward, dynamic=True)
 
