@@ -6,8 +6,10 @@ scheduler and model runner, and sends finished sequences to the decoder workers.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,6 +45,23 @@ log = logging.getLogger("engine")
 # Steering-table rows preallocated (distinct vectors before it grows): growing it re-captures the steered decode
 # graphs, so a GPU reserves many (4096 x hidden x 6 bytes: 50 MB at hidden 2048); a CPU has no graphs.
 STEERING_ROWS = {"gpu": 4096, "cpu": 1024}
+# Imported in a thread while the weights are copied to the device (copies that leave the GIL free): the compiler's
+# modules, ~1 s of a core's start-up on one GPU host, then cost nothing in front of the compile.
+COMPILER_MODULES = ("torch._inductor.compile_fx",)
+
+
+def _preimport(modules: tuple[str, ...]) -> threading.Thread:
+    """Import `modules` in a started thread; one that fails to import is imported again, and fails, where used."""
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                log.debug("importing %s ahead failed: %s", name, exc)
+
+    thread = threading.Thread(target=run, name="preimport", daemon=True)
+    thread.start()
+    return thread
 
 
 def _as_set(value) -> set[int]:
@@ -63,7 +82,10 @@ class EngineCore:
         self.dtype = resolve_dtype(config.dtype, self.device)
         tok = tokenizer_facts(source.tokenizer_dir, config.cache_dir)
         self.phases.done("tokenizer")
+        preimport = _preimport(COMPILER_MODULES) if self._is_compiling() else None
         self.model = load_model(source, self.dtype, self.device, vocab_size=tok["vocab_size"])
+        if preimport is not None:
+            preimport.join()
         self.phases.done("load")
         self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok["eos_token_id"])
         self.stops = StopScanner(source.tokenizer_dir)
@@ -97,12 +119,15 @@ class EngineCore:
         """The persistent compile cache, opened, when the decoder layers are compiled (EngineConfig.compile), else
         None. It replaces any TORCHINDUCTOR_CACHE_DIR in this process: torch itself sets that variable once Inductor
         has looked for its cache, so a value found here need not be the user's."""
-        mode = self.config.compile
-        if mode == "off" or (mode == "auto" and (self.config.enforce_eager or self.device == "cpu")):
+        if not self._is_compiling():
             return None
         cache = CompileCache(self.config.cache_dir, cache_key(self.model.config, self.dtype, self.device))
         cache.open()
         return cache
+
+    def _is_compiling(self) -> bool:
+        mode = self.config.compile
+        return mode == "on" or (mode == "auto" and not self.config.enforce_eager and self.device != "cpu")
 
     def close(self) -> None:
         """Record what this run compiled in the compile cache and let go of it."""
