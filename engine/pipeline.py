@@ -200,7 +200,7 @@ class Engine:
             prefix = "decoder worker " if len(self.lanes) == 1 else f"decoder worker {lane.number}."
             for i in range(c.decoder_workers):
                 lane.decoders.append(start(ctx, f"{prefix}{i}", self.events, decoder_main, self.source.tokenizer_dir,
-                                           c.return_tokens, lane.dec_q, self.events, self.lifeline))
+                                           c.cache_dir, c.return_tokens, lane.dec_q, self.events, self.lifeline))
 
     def _wait_ready(self) -> None:
         waiting = {lane.number for lane in self.lanes}

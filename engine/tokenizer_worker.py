@@ -42,16 +42,21 @@ def load_tokenizer(tokenizer_dir: str):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
+def files_digest(directory: str, names: tuple[str, ...]) -> str:
+    """A digest of the named files' bytes in `directory` (absent ones count as absent)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in names:
+        path = Path(directory, name)
+        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"\0absent"))
+    return digest.hexdigest()
+
+
 def tokenizer_facts(tokenizer_dir: str, cache_dir: str) -> dict:
     """What the engine core needs of a tokenizer, `{"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}`,
     without loading it (a 33 MB tokenizer.json takes the Rust tokenizer ~1 s, all of it holding the GIL) when an
     earlier run has recorded them for the same files: kept under the cache dir by a digest of the files' bytes. An
     unreadable record is recomputed."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in TOKENIZER_FILES:
-        path = Path(tokenizer_dir, name)
-        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"\0absent"))
-    record = Path(cache_dir, "tokenizer-facts", digest.hexdigest() + ".json")
+    record = Path(cache_dir, "tokenizer-facts", files_digest(tokenizer_dir, TOKENIZER_FILES) + ".json")
     try:
         facts = json.loads(record.read_text())
         if isinstance(facts.get("vocab_size"), int) and isinstance(facts.get("eos_token_id"), (int, type(None))):
