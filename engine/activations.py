@@ -34,7 +34,7 @@ from engine.config import CaptureDefaults
 from engine.id_index import IdIndex
 from engine.request import RecordError
 from engine.steering import decoder_layers
-from engine.storage.files import fsync_path, write_atomic
+from engine.storage.files import commit_file, complete_records, write_atomic
 from engine.transfer import to_device
 
 MAX_SHARD_BYTES = 512 << 20
@@ -296,7 +296,7 @@ class ActivationStore:
         if index.exists():
             if done is None:
                 raise ValueError(f"{self.folder}: resuming an activation index needs the output's done ids")
-            kept = (line for line in complete_lines(index) if done.has_shard(line["id"], line["shard"]))
+            kept = (line for line in complete_records(index) if done.has_shard(line["id"], line["shard"]))
             write_atomic(index, ((json.dumps(line) + "\n").encode() for line in kept))
         numbers = [int(p.stem) for p in self.folder.glob("*.safetensors") if p.stem.isdigit()]
         return max(numbers, default=-1) + 1
@@ -335,9 +335,7 @@ class ActivationStore:
         path = self.folder / f"{self._next:05d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
         save_file(self._tensors, str(tmp), metadata={"format": "pt"})
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(self.folder)
+        commit_file(tmp, path)
         with (self.folder / INDEX_NAME).open("ab") as f:
             f.write(index_lines)
             f.flush()
@@ -362,21 +360,8 @@ def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return 8 + sum(len(key.encode()) + 96 for key in tensors)
 
 
-def complete_lines(path: Path):
-    """The complete JSON lines of a file, streamed (a line cut short by a crash is skipped); nothing if it is absent."""
-    if not path.exists():
-        return
-    with path.open("rb") as f:
-        for raw in f:
-            if raw.endswith(b"\n"):
-                try:
-                    yield json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-
-
 def _records(output: Path):
-    return (r for r in complete_lines(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
+    return (r for r in complete_records(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
 
 
 def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[str, dict[int, torch.Tensor]]:

@@ -20,11 +20,12 @@ from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, COMPILE_MODES, DTY
                            CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
+from engine.procs import stop_signals
 from engine.request import not_a_file
+from engine.storage.files import DiskLow, OutputWriteError, check_free_space, write_atomic
 from engine.storage.output import (OutputError, changed_message, check_input, check_manifest, check_output_path,
                                    drop_records, errors_path, lock_output, scan_done_ids)
 from engine.trace import process_age
-from engine.storage.files import DiskLow, OutputWriteError, check_free_space, write_atomic
 
 EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -218,15 +219,8 @@ def interrupt_on_signals():
     """From a command's first line, SIGINT and SIGTERM raise KeyboardInterrupt (start-up stops, children are ended,
     exit 130); once generation runs, a drain replaces that. The old handlers come back at the end (a caller in a
     thread other than the main one keeps its own: only the main thread may set them)."""
-    if threading.current_thread() is not threading.main_thread():
+    with stop_signals(signal.default_int_handler):
         yield
-        return
-    old = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -332,28 +326,28 @@ def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, 
     threading.Thread(target=importlib.import_module, args=("engine.writer",), daemon=True).start()
     with Engine(config) as engine:
         timings.mark("engine_ready")
-        from engine.writer import JsonlWriter  # here: its activation store imports torch, now beside the core's start
+        from engine.writer import (
+            JsonlWriter,  # here: its activation store imports torch, now beside the core's start
+        )
 
         writer = JsonlWriter(output, manifest, args.ordered, min_free_gb=args.min_free_gb, done=done)
         progress = Progress(max(_count_lines(source) - len(done), 0), not args.quiet)
         stop = lambda signum, frame: engine.interrupt()  # noqa: E731 - stop admitting, then flush below
-        old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         gen_started = time.perf_counter()
         is_complete = False
-        try:
-            for outcome in engine.run(read_requests(input_lines(source), config, done, digests=True)):
-                writer.write(outcome)
-                timings.mark("first_result")
-                progress.update(writer.num_tokens, engine.device_counts())
-            timings.mark("last_result")
-            is_complete = not engine.is_interrupted
-        finally:
+        with stop_signals(stop):
             try:
-                writer.close(is_complete)  # DiskLow if the last activation shard does not fit
+                for outcome in engine.run(read_requests(input_lines(source), config, done, digests=True)):
+                    writer.write(outcome)
+                    timings.mark("first_result")
+                    progress.update(writer.num_tokens, engine.device_counts())
+                timings.mark("last_result")
+                is_complete = not engine.is_interrupted
             finally:
-                progress.close()
-                for sig, handler in old.items():
-                    signal.signal(sig, handler)
+                try:
+                    writer.close(is_complete)  # DiskLow if the last activation shard does not fit
+                finally:
+                    progress.close()
         elapsed = time.perf_counter() - gen_started
         interrupted = engine.is_interrupted
     print(

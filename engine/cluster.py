@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -37,8 +36,10 @@ from engine.cli import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED, ad
 from engine.config import ConfigError, EngineConfig
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
-from engine.sweep import Plan, SweepError, load_sweep, prepare_directory, write_atomic
+from engine.procs import stop_signals
+from engine.storage.files import complete_lines, move_aside, write_atomic
 from engine.storage.output import OutputError
+from engine.sweep import Plan, SweepError, load_sweep, prepare_directory
 from engine.writer import JsonlWriter, ManifestMismatch, check_manifest, errors_path, manifest_path, scan_done_ids
 
 log = logging.getLogger("engine.cluster")
@@ -204,7 +205,7 @@ class EngineActor:
 
     def _merged_ids(self, index: int, label: str | None) -> Iterator[str]:
         """This part's ids in the merged results.jsonl (read only: the driver owns that file)."""
-        for raw in _complete_lines(self.out / RESULTS):
+        for raw in complete_lines(self.out / RESULTS):
             request_id = json.loads(raw).get("id")
             if (isinstance(request_id, str) and part_of(request_id, self.job["num_parts"]) == index
                     and (label is None or request_id.startswith(label + "/"))):
@@ -422,8 +423,7 @@ class ClusterJob:
                 self._move_aside()
 
     def _move_aside(self) -> None:
-        aside = self.out.with_name(f"{self.out.name}.replaced-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
-        self.out.rename(aside)
+        [aside] = move_aside([self.out])
         log.warning("moved the old output aside to %s", aside)
 
     def _num_parts(self) -> int:
@@ -455,13 +455,12 @@ class ClusterJob:
                   f"{min(self.num_actors, len(self.pending))} {'GPU' if self.use_gpu else 'CPU'} actors")
         if self.pending:
             self.slots = [self._new_slot() for _ in range(min(self.num_actors, len(self.pending)))]
-        old = self._install_signals()
         try:
-            self._loop()
-            if self.slots:
-                self.poll()  # the actors' last counts, for status.json
+            with stop_signals(self._on_signal):
+                self._loop()
+                if self.slots:
+                    self.poll()  # the actors' last counts, for status.json
         finally:
-            self._restore_signals(old)
             self._end_actors()
         if self.failure is not None:
             self._write_status("failed")
@@ -586,20 +585,10 @@ class ClusterJob:
         if self.stop_reason is None:
             self.stop_reason = reason
 
-    def _install_signals(self) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def on_signal(signum, frame):
-            if self.stop_reason is not None:  # a second signal: stop waiting for the actors to drain
-                raise KeyboardInterrupt
-            self.stop(signal.Signals(signum).name)
-
-        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_signals(self, old: dict) -> None:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_reason is not None:  # a second signal: stop waiting for the actors to drain
+            raise KeyboardInterrupt
+        self.stop(signal.Signals(signum).name)
 
     def _end_actors(self, timeout: float = 30.0) -> None:
         """Close the engines (their processes end cleanly), then end the actors."""
@@ -659,43 +648,30 @@ class ClusterJob:
         made relative to the output directory); results.errors.jsonl: every part's errors. Both written atomically.
         Returns (records, errors) in the merged files."""
         results, merged_ids = self.out / RESULTS, scan_done_ids(self.out / RESULTS)
-        tmp = results.with_name(f".{results.name}.tmp")
-        num_records = len(merged_ids)
-        with tmp.open("wb") as f:
-            if results.exists():
-                with results.open("rb") as old:
-                    shutil.copyfileobj(old, f)
-            for part in self.parts:
-                folder = part_folder(part.index, part.label)
-                for raw in _complete_lines(self.out / folder / RESULTS):
-                    record = json.loads(raw)
-                    if record["id"] in merged_ids:
-                        continue
-                    merged_ids.add(record["id"])
-                    if isinstance(record.get("activations"), dict):
-                        pointer = record["activations"]
-                        record["activations"] = {**pointer, "shard": f"{folder}/{pointer['shard']}"}
-                        raw = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-                    f.write(raw)
-                    num_records += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, results)
-        errors = b"".join(b"".join(_complete_lines(errors_path(self.out / part_folder(p.index, p.label) / RESULTS)))
+        write_atomic(results, self._merged_lines(results, merged_ids))
+        num_records = len(merged_ids)  # the kept records' ids, and each part record's as it was added
+        errors = b"".join(b"".join(complete_lines(errors_path(self.out / part_folder(p.index, p.label) / RESULTS)))
                           for p in self.parts)
         write_atomic(errors_path(results), errors)
         if self.spec.kind == "batch":  # so engine-run can resume the merged file too
             write_atomic(manifest_path(results), (json.dumps(self.job["manifest"], indent=2) + "\n").encode())
         return num_records, errors.count(b"\n")
 
-
-def _complete_lines(path: Path) -> Iterator[bytes]:
-    """A JSONL file's complete lines (a line cut short by a crash is left out)."""
-    if not path.exists():
-        return
-    with path.open("rb") as f:
-        for raw in f:
-            if raw.endswith(b"\n"):
+    def _merged_lines(self, results: Path, merged_ids) -> Iterator[bytes]:
+        """The merged file's lines: the kept file's as they are, then each part's records not in it yet (added to
+        `merged_ids` as they go), their activation shards named from the output directory."""
+        yield from complete_lines(results)
+        for part in self.parts:
+            folder = part_folder(part.index, part.label)
+            for raw in complete_lines(self.out / folder / RESULTS):
+                record = json.loads(raw)
+                if record["id"] in merged_ids:
+                    continue
+                merged_ids.add(record["id"])
+                if isinstance(record.get("activations"), dict):
+                    pointer = record["activations"]
+                    record["activations"] = {**pointer, "shard": f"{folder}/{pointer['shard']}"}
+                    raw = (json.dumps(record, ensure_ascii=False) + "\n").encode()
                 yield raw
 
 
@@ -835,7 +811,7 @@ def _run(job: ClusterJob, args) -> int:
         from engine.sweep_report import write_report
 
         write_report(job.out)
-    num_errors = sum(1 for _ in _complete_lines(errors_path(job.out / RESULTS)))
+    num_errors = sum(1 for _ in complete_lines(errors_path(job.out / RESULTS)))
     return EXIT_REJECTED if num_errors else EXIT_OK
 
 

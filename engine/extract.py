@@ -42,7 +42,7 @@ from engine.config import (
 )
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError
-from engine.storage.files import write_problem
+from engine.storage.files import commit_file, write_problem
 from engine.steering import save_vectors
 
 log = logging.getLogger("engine.extract")
@@ -313,7 +313,7 @@ def write_vectors(output: Path, vectors: dict[int, torch.Tensor], model_hint: st
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")
     try:
         save_vectors(str(tmp), vectors, model_hint=model_hint)
-        os.replace(tmp, output)
+        commit_file(tmp, output)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -196,6 +197,25 @@ class ByName:
 
     def __reduce__(self):
         return ByName, (self.module, self.name)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals(handler):
+    """Inside the block, SIGINT and SIGTERM call `handler(signum, frame)` (a command's drain: stop taking work,
+    finish and flush what is done); the old handlers come back after it. Only the main thread may set handlers, so
+    a block run in another thread keeps the process's own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def start(ctx, stage: str, events: MsgQueue, target, *args):

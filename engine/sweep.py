@@ -45,8 +45,9 @@ from engine.config import (
 from engine.id_index import IdIndex
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
+from engine.procs import stop_signals
 from engine.request import RecordError, decode_line, derive_seed, parse_steering
-from engine.storage.files import write_atomic, write_problem  # noqa: F401 - write_atomic: cluster's too
+from engine.storage.files import move_aside, write_atomic, write_problem
 from engine.writer import DiskLow, JsonlWriter, scan_done_ids
 
 log = logging.getLogger("engine.sweep")
@@ -756,8 +757,7 @@ def prepare_directory(out: Path, plan: Plan, force: bool, extend: bool) -> str:
     how = _compare(out, plan, force, extend)
     try:
         if how == "replaced":
-            aside = out.with_name(f"{out.name}.replaced-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
-            out.rename(aside)
+            [aside] = move_aside([out])
             log.warning("moved the old sweep aside to %s", aside)
         out.mkdir(parents=True, exist_ok=True)
         source = Path(plan.config.source)
@@ -966,28 +966,26 @@ class SweepRunner:
         todo = deque(m for m in self.plan.config.models if self.status.models[m.label]["state"] != "done")
         lanes = [threading.Thread(target=self._lane, args=(device, todo), name=f"sweep-{device}", daemon=True)
                  for device in self.plan.config.devices()[:len(todo)]]
-        old = {sig: signal.signal(sig, self.stopper.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.status.start()
-        try:
-            for lane in lanes:
-                lane.start()
-            self._write_outcomes(lanes, writer)
-        except DiskLow as exc:  # the next activation shard does not fit: stop as on a low disk
-            self._disk_low(exc)
-        except BaseException as exc:  # noqa: BLE001 - stops the lanes, then re-raised below once they have drained
-            self.stopper.stop(f"failed: {type(exc).__name__}")
-            self.failures.append(exc)
-        finally:
-            for lane in lanes:
-                lane.join()
+        with stop_signals(self.stopper.on_signal):
             try:
-                writer.close()
-            except DiskLow as exc:  # the last shard does not fit: its records run again on resume
+                for lane in lanes:
+                    lane.start()
+                self._write_outcomes(lanes, writer)
+            except DiskLow as exc:  # the next activation shard does not fit: stop as on a low disk
                 self._disk_low(exc)
+            except BaseException as exc:  # noqa: BLE001 - stops the lanes, then re-raised below once they drained
+                self.stopper.stop(f"failed: {type(exc).__name__}")
+                self.failures.append(exc)
             finally:
-                for sig, handler in old.items():
-                    signal.signal(sig, handler)
-                self.done.close()
+                for lane in lanes:
+                    lane.join()
+                try:
+                    writer.close()
+                except DiskLow as exc:  # the last shard does not fit: its records run again on resume
+                    self._disk_low(exc)
+                finally:
+                    self.done.close()
         if self.failures:
             exc = self.failures[0]
             self.status.finish("failed", f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.activations import complete_lines
+from engine.storage.files import complete_records
 from engine.sweep import BASELINE, ERRORS, PLAN, RESULTS, SUMMARY_COLUMNS, SweepError
 
 
@@ -223,11 +223,11 @@ def collect(out: Path, plan: dict) -> dict[tuple[str, str], PointStats]:
     """Stream results.jsonl and results.errors.jsonl into PointStats per (model, point)."""
     stats = {(m["label"], p["key"]): PointStats() for m in plan["models"] for p in plan["points"]}
     scorer = Scorer(plan, out)
-    for record in complete_lines(out / RESULTS):
+    for record in complete_records(out / RESULTS):
         tag = record.get("sweep")
         if isinstance(tag, dict) and (tag.get("model"), tag.get("point")) in stats:
             stats[tag["model"], tag["point"]].add(record, scorer.score(record))
-    for record in complete_lines(out / ERRORS):
+    for record in complete_records(out / ERRORS):
         key = tuple(str(record.get("id", "")).split("/")[:2])
         if key in stats:
             stats[key].num_errors += 1

@@ -1,4 +1,5 @@
-"""Durable-file helpers: atomic writes with a directory fsync, moving files aside, an exclusive lock per file."""
+"""Durable-file helpers, one copy each: atomic writes with a directory fsync, complete-line reading, moving files
+aside, an exclusive lock per file, free-space checks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,17 +28,47 @@ def fsync_path(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Write `data` (bytes, or chunks streamed one by one, which may still read the old file) to a temporary file,
-    fsync, rename, fsync the folder: readers see the old file or the new one, never a part."""
+    fsync, rename, fsync the folder: readers see the old file or the new one, never a part. A crash or an error
+    while writing leaves `path` as it was (and at most the temporary file, which the next write replaces)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
         if isinstance(data, bytes):
             f.write(data)
         else:
             f.writelines(data)
-        f.flush()
-        os.fsync(f.fileno())
+    commit_file(tmp, path)
+
+
+def commit_file(tmp: Path, path: Path) -> None:
+    """Make the finished file `tmp` (written by anything: safetensors, a vector writer) the file `path`, durably:
+    fsync it, rename it over `path`, fsync the folder."""
+    fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def complete_lines(path: Path, cut: bool = False) -> Iterator[bytes]:
+    """The complete lines of a file, streamed: a last line cut short by a crash is left out (with `cut`, truncated
+    away first, so appending goes on after the last whole line); nothing if the file is absent."""
+    if not path.exists():
+        return
+    if cut:
+        with path.open("rb") as f:
+            good_end = sum(len(raw) for raw in f if raw.endswith(b"\n"))
+        if good_end < path.stat().st_size:
+            with path.open("r+b") as f:
+                f.truncate(good_end)
+    with path.open("rb") as f:
+        yield from (raw for raw in f if raw.endswith(b"\n"))
+
+
+def complete_records(path: Path) -> Iterator:
+    """The JSON values of a file's complete lines, streamed; a line that is not JSON is skipped."""
+    for raw in complete_lines(path):
+        try:
+            yield json.loads(raw)
+        except json.JSONDecodeError:
+            continue
 
 
 def write_problem(folder: Path) -> str | None:
@@ -65,14 +96,15 @@ def time_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+def aside_path(path: Path, stamp: str | None = None) -> Path:
+    """Where `path` goes when it is moved (or copied) aside: `<name>.replaced-<UTC time>` beside it."""
+    return path.with_name(f"{path.name}.replaced-{stamp or time_stamp()}")
+
+
 def move_aside(paths: list[Path], stamp: str | None = None) -> list[Path]:
-    """Rename each existing path to `<name>.replaced-<UTC time>`; returns the new paths."""
+    """Rename each existing path (file or folder) to `aside_path(path)`, all with one time; returns the new paths."""
     stamp = stamp or time_stamp()
-    moved = []
-    for path in paths:
-        if path.exists():
-            moved.append(path.rename(path.with_name(f"{path.name}.replaced-{stamp}")))
-    return moved
+    return [path.rename(aside_path(path, stamp)) for path in paths if path.exists()]
 
 
 class Locked(RuntimeError):

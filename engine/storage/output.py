@@ -18,7 +18,16 @@ from typing import Iterable, Iterator
 
 from engine.id_index import IdIndex
 from engine.request import RecordError, decode_line, record_digest, record_id
-from engine.storage.files import FileLock, Locked, move_aside, time_stamp, write_atomic, write_problem
+from engine.storage.files import (
+    FileLock,
+    Locked,
+    aside_path,
+    complete_lines,
+    move_aside,
+    time_stamp,
+    write_atomic,
+    write_problem,
+)
 
 log = logging.getLogger("engine")
 
@@ -215,7 +224,7 @@ def changed_message(output: Path, changed: list[tuple[int, str]]) -> str:
 
 def drop_records(output: Path, ids: set[str]) -> Path:
     """Rewrite the output without the records of `ids`; the old file is kept as `*.replaced-<time>`."""
-    aside = output.with_name(f"{output.name}.replaced-{time_stamp()}")
+    aside = aside_path(output)
     shutil.copyfile(output, aside)
     write_atomic(output, (raw for raw in _lines(output) if (_record(raw) or {}).get("id") not in ids))
     return aside
@@ -231,7 +240,7 @@ class ErrorLog:
         self._before, self._now = IdIndex(), IdIndex()
         self.num_before = 0
         if path.exists():
-            self._before.add_many((_line_key(raw), None) for raw in _complete_lines(path, cut=True))
+            self._before.add_many((_line_key(raw), None) for raw in complete_lines(path, cut=True))
             self.num_before = len(self._before)
         self.file = path.open("a", encoding="utf-8")
 
@@ -255,11 +264,11 @@ class ErrorLog:
             self._now.close()
 
     def _has_stale(self) -> bool:
-        return any(_line_key(raw) not in self._now for raw in _complete_lines(self.path))
+        return any(_line_key(raw) not in self._now for raw in complete_lines(self.path))
 
     def _compact(self) -> None:
         with IdIndex() as seen:
-            write_atomic(self.path, (raw for raw in _complete_lines(self.path)
+            write_atomic(self.path, (raw for raw in complete_lines(self.path)
                                      if (key := _line_key(raw)) in self._now and seen.add(key)))
 
 
@@ -270,15 +279,3 @@ def _lines(path: Path) -> Iterator[bytes]:
 
 def _line_key(raw: bytes) -> str:
     return hashlib.blake2b(raw.rstrip(b"\n"), digest_size=16).hexdigest()
-
-
-def _complete_lines(path: Path, cut: bool = False) -> Iterator[bytes]:
-    """The complete lines of a file; with `cut`, a partial last line is truncated away first."""
-    if cut:
-        with path.open("rb") as f:
-            good_end = sum(len(raw) for raw in f if raw.endswith(b"\n"))
-        if good_end < path.stat().st_size:
-            with path.open("r+b") as f:
-                f.truncate(good_end)
-    with path.open("rb") as f:
-        yield from (raw for raw in f if raw.endswith(b"\n"))
