@@ -91,7 +91,8 @@ def measure(results: Path, source: Path) -> dict:
     step("read_requests", started)
     writer.close()
     figures |= {"num_done": len(done), "num_fed": num_new, "num_errors": num_errors,
-                "peak_rss_mb": round(_peak_kb() / 1024, 1), "peak_above_imports_mb": round((_peak_kb() - base_kb) / 1024, 1)}
+                "peak_rss_mb": round(_peak_kb() / 1024, 1),
+                "peak_above_imports_mb": round((_peak_kb() - base_kb) / 1024, 1)}
     return figures
 
 
@@ -130,7 +131,8 @@ def main() -> int:
             print(child.stderr, file=sys.stderr)
             return 1
         figures = json.loads(child.stdout.strip().splitlines()[-1])
-    result = {"benchmark": "resume_memory", "label": args.label, "code": args.code or str(ROOT), "when": datetime.now(timezone.utc).isoformat(),
+    result = {"benchmark": "resume_memory", "label": args.label, "code": args.code or str(ROOT),
+              "when": datetime.now(timezone.utc).isoformat(),
               "args": {"num_done": args.num_done, "num_new": args.num_new}, **figures}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"resume-memory-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}.json"

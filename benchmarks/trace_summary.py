@@ -40,13 +40,16 @@ def summarise(run: dict, events: list[dict], bins: float, top: int) -> str:
     lines = [f"## {run['system']} ({run['prompts']} prompts): {wall:.0f} ms window, {len(steps)} iterations",
              f"admission {sum(e['admit_ms'] for e in steps):.1f} ms ({sum(e['admitted'] for e in steps)} requests); "
              + "; ".join(f"launch {k} {v:.1f} ms" for k, v in sorted(launch.items()))
-             + f"; wait {sum(e['wait_ms'] for e in waited):.1f} ms; read {sum(e.get('read_ms', 0) for e in steps):.1f} ms; "
-             f"GC {sum(e['ms'] for e in gcs):.1f} ms in {len(gcs)} pauses (gen 2: {sum(1 for e in gcs if e['gc'] == 2)})",
+             + f"; wait {sum(e['wait_ms'] for e in waited):.1f} ms"
+             + f"; read {sum(e.get('read_ms', 0) for e in steps):.1f} ms; "
+             f"GC {sum(e['ms'] for e in gcs):.1f} ms in {len(gcs)} pauses "
+             f"(gen 2: {sum(1 for e in gcs if e['gc'] == 2)})",
              f"steps that found the previous one done (host-bound): {len(host_bound)}/{len(waited)}, "
              f"their host time {sum(host_ms(e) for e in host_bound):.1f} ms",
              "longest iterations (host ms = admit + launch + read):"]
     for e in sorted(steps, key=host_ms, reverse=True)[:top]:
-        lines.append(f"  +{1e3 * (e['at'] - run['first_work']):7.1f} ms  host {host_ms(e):6.2f}  admit {e['admit_ms']:6.2f} "
+        lines.append(f"  +{1e3 * (e['at'] - run['first_work']):7.1f} ms  host {host_ms(e):6.2f}  "
+                     f"admit {e['admit_ms']:6.2f} "
                      f"({e['admitted']})  {e['step']} {e.get('size', '')}  launch {e.get('launch_ms', 0):6.2f}  "
                      f"wait {e.get('wait_ms', 0):6.2f}")
     for e in sorted(gcs, key=lambda g: g["ms"], reverse=True)[:3]:

@@ -28,7 +28,8 @@ from pathlib import Path
 import psutil
 
 from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
-                                 no_gpu_metrics, notes, references, system_metrics, versions, work_window, write_outputs)
+                                 no_gpu_metrics, notes, references, system_metrics, versions, work_window,
+                                 write_outputs)
 from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError, EngineConfig, SamplingDefaults, parse_devices
 from engine.models import ModelNotFound, ModelSource, hidden_size, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
@@ -106,7 +107,8 @@ class BenchConfig:
         if isinstance(self.steering_specs, int):
             self.steering_specs = [self.steering_specs] if self.steering_specs else []
         if min(self.steering_specs, default=1) < 1 or not self.steering_layers or min(self.steering_layers) < 0:
-            raise ConfigError(f"--steering-specs {self.steering_specs} / --steering-layers {self.steering_layers}: give "
+            raise ConfigError(f"--steering-specs {self.steering_specs} / --steering-layers {self.steering_layers}: "
+                              "give "
                               f"counts >= 1 (like 1,256) and layer indices >= 0")
         if min(self.capture_layers, default=0) < 0 or self.capture_positions not in CAPTURE_POSITIONS:
             raise ConfigError(f"--capture-layers {self.capture_layers} / --capture-positions {self.capture_positions}: "
@@ -635,7 +637,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
-        steering_layers=args.steering_layers, capture_layers=args.capture_layers, capture_positions=args.capture_positions,
+        steering_layers=args.steering_layers, capture_layers=args.capture_layers,
+        capture_positions=args.capture_positions,
         trace=args.trace, is_e2e=args.e2e, engine_flags_given=list(given),
     )
 

@@ -278,7 +278,8 @@ def gpu_columns(gpu: GpuMonitor | None, run: dict, m: dict, num_cards: int) -> d
         return {**no_gpu_metrics(), "gpu_util_generation_pct": None}
     generation_start = run["start"] + m["launch_s"] + m["stamps_s"][READY[m["program"]]]
     generation = gpu.window(generation_start, generation_start + m["generation_s"], num_cards)
-    return {**gpu.window(run["start"], run["end"], num_cards), "gpu_util_generation_pct": generation["gpu_util_mean_pct"]}
+    return {**gpu.window(run["start"], run["end"], num_cards),
+            "gpu_util_generation_pct": generation["gpu_util_mean_pct"]}
 
 
 def engine_run_defaults() -> dict:

@@ -200,7 +200,8 @@ def e2e_notes(report: dict) -> list[str]:
     out = [f"**{e['systems']} failed** and has no row: {e['error'].splitlines()[0]}" for e in report["errors"]]
     out += [
         "Each row is one fresh process: engine-run (`python -m engine.cli`, with its own defaults"
-        + (f" but {', '.join(given)}" if given else "") + "; JSON: engine_run_defaults) or hf-script (engine/bench_user_script.py, the write-up's "
+        + (f" but {', '.join(given)}" if given else "")
+        + "; JSON: engine_run_defaults) or hf-script (engine/bench_user_script.py, the write-up's "
         "batched loop as a user's script: read JSONL, load, tokenize in chunks of 4 batches, one generate per batch, "
         "batch_decode, write JSONL; it imports torch and transformers only), both loading the same Hugging Face "
         f"directory ({report['model_dir']}) and reading the same prompts file"
@@ -245,7 +246,8 @@ def steered_notes(report: dict) -> list[str]:
     layers = ", ".join(map(str, s["steering_layers"]))
     out = [(f"engine-run steered-N: engine-run again right after engine-run warm, over the same cache folders (its "
             "compile artefacts; warm only) and the same prompts, each record with a `steering` spec: N distinct "
-            f"random vectors of the model's hidden size (seed {s['seed']}, norm about 1, .npy files in the run folder), "
+            f"random vectors of the model's hidden size (seed {s['seed']}, norm about 1, .npy files in the run "
+            "folder), "
             f"record i the (i mod N)-th, added at layer{'s' * (len(s['steering_layers']) > 1)} {layers} with coef 4 "
             "at all positions. hf-script is not run steered: the user's script has no steering."),
            ("Speed × unsteered: engine-run warm's time over the steered run's, for the whole command and for its "

@@ -79,12 +79,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0, help="base seed; a record without 'seed' gets one derived from it and its id")
+    g.add_argument("--seed", type=int, default=0,
+                   help="base seed; a record without 'seed' gets one derived from it and its id")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
     s = p.add_argument_group("steering (a record's 'steering' object replaces it)")
     s.add_argument("--steer", metavar="FILE", help="vector file: .safetensors, .pt, .npy or a .gguf control vector")
-    s.add_argument("--steer-layer", type=_layers, default=[], metavar="L[,L2..]", help="decoder layer(s) whose output is steered")
+    s.add_argument("--steer-layer", type=_layers, default=[], metavar="L[,L2..]",
+                   help="decoder layer(s) whose output is steered")
     s.add_argument("--steer-coef", type=float, default=1.0)
     s.add_argument("--steer-positions", default="all", type=_steer_positions, metavar="prompt|generated|all|JSON",
                    help=f"{'|'.join(STEER_POSITIONS)}, or ranges as in a record, e.g. '{{\"generated\": [0, 20]}}'")
@@ -265,7 +267,8 @@ class RunTimings:
     def __init__(self, path: str | None):
         self.path = Path(path) if path else None
         if self.path is not None and not self.path.parent.is_dir():
-            raise ConfigError(f"--timings {path}: folder {self.path.parent} does not exist; create it or give another path")
+            raise ConfigError(f"--timings {path}: folder {self.path.parent} does not exist; create it or give another "
+                              "path")
         now = time.time()
         self.stamps = {"process_start": now - process_age(), "imports_done": now}  # imports: to the command's start
 

@@ -405,7 +405,8 @@ class ClusterJob:
             old = _read_json(job_file)
             if old.get("kind") != "batch":
                 raise ClusterError(f"{self.out} holds a {old.get('kind')} job; use another --output")
-            changed = sorted(k for k in set(old["manifest"]) | set(manifest) if old["manifest"].get(k) != manifest.get(k))
+            changed = sorted(k for k in set(old["manifest"]) | set(manifest)
+                             if old["manifest"].get(k) != manifest.get(k))
             if changed and not self.spec.force:
                 shown = "; ".join(f"{k}: was {json.dumps(old['manifest'].get(k))}, now {json.dumps(manifest.get(k))}"
                                   for k in changed)
@@ -621,7 +622,8 @@ class ClusterJob:
         running = [slot.progress for slot, _ in self.running.values()]
         records = self.num_results + self.num_errors + sum(p.get("part_done", 0) for p in running)
         tokens = self.num_tokens + sum(p.get("part_tokens", 0) for p in running)
-        return {"state": state, "kind": self.spec.kind, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        return {"state": state, "kind": self.spec.kind,
+                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "parts": len(self.parts), "parts_left": len(self.pending) + len(self.running),
                 "done_before": self.num_done_before, "records": records,
                 "errors": self.num_errors, "tok_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,

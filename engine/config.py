@@ -46,7 +46,8 @@ def _check_devices(value, devices: list[str]) -> None:
     if not devices:
         raise ConfigError(f"--devices {value!r} names no device; {DEVICES_HELP}")
     if gpus and len(gpus) != len(devices):
-        raise ConfigError(f"--devices {value!r} mixes cpu and GPUs (dtypes and speeds would differ); give only one kind")
+        raise ConfigError(f"--devices {value!r} mixes cpu and GPUs (dtypes and speeds would differ); give only one "
+                          "kind")
     repeated = sorted({d for d in gpus if gpus.count(d) > 1})
     if repeated:
         raise ConfigError(f"--devices {value!r} names {', '.join(repeated)} twice; one engine core per GPU")
@@ -204,7 +205,8 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    max_num_seqs: int | None = None  # sequences decoded together; None: DEFAULT_NUM_SEQS for the device, as memory allows
+    # sequences decoded together; None: DEFAULT_NUM_SEQS for the device, as memory allows
+    max_num_seqs: int | None = None
     max_model_len: int | None = None
     max_prefill_tokens: int | None = None  # prompt tokens per prefill; None: as memory allows (kv_cache.plan_slots)
     gpu_memory_fraction: float = 0.9

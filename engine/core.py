@@ -288,7 +288,8 @@ def non_finite_error(seq: Sequence, dtype: torch.dtype) -> str:
     if seq.steering is not None:
         return (f"{where}; the steering pushed it there: use a smaller coef (or norm_match, which scales the vector "
                 f"to the residual's norm)")
-    fix = "check the model's weights for NaN or inf" if dtype == torch.float32 else "run it in float32 (--dtype float32)"
+    fix = ("check the model's weights for NaN or inf" if dtype == torch.float32
+           else "run it in float32 (--dtype float32)")
     return f"{where}; with no steering, the model itself overflowed on this prompt: {fix}"
 
 

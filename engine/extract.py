@@ -462,7 +462,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json (or its dir) to use instead of the model's")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--max-num-seqs", type=int, help="sequences decoded together (default: 512 on a GPU as memory allows, 64 on a CPU)")
+    p.add_argument("--max-num-seqs", type=int,
+                   help="sequences decoded together (default: 512 on a GPU as memory allows, 64 on a CPU)")
     return p
 
 

@@ -61,7 +61,8 @@ def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str
             f"leaves; lower --max-model-len" + (" or raise --gpu-memory-fraction" if device.startswith("cuda") else "")
         )
     if slots < max_num_seqs:
-        (log.info if is_default else log.warning)("KV cache: %d slots of %d tokens fit %s (asked for %d); running at most %d sequences",
+        (log.info if is_default else log.warning)("KV cache: %d slots of %d tokens fit %s (asked for %d); running at "
+                                                  "most %d sequences",
                     slots, max_len, where, max_num_seqs, slots)
     if max_prefill_tokens is None and prefill < AUTO_PREFILL_TOKENS:
         log.info("prefill: %d prompt tokens a call (of %d), so the KV cache keeps %d slots", prefill,
@@ -97,7 +98,8 @@ def _zeros(shape: tuple, dtype, device) -> torch.Tensor:
     """Zeros; on CPU through calloc, so pages become resident only as sequences fill them."""
     if str(device) != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    storage = np.zeros(shape, dtype=np.int16 if dtype.itemsize == 2 else np.float32 if dtype.itemsize == 4 else np.float64)
+    storage = np.zeros(shape, dtype=np.int16 if dtype.itemsize == 2
+                       else np.float32 if dtype.itemsize == 4 else np.float64)
     return torch.from_numpy(storage).view(dtype)
 
 

@@ -45,7 +45,8 @@ class ModelRunner:
         model.config._attn_implementation = attention.NAME
         text = model.config.get_text_config()
         text._attn_implementation = attention.NAME
-        windows = {getattr(text, "sliding_window", None)} if "sliding_attention" in (getattr(text, "layer_types", None) or []) else set()
+        layer_types = getattr(text, "layer_types", None) or []
+        windows = {getattr(text, "sliding_window", None)} if "sliding_attention" in layer_types else set()
         self.windows = windows | {None}
         slots = cache.num_slots
         # Decode attends over a power-of-two bucket of columns >= every row's length (static for graphs).
@@ -352,7 +353,8 @@ class _DecodeGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(1):  # warm-up: lazy initialisation (a new shape's kernels, workspaces) must not happen during capture
+            # warm-up: lazy initialisation (a new shape's kernels, workspaces) must not happen during capture
+            for _ in range(1):
                 forward()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

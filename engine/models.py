@@ -144,7 +144,8 @@ def resolve_model(spec: str, tokenizer: str | None, cache_dir: str) -> ModelSour
     if spec.startswith(RANDOM_PREFIX):
         preset = spec[len(RANDOM_PREFIX):]
         if preset not in PRESETS:
-            raise ModelNotFound(f"--model {spec}: unknown preset; known: {', '.join(RANDOM_PREFIX + p for p in PRESETS)}")
+            known = ", ".join(RANDOM_PREFIX + p for p in PRESETS)
+            raise ModelNotFound(f"--model {spec}: unknown preset; known: {known}")
         tok = _tokenizer_dir(tokenizer, "") or embedded_tokenizer_dir(cache_dir)
         return ModelSource(spec, None, preset, tok, PRESETS[preset]["max_position_embeddings"])
     if spec == EMBEDDED:
@@ -202,7 +203,8 @@ def random_config(preset: str, vocab_size: int):
 
     params = dict(PRESETS[preset])
     model_type = params.pop("model_type")
-    return AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=2, eos_token_id=1, pad_token_id=0, **params)
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                                **params)
 
 
 def hidden_size(source: ModelSource) -> int:

@@ -193,7 +193,8 @@ class Engine:
                               self.source.to_msg(), self.ring, lane.inbox, lane.dec_q, lane.dec_q, self.lifeline,
                               lane.number, threads)
         for i in range(c.tokenizer_workers):
-            self.procs.append(start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main, self.source.tokenizer_dir,
+            self.procs.append(start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main,
+                                    self.source.tokenizer_dir,
                                     self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events,
                                     self.lifeline))
         for lane in self.lanes:

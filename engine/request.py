@@ -88,7 +88,8 @@ def decode_line(raw: bytes, line: int) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RecordError(f"line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+        raise RecordError(f"line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") \
+            from None
     if line == 1:
         text = text.removeprefix("\ufeff")  # the byte-order mark some editors put at the start of a file
     try:
@@ -98,7 +99,8 @@ def decode_line(raw: bytes, line: int) -> dict:
     except RecordError as exc:
         raise RecordError(f"line {line}: {exc}") from None
     if not isinstance(obj, dict):
-        raise RecordError(f"line {line} is a JSON {type(obj).__name__}, expected an object with a 'prompt' or 'messages'")
+        raise RecordError(f"line {line} is a JSON {type(obj).__name__}, expected an object with a 'prompt' or "
+                          "'messages'")
     return obj
 
 
@@ -213,7 +215,8 @@ def steering_terms(spec: dict | list | None) -> list[dict]:
 
 def _parse_term(value, where: str) -> dict:
     if not isinstance(value, dict):
-        raise RecordError(f"{where} must be an object like {{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}}, "
+        raise RecordError(f"{where} must be an object like "
+                          "{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}, "
                           f"a list of such terms, or null")
     unknown = set(value) - {"vector", "layer", "layers", "coef", "positions", *NORM_FLAGS}
     if unknown:
@@ -225,7 +228,8 @@ def _parse_term(value, where: str) -> dict:
     layers = value.get("layers", value.get("layer"))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+    if not isinstance(layers, list) or not layers \
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         raise RecordError(f"{where}.layers must be a layer index or a non-empty list of them, got {json.dumps(layers)}")
     coef = value.get("coef", 1.0)
     if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not _is_finite(coef):
@@ -309,10 +313,12 @@ def parse_capture(value, default: dict | None) -> dict | None:
         layers = [layers]
     if not isinstance(layers, list) or not layers or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
-        raise RecordError(f"field 'capture.layers' is {json.dumps(layers)}; give a layer index >= 0 or a non-empty list")
+        raise RecordError(f"field 'capture.layers' is {json.dumps(layers)}; give a layer index >= 0 or a non-empty "
+                          "list")
     positions = value.get("positions", default.get("positions", CAPTURE_POSITIONS[0]))
     if positions not in CAPTURE_POSITIONS:
-        raise RecordError(f"field 'capture.positions' is {json.dumps(positions)}; use one of {', '.join(CAPTURE_POSITIONS)}")
+        raise RecordError(f"field 'capture.positions' is {json.dumps(positions)}; use one of "
+                          f"{', '.join(CAPTURE_POSITIONS)}")
     return {"layers": sorted(set(layers)), "positions": positions}
 
 

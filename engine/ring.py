@@ -93,7 +93,8 @@ class ShmRing:
         if self.slots[slot, 0] != FILLING or self.slots[slot, 1] != os.getpid():
             raise RingError(f"slot {slot} is not being filled by this process")
         if not self.fits([len(tokens) for _, tokens in entries]):
-            raise RingError(f"{len(entries)} requests do not fit one slot ({self.max_requests} requests, {self.slot_tokens} tokens)")
+            raise RingError(f"{len(entries)} requests do not fit one slot ({self.max_requests} requests, "
+                            f"{self.slot_tokens} tokens)")
         offset = 0
         for i, (index, tokens) in enumerate(entries):
             self.tokens[slot, offset:offset + len(tokens)] = tokens

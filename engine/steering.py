@@ -73,7 +73,8 @@ def _read_control_vector(path: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for tensor in reader.tensors:
         if not tensor.name.startswith("direction.") or not tensor.name[10:].isdigit():
-            raise RecordError(f"steering vector {path}: tensor {tensor.name!r}; a control vector names them direction.<L>")
+            raise RecordError(f"steering vector {path}: tensor {tensor.name!r}; a control vector names them "
+                              "direction.<L>")
         tensors[f"layer.{int(tensor.name[10:])}"] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
     return tensors
 
@@ -129,7 +130,8 @@ def load_vectors(path: str, num_layers: int, hidden_size: int) -> dict[int | Non
             vectors = {}
             for key, tensor in data.items():
                 if not _is_layer_key(key):
-                    raise RecordError(f"steering vector {path}: key {key!r}; a file of several tensors names them layer.<L>")
+                    raise RecordError(f"steering vector {path}: key {key!r}; a file of several tensors names them "
+                                      "layer.<L>")
                 vectors[int(key[6:])] = tensor
             return {layer: _check(path, layer, t, num_layers, hidden_size) for layer, t in vectors.items()}
     if data.ndim == 2 and data.shape[0] == num_layers:

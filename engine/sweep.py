@@ -164,7 +164,8 @@ class SweepConfig:
                                  f"{{path = ..., name = \"other\"}}")
         for i, name in enumerate(self.grid.vectors):
             if name not in self.vectors:
-                raise SweepError(f"grid.vectors[{i}] {name!r} is not in [vectors] (known: {', '.join(self.vectors) or 'none'})")
+                known = ", ".join(self.vectors) or "none"
+                raise SweepError(f"grid.vectors[{i}] {name!r} is not in [vectors] (known: {known})")
         for i, metric in enumerate(self.metrics):
             if metric.kind == "projection" and metric.value not in self.vectors:
                 raise SweepError(f"metrics[{i}].projection {metric.value!r} is not in [vectors]")
@@ -279,7 +280,8 @@ def _check_points(config: SweepConfig) -> None:
 def output_name(table: dict, path: Path) -> str:
     value = table.get("output", path.stem)
     if not isinstance(value, str) or not value:
-        raise SweepError(f"output is {_shown(value)}; give a directory (relative to the sweep file), e.g. \"sweep-out\"")
+        raise SweepError(f"output is {_shown(value)}; give a directory (relative to the sweep file), e.g. "
+                         "\"sweep-out\"")
     return value
 
 
@@ -451,8 +453,10 @@ def _grid(table: dict) -> Grid:
     if vectors:
         for key in ("layers", "coefs"):
             if key not in axes:
-                raise SweepError(f"grid.{key} is missing; give a list, e.g. {key} = {'[6]' if key == 'layers' else '[0, 4, 8]'}")
-    grid = Grid(vectors=vectors, layers=[_layer_set(v, f"grid.layers[{i}]") for i, v in enumerate(axes.get("layers", []))],
+                example = "[6]" if key == "layers" else "[0, 4, 8]"
+                raise SweepError(f"grid.{key} is missing; give a list, e.g. {key} = {example}")
+    grid = Grid(vectors=vectors,
+                layers=[_layer_set(v, f"grid.layers[{i}]") for i, v in enumerate(axes.get("layers", []))],
                 coefs=[_coef(v, f"grid.coefs[{i}]") for i, v in enumerate(axes.get("coefs", []))], baseline=baseline)
     if "positions" in axes:
         grid.positions = [_positions(v, f"grid.positions[{i}]") for i, v in enumerate(axes["positions"])]
@@ -574,7 +578,8 @@ class GridPoint:
         if self.vector is None:
             return None
         spec = {"vector": vectors[self.vector], "layers": self.layers, "coef": self.coef, "positions": self.positions}
-        return spec | ({"normalize": True} if self.normalize else {}) | ({"norm_match": True} if self.norm_match else {})
+        return (spec | ({"normalize": True} if self.normalize else {})
+                | ({"norm_match": True} if self.norm_match else {}))
 
 
 BASELINE = "none"
@@ -630,7 +635,8 @@ def read_prompts(prompt_set: PromptSet) -> list[tuple[str, dict]]:
                 raise SweepError(f"{where}: a record needs exactly one of 'prompt' or 'messages'")
             taken = [k for k in SWEEP_FIELDS if k in record]
             if taken:
-                raise SweepError(f"{where}: field(s) {taken} are set by the sweep (from [grid] / [capture]); remove them")
+                raise SweepError(f"{where}: field(s) {taken} are set by the sweep (from [grid] / [capture]); remove "
+                                 "them")
             prompt_id = record.pop("id", str(line))
             if not isinstance(prompt_id, str) or not prompt_id:
                 raise SweepError(f"{where}: field 'id' is {_shown(prompt_id)}; give a non-empty string or leave it out")
@@ -665,7 +671,8 @@ class Plan:
         return {
             "version": PLAN_VERSION,
             "models": {m.label: {"model": m.model, "tokenizer": m.tokenizer} for m in c.models},
-            "prompts": {s.name: {"sha256": _digest(s.path), "num_prompts": len(self.prompts[s.name])} for s in c.prompts},
+            "prompts": {s.name: {"sha256": _digest(s.path), "num_prompts": len(self.prompts[s.name])}
+                        for s in c.prompts},
             "vectors": {name: _digest(path) for name, path in c.vectors.items() if name in used},
             "points": sorted(p.key for p in self.points),
             "samples": c.samples, "seed": c.seed, "paired_seeds": c.paired_seeds,
@@ -695,7 +702,8 @@ class Plan:
                         request_id = self.request_id(model.label, point, set_name, prompt_id, sample)
                         tag = {"model": model.label, "point": point.key, **point.axes(), "prompt_set": set_name,
                                "prompt_id": prompt_id, "sample": sample}
-                        yield number, {**record, "id": request_id, "seed": self.seed(request_id, set_name, prompt_id, sample),
+                        yield number, {**record, "id": request_id,
+                                       "seed": self.seed(request_id, set_name, prompt_id, sample),
                                        "steering": specs[point.key], "sweep": tag}
 
     def to_json(self) -> dict:
@@ -705,7 +713,8 @@ class Plan:
             "base_dir": str(Path(c.source).parent), "written": _now(), "settings": self.settings,
             "metrics": [m.to_dict() for m in c.metrics], "vectors": c.vectors,
             "prompt_files": {s.name: s.path for s in c.prompts}, "dtype": c.engine.get("dtype", "auto"),
-            "models": [{"label": m.label, "model": m.model, "tokenizer": m.tokenizer, "num_requests": self.num_per_model}
+            "models": [{"label": m.label, "model": m.model, "tokenizer": m.tokenizer,
+                        "num_requests": self.num_per_model}
                        for m in c.models],
             "points": [{"key": p.key, **p.axes()} for p in self.points],
             "num_requests": self.num_per_model * len(c.models),
@@ -1101,7 +1110,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
         try:
             _log_to(out / LOG)
         except OSError as exc:
-            raise SweepError(f"cannot open {out / LOG} ({_why(exc)}); nothing has run: fix that and run again") from None
+            raise SweepError(f"cannot open {out / LOG} ({_why(exc)}); nothing has run: fix that and run again") \
+                from None
         log.info("engine-sweep %s: %s into %s (config %s): %d models x %d points x %d prompts x %d samples", args.sweep,
                  how, out, plan.config_hash, len(plan.config.models), len(plan.points), plan.num_prompts,
                  plan.config.samples)

@@ -77,7 +77,8 @@ class Scorer:
         self.logprobs = LogProbs(plan)
         for metric in self.metrics:
             if metric["kind"] == "regex":
-                self._patterns[metric["name"]] = re.compile(metric["value"], re.IGNORECASE if metric["ignore_case"] else 0)
+                flags = re.IGNORECASE if metric["ignore_case"] else 0
+                self._patterns[metric["name"]] = re.compile(metric["value"], flags)
             elif metric["kind"] == "keywords":
                 words = "|".join(re.escape(k) for k in metric["value"])
                 self._patterns[metric["name"]] = re.compile(rf"(?<!\w)(?:{words})(?!\w)",
@@ -103,7 +104,8 @@ class Scorer:
         try:
             value = self._functions[name](record)
         except Exception as exc:  # a user's function, re-raised: report which record broke it, with the cause
-            raise SweepError(f"metric {name} ({spec}) failed on record {record['id']}: {type(exc).__name__}: {exc}") from exc
+            raise SweepError(f"metric {name} ({spec}) failed on record {record['id']}: {type(exc).__name__}: "
+                             f"{exc}") from exc
         if value is None:
             return None
         if isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
@@ -132,7 +134,8 @@ class Scorer:
         if self._shard is None or self._shard[0] != pointer["shard"]:  # one shard open at a time: records come in order
             self._shard = (pointer["shard"], safe_open(str(self.out / pointer["shard"]), framework="pt"))
         handle = self._shard[1]
-        return {layer: handle.get_tensor(key) for layer, key in zip(pointer["layers"], pointer["keys"]) if layer in layers}
+        return {layer: handle.get_tensor(key) for layer, key in zip(pointer["layers"], pointer["keys"])
+                if layer in layers}
 
     def _direction(self, name: str, layer: int, hidden: int):
         from engine.request import RecordError

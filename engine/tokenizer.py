@@ -363,7 +363,8 @@ class RustTokenizer:
         return self.encode_batch([text], add_special_tokens)[0]
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, list]:
-        """HF's call shape, `{"input_ids": ...}` for a text or a batch, so callers of HF's tokenizer work as they are."""
+        """HF's call shape, `{"input_ids": ...}` for a text or a batch, so callers of HF's tokenizer work as they
+        are."""
         ids = self.encode_batch([text] if isinstance(text, str) else text, add_special_tokens)
         return {"input_ids": ids[0] if isinstance(text, str) else ids}
 

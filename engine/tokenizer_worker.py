@@ -124,7 +124,8 @@ def fit_length(ids: list[int], max_new_tokens: int, max_model_len: int, truncate
     """Check prompt + max_new_tokens against max_model_len; truncate if asked (a leading BOS is kept)."""
     room = max_model_len - max_new_tokens
     if room < 1:
-        raise RecordError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within max_model_len={max_model_len}")
+        raise RecordError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within "
+                          f"max_model_len={max_model_len}")
     if not ids:
         raise RecordError("the prompt encodes to zero tokens; give a non-empty prompt")
     if len(ids) <= room:

@@ -1,7 +1,8 @@
 """The core loop's timeline, for finding where host time goes (`EngineConfig.trace_dir`, engine-bench --trace).
 
 One JSON line per loop iteration that admitted requests or ran a step, and one per garbage-collector pause:
-  {"at": time.monotonic() (one clock for all processes; engine-bench marks its runs with it), "admit_ms": ..., "admitted": n, "step": "prefill"|"decode"|"read",
+  {"at": time.monotonic() (one clock for all processes; engine-bench marks its runs with it), "admit_ms": ...,
+   "admitted": n, "step": "prefill"|"decode"|"read",
    "size": prompt tokens or decode rows, "launch_ms": host time to schedule and launch, "wait_ms": host time
    blocked on the previous step's tokens (long: the GPU is the bottleneck; ~0: the host is), "read_ms": ...}
   {"at": ..., "gc": generation, "ms": pause}

@@ -72,7 +72,8 @@ def run_core(core, tokenizer, specs: list) -> tuple[dict, dict]:
 
 def specs_of(vector) -> list:
     """Unsteered, steered everywhere and steered at generated positions only, one layer (see check_against_hf)."""
-    return [None] + [{"vector": vector, "layers": [STEER_LAYER], "coef": COEF, "positions": p} for p in ("all", "generated")]
+    return [None] + [{"vector": vector, "layers": [STEER_LAYER], "coef": COEF, "positions": p}
+                     for p in ("all", "generated")]
 
 
 @pytest.mark.parametrize("is_before_steering", [False, True], ids=["after", "before"])
@@ -401,7 +402,8 @@ def test_engine_run_stops_cleanly_when_the_disk_fills_before_a_shard_and_the_sam
             "--max-num-seqs", "1"]  # one at a time: records finish in input order
     # The limit leaves 256 MB of today's free space; taking 512 MB once records are on disk puts the disk below it.
     proc = engine_run_cli(*args, "--min-free-gb", f"{free_gb(tmp_path) - 0.256:.3f}")
-    wait_until(lambda: count_lines(out) >= len(plain), proc)  # plain records are written as they come (synced every 2 s)
+    # plain records are written as they come (synced every 2 s)
+    wait_until(lambda: count_lines(out) >= len(plain), proc)
     with disk_taken(tmp_path, 512 << 20):
         _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr
@@ -439,7 +441,8 @@ def test_steering_and_capture_that_start_mid_run_recapture_nothing(tiny_source, 
     from engine.request import parse_steering
 
     mid_run = [request(3, "generated", parse_steering(specs_of(vector)[1])), request(4, "last_prompt", None, [3]),
-               request(5, "generated", parse_steering({"vector": vector, "layers": [2], "coef": 2.0, "norm_match": True}))]
+               request(5, "generated",
+                       parse_steering({"vector": vector, "layers": [2], "coef": 2.0, "norm_match": True}))]
     core.generate(mid_run, ids)
     core.generate([dict(r, index=r["index"] + 3) for r in mid_run], ids)  # the same variants again: no new capture
     assert core.runner.graph_stats["recaptures"] == 0

@@ -47,7 +47,8 @@ def test_bad_input_is_reported_per_line_and_the_rest_completes(tmp_path):
         json.dumps({"id": "np", "text": "no prompt field"}),                       # 3
         json.dumps({"id": "bad-type", "prompt": "x", "max_new_tokens": "many"}),   # 4
         json.dumps({"id": "ok1", "prompt": "duplicate id"}),                       # 5
-        json.dumps({"id": "nofile", "prompt": "x", "steering": {"vector": str(tmp_path / "missing.pt"), "layers": [1]}}),
+        json.dumps({"id": "nofile", "prompt": "x",
+                    "steering": {"vector": str(tmp_path / "missing.pt"), "layers": [1]}}),
         json.dumps({"id": "width", "prompt": "x", "steering": {"vector": str(vector), "layers": [1]}}),  # 7
         json.dumps({"id": "long", "prompt": "word " * 200}),                       # 8
         json.dumps({"id": "empty", "prompt": ""}),                                 # 9

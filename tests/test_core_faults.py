@@ -81,7 +81,8 @@ def overflow_error(token: int, is_steered: bool = True) -> str:
     if is_steered:
         return (f"{where}; the steering pushed it there: use a smaller coef (or norm_match, which scales the vector "
                 f"to the residual's norm)")
-    return f"{where}; with no steering, the model itself overflowed on this prompt: check the model's weights for NaN or inf"
+    return (f"{where}; with no steering, the model itself overflowed on this prompt: check the model's weights for NaN "
+            "or inf")
 
 
 def request(i: int, steering=None, **kw) -> dict:

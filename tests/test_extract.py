@@ -97,7 +97,8 @@ def test_layers_accept_ranges_and_lists():
 
 def test_bad_pairs_name_the_line(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"positive": "a", "negative": "b"}, {"positive": "c"}])
-    with pytest.raises(ExtractError, match=r"line 2: missing 'negative'; each line needs \"positive\" and \"negative\""):
+    with pytest.raises(ExtractError,
+                       match=r"line 2: missing 'negative'; each line needs \"positive\" and \"negative\""):
         read_pairs(path)
     path = write_jsonl(tmp_path / "q.jsonl", [{"positive": "a", "negative": 3}])
     with pytest.raises(ExtractError, match="line 1: 'negative' is 3"):
@@ -151,7 +152,8 @@ def test_pca_needs_two_different_pairs_before_the_engine_starts(tmp_path, capsys
 
 
 def test_a_pair_with_the_same_text_on_both_sides_among_others_is_warned_about(tmp_path, caplog):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"positive": "a", "negative": "b"}, "", {"positive": "c", "negative": "c"}])
+    path = write_jsonl(tmp_path / "p.jsonl",
+                       [{"positive": "a", "negative": "b"}, "", {"positive": "c", "negative": "c"}])
     assert len(read_pairs(path)) == 2
     assert "line 3: the positive and the negative prompt are the same text" in caplog.text
 
@@ -246,7 +248,8 @@ def test_degenerate_layers_are_refused_by_name_and_the_others_written_with_exit_
                                                                                  method):
     monkeypatch.setattr(extract_module, "capture_pairs", fake_capture(zero_layers=(2,)))
     out = tmp_path / "v.gguf"
-    code = extract_main(["--pairs", str(PAIRS), "--layers", "1-3", "--method", method, "--output", str(out), *TINY_ARGS])
+    code = extract_main(["--pairs", str(PAIRS), "--layers", "1-3", "--method", method, "--output", str(out),
+                         *TINY_ARGS])
     err = capsys.readouterr().err
     assert code == 3, err
     assert "no vector at layer(s) 2, the other 2 layer(s) are written" in err and "layer 2: the mean difference" in err

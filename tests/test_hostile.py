@@ -250,7 +250,8 @@ def test_flags_share_the_record_validation(tmp_path, flags, fragment):
 # ---- 8. numbers that overflow
 def test_coefficients_beyond_float32_or_that_overflow_the_model_are_errors_not_empty_completions(tmp_path):
     vector = good_vector(tmp_path)
-    records = [{"id": "ok", "prompt": PROMPTS[0]}, steered("1e39", vector, coef=1e39), steered("-1e39", vector, coef=-1e39),
+    records = [{"id": "ok", "prompt": PROMPTS[0]}, steered("1e39", vector, coef=1e39),
+               steered("-1e39", vector, coef=-1e39),
                steered("1e38", vector, coef=1e38), steered("3e38", vector, coef=3e38)]
     path, out = write_jsonl(tmp_path / "in.jsonl", records), tmp_path / "out.jsonl"
     first = run(path, out)

@@ -60,7 +60,8 @@ def test_resume_skips_the_done_ids_and_reports_repeats_with_flat_python_memory(t
         for item in read_requests(iter(lines), EngineConfig(), done):
             if isinstance(item, dict):
                 errors += 1
-                assert item["line"] == 2 * num + 1 and "duplicate id 'model/point/set/prompt-0060000/s0'" in item["error"]
+                assert item["line"] == 2 * num + 1
+                assert "duplicate id 'model/point/set/prompt-0060000/s0'" in item["error"]
             else:
                 fed += 1
         peak = tracemalloc.get_traced_memory()[1] - base

@@ -41,7 +41,8 @@ def vectors(tmp_path_factory, tiny_model):
 def records(vectors) -> list[dict]:
     """Greedy, seeded-sampled and steered records over prompts of mixed lengths."""
     rows = [{"id": f"g{i}", "prompt": p, "max_new_tokens": greedy_len(i)} for i, p in enumerate(PROMPTS)]
-    rows += [{"id": f"s{i}", "prompt": p, "temperature": 0.9, "top_p": 0.9, "seed": 100 + i} for i, p in enumerate(PROMPTS[:4])]
+    rows += [{"id": f"s{i}", "prompt": p, "temperature": 0.9, "top_p": 0.9, "seed": 100 + i}
+             for i, p in enumerate(PROMPTS[:4])]
     specs = [
         {"vector": vectors["npy"], "layers": [1], "coef": 4.0, "positions": "all"},
         {"vector": vectors["pt"], "layers": [0, 2], "coef": -3.0, "positions": "prompt"},

@@ -127,7 +127,8 @@ def test_steering_ranges_and_norm_flags_normalised():
 
 
 @pytest.mark.parametrize("positions, fragment", [
-    ({"prompt": [5, 2]}, "positions.prompt is [5, 2]; start must be below end (the range is [start, end)), e.g. [2, 5]"),
+    ({"prompt": [5, 2]},
+     "positions.prompt is [5, 2]; start must be below end (the range is [start, end)), e.g. [2, 5]"),
     ({"generated": [3, 3]}, "positions.generated is [3, 3]; start must be below end"),
     ({"prompt": [-1, -1]}, "e.g. [-1, null]"),
     ({"prompt": [0.5, 2]}, "positions.prompt is [0.5, 2]; give [start, end) as integers"),
@@ -139,7 +140,8 @@ def test_steering_ranges_and_norm_flags_normalised():
     ({"generated": [-2, None]}, "positions.generated is [-2, null]; generated positions count from the first"),
     ({"prompt": [-3, 0]}, "positions.prompt is [-3, 0]; a range with a negative start needs a negative or null end, "
                           "e.g. [-3, null] for the last 3 token(s)"),
-    ({"middle": [0, 1]}, "positions is {\"middle\": [0, 1]}; use one of prompt, generated, all, or [start, end) ranges"),
+    ({"middle": [0, 1]},
+     "positions is {\"middle\": [0, 1]}; use one of prompt, generated, all, or [start, end) ranges"),
     ({}, "positions is {}; use one of prompt"),
     ([0, 5], "positions is [0, 5]; use one of prompt, generated, all, or [start, end) ranges like {\"prompt\""),
 ])

@@ -98,7 +98,8 @@ def test_ids_and_seeds_are_stable_and_independent_of_file_order(tmp_path):
     first = [record["sweep"]["point"] for _, record in list(plan.requests(plan.config.models[0]))[:5]]
     assert first == ["none", "v@L1*0.0", "v@L1*4.0", "v@L0,2*0.0", "v@L0,2*4.0"]
     record = next(r for _, r in plan.requests(plan.config.models[0]) if r["id"] == "tiny/v@L1*4.0/prompts/hello/s1")
-    assert record["steering"] == {"vector": str(tmp_path / "a" / "v.npy"), "layers": [1], "coef": 4.0, "positions": "all"}
+    assert record["steering"] == {"vector": str(tmp_path / "a" / "v.npy"), "layers": [1], "coef": 4.0,
+                                  "positions": "all"}
     assert record["topic"] == "greeting" and record["sweep"]["coef"] == 4.0 and record["sweep"]["sample"] == 1
 
 
@@ -118,7 +119,8 @@ BAD_FILES = [
     ("layers = [1, [0, 2]]", "layers = [1, [0, -2]]", "grid.layers[1][1] is -2; it must be at least 0"),
     ("vectors = [\"v\"]", "vectors = [\"w\"]", "grid.vectors[0] 'w' is not in [vectors]"),
     ("samples = 2", "samples = 0", "samples is 0; it must be at least 1"),
-    ("samples = 2", "samples = 100000000000000000000", "samples is 100000000000000000000; it must be at most 1,000,000"),
+    ("samples = 2", "samples = 100000000000000000000",
+     "samples is 100000000000000000000; it must be at most 1,000,000"),
     ("label = \"tiny\"", "label = \"a/b\"", "models[0].label is 'a/b'"),
     ("v = \"v.npy\"", "v = \"missing.npy\"", "vectors.v:"),
     ("temperature = 0.9", "temperature = -1", "generation: temperature"),  # SamplingDefaults' check, its field named
@@ -235,7 +237,8 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, ca
 def test_an_output_that_cannot_be_made_or_written_is_refused_before_anything_starts(tmp_path, capsys):
     path = make_sweep(tmp_path)
     (tmp_path / "a-file").write_text("x")
-    cases = [(tmp_path / "a-file" / "sweep", f"{tmp_path / 'a-file'} is a file, not a folder, so nothing can be made under it"),
+    cases = [(tmp_path / "a-file" / "sweep",
+              f"{tmp_path / 'a-file'} is a file, not a folder, so nothing can be made under it"),
              (tmp_path / ("x" * 300), "cannot use it (File name too long")]
     if Path("/proc/self").is_dir():  # a folder nobody may write in, even root
         cases.append((Path("/proc/engine-sweep-test"), "cannot write in /proc ("))
@@ -431,7 +434,8 @@ def test_report_numbers_on_a_known_case(tmp_path):
     paths = write_report(out)
     summary = {r["point"]: r for r in read_csv(out / "summary.csv")}
     base, steered = summary["none"], summary["v@L1*4.0"]
-    assert (base["num_records"], base["num_errors"], steered["num_records"], steered["num_errors"]) == ("4", "0", "2", "1")
+    counts = (base["num_records"], base["num_errors"], steered["num_records"], steered["num_errors"])
+    assert counts == ("4", "0", "2", "1")
     assert float(base["mean_completion_tokens"]) == 3.0 and float(base["median_completion_tokens"]) == 3.5
     assert float(steered["mean_completion_tokens"]) == 3.0 and float(steered["median_completion_tokens"]) == 3.0
     assert (base["finish_stop"], base["finish_length"], steered["finish_stop"]) == ("2", "2", "1")
@@ -481,7 +485,8 @@ def test_logprob_metric_scores_the_completion_under_the_unsteered_model(tmp_path
     import torch
 
     path = make_sweep(tmp_path, extra="\n[[metrics]]\nname = \"lp\"\nlogprob = true\n")
-    path.write_text(path.read_text().replace("samples = 2", "samples = 1").replace("temperature = 0.9", "temperature = 0")
+    path.write_text(path.read_text().replace("samples = 2", "samples = 1")
+                    .replace("temperature = 0.9", "temperature = 0")
                     .replace("layers = [1, [0, 2]]", "layers = [1]").replace("coefs = [0, 4]", "coefs = [8]"))
     result = engine_sweep(path)
     assert result.returncode == 0, result.stderr

@@ -115,7 +115,8 @@ def test_backend_is_the_one_transformers_builds(pair):
 def test_encode_matches_token_for_token(pair):
     hf, rust = pair
     for add_special_tokens in (True, False):
-        assert rust.encode_batch(TEXTS, add_special_tokens) == hf(TEXTS, add_special_tokens=add_special_tokens)["input_ids"]
+        want = hf(TEXTS, add_special_tokens=add_special_tokens)["input_ids"]
+        assert rust.encode_batch(TEXTS, add_special_tokens) == want
         assert [rust.encode(t, add_special_tokens) for t in TEXTS[:4]] == [
             hf(t, add_special_tokens=add_special_tokens)["input_ids"] for t in TEXTS[:4]]
 
@@ -135,7 +136,8 @@ def test_decode_matches_text_for_text(pair):
     for skip in (True, False):
         assert [rust.decode(ids, skip_special_tokens=skip) for ids in id_lists] == [
             hf.decode(ids, skip_special_tokens=skip) for ids in id_lists]
-        assert rust.decode_batch(id_lists, skip_special_tokens=skip) == hf.batch_decode(id_lists, skip_special_tokens=skip)
+        want = hf.batch_decode(id_lists, skip_special_tokens=skip)
+        assert rust.decode_batch(id_lists, skip_special_tokens=skip) == want
     assert rust.decode(id_lists[0][1]) == hf.decode(id_lists[0][1])
     assert rust.decode_batch([]) == hf.batch_decode([]) == []
 
@@ -159,7 +161,8 @@ def test_chat_template_renders_the_same_text(pair):
         for add_generation_prompt in (True, False):
             expected = hf.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=False)
             assert rust.apply_chat_template(chat, add_generation_prompt=add_generation_prompt) == expected
-            assert rust.encode(expected, add_special_tokens=False) == hf(expected, add_special_tokens=False)["input_ids"]
+            want = hf(expected, add_special_tokens=False)["input_ids"]
+            assert rust.encode(expected, add_special_tokens=False) == want
 
 
 def test_raise_exception_in_a_template_is_a_clear_error(pair):

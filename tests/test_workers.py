@@ -149,7 +149,8 @@ def test_bytecode_of_a_package_without_it_is_kept_in_the_cache_dir_even_under_do
     if opt_out:
         env["ENGINE_BYTECODE_CACHE"] = "0"
     (tmp_path / "script.py").write_text(BYTECODE_SCRIPT)
-    out = subprocess.run([sys.executable, str(tmp_path / "script.py")], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, str(tmp_path / "script.py")], env=env, capture_output=True, text=True,
+                         check=True)
     written = sorted(p.parent.name for p in (tmp_path / "cache").rglob("__init__*.pyc") if "heavy" in str(p))
     assert not list(site.rglob("*.pyc"))  # the install is never written
     if opt_out:
