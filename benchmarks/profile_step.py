@@ -20,7 +20,7 @@ from engine import attention, model_runner
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.models import resolve_model
-from engine.tokenizer_worker import load_hf_tokenizer
+from engine.models import load_hf_tokenizer
 
 WORDS = "the a river mountain light question answer model token steering vector layer night city".split()
 

@@ -541,7 +541,7 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
 
 def run_bench(config: BenchConfig) -> list[dict]:
     """Every workload of the config; each run's files are written as soon as it finishes."""
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.models import load_tokenizer
 
     config = dataclasses.replace(config, device=resolve_device(config.device))
     source = resolve_model(config.model, config.tokenizer, config.cache_dir)

@@ -343,7 +343,7 @@ def run_e2e_workload(config: BenchConfig, workload: Workload, source: ModelSourc
 
 def run_e2e(config: BenchConfig, command: str) -> list[dict]:
     """Every workload of the config as whole commands; each workload's files are written as soon as it finishes."""
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.models import load_tokenizer
 
     config = dataclasses.replace(config, device=resolve_device(config.device))
     source = resolve_model(config.model, config.tokenizer, config.cache_dir)

@@ -20,7 +20,6 @@ from engine.activations import ActivationRecorder
 from engine.attention import unsupported_reason
 from engine.compile_cache import CompileCache, cache_key
 from engine.config import DEFAULT_NUM_SEQS, EngineConfig
-from engine.decoder_worker import StopScanner
 from engine.kv_cache import KVCache, plan_slots
 from engine.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
 from engine.models import (
@@ -31,13 +30,14 @@ from engine.models import (
     resolve_device,
     resolve_dtype,
     skip_unused_imports,
+    tokenizer_facts,
 )
 from engine.procs import STOP, Lifeline, MsgQueue
 from engine.request import RecordError
 from engine.ring import ShmRing
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import SteeringTable
-from engine.tokenizer_worker import tokenizer_facts
+from engine.stops import StopScanner
 from engine.trace import Phases, StepTrace
 
 log = logging.getLogger("engine")

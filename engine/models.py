@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.storage.files import write_atomic
+from engine.tokenizer import RustTokenizer, TokenizerUnsupported
+
 log = logging.getLogger("engine")
 
 EMBEDDED = "embedded"
@@ -239,6 +242,102 @@ def skip_unused_imports() -> None:
 
 def _absent() -> bool:
     return False
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """The engine's tokenizer for a directory holding tokenizer.json, never from the network: a RustTokenizer
+    (the Rust `tokenizers` alone, so the workers import no transformers), or, for a directory it cannot reproduce
+    exactly, transformers' AutoTokenizer, which it equals wherever it loads: the results are the same either way."""
+    try:
+        return RustTokenizer(tokenizer_dir)
+    except TokenizerUnsupported as exc:
+        log.info("%s: loading it with transformers' AutoTokenizer (the same results, a slower start)", exc)
+        return load_hf_tokenizer(tokenizer_dir)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def files_digest(directory: str, names: tuple[str, ...]) -> str:
+    """A digest of the named files' bytes in `directory` (absent ones count as absent)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in names:
+        path = Path(directory, name)
+        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"\0absent"))
+    return digest.hexdigest()
+
+
+def tokenizer_facts(tokenizer_dir: str, cache_dir: str) -> dict:
+    """What the engine core needs of a tokenizer, `{"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}`,
+    without loading it (a 33 MB tokenizer.json takes the Rust tokenizer ~1 s, all of it holding the GIL) when an
+    earlier run has recorded them for the same files: kept under the cache dir by a digest of the files' bytes. An
+    unreadable record is recomputed."""
+    record = Path(cache_dir, "tokenizer-facts", files_digest(tokenizer_dir, TOKENIZER_FILES) + ".json")
+    try:
+        facts = json.loads(record.read_text())
+        if isinstance(facts.get("vocab_size"), int) and isinstance(facts.get("eos_token_id"), (int, type(None))):
+            return facts
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet (or damaged): load the tokenizer once and record them
+    tok = load_tokenizer(tokenizer_dir)
+    facts = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(record, json.dumps(facts).encode())
+    except OSError as exc:
+        log.info("could not record the tokenizer's facts in %s (%s): later runs load the tokenizer again", record, exc)
+    return facts
+
+
+def load_hf_tokenizer(tokenizer_dir: str):
+    """transformers' AutoTokenizer of a directory, for what RustTokenizer leaves out (padding, tensors, a settable
+    pad token: the HF baselines' `generate`) and for comparisons against transformers."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+
+# What RustTokenizer reads of a tokenizer directory besides tokenizer.json (copied into the decoding copy).
+BESIDE_TOKENIZER = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json",
+                    "chat_template.jinja", "additional_chat_templates")
+
+
+def decoding_tokenizer(tokenizer_dir: str, cache_dir: str):
+    """The tokenizer of `tokenizer_dir` for decoding alone: the same tokenizer without its BPE merges, which only
+    encoding reads (decoding maps ids through the vocabulary, the added tokens and the decoder), kept under the
+    cache dir by a digest of the files. Gemma's 33 MB tokenizer.json then loads in ~0.4 s instead of ~1.1 s, time
+    a start-up on few cores spends beside the engine core's. Any other tokenizer, or a copy that does not load,
+    is load_tokenizer's."""
+    source = Path(tokenizer_dir)
+    folder = Path(cache_dir, "decoding-tokenizers", files_digest(tokenizer_dir, ("tokenizer.json", *BESIDE_TOKENIZER)))
+    try:
+        if not (folder / "done").exists():
+            data = _without_merges(source)
+            if data is None:
+                return load_tokenizer(tokenizer_dir)
+            _atomic_dir(folder, lambda tmp: _write_decoding_copy(source, tmp, data))
+        return RustTokenizer(folder)
+    except Exception as exc:  # noqa: BLE001 - any failure (tokenizers raises plain Exception) loads the whole one
+        log.info("decoding with the whole tokenizer of %s (%s: %s)", tokenizer_dir, type(exc).__name__, exc)
+        return load_tokenizer(tokenizer_dir)
+
+
+def _without_merges(source: Path) -> dict | None:
+    """tokenizer.json with its BPE merges emptied; None where there is nothing to leave out (not BPE, no merges) or
+    the directory holds a folder RustTokenizer refuses."""
+    data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("merges") or any((source / n).is_dir() for n in BESIDE_TOKENIZER):
+        return None
+    model["merges"] = []
+    return data
+
+
+def _write_decoding_copy(source: Path, folder: Path, data: dict) -> None:
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    for name in BESIDE_TOKENIZER:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
 
 
 def load_model(source: ModelSource, dtype, device: str, vocab_size: int):

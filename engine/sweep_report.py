@@ -188,7 +188,7 @@ class LogProbs:
                 resolve_dtype,
                 resolve_model,
             )
-            from engine.tokenizer_worker import load_tokenizer
+            from engine.models import load_tokenizer
 
             entry = next(m for m in self.plan["models"] if m["label"] == label)
             source = resolve_model(entry["model"], entry.get("tokenizer"), EngineConfig().cache_dir)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 
+from engine.models import load_tokenizer
 from engine.procs import (
     Lifeline,
     MsgQueue,
@@ -18,67 +16,12 @@ from engine.procs import (
 )
 from engine.request import RecordError
 from engine.ring import ShmRing
-from engine.storage.files import write_atomic
-from engine.tokenizer import RustTokenizer, TokenizerUnsupported
 
 log = logging.getLogger("engine")
 
 # What the engine core needs of a request; everything else stays with the parent.
 CORE_FIELDS = ("index", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "steering",
                "capture")
-
-
-def load_tokenizer(tokenizer_dir: str):
-    """The engine's tokenizer for a directory holding tokenizer.json, never from the network: a RustTokenizer
-    (the Rust `tokenizers` alone, so the workers import no transformers), or, for a directory it cannot reproduce
-    exactly, transformers' AutoTokenizer, which it equals wherever it loads: the results are the same either way."""
-    try:
-        return RustTokenizer(tokenizer_dir)
-    except TokenizerUnsupported as exc:
-        log.info("%s: loading it with transformers' AutoTokenizer (the same results, a slower start)", exc)
-        return load_hf_tokenizer(tokenizer_dir)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-
-
-def files_digest(directory: str, names: tuple[str, ...]) -> str:
-    """A digest of the named files' bytes in `directory` (absent ones count as absent)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in names:
-        path = Path(directory, name)
-        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"\0absent"))
-    return digest.hexdigest()
-
-
-def tokenizer_facts(tokenizer_dir: str, cache_dir: str) -> dict:
-    """What the engine core needs of a tokenizer, `{"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}`,
-    without loading it (a 33 MB tokenizer.json takes the Rust tokenizer ~1 s, all of it holding the GIL) when an
-    earlier run has recorded them for the same files: kept under the cache dir by a digest of the files' bytes. An
-    unreadable record is recomputed."""
-    record = Path(cache_dir, "tokenizer-facts", files_digest(tokenizer_dir, TOKENIZER_FILES) + ".json")
-    try:
-        facts = json.loads(record.read_text())
-        if isinstance(facts.get("vocab_size"), int) and isinstance(facts.get("eos_token_id"), (int, type(None))):
-            return facts
-    except (OSError, ValueError, AttributeError):
-        pass  # none yet (or damaged): load the tokenizer once and record them
-    tok = load_tokenizer(tokenizer_dir)
-    facts = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(record, json.dumps(facts).encode())
-    except OSError as exc:
-        log.info("could not record the tokenizer's facts in %s (%s): later runs load the tokenizer again", record, exc)
-    return facts
-
-
-def load_hf_tokenizer(tokenizer_dir: str):
-    """transformers' AutoTokenizer of a directory, for what RustTokenizer leaves out (padding, tensors, a settable
-    pad token: the HF baselines' `generate`) and for comparisons against transformers."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
 
 
 def encode(tok, requests: list[dict]) -> list[list[int] | RecordError]:

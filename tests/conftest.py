@@ -10,7 +10,7 @@ import torch
 
 from engine.config import EngineConfig, SamplingDefaults
 from engine.models import load_model, resolve_model
-from engine.tokenizer_worker import load_hf_tokenizer
+from engine.models import load_hf_tokenizer
 
 TINY = "random:tiny"
 

@@ -91,7 +91,7 @@ def gpu_parts():
     ENGINE_GPU_TEST_TOKENIZER where the embedded package is missing."""
     from engine.config import EngineConfig
     from engine.models import load_model, resolve_model
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
 
     source = resolve_model(TINY, os.environ.get("ENGINE_GPU_TEST_TOKENIZER"), EngineConfig().cache_dir)
     tok = load_hf_tokenizer(source.tokenizer_dir)

@@ -108,7 +108,7 @@ def test_baselines_pad_with_the_model_configs_id_when_given_a_bare_tokenizer_jso
     import shutil
 
     from engine.baselines import set_pad_token
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
 
     shutil.copy(Path(tiny_source.tokenizer_dir) / "tokenizer.json", tmp_path)  # no tokenizer_config.json: no roles
     bare = load_hf_tokenizer(str(tmp_path))

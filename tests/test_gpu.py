@@ -95,7 +95,7 @@ def test_attention_backends_match_the_math_backend():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from engine.scheduler import Scheduler
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
 
     core = _core(enforce_eager=True)
     tok = load_hf_tokenizer(_tokenizer_dir(core))
@@ -135,7 +135,7 @@ def _tokenizer_dir(core) -> str:
 
 def test_greedy_agrees_with_hf_generate_until_a_near_tie():
     from engine.models import load_model, resolve_model
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
 
     core = _core()
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
@@ -163,7 +163,7 @@ def test_greedy_agrees_with_hf_generate_until_a_near_tie():
 def test_steering_added_after_capture_recaptures(tmp_path):
     import numpy as np
 
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
 
     graphs, fresh = _core(), _core()
     tok = load_hf_tokenizer(_tokenizer_dir(graphs))
@@ -187,7 +187,7 @@ def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
     import random
 
     from engine.models import load_model, resolve_model
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
     from teacher_forcing import engine_logits, hf_logits
 
     core = _core()
@@ -215,7 +215,7 @@ def test_a_broken_forward_ends_only_its_request_inside_the_graphs(tmp_path):
     its request with an error at the step it breaks; batch-mates, greedy and sampled, get the tokens they get alone."""
     import numpy as np
 
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
 
     core = _core()
     tok = load_hf_tokenizer(_tokenizer_dir(core))

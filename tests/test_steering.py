@@ -240,7 +240,7 @@ def test_ranges_and_norms_inside_cuda_graphs(vectors):
     from conftest import tiny_config
     from engine.core import EngineCore
     from engine.models import load_model, resolve_model
-    from engine.tokenizer_worker import load_hf_tokenizer
+    from engine.models import load_hf_tokenizer
 
     config = tiny_config(tokenizer=os.environ.get("ENGINE_GPU_TEST_TOKENIZER"), device="cuda", dtype="float32")
     source = resolve_model(config.model, config.tokenizer, config.cache_dir)

@@ -248,7 +248,8 @@ def test_added_token_flags_survive(layouts):
 
 
 def test_hf_call_shape_lets_the_worker_code_run_unchanged(pair):
-    from engine.decoder_worker import cut_at_stop, decode_texts
+    from engine.decoder_worker import decode_texts
+    from engine.stops import cut_at_stop
     from engine.tokenizer_worker import encode
 
     hf, rust = pair
@@ -264,7 +265,7 @@ def test_hf_call_shape_lets_the_worker_code_run_unchanged(pair):
 
 
 def test_load_tokenizer_is_rust_where_it_can_be_and_transformers_where_not(layouts, tmp_path, caplog):
-    from engine.tokenizer_worker import load_tokenizer
+    from engine.models import load_tokenizer
 
     assert isinstance(load_tokenizer(layouts["embedded"]), RustTokenizer)
     llama = tmp_path / "llama"
@@ -282,27 +283,27 @@ def test_tokenizer_facts_are_recorded_once_and_follow_the_files(layouts, tmp_pat
     # The core takes len(tok) and the EOS id from a record under the cache dir instead of loading the tokenizer
     # (~1 s); the record is keyed by the files' bytes, so an edited tokenizer gives new facts, and a damaged
     # record is recomputed.
-    import engine.tokenizer_worker as worker
+    import engine.models as models
 
     directory = tmp_path / "tok"
     directory.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (directory / name).write_bytes((Path(layouts["bpe"]) / name).read_bytes())
     loads = []
-    real = worker.load_tokenizer
-    monkeypatch.setattr(worker, "load_tokenizer", lambda d: loads.append(d) or real(d))
+    real = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda d: loads.append(d) or real(d))
     tok = real(str(directory))
     want = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
     cache = str(tmp_path / "cache")
-    assert worker.tokenizer_facts(str(directory), cache) == want and len(loads) == 1
-    assert worker.tokenizer_facts(str(directory), cache) == want and len(loads) == 1  # from the record
+    assert models.tokenizer_facts(str(directory), cache) == want and len(loads) == 1
+    assert models.tokenizer_facts(str(directory), cache) == want and len(loads) == 1  # from the record
     [record] = (tmp_path / "cache" / "tokenizer-facts").iterdir()
     record.write_text("{not json")
-    assert worker.tokenizer_facts(str(directory), cache) == want and len(loads) == 2
+    assert models.tokenizer_facts(str(directory), cache) == want and len(loads) == 2
     config = json.loads((directory / "tokenizer_config.json").read_text())
     config["eos_token"] = config.get("bos_token") or config.get("unk_token")
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    edited = worker.tokenizer_facts(str(directory), cache)
+    edited = models.tokenizer_facts(str(directory), cache)
     assert len(loads) == 3 and edited["eos_token_id"] == real(str(directory)).eos_token_id
     assert edited["eos_token_id"] != want["eos_token_id"]
 
@@ -313,15 +314,16 @@ def test_the_decoders_tokenizer_without_merges_decodes_as_the_whole_one(layouts,
     # Decoder workers load a copy of a BPE tokenizer without its merges (Gemma's loads in ~0.4 s, not ~1.1 s);
     # every id, special ones too, must decode to the same text, with and without skipping special tokens, and the
     # stop-string cut must agree. A WordPiece tokenizer has no merges: it is loaded as it is.
-    import engine.decoder_worker as decoder
-    from engine.tokenizer_worker import load_tokenizer
+    import engine.models as models
+    from engine.models import load_tokenizer
+    from engine.stops import cut_at_stop
 
     whole = load_tokenizer(layouts[layout])
     writes = []
-    real_write = decoder._write_decoding_copy
-    monkeypatch.setattr(decoder, "_write_decoding_copy", lambda *a: writes.append(a) or real_write(*a))
+    real_write = models._write_decoding_copy
+    monkeypatch.setattr(models, "_write_decoding_copy", lambda *a: writes.append(a) or real_write(*a))
     cache = str(tmp_path / "cache")
-    light = decoder.decoding_tokenizer(layouts[layout], cache)
+    light = models.decoding_tokenizer(layouts[layout], cache)
     copies = list((tmp_path / "cache" / "decoding-tokenizers").glob("*/tokenizer.json"))
     assert len(copies) == (0 if layout == "wordpiece" else 1)
     rng = random.Random(0)
@@ -332,14 +334,14 @@ def test_the_decoders_tokenizer_without_merges_decodes_as_the_whole_one(layouts,
                                                                                           skip_special_tokens=skip)
     ids = whole("stop here, then more words", add_special_tokens=False)["input_ids"]
     text = whole.decode(ids, skip_special_tokens=True)
-    assert decoder.cut_at_stop(light, ids, text, ["then"]) == decoder.cut_at_stop(whole, ids, text, ["then"])
+    assert cut_at_stop(light, ids, text, ["then"]) == cut_at_stop(whole, ids, text, ["then"])
     if layout == "wordpiece":
         return
     assert len(writes) == 1
-    decoder.decoding_tokenizer(layouts[layout], cache)
+    models.decoding_tokenizer(layouts[layout], cache)
     assert len(writes) == 1  # the copy is kept
     copies[0].write_text("{damaged")
     with caplog.at_level("INFO", logger="engine"):
-        again = decoder.decoding_tokenizer(layouts[layout], cache)
+        again = models.decoding_tokenizer(layouts[layout], cache)
     assert again.batch_decode(id_lists[:20]) == whole.batch_decode(id_lists[:20])
     assert any("decoding with the whole tokenizer" in r.getMessage() for r in caplog.records)
