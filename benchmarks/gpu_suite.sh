@@ -3,7 +3,7 @@
 #   TOKENIZER=path/to/tokenizer.json bash benchmarks/gpu_suite.sh [tests] [bench] [overhead] [memory] [devices]
 # With no section named, all run (about 25 minutes on an H100-class card). Results go to $OUT (default bench-out).
 # `random:gemma-2b` has random weights, so no download is needed; the tokenizer is the embedded model's
-# (export it once on a machine with the package: see README "Benchmarks").
+# (export it once on a machine with the package: see docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${TOKENIZER:?set TOKENIZER to a tokenizer.json}"
