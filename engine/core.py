@@ -351,7 +351,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     if num_threads:
         torch.set_num_threads(num_threads)
     config = EngineConfig.from_dict(config_msg)
-    skip_unused_imports()
+    skip_unused_imports(config.cache_dir)
     core = EngineCore(config, ModelSource(**source_msg))
     reader = SlotReader(ring, core.device)
     name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,30 @@ def test_an_engine_core_tells_transformers_scikit_learn_and_scipy_are_absent(tmp
     assert out.stdout.split()[:2] == (["False", "False"] if process == "core" else ["True", "True"])
     if process == "core":
         assert out.stdout.split()[2] == "False"
+
+
+def test_the_installed_distributions_are_read_from_a_record_that_follows_the_installs(tmp_path, monkeypatch):
+    # transformers 5.17 calls importlib.metadata.packages_distributions() on import (0.6 s on a GPU host with many
+    # packages); a core answers it from a record keyed by sys.path and its folders' times: the same map, and a new
+    # install (a new .dist-info folder) makes a new record.
+    import importlib.metadata
+
+    from engine.models import distributions_from
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    real = importlib.metadata.packages_distributions
+    want = {name: list(dists) for name, dists in real().items()}
+    with distributions_from(str(tmp_path / "cache")):
+        assert importlib.metadata.packages_distributions() == want
+    assert importlib.metadata.packages_distributions is real  # restored after the block
+    [record] = (tmp_path / "cache" / "python-distributions").iterdir()
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: {"computed": ["again"]})
+    with distributions_from(str(tmp_path / "cache")):
+        assert importlib.metadata.packages_distributions() == want  # from the record, not computed
+    time.sleep(0.01)
+    (site / "newpkg-1.0.dist-info").mkdir()  # an install into a folder on sys.path changes the folder's time
+    with distributions_from(str(tmp_path / "cache")):
+        assert importlib.metadata.packages_distributions() == {"computed": ["again"]}
+    assert len(list((tmp_path / "cache" / "python-distributions").iterdir())) == 2 and record.exists()
