@@ -21,7 +21,6 @@ import math
 import os
 import queue
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -47,7 +46,7 @@ from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.procs import stop_signals
 from engine.request import RecordError, decode_line, derive_seed, parse_steering
-from engine.storage.files import move_aside, write_atomic, write_problem
+from engine.storage.files import check_free_space, move_aside, write_atomic, write_problem
 from engine.writer import DiskLow, JsonlWriter, scan_done_ids
 
 log = logging.getLogger("engine.sweep")
@@ -824,10 +823,6 @@ def _compare(out: Path, plan: Plan, force: bool, extend: bool) -> str:
                      f"--force to set the old results aside and start again, or use a new output directory.")
 
 
-def free_gb(path: Path) -> float:
-    return shutil.disk_usage(path).free / 1e9
-
-
 # ---------------------------------------------------------------- running
 class StatusBoard:
     """status.json, rewritten atomically every few seconds from a thread: per model done/total, errors, tok/s,
@@ -960,10 +955,10 @@ class SweepRunner:
         self.failures: list[BaseException] = []
 
     def _check_disk(self) -> None:
-        free = free_gb(self.out)
-        if free < self.plan.config.min_free_gb:
-            self.stopper.stop(f"disk low: {free:.2f} GB free in {self.out}, below min_free_gb = "
-                              f"{self.plan.config.min_free_gb}")
+        try:
+            check_free_space(self.out, self.plan.config.min_free_gb, "min_free_gb")
+        except DiskLow as exc:
+            self.stopper.stop(str(exc))
 
     def run(self) -> tuple[str, JsonlWriter]:
         """Run every model that has requests left; returns (how it ended: done | interrupted | disk, the writer)."""

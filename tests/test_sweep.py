@@ -453,7 +453,7 @@ def test_too_little_free_disk_is_refused_before_any_engine_starts(tmp_path):
     path.write_text("min_free_gb = 1e9\n" + path.read_text())
     result = engine_sweep(path)
     assert result.returncode == 1
-    assert "disk low" in result.stderr and "below min_free_gb = 1000000000.0" in result.stderr, result.stderr
+    assert "disk low" in result.stderr and "below min_free_gb = 1e+09" in result.stderr, result.stderr
     assert "starting" not in result.stderr and not (tmp_path / "out" / "results.jsonl").exists()
 
 
