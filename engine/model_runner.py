@@ -20,7 +20,7 @@ from engine import attention
 from engine.activations import ActivationRecorder
 from engine.attention import CONTEXT, decode_masks
 from engine.kv_cache import KVCache
-from engine.sampler import Sampler, SamplingParams
+from engine.sampler import Sampler, SamplingMetadata
 from engine.scheduler import ScheduledBatch, Sequence, bucket
 from engine.steering import SteeringTable, decoder_layers
 from engine.trace import Phases
@@ -91,7 +91,7 @@ class ModelRunner:
             return
         vocab = self.model.config.get_text_config().vocab_size
         rows = [(1.0, 1.0, 0, 0)]
-        self.sampler(torch.zeros(1, vocab, device=self.device), SamplingParams.build(rows, self.device),
+        self.sampler(torch.zeros(1, vocab, device=self.device), SamplingMetadata.build(rows, self.device),
                      torch.zeros(1, dtype=torch.int64, device=self.device))
 
     def _warm_compiled(self, max_prefill_tokens: int, compile_cache) -> None:
@@ -123,7 +123,7 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         logits = self.prefill_logits(seqs)
-        params = SamplingParams.build([s.sampling_row for s in seqs], self.device)
+        params = SamplingMetadata.build([s.sampling_row for s in seqs], self.device)
         steps = torch.zeros(len(seqs), dtype=torch.int64, device=self.device)
         tokens = self.sampler(logits, params, steps)
         slots = to_device([s.slot for s in seqs], torch.int64, self.device)
@@ -217,10 +217,10 @@ class ModelRunner:
         # float32 inside the graph cost a write and a re-read of 0.5 GB a step); the sampler casts where it must.
         return out.logits[:, -1, :]
 
-    def _decode_params(self, seqs: list[Sequence], rows: int) -> SamplingParams:
+    def _decode_params(self, seqs: list[Sequence], rows: int) -> SamplingMetadata:
         host = [s.sampling_row for s in seqs]
-        flags = SamplingParams.flags(host)
-        return SamplingParams(self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows], *flags)
+        flags = SamplingMetadata.flags(host)
+        return SamplingMetadata(self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows], *flags)
 
     # ---- CUDA graphs
     @torch.inference_mode()

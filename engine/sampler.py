@@ -53,8 +53,9 @@ def gumbel(seed: torch.Tensor, step: torch.Tensor, vocab_size: int) -> torch.Ten
 
 
 @dataclass(slots=True)
-class SamplingParams:
-    """Per-row sampling settings as device tensors, built once per batch composition."""
+class SamplingMetadata:
+    """The device batch of sampling settings (per-request settings are the record's): a tensor per setting, a row per
+    sequence, built once per batch composition."""
 
     temperature: torch.Tensor  # float32 [B]; 0 rows are greedy
     top_p: torch.Tensor  # float32 [B]
@@ -74,7 +75,7 @@ class SamplingParams:
         return not sampled, max_top_k, uses_p or (any(r[2] > 0 for r in sampled) and not all_k)
 
     @classmethod
-    def build(cls, rows: list[tuple[float, float, int, int]], device) -> SamplingParams:
+    def build(cls, rows: list[tuple[float, float, int, int]], device) -> SamplingMetadata:
         columns = [to_device([r[i] for r in rows], dtype, device)
                    for i, dtype in enumerate((torch.float32, torch.float32, torch.int64, torch.int64))]
         return cls(*columns, *cls.flags(rows))
@@ -90,7 +91,7 @@ class Sampler:
     def __init__(self, is_norm_ok: torch.Tensor | None = None):
         self.is_norm_ok = is_norm_ok
 
-    def __call__(self, logits: torch.Tensor, params: SamplingParams, step: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, params: SamplingMetadata, step: torch.Tensor) -> torch.Tensor:
         """Next tokens [B] for logits [B, V]; NON_FINITE for rows whose logits hold a NaN or +inf or are all -inf,
         and for rows whose final norm collapsed.
 
@@ -120,7 +121,7 @@ class Sampler:
         return torch.where(is_ok, torch.where(params.temperature > 0, sampled, greedy), NON_FINITE)
 
     @staticmethod
-    def _top_k(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    def _top_k(scaled: torch.Tensor, params: SamplingMetadata) -> torch.Tensor:
         """Keep each row's top_k tokens (ties at the edge stay); no full sort."""
         top = scaled.topk(min(params.max_top_k, scaled.shape[-1]), dim=-1).values
         k = params.top_k.clamp(1, top.shape[-1])[:, None] - 1
@@ -128,7 +129,7 @@ class Sampler:
         return scaled.masked_fill(scaled < edge, float("-inf"))
 
     @staticmethod
-    def _top_k_top_p(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    def _top_k_top_p(scaled: torch.Tensor, params: SamplingMetadata) -> torch.Tensor:
         """Mask tokens outside each row's top-k, then its top-p nucleus, as HF's warpers do."""
         values, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(values.shape[-1], device=values.device)[None, :]

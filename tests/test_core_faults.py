@@ -19,7 +19,7 @@ from engine.attention import CONTEXT
 from engine.core import EngineCore, is_device_error
 from engine.model_runner import CollapseCheck
 from engine.request import RecordError
-from engine.sampler import NON_FINITE, Sampler, SamplingParams
+from engine.sampler import NON_FINITE, Sampler, SamplingMetadata
 from engine.scheduler import Scheduler, Sequence
 from engine.steering import decoder_layers
 
@@ -133,9 +133,9 @@ def test_sampler_marks_rows_with_non_finite_logits(row):
     logits[3] = -INF
     logits[4, :100] = -INF  # masked, as top-k leaves a row: usable
     logits[5] = NAN
-    tokens = Sampler()(logits, SamplingParams.build([row] * 6, "cpu"), torch.arange(6))
+    tokens = Sampler()(logits, SamplingMetadata.build([row] * 6, "cpu"), torch.arange(6))
     assert tokens[1:4].tolist() == [NON_FINITE] * 3 and tokens[5] == NON_FINITE
-    clean = Sampler()(logits[[0, 4]], SamplingParams.build([row] * 2, "cpu"), torch.tensor([0, 4]))
+    clean = Sampler()(logits[[0, 4]], SamplingMetadata.build([row] * 2, "cpu"), torch.tensor([0, 4]))
     assert tokens[[0, 4]].tolist() == clean.tolist() and tokens[4] >= 100
 
 
@@ -148,7 +148,7 @@ def test_sampler_marks_rows_whose_final_norm_collapsed(row):
     logits[1] = 0.0
     logits[3, 5] = NAN
     is_norm_ok = torch.tensor([True, False, True, True, False, False])  # the runner's buffer: rows [:4] are read
-    params, steps = SamplingParams.build([row] * 4, "cpu"), torch.arange(4)
+    params, steps = SamplingMetadata.build([row] * 4, "cpu"), torch.arange(4)
     unflagged = Sampler()(logits, params, steps)
     tokens = Sampler(is_norm_ok)(logits, params, steps)
     assert unflagged[1] != NON_FINITE and tokens[[1, 3]].tolist() == [NON_FINITE] * 2

@@ -16,7 +16,7 @@ GPU_TOKENIZER = os.environ.get("ENGINE_GPU_TEST_TOKENIZER")
 
 
 def test_fused_sampler_equals_the_pytorch_path():
-    from engine.sampler import Sampler, SamplingParams, gumbel, row_key
+    from engine.sampler import Sampler, SamplingMetadata, gumbel, row_key
     from engine.sampler_kernel import gumbel_argmax
 
     torch.manual_seed(0)
@@ -34,7 +34,7 @@ def test_fused_sampler_equals_the_pytorch_path():
     widened = gumbel_argmax(half.float() / temperature[:, None], torch.ones_like(temperature), row_key(seed, step))
     assert torch.equal(gumbel_argmax(half, temperature, row_key(seed, step)), widened)
     sampler = Sampler()
-    params = SamplingParams.build([(float(t), 1.0, 0, int(s)) for t, s in zip(temperature, seed)], "cuda")
+    params = SamplingMetadata.build([(float(t), 1.0, 0, int(s)) for t, s in zip(temperature, seed)], "cuda")
     assert torch.equal(sampler(half, params, step), sampler(half.float(), params, step))
 
 

@@ -2,11 +2,11 @@
 
 import torch
 
-from engine.sampler import Sampler, SamplingParams, gumbel
+from engine.sampler import Sampler, SamplingMetadata, gumbel
 
 
 def params(rows):
-    return SamplingParams.build(rows, "cpu")
+    return SamplingMetadata.build(rows, "cpu")
 
 
 def test_gumbel_noise_is_deterministic_and_well_formed():
