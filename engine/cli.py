@@ -21,7 +21,7 @@ from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, COMPILE_MODES, DTY
 from engine.models import ModelNotFound
 from engine.pipeline import Engine, EngineError, read_requests
 from engine.procs import stop_signals
-from engine.request import not_a_file
+from engine.specs import not_a_file
 from engine.storage.files import DiskLow, OutputWriteError, check_free_space, write_atomic
 from engine.storage.output import (OutputError, changed_message, check_input, check_manifest, check_output_path,
                                    drop_records, errors_path, lock_output, scan_done_ids)

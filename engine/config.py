@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.specs import (CAPTURE_POSITIONS, STEER_POSITIONS, RecordError, load_named_specs,  # noqa: F401 - positions:
+                          not_a_file, parse_steering)  # re-exported for the flags
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRUNCATE_MODES = ("none", "left", "right")
-STEER_POSITIONS = ("prompt", "generated", "all")
-CAPTURE_POSITIONS = ("last_prompt", "mean_prompt", "all_prompt", "generated")
 CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -142,8 +143,6 @@ class SteeringDefaults:
             return
         if not self.layers:
             raise ConfigError("--steer needs --steer-layer (e.g. --steer-layer 6 or 4,6,8)")
-        from engine.request import RecordError, not_a_file, parse_steering  # request imports this module
-
         problem = not_a_file(self.vector)
         if problem:
             raise ConfigError(f"--steer {self.vector}: {problem}")
@@ -245,8 +244,6 @@ class EngineConfig:
         if not 0.05 <= self.gpu_memory_fraction <= 0.98:
             raise ConfigError(f"--gpu-memory-fraction {self.gpu_memory_fraction}: use a value in [0.05, 0.98]")
         if self.steering_specs is not None:
-            from engine.request import load_named_specs
-
             try:
                 load_named_specs(self.steering_specs)
             except ValueError as exc:

@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
-import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgpack
 
-from engine.config import (CAPTURE_POSITIONS, MAX_SEED, STEER_POSITIONS, SamplingDefaults, check_sampling, check_seed,
-                           check_stop)
+from engine.config import MAX_SEED, SamplingDefaults, check_sampling, check_seed, check_stop
+from engine.specs import (RecordError, is_finite, load_named_specs, not_a_file, parse_capture,  # noqa: F401 - re-exported
+                          parse_steering, shown, steering_terms)
 
 KNOWN_FIELDS = {
     "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
     "ignore_eos", "steering", "capture",
 }
 FIELD = "field '{}'"  # how messages about a record name its fields
-MAX_COEF = float(3.4028234663852886e38)  # float32's largest: a coefficient beyond it cannot be applied
-RANGE_KINDS = ("prompt", "generated")
-RANGE_EXAMPLE = '{"prompt": [-1, null]} (the last prompt token) or {"generated": [0, 20]}'
-NORM_FLAGS = ("normalize", "norm_match")
-
-
-class RecordError(ValueError):
-    """A record cannot run; the message says which field and why."""
 
 
 @dataclass(slots=True)
@@ -150,176 +140,19 @@ def record_id(obj: dict, line: int) -> str:
     return value if isinstance(value, str) else str(line)
 
 
-def not_a_file(path: str | Path) -> str | None:
-    """Why `path` cannot be read as a regular file, in words a user can act on; None if it can."""
-    path = Path(path)
-    if str(path) == "-":
-        return "'-' (standard input) cannot be read twice; save it to a file first (e.g. cat > prompts.jsonl)"
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "no such file"
-    except OSError as exc:
-        return f"cannot look at it ({exc.strerror})"
-    if stat.S_ISDIR(mode):
-        return "is a directory; give a file inside it"
-    if not stat.S_ISREG(mode):
-        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else \
-            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
-        return f"is {kind}, which cannot be read twice; save its contents to a regular file first"
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    return None
-
-
 def _typed(obj: dict, name: str, kinds: tuple, label: str):
     value = obj[name]
     if isinstance(value, bool) and bool not in kinds:
         raise RecordError(f"field '{name}' is {value!r}; it must be {label}")
     if not isinstance(value, kinds):
         raise RecordError(f"field '{name}' is {json.dumps(value)[:60]}; it must be {label}")
-    if isinstance(value, (int, float)) and float in kinds and not _is_finite(value):
-        raise RecordError(f"field '{name}' is {_shown(value)}; it must be a finite number")
+    if isinstance(value, (int, float)) and float in kinds and not is_finite(value):
+        raise RecordError(f"field '{name}' is {shown(value)}; it must be a finite number")
     return value
 
 
 def _get(obj: dict, name: str, default, kinds: tuple, label: str):
     return _typed(obj, name, kinds, label) if name in obj else default
-
-
-def parse_steering(value, where: str = "field 'steering'") -> dict | list | None:
-    """A steering spec -> one normalised term {vector, layers, coef, positions[, normalize][, norm_match]}, or a
-    list of them (they add); None means unsteered.
-
-    positions: "prompt", "generated", "all", or ranges {"prompt": R, "generated": R} (either key or both), R being
-    one [start, end) or a list of them; end null (or left out) runs to the end. Prompt bounds read as Python slices
-    of the prompt tokens (-1 is the last one); generated bounds count from the first generated token (0). Ranges come
-    back as lists of [start, end] pairs. normalize / norm_match appear (as true) only when set.
-    """
-    if value is None:
-        return None
-    if isinstance(value, list):
-        if not value:
-            raise RecordError(f"{where} is an empty list; give one or more terms, or null for no steering")
-        return [_parse_term(term, f"{where}[{i}]") for i, term in enumerate(value)]
-    return _parse_term(value, where)
-
-
-def steering_terms(spec: dict | list | None) -> list[dict]:
-    """A parsed spec as a list of terms."""
-    return [] if spec is None else spec if isinstance(spec, list) else [spec]
-
-
-def _parse_term(value, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise RecordError(f"{where} must be an object like "
-                          "{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}, "
-                          f"a list of such terms, or null")
-    unknown = set(value) - {"vector", "layer", "layers", "coef", "positions", *NORM_FLAGS}
-    if unknown:
-        raise RecordError(f"{where} has unknown key(s) {sorted(unknown)}; use vector, layers, coef, positions, "
-                          f"normalize, norm_match")
-    vector = value.get("vector")
-    if not isinstance(vector, str) or not vector:
-        raise RecordError(f"{where}.vector must be a path to a .safetensors, .pt, .npy or .gguf (control vector) file")
-    layers = value.get("layers", value.get("layer"))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, list) or not layers \
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-        raise RecordError(f"{where}.layers must be a layer index or a non-empty list of them, got {json.dumps(layers)}")
-    coef = value.get("coef", 1.0)
-    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not _is_finite(coef):
-        raise RecordError(f"{where}.coef must be a finite number, got {_shown(coef)}")
-    if abs(coef) > MAX_COEF:
-        raise RecordError(f"{where}.coef is {float(coef):g}, beyond float32's range (|coef| <= 3.4e38) in which "
-                          f"steering is applied; use a smaller coefficient")
-    positions = parse_positions(value.get("positions", "all"), f"{where}.positions")
-    term = {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
-    for name in NORM_FLAGS:
-        flag = value.get(name, False)
-        if not isinstance(flag, bool):
-            raise RecordError(f"{where}.{name} is {_shown(flag)}; use true or false")
-        if flag:
-            term[name] = True
-    return term
-
-
-def _shown(value) -> str:
-    return json.dumps(value, default=str)[:60]
-
-
-def _is_finite(number) -> bool:
-    """math.isfinite that holds for integers too large for a float (they are finite, and refused elsewhere)."""
-    try:
-        return math.isfinite(number)
-    except OverflowError:
-        return False
-
-
-def parse_positions(value, where: str) -> str | dict:
-    """A steering term's `positions`: prompt | generated | all, or {"prompt"/"generated": ranges} normalised."""
-    if isinstance(value, str) and value in STEER_POSITIONS:
-        return value
-    if not isinstance(value, dict) or not value or set(value) - set(RANGE_KINDS):
-        raise RecordError(f"{where} is {_shown(value)}; use one of {', '.join(STEER_POSITIONS)}, or [start, end) "
-                          f"ranges like {RANGE_EXAMPLE}")
-    return {kind: _parse_ranges(value[kind], f"{where}.{kind}", kind) for kind in RANGE_KINDS if kind in value}
-
-
-def _parse_ranges(value, where: str, kind: str) -> list[list]:
-    """One range or a list of them -> a list of [start, end] pairs."""
-    if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
-        return [_parse_range(r, f"{where}[{i}]", kind) for i, r in enumerate(value)]
-    return [_parse_range(value, where, kind)]
-
-
-def _parse_range(value, where: str, kind: str) -> list:
-    def is_int(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if not (isinstance(value, list) and len(value) in (1, 2) and is_int(value[0])
-            and (len(value) == 1 or value[1] is None or is_int(value[1]))):
-        raise RecordError(f"{where} is {_shown(value)}; give [start, end) as integers, end null (or left out) for "
-                          f"\"to the end\", e.g. [0, 5], [2, null], or a list of ranges [[0, 5], [10, 12]]")
-    start, end = value[0], value[1] if len(value) == 2 else None
-    if kind == "generated" and (start < 0 or (end is not None and end < 0)):
-        raise RecordError(f"{where} is {_shown(value)}; generated positions count from the first generated token (0) "
-                          f"and cannot be negative (only prompt positions count from the end)")
-    if end is not None and start < 0 <= end:
-        raise RecordError(f"{where} is {_shown(value)}; a range with a negative start needs a negative or null end, "
-                          f"e.g. [{start}, null] for the last {-start} token(s)")
-    if end is not None and (start < 0) == (end < 0) and start >= end:
-        fix = [end, start] if start > end else [start, start + 1 if start != -1 else None]
-        raise RecordError(f"{where} is {_shown(value)}; start must be below end (the range is [start, end)), "
-                          f"e.g. {_shown(fix)}")
-    return [start, end]
-
-
-def parse_capture(value, default: dict | None) -> dict | None:
-    """A record's `capture` field -> {"layers", "positions"} (missing keys from the run's capture), or None for
-    `false`/`null`."""
-    if value is None or value is False:
-        return None
-    if not isinstance(value, dict) or set(value) - {"layers", "positions"}:
-        raise RecordError(f"field 'capture' is {json.dumps(value)[:80]}; give {{\"layers\": [4, 8], \"positions\": "
-                          f"\"last_prompt\"}} (positions optional), or false for none")
-    default = default or {}
-    layers = value.get("layers", default.get("layers"))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, list) or not layers or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
-        raise RecordError(f"field 'capture.layers' is {json.dumps(layers)}; give a layer index >= 0 or a non-empty "
-                          "list")
-    positions = value.get("positions", default.get("positions", CAPTURE_POSITIONS[0]))
-    if positions not in CAPTURE_POSITIONS:
-        raise RecordError(f"field 'capture.positions' is {json.dumps(positions)}; use one of "
-                          f"{', '.join(CAPTURE_POSITIONS)}")
-    return {"layers": sorted(set(layers)), "positions": positions}
 
 
 def _messages(obj: dict) -> list:
@@ -340,28 +173,6 @@ def _stop(obj: dict) -> list[str] | None:
         stop = [stop]
     check_stop(stop, RecordError, FIELD)
     return stop
-
-
-def load_named_specs(path: str) -> dict[str, dict | list]:
-    """A TOML file of named steering specs: `[name]` tables with vector/layers/coef/positions, or with
-    `terms = [{...}, ...]`; records then say `"steering": "name"`. ValueError names the bad entry."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"--steering-specs {path}: cannot read it ({exc})") from None
-    named = {}
-    for name, body in table.items():
-        where = f"--steering-specs {path}: [{name}]"
-        if not isinstance(body, dict):
-            raise ValueError(f"{where} must be a table of vector, layers, coef, positions (or terms = [...])")
-        try:
-            named[name] = parse_steering(body["terms"] if set(body) == {"terms"} else body, where)
-        except RecordError as exc:
-            raise ValueError(str(exc)) from None
-    return named
 
 
 def _record_steering(obj: dict, default, named: dict) -> tuple[dict | list | None, str | None]:

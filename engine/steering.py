@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from engine.request import RecordError, not_a_file, steering_terms
+from engine.specs import RecordError, not_a_file, steering_terms
 from engine.transfer import to_device
 
 VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy", ".gguf")

@@ -78,3 +78,31 @@ def test_no_engine_module_imports_itself_back_at_load_time():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# Cycles held together by function-local imports, each between two modules that the layout of shared/DESIGN.md
+# splits (apps/sweep/, engine_bench/); the test fails on any other cycle, and on one of these once it is gone.
+KNOWN_CYCLES = {frozenset({"engine.bench", "engine.bench_e2e"}), frozenset({"engine.sweep", "engine.sweep_report"})}
+
+
+def all_imports(path: Path, modules: set[str]) -> set[str]:
+    """The engine modules `path` imports anywhere in it, function bodies included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m in modules and m != module_name(path)}
+
+
+def test_import_cycles_through_function_local_imports_are_only_the_known_ones():
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in files}
+    graph = {module_name(p): all_imports(p, modules) for p in files}
+    cycles = set()
+    while (cycle := find_cycle(graph)) is not None:
+        cycles.add(frozenset(cycle))
+        graph[cycle[-2]] = graph[cycle[-2]] - {cycle[-1]}  # cut the cycle's last edge, look for the next
+    assert cycles == KNOWN_CYCLES
