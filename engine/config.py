@@ -16,6 +16,11 @@ TRUNCATE_MODES = ("none", "left", "right")
 CAPTURE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def default_cache_dir() -> str:
+    """Where the engine keeps what persists across runs: ENGINE_CACHE_DIR, else ~/.cache/steer-engine."""
+    return os.environ.get("ENGINE_CACHE_DIR") or str(Path.home() / ".cache" / "steer-engine")
+
+
 class ConfigError(ValueError):
     """A setting a user gave is invalid; the message names it and the fix."""
 
@@ -249,7 +254,7 @@ class EngineConfig:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         if not self.cache_dir:
-            self.cache_dir = os.environ.get("ENGINE_CACHE_DIR") or str(Path.home() / ".cache" / "steer-engine")
+            self.cache_dir = default_cache_dir()
 
     def core_devices(self) -> list[str]:
         """Where the engine cores run: one per entry."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from engine.activation_messages import trim_generated
@@ -17,7 +15,6 @@ from engine.procs import (
 )
 from engine.stops import cut_at_stop
 
-log = logging.getLogger("engine")
 
 def decode_texts(tok, id_lists: list[list[int]]) -> list[str]:
     """`tok.batch_decode(id_lists, skip_special_tokens=True)`, through the Rust tokenizer's own batch decode when
@@ -59,13 +56,14 @@ def decoder_main(tokenizer_dir: str, cache_dir: str, return_tokens: bool, inbox:
     is_checking = is_checking_imports()
     tok = None
     for msg in messages(inbox, lifeline):
-        if "seqs" not in msg:
-            events.put(msg)
+        is_finished = "seqs" in msg
+        if not is_finished:
+            events.put(msg)  # before the tokenizer loads: the core's ready is not held up by it
         if tok is None:
             tok = decoding_tokenizer(tokenizer_dir, cache_dir)
             if is_checking:
                 check_light_imports("decoder worker")
-        if "seqs" not in msg:
+        if not is_finished:
             continue
         results = finalize(tok, msg["seqs"], return_tokens)
         if is_checking:  # before the results go out, so the run fails rather than finishing without noticing

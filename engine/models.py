@@ -258,19 +258,8 @@ def distributions_from(cache_dir: str):
     record = Path(cache_dir, "python-distributions", key + ".json")
 
     def from_record():
-        try:
-            mapping = json.loads(record.read_text())
-            if isinstance(mapping, dict):
-                return mapping
-        except (OSError, ValueError):
-            pass  # none yet, or damaged: compute it once
-        mapping = {name: list(dists) for name, dists in real().items()}
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(record, json.dumps(mapping).encode())
-        except OSError as exc:
-            log.info("could not record the installed distributions in %s (%s)", record, exc)
-        return mapping
+        return cached_record(record, lambda: {name: list(dists) for name, dists in real().items()},
+                             lambda mapping: isinstance(mapping, dict), "the installed distributions")
 
     importlib.metadata.packages_distributions = from_record
     try:
@@ -311,21 +300,34 @@ def tokenizer_facts(tokenizer_dir: str, cache_dir: str) -> dict:
     without loading it (a 33 MB tokenizer.json takes the Rust tokenizer ~1 s, all of it holding the GIL) when an
     earlier run has recorded them for the same files: kept under the cache dir by a digest of the files' bytes. An
     unreadable record is recomputed."""
+    def load() -> dict:
+        tok = load_tokenizer(tokenizer_dir)
+        return {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
+
+    def is_valid(facts) -> bool:
+        return (isinstance(facts, dict) and isinstance(facts.get("vocab_size"), int)
+                and isinstance(facts.get("eos_token_id"), (int, type(None))))
+
     record = Path(cache_dir, "tokenizer-facts", files_digest(tokenizer_dir, TOKENIZER_FILES) + ".json")
+    return cached_record(record, load, is_valid, "the tokenizer's facts")
+
+
+def cached_record(record: Path, compute, is_valid, what: str):
+    """The JSON value kept in `record` when `is_valid` accepts it, else `compute()`, then written there atomically
+    for the next run (a record that cannot be written is logged, and computed again next time)."""
     try:
-        facts = json.loads(record.read_text())
-        if isinstance(facts.get("vocab_size"), int) and isinstance(facts.get("eos_token_id"), (int, type(None))):
-            return facts
-    except (OSError, ValueError, AttributeError):
-        pass  # none yet (or damaged): load the tokenizer once and record them
-    tok = load_tokenizer(tokenizer_dir)
-    facts = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id}
+        value = json.loads(record.read_text())
+        if is_valid(value):
+            return value
+    except (OSError, ValueError):
+        pass  # none yet, or damaged: compute it once
+    value = compute()
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(record, json.dumps(facts).encode())
+        write_atomic(record, json.dumps(value).encode())
     except OSError as exc:
-        log.info("could not record the tokenizer's facts in %s (%s): later runs load the tokenizer again", record, exc)
-    return facts
+        log.info("could not record %s in %s (%s): the next run computes them again", what, record, exc)
+    return value
 
 
 def load_hf_tokenizer(tokenizer_dir: str):

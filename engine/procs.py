@@ -17,6 +17,8 @@ import traceback
 
 import msgpack
 
+from engine.config import default_cache_dir
+
 log = logging.getLogger("engine")
 PR_SET_PDEATHSIG = 1
 # The tokenizer and decoder workers start in every run, so they stay off these (seconds of imports each).
@@ -244,8 +246,7 @@ def use_bytecode_cache() -> None:
     ENGINE_BYTECODE_CACHE=0 turns this off."""
     if os.environ.get("ENGINE_BYTECODE_CACHE") == "0":
         return
-    root = os.environ.get("ENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "steer-engine")
-    prefix = os.path.join(root, "pycache")
+    prefix = os.path.join(default_cache_dir(), "pycache")
     if sys.pycache_prefix == prefix:  # a stage of an engine process that chose it: spawn passes its parent's
         sys.dont_write_bytecode = False  # start-up flags (-B under PYTHONDONTWRITEBYTECODE), not its later choice
         return
