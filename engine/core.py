@@ -47,7 +47,7 @@ log = logging.getLogger("engine")
 STEERING_ROWS = {"gpu": 4096, "cpu": 1024}
 # Imported in a thread while the weights are copied to the device (copies that leave the GIL free): the compiler's
 # modules, ~1 s of a core's start-up on one GPU host, then cost nothing in front of the compile.
-COMPILER_MODULES = ("torch._inductor.compile_fx",)
+COMPILER_MODULES = ("torch._inductor.async_compile", "torch._inductor.compile_fx")
 
 
 def _preimport(modules: tuple[str, ...]) -> threading.Thread:
@@ -55,9 +55,12 @@ def _preimport(modules: tuple[str, ...]) -> threading.Thread:
     def run() -> None:
         for name in modules:
             try:
-                importlib.import_module(name)
+                module = importlib.import_module(name)
             except ImportError as exc:
                 log.debug("importing %s ahead failed: %s", name, exc)
+                continue
+            # Inductor's compile workers, which it starts at the first compile (each imports torch), start now.
+            getattr(module, "maybe_warm_pool", lambda: None)()
 
     thread = threading.Thread(target=run, name="preimport", daemon=True)
     thread.start()

@@ -18,11 +18,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Container, Iterable, Iterator
 
+from engine.bytecode import use_bytecode_cache
 from engine.config import EngineConfig
 from engine.decoder_worker import decoder_main
 from engine.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model
-from engine.procs import ByName, Lifeline, MsgQueue, start, use_bytecode_cache, wake
+from engine.procs import ByName, Lifeline, MsgQueue, start, wake
 from engine.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs, parse_record,
                             record_digest)
 from engine.ring import ShmRing

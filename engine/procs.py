@@ -17,7 +17,7 @@ import traceback
 
 import msgpack
 
-from engine.config import default_cache_dir
+from engine.bytecode import use_bytecode_cache
 
 log = logging.getLogger("engine")
 PR_SET_PDEATHSIG = 1
@@ -231,50 +231,3 @@ def start(ctx, stage: str, events: MsgQueue, target, *args):
     finally:
         _starting.is_main_hidden = False
     return proc
-
-
-BYTECODE_PACKAGES = ("torch", "transformers")  # the heavy imports whose bytecode decides a start-up's imports
-
-
-def use_bytecode_cache() -> None:
-    """Where torch or transformers has no bytecode that Python will write itself (installed with `pip install
-    --no-compile` into a folder this user cannot write, or with writing turned off by PYTHONDONTWRITEBYTECODE, as
-    many container images do), Python compiles their modules from source at every start: on one GPU host ~2,400
-    modules, 7 s of every core's start-up. Then keep the compiled bytecode under the engine's cache dir instead
-    (PYTHONPYCACHEPREFIX, for this process and the processes it starts; the install itself is never written).
-    Python checks each cached file against its source, so the code run is identical: logged at info level.
-    ENGINE_BYTECODE_CACHE=0 turns this off."""
-    if os.environ.get("ENGINE_BYTECODE_CACHE") == "0":
-        return
-    prefix = os.path.join(default_cache_dir(), "pycache")
-    if sys.pycache_prefix == prefix:  # a stage of an engine process that chose it: spawn passes its parent's
-        sys.dont_write_bytecode = False  # start-up flags (-B under PYTHONDONTWRITEBYTECODE), not its later choice
-        return
-    name = None if sys.pycache_prefix else _missing_bytecode()
-    if name is None:
-        return
-    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"] = prefix
-    if sys.dont_write_bytecode:
-        sys.dont_write_bytecode = False
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # so the stages this process starts write it there too
-    log.info("%s has no bytecode Python would write: compiled modules are kept in %s (ENGINE_BYTECODE_CACHE=0 "
-             "turns this off)", name, prefix)
-
-
-def _missing_bytecode() -> str | None:
-    """The first of BYTECODE_PACKAGES whose bytecode is absent and would not be written by Python itself."""
-    import importlib.util
-
-    for name in BYTECODE_PACKAGES:
-        try:
-            spec = importlib.util.find_spec(name)  # finds the package without importing it
-        except (ImportError, ValueError):
-            continue
-        cached = getattr(spec, "cached", None) if spec is not None else None
-        if not cached or os.path.exists(cached):
-            continue
-        folder = os.path.dirname(cached)
-        if sys.dont_write_bytecode or not os.access(folder if os.path.isdir(folder) else os.path.dirname(folder),
-                                                    os.W_OK):
-            return name
-    return None

@@ -115,9 +115,9 @@ def test_a_child_started_from_a_script_does_not_rerun_it(tmp_path, how):
 
 BYTECODE_SCRIPT = """
 import os, sys
-import engine.procs as procs
-procs.BYTECODE_PACKAGES = ("heavy",)
-procs.use_bytecode_cache()
+import engine.bytecode as bytecode
+bytecode.PACKAGES = ("heavy",)
+bytecode.use_bytecode_cache()
 import heavy
 import multiprocessing as mp
 import probe
@@ -129,7 +129,7 @@ if __name__ == "__main__":
 """
 PROBE = """
 def stage():
-    from engine.procs import use_bytecode_cache
+    from engine.bytecode import use_bytecode_cache
     use_bytecode_cache()  # what child_main does first
     import heavy_child
 """
