@@ -193,7 +193,7 @@ class ActivationRecorder:
         self._active = {layer: partial(self._write, num_rows, layer) for layer in layers}
 
     def _write(self, num_rows: int, layer: int, hidden: torch.Tensor) -> None:
-        self.decode_buffer[:num_rows, layer].copy_(hidden[:, -1])
+        self.decode_buffer[:num_rows, layer].copy_(hidden[0])  # decode: the B tokens packed in one row
 
     # ---- to the host, one step ahead
     def stage(self, batch) -> tuple | None:

@@ -3,8 +3,9 @@
 The model code (projections, norms, rotary, MLP) stays Hugging Face's; only the attention call comes here.
 The model runner fills a ForwardContext before each forward: which slot each token belongs to, where its K/V
 goes, and where each prompt lies. Prefill is the new prompts packed end to end in one row (no padding),
-attended per prompt with a causal variable-length kernel; decode is one token for each of the first B slots
-(static shapes, so it can be captured in a CUDA graph).
+attended per prompt with a causal variable-length kernel; decode is one token for each of the first B slots,
+packed in one row the same way (static shapes, so it can be captured in a CUDA graph). Both run the same layer
+code on a [1, tokens, hidden] row, so the compiled layers have one graph for both.
 """
 
 from __future__ import annotations
@@ -242,19 +243,23 @@ class TritonKernels:
 
 
 def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
+    """query [1, H, B, D], key/value [1, KVH, B, D]: one token of each of the first B slots, packed in one row as a
+    prefill's prompts are (so decode runs the compiled layers' one graph) -> [1, B, H, D]."""
+    query = query[0].transpose(0, 1)[:, :, None]  # [B, H, 1, D]
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    _write_kv(k_cache, v_cache, ctx.slots, ctx.write_pos, key[:, :, 0], value[:, :, 0])
+    _write_kv(k_cache, v_cache, ctx.slots, ctx.write_pos, key[0].transpose(0, 1), value[0].transpose(0, 1))
     kernel = TritonKernels.get(query)
     if kernel is not None:
         scale = dim ** -0.5 if scaling is None else scaling
-        return kernel.decode_attention(query, k_cache, v_cache, ctx.positions, ctx.read_len, scale, window)
+        out = kernel.decode_attention(query, k_cache, v_cache, ctx.positions, ctx.read_len, scale, window)
+        return out.view(1, batch, heads, dim)
     keys = k_cache[:batch, :, :ctx.read_len]
     values = v_cache[:batch, :, :ctx.read_len]
     # The query heads of one KV head become that head's "query positions": no K/V expansion for GQA/MQA.
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[window], scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2)
+    return out.reshape(1, batch, heads, dim)
 
 
 def _write_kv(k_cache, v_cache, slots, cols, keys, values) -> None:

@@ -1,10 +1,11 @@
 """ModelRunner: runs an unmodified Hugging Face causal LM over the slot KV cache.
 
-Prefill: the new sequences packed end to end in one row (not in a graph; on CUDA through the same compiled
-layers as decode), K/V written into their slots, logits of each prompt's last position only. Decode: one token
-for each of the first B slots from static device buffers; on CUDA the forward is captured in a CUDA graph per
-(B, attended length) bucket and replayed. Every forward also checks, at the positions whose logits it keeps, that
-the final norm did not collapse (CollapseCheck).
+Prefill: the new sequences packed end to end in one row (not in a graph), K/V written into their slots, logits of
+each prompt's last position only. Decode: one token for each of the first B slots from static device buffers,
+packed in one row the same way; on CUDA the forward is captured in a CUDA graph per (B, attended length) bucket
+and replayed. Both are [1, tokens] rows of at least two tokens, so the compiled layers (CUDA) have one graph.
+Every forward also checks, at the positions whose logits it keeps, that the final norm did not collapse
+(CollapseCheck).
 """
 
 from __future__ import annotations
@@ -108,16 +109,14 @@ class ModelRunner:
             self._warm_prefill(max_prefill_tokens)
 
     def _warm_prefill(self, max_prefill_tokens: int) -> None:
-        """Compile the layers' prefill variants now, not in a run's first prefills: a one-token row (sizes 1 are
-        specialised) and a full packed row. The full row comes first among the longer ones because Inductor tunes
-        a dynamic-shape kernel for the sizes it first sees: warmed on a 2-token row, the prefill's GELU x up kernel
-        ran at half speed on 7k-token rows (H100). Writes K/V only into slots no sequence owns yet."""
+        """Compile the layers now, not in a run's first prefill: one full packed row. Prefill and decode both run
+        [1, tokens, hidden] rows of at least two tokens (a one-token prefill is padded, decode buckets start at 2),
+        so this one graph serves every step. The full row comes first because Inductor tunes a dynamic-shape kernel
+        for the sizes it first sees: warmed on a 2-token row, the prefill's GELU x up kernel ran at half speed on
+        7k-token rows (H100). Writes K/V only into slots no sequence owns yet."""
         per_seq = min(self.cache.max_len, max_prefill_tokens)
         count = min(self.cache.num_slots, -(-max_prefill_tokens // per_seq))
-        for lengths in ([1], [per_seq] * count):
-            self.prefill_logits([Sequence(index=-1, prompt_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
-                                          max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                                          ignore_eos=True, stop=[], slot=slot) for slot, n in enumerate(lengths)])
+        self.prefill_logits([_placeholder(per_seq, slot, self.device) for slot in range(count)])
 
     # ---- prefill
     @torch.inference_mode()
@@ -136,17 +135,21 @@ class ModelRunner:
     def prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [P, V] at each prompt's last token. The prompts run packed end to end in one row: no padding,
         so the forward's cost is the real tokens' (a left-padded batch pays for its longest prompt in every row)."""
+        num_prompts = len(seqs)
+        if sum(s.num_prompt_tokens for s in seqs) == 1:  # a one-token row: padded (the compiled layers' one shape)
+            seqs = [*seqs, _placeholder(1, seqs[0].slot, self.device)]
         lengths = [s.num_prompt_tokens for s in seqs]
         starts = np.cumsum([0] + lengths)
         ids = torch.cat([s.prompt_ids for s in seqs])[None]
-        host = np.empty((3, int(starts[-1])), dtype=np.int64)  # position, slot, index of its prompt
+        host = np.empty((4, int(starts[-1])), dtype=np.int64)  # position, cache column, slot, index of its prompt
         for i, (seq, start, n) in enumerate(zip(seqs, starts, lengths)):
-            host[0, start:start + n] = np.arange(n)
-            host[1, start:start + n] = seq.slot
-            host[2, start:start + n] = i
-        positions, slots, owner = to_device(torch.from_numpy(host), torch.int64, self.device)
+            host[0, start:start + n] = host[1, start:start + n] = np.arange(n)
+            host[2, start:start + n] = seq.slot
+            host[3, start:start + n] = i
+        host[1, int(starts[num_prompts]):] = self.cache.trash  # the pad's K/V: nothing reads it
+        positions, columns, slots, owner = to_device(torch.from_numpy(host), torch.int64, self.device)
         CONTEXT.cache, CONTEXT.is_prefill = self.cache, True
-        CONTEXT.slots, CONTEXT.write_pos = slots, positions
+        CONTEXT.slots, CONTEXT.write_pos = slots, columns
         CONTEXT.spans = list(zip(starts[:-1].tolist(), lengths))
         CONTEXT.cu_lens = to_device(starts, torch.int32, self.device)
         self.steering.set_active(self.steering.prefill_inputs(seqs, starts))
@@ -159,7 +162,7 @@ class ModelRunner:
             self.steering.set_active({})
             self.recorder.stop()
             self.collapse.stop()
-        return out.logits[0]
+        return out.logits[0, :num_prompts]
 
     def _set_sampling(self, seqs: list[Sequence], slots: torch.Tensor) -> None:
         rows = [s.sampling_row for s in seqs]
@@ -207,15 +210,15 @@ class ModelRunner:
         self.recorder.start_decode(rows, is_capturing, is_graph)
         self.collapse.watch(None)
         try:
-            out = self.model(input_ids=self.tokens[:rows, None], position_ids=positions[:, None], use_cache=False,
-                             logits_to_keep=1)
+            out = self.model(input_ids=self.tokens[None, :rows], position_ids=positions[None], use_cache=False,
+                             logits_to_keep=0)  # the rows' tokens packed in one row, as a prefill's: all kept
         finally:
             self.steering.set_active({})
             self.recorder.stop()
             self.collapse.stop()
         # In the model's dtype: the greedy argmax and the fused sampler read it as is (casting 512 x 256k logits to
         # float32 inside the graph cost a write and a re-read of 0.5 GB a step); the sampler casts where it must.
-        return out.logits[:, -1, :]
+        return out.logits[0]
 
     def _decode_params(self, seqs: list[Sequence], rows: int) -> SamplingMetadata:
         host = [s.sampling_row for s in seqs]
@@ -256,6 +259,12 @@ class ModelRunner:
 
     def step(self, batch: ScheduledBatch) -> torch.Tensor:
         return self.prefill(batch.seqs) if batch.is_prefill else self.decode(batch)
+
+
+def _placeholder(num_tokens: int, slot: int, device) -> Sequence:
+    """A prompt of token 0s that no request owns: the compile warm-up's rows, and the pad of a one-token prefill."""
+    return Sequence(index=-1, prompt_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device), max_new_tokens=1,
+                    temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True, stop=[], slot=slot)
 
 
 def _feedable(tokens: torch.Tensor) -> torch.Tensor:
@@ -327,7 +336,7 @@ class CollapseCheck:
         if not self._is_watching:
             return
         hidden = args[0] if args else next(iter(kwargs.values()))  # HF passes it positionally; a kwarg works too
-        kept = hidden[0].index_select(0, self._kept) if self._kept is not None else hidden[:, -1]
+        kept = hidden[0].index_select(0, self._kept) if self._kept is not None else hidden[0]
         self.is_norm_ok[:kept.shape[0]].copy_(kept.float().pow(2).mean(-1).isfinite())
 
 

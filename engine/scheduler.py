@@ -70,8 +70,9 @@ def bucket(n: int, sizes: list[int]) -> int:
 
 
 def batch_sizes(num_slots: int) -> list[int]:
-    """Decode batch buckets: powers of two up to the slot count, and the slot count itself."""
-    return sorted({min(2 ** i, num_slots) for i in range(num_slots.bit_length() + 1)})
+    """Decode batch buckets: powers of two from 2 up to the slot count, and the slot count itself. None is 1 where
+    there are two slots or more: a one-token row is a shape the compiled layers would specialise, and compile, for."""
+    return sorted({min(2 ** i, num_slots) for i in range(1, num_slots.bit_length() + 1)})
 
 
 class Scheduler:

@@ -467,7 +467,7 @@ class SteeringTable:
             return {}
         buffers = (self.slot_rows, self.slot_matched, self.slot_normalize)
         layers = range(self.num_layers) if is_graph else self.used
-        return {layer: tuple(b[layer, :num_rows, None] for b in buffers) for layer in layers}
+        return {layer: tuple(b[layer, None, :num_rows] for b in buffers) for layer in layers}  # [1, B]: one row
 
     def prefill_inputs(self, seqs, starts) -> dict:
         """Per steered layer (`used`): (row, norm-matched row, normalize), each [1, N], for a packed prefill: prompt

@@ -11,7 +11,7 @@ from conftest import PROMPTS, tiny_config
 from engine import Engine
 from engine.core import EngineCore
 from engine.scheduler import Scheduler
-from reference import steered
+from reference import hf_greedy, steered
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,10 @@ def request(i: int, steering=None, **kw) -> dict:
     return base
 
 
-def first_step_logits(core, tokenizer, specs: list) -> torch.Tensor:
+def first_step_logits(core, tokenizer, specs: list, prompts: list | None = None) -> torch.Tensor:
     """Prefill logits of a mixed-length batch, one spec per row (None = unsteered)."""
     for i, spec in enumerate(specs):
-        core.add(request(i, spec), torch.tensor(tokenizer(PROMPTS[i]).input_ids))
+        core.add(request(i, spec), torch.tensor(prompts[i] if prompts else tokenizer(PROMPTS[i]).input_ids))
     batch = core.scheduler.schedule()
     assert batch.is_prefill and len(batch.seqs) == len(specs)
     logits = core.runner.prefill_logits(batch.seqs)
@@ -74,6 +74,17 @@ def test_in_process_core_and_pipeline_give_the_same_tokens(core, tokenizer, vect
     with Engine(tiny_config(max_num_seqs=3)) as engine:
         got = engine.generate_all(records)
     assert [r["completion_token_ids"] for r in got] == [done[i].output_ids for i in range(len(PROMPTS))]
+
+
+def test_a_one_token_prompt_alone_is_padded_and_still_equals_hf(core, tokenizer, tiny_model, vector):
+    # A prefill of one token in all is padded to two (a one-token row is a shape the compiled layers would compile
+    # again for); the pad's K/V go to the trash column, so the sequence's own cache, logits and tokens are HF's.
+    spec = {"vector": vector, "layers": [1], "coef": 2.0, "positions": "all"}
+    for row_spec in (None, spec):
+        logits = first_step_logits(core, tokenizer, [row_spec], prompts=[[17]])
+        torch.testing.assert_close(logits[0], hf_last_logits(tiny_model, [17], row_spec), rtol=1e-4, atol=1e-4)
+        done = core.generate([request(0, row_spec)], [[17]])
+        assert done[0].output_ids == hf_greedy(tiny_model, [17], 6, row_spec)
 
 
 def test_teacher_forced_logits_equal_hf_forward_at_every_position(core, tokenizer, tiny_model):

@@ -245,7 +245,7 @@ def broken_rows(core: EngineCore, index: int, from_token: int, value: float):
     def at_layer(module, args, output):
         seq = running()
         if not CONTEXT.is_prefill and seq is not None and seq.num_scheduled + 1 >= from_token:
-            (output[0] if isinstance(output, tuple) else output)[seq.slot] = value
+            (output[0] if isinstance(output, tuple) else output)[0, seq.slot] = value  # decode: slots in one row
 
     handles = [core.model.get_input_embeddings().register_forward_hook(at_embedding),
                decoder_layers(core.model)[2].register_forward_hook(at_layer)]

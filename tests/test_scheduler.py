@@ -87,5 +87,6 @@ def test_requeue_puts_a_batch_back_in_order():
 
 
 def test_batch_buckets():
-    assert batch_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    assert batch_sizes(6) == [1, 2, 4, 6]
+    assert batch_sizes(256) == [2, 4, 8, 16, 32, 64, 128, 256]
+    assert batch_sizes(6) == [2, 4, 6]
+    assert batch_sizes(1) == [1]
