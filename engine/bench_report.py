@@ -4,6 +4,7 @@ JSON, Markdown table and PNG chart that carry them."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -124,6 +125,9 @@ def cpu_name() -> str:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit; ENGINE_BENCH_COMMIT names it for a tree copied without its git metadata."""
+    if os.environ.get("ENGINE_BENCH_COMMIT"):
+        return os.environ["ENGINE_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5, check=True)
