@@ -22,7 +22,7 @@ from engine.bytecode import use_bytecode_cache
 from engine.config import EngineConfig
 from engine.decoder_worker import decoder_main
 from engine.id_index import IdIndex
-from engine.models import effective_max_len, resolve_model
+from engine.models import effective_max_len, resolve_model, tokenizer_facts
 from engine.procs import ByName, Lifeline, MsgQueue, start, wake
 from engine.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs, parse_record,
                             record_digest)
@@ -203,6 +203,16 @@ class Engine:
             for i in range(c.decoder_workers):
                 lane.decoders.append(start(ctx, f"{prefix}{i}", self.events, decoder_main, self.source.tokenizer_dir,
                                            c.cache_dir, c.return_tokens, lane.dec_q, self.events, self.lifeline))
+        self._record_tokenizer_facts()
+
+    def _record_tokenizer_facts(self) -> None:
+        """Record the tokenizer's facts for the cores while they import torch (seconds): the first run with a
+        tokenizer would otherwise load it (1-2 s, holding the GIL) on the core's path to its first step. A core
+        that gets there first computes them itself, and reports whatever fails."""
+        try:
+            tokenizer_facts(self.source.tokenizer_dir, self.config.cache_dir)
+        except Exception as exc:  # noqa: BLE001 - only a head start; the core computes them again and reports
+            log.debug("recording the tokenizer's facts ahead of the core failed: %s", exc)
 
     def _wait_ready(self) -> None:
         waiting = {lane.number for lane in self.lanes}
