@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from engine.attention_kernel import decode_attention
+from engine.core.kernels.attention import decode_attention
 
 CASES = {  # name: (batch, lowest length, highest length, cache columns)
     "long B512": (512, 600, 1250, 1250),

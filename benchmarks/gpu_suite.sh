@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 : "${TOKENIZER:?set TOKENIZER to a tokenizer.json}"
 OUT=${OUT:-bench-out}
 SECTIONS=${*:-tests bench overhead memory}  # devices (two or more GPUs) runs only when named
-BENCH=(python -m engine.bench --model random:gemma-2b --tokenizer "$TOKENIZER" --device cuda --out "$OUT" --quiet)
+BENCH=(python -m engine_bench --model random:gemma-2b --tokenizer "$TOKENIZER" --device cuda --out "$OUT" --quiet)
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 if has tests; then  # attention paths vs SDPA's math backend, teacher-forced logits vs HF, capture and steering in graphs
@@ -31,6 +31,6 @@ if has memory; then  # 20,000 prompts of up to 2,048 tokens inside half the card
     "${BENCH[@]}" --workload memory --systems engine --num-prompts 20000 --max-num-seqs 512 --gpu-memory-fraction 0.5
 fi
 if has devices; then  # one card and every card in the same run (rows engine, engine-Ndev); long enough to amortise start
-    python -m engine.bench --model random:gemma-2b --tokenizer "$TOKENIZER" --out "$OUT" --quiet --devices all \
+    python -m engine_bench --model random:gemma-2b --tokenizer "$TOKENIZER" --out "$OUT" --quiet --devices all \
         --workload short --systems engine --num-prompts 8192 --max-num-seqs 512
 fi

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from engine import attention, model_runner
+from engine.core import attention, model_runner
 from engine.config import EngineConfig
-from engine.core import EngineCore
+from engine.core.engine_core import EngineCore
 from engine.models import resolve_model
 from engine.models import load_hf_tokenizer
 

@@ -60,10 +60,10 @@ def use_code(folder: str) -> None:
 
 def measure(results: Path, source: Path) -> dict:
     """In this (fresh) process: the bookkeeping steps, their times and the peak RSS above the post-import RSS."""
-    from engine.cli import input_lines
+    from engine.apps.run import input_lines
     from engine.config import EngineConfig
-    from engine.pipeline import read_requests
-    from engine.writer import JsonlWriter, scan_done_ids
+    from engine.engine import read_requests
+    from engine.pipeline.writer import JsonlWriter, scan_done_ids
 
     import engine
 

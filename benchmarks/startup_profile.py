@@ -1,5 +1,5 @@
 """Where an engine core's start-up goes: builds one EngineCore in this process under cProfile and prints its phases
-(engine.trace.Phases) and the functions that took the time. Run it twice with the same ENGINE_CACHE_DIR for the cold
+(engine.core.trace.Phases) and the functions that took the time. Run it twice with one ENGINE_CACHE_DIR for the cold
 and the warm start-up (the compile cache fills on the first run):
 
     ENGINE_CACHE_DIR=/tmp/c python benchmarks/startup_profile.py --model random:gemma-2b --tokenizer tok.json
@@ -37,7 +37,7 @@ def main() -> None:
     if not args.no_profile:
         profile.enable()
     from engine.config import EngineConfig
-    from engine.core import EngineCore
+    from engine.core.engine_core import EngineCore
     from engine.models import resolve_model, skip_unused_imports
 
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, device=args.device,

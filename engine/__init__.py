@@ -13,8 +13,8 @@ _EXPORTS = {
     "EngineConfig": "engine.config",
     "SamplingDefaults": "engine.config",
     "SteeringDefaults": "engine.config",
-    "Engine": "engine.pipeline",
-    "EngineError": "engine.pipeline",
+    "Engine": "engine.engine",
+    "EngineError": "engine.engine",
 }
 
 __all__ = ["CaptureDefaults", "Engine", "EngineConfig", "EngineError", "SamplingDefaults", "SteeringDefaults"]

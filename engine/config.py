@@ -228,7 +228,7 @@ class EngineConfig:
     return_tokens: bool = False
     cache_dir: str = ""
     devices: list[str] = field(default_factory=list)  # several: one engine core per device (data parallel)
-    trace_dir: str | None = None  # each core writes its loop's timeline to <trace_dir>/core<N>.jsonl (engine.trace)
+    trace_dir: str | None = None  # each core's loop timeline goes to <trace_dir>/core<N>.jsonl (engine.core.trace)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.core import EngineCore
-from engine.scheduler import Scheduler
+from engine.core.engine_core import EngineCore
+from engine.core.scheduler import Scheduler
 
 
 def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:

@@ -18,11 +18,11 @@ import torch
 
 from conftest import PROMPTS, TINY, read_jsonl, tiny_config, write_jsonl
 from engine import Engine
-from engine.activations import INDEX_NAME, activations_dir, load, tensors_of, trim_generated
+from engine.core.activations import INDEX_NAME, activations_dir, load, tensors_of, trim_generated
 from engine.config import CaptureDefaults, ConfigError
-from engine.core import EngineCore
-from engine.pipeline import Outcome
-from engine.writer import JsonlWriter
+from engine.core.engine_core import EngineCore
+from engine.engine import Outcome
+from engine.pipeline.writer import JsonlWriter
 from reference import steered_sequence
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +227,7 @@ def test_pipeline_records_carry_activations_with_per_record_overrides(tiny_sourc
 
 
 def engine_run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "engine.apps.run", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -303,7 +303,7 @@ def free_gb(folder: Path) -> float:
 
 
 def test_a_shard_that_does_not_fit_is_not_written_and_its_records_run_again_on_resume(tmp_path):
-    from engine.writer import DiskLow, scan_done_ids
+    from engine.pipeline.writer import DiskLow, scan_done_ids
 
     out = tmp_path / "res.jsonl"
     writer = JsonlWriter(out, {}, ordered=False, max_shard_bytes=100, flush_seconds=3600, min_free_gb=0.0)
@@ -347,8 +347,8 @@ def test_a_shard_that_does_not_fit_is_not_written_and_its_records_run_again_on_r
 
 
 def engine_run_cli(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "engine.apps.run", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_engine_run_refuses_to_start_on_a_low_disk_and_checks_the_option(tmp_path):
@@ -429,16 +429,16 @@ def test_steering_and_capture_that_start_mid_run_recapture_nothing(tiny_source, 
     """Hooks exist from the start and the buffers the decode graphs read are sized ahead, so requests that first
     steer (plain and norm-aware) and first capture generated tokens after the run began add no hook and re-capture
     no graph; only a steering table that outgrows its preallocated rows does (the count is not always zero)."""
-    import engine.core
+    import engine.core.engine_core
 
-    monkeypatch.setitem(engine.core.STEERING_ROWS, "cpu", 3)  # row 0 (zero) and two vectors before it grows
+    monkeypatch.setitem(engine.core.engine_core.STEERING_ROWS, "cpu", 3)  # row 0 (zero) and two vectors before it grows
     core = EngineCore(tiny_config(max_num_seqs=3), tiny_source)
     hooks = [len(layer._forward_hooks) for layer in core.recorder.layers]
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
     plain = [dict(request(i, "generated"), capture=None) for i in range(3)]
     core.generate(plain, ids)
     assert core.runner.graph_stats["captures"] > 0 and core.runner.graph_stats["recaptures"] == 0
-    from engine.request import parse_steering
+    from engine.pipeline.request import parse_steering
 
     mid_run = [request(3, "generated", parse_steering(specs_of(vector)[1])), request(4, "last_prompt", None, [3]),
                request(5, "generated",

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from engine.attention import CONTEXT, engine_attention
+from engine.core.attention import CONTEXT, engine_attention
 
 LENGTHS = [5, 12, 1, 9]
 
@@ -66,7 +66,7 @@ def test_packed_prefill_attends_within_each_prompt(heads, kv_heads, window):
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv_heads,window", [(8, 1, None), (8, 1, 4), (8, 2, None), (4, 4, 3)])
 def test_packed_prefill_on_the_gpu_matches_the_reference(heads, kv_heads, window):
-    from engine.attention import VarlenKernel
+    from engine.core.attention import VarlenKernel
 
     query = torch.zeros(1, heads, 1, 32, device="cuda", dtype=torch.bfloat16)
     print("varlen kernel:", VarlenKernel.get(query, window) is not None)

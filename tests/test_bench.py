@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import read_jsonl, write_jsonl
-from engine import bench
-from engine.bench import BenchConfig, BenchError, GpuMonitor, bench_main
-from engine.bench_report import agreement, cpu_card, markdown, no_gpu_metrics, notes, references, system_metrics
+from engine_bench import runner as bench
+from engine_bench.runner import BenchConfig, BenchError, GpuMonitor, bench_main
+from engine_bench.report import agreement, cpu_card, markdown, no_gpu_metrics, notes, references, system_metrics
 from engine.config import ConfigError
-from engine.workloads import WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload
+from engine_bench.workloads import WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload
 
 NEW_TOKENS = [5, 12, 3, 9]  # unequal within each HF batch of 2, so the per-row cut of a static batch is tested
 
@@ -107,7 +107,7 @@ def test_a_failing_system_is_reported_and_the_others_kept(monkeypatch):
 def test_baselines_pad_with_the_model_configs_id_when_given_a_bare_tokenizer_json(tiny_source, tmp_path):
     import shutil
 
-    from engine.baselines import set_pad_token
+    from engine_bench.baselines import set_pad_token
     from engine.models import load_hf_tokenizer
 
     shutil.copy(Path(tiny_source.tokenizer_dir) / "tokenizer.json", tmp_path)  # no tokenizer_config.json: no roles
@@ -379,8 +379,8 @@ def test_e2e_steered_engine_runs_share_the_warm_cache_and_are_compared_with_it(e
 
 
 def test_e2e_writes_json_table_chart_and_results(e2e_run):
-    from engine.bench_e2e_report import e2e_markdown
-    from engine.cli import run_parser
+    from engine_bench.e2e_report import e2e_markdown
+    from engine.apps.run import run_parser
 
     folder, report = e2e_run
     out = folder / "out"
@@ -409,7 +409,7 @@ def test_engine_run_writes_its_timings_file(e2e_run):
 
 
 def test_run_timings_is_a_no_op_without_a_path_and_refuses_a_missing_folder(tmp_path):
-    from engine.cli import RunTimings
+    from engine.apps.run import RunTimings
 
     quiet = RunTimings(None)
     quiet.mark("first_result")
@@ -428,7 +428,7 @@ def test_run_timings_is_a_no_op_without_a_path_and_refuses_a_missing_folder(tmp_
 
 
 def test_e2e_cold_runs_start_from_empty_caches(tmp_path):
-    from engine.bench_e2e import CACHE_VARS, cache_env
+    from engine_bench.e2e import CACHE_VARS, cache_env
 
     root = tmp_path / "cache"
     env = cache_env(root, "cold")
@@ -441,7 +441,7 @@ def test_e2e_cold_runs_start_from_empty_caches(tmp_path):
 
 
 def test_e2e_failed_command_names_itself_and_shows_its_stderr(tmp_path):
-    from engine.bench_e2e import read_results, run_command
+    from engine_bench.e2e import read_results, run_command
 
     argv = [sys.executable, "-c", "import sys; sys.stderr.write('CUDA out of memory'); sys.exit(3)"]
     with pytest.raises(BenchError, match="(?s)engine-run cold exited with code 3.*CUDA out of memory"):

@@ -21,12 +21,12 @@ TINY_ARGS = ["--model", "random:tiny", "--device", "cpu", "--quiet", "--max-new-
 
 
 def engine_run(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "engine.apps.run", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def start_run(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "engine.apps.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -19,12 +19,12 @@ import torch
 ray = pytest.importorskip("ray", reason="the Ray path needs the [test] extra's ray")
 
 from conftest import PROMPTS, read_jsonl, write_jsonl
-from engine.activations import load
-from engine.cli import run_main
-from engine.cluster import (ClusterError, ClusterJob, job_options, job_spec, line_id, part_of,
+from engine.core.activations import load
+from engine.apps.run import run_main
+from engine.apps.cluster.driver import (ClusterError, ClusterJob, job_options, job_spec, line_id, part_of,
                             ray_main, ray_parser)
-from engine.sweep import Plan, load_sweep
-from engine.writer import ManifestMismatch
+from engine.apps.sweep.runner import Plan, load_sweep
+from engine.pipeline.writer import ManifestMismatch
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--model", "random:tiny", "--device", "cpu", "--max-num-seqs", "2", "--max-new-tokens", "12",

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import PROMPTS, tiny_config
 from engine import Engine
-from engine.compile_cache import MANIFEST, CompileCache
+from engine.core.compile_cache import MANIFEST, CompileCache
 from engine.config import SamplingDefaults
 
 KEY = {"format": 1, "model": {"hidden_size": 64}, "torch": "2.13.0", "device": "cpu x86_64"}

@@ -9,8 +9,8 @@ import torch
 
 from conftest import PROMPTS, tiny_config
 from engine import Engine
-from engine.core import EngineCore
-from engine.scheduler import Scheduler
+from engine.core.engine_core import EngineCore
+from engine.core.scheduler import Scheduler
 from reference import hf_greedy, steered
 
 
@@ -101,7 +101,7 @@ def test_teacher_forced_logits_equal_hf_forward_at_every_position(core, tokenize
 
 
 def test_core_ends_a_sequence_soon_after_its_stop_string(core, tokenizer):
-    from engine.decoder_worker import finalize
+    from engine.pipeline.decoder_worker import finalize
 
     ids = tokenizer(PROMPTS[1]).input_ids
     full = core.generate([request(0, max_new_tokens=48)], [ids])[0].output_ids
@@ -119,7 +119,7 @@ def test_core_ends_a_sequence_soon_after_its_stop_string(core, tokenizer):
 def test_decoder_texts_equal_hf_batch_decode(tokenizer):
     """The decoders' fast path (the Rust tokenizer's batch decode) gives HF's batch_decode texts, special and added
     tokens, byte pieces and whitespace included."""
-    from engine.decoder_worker import decode_texts
+    from engine.pipeline.decoder_worker import decode_texts
 
     rng = np.random.default_rng(0)
     id_lists = [rng.integers(0, len(tokenizer), 60).tolist() for _ in range(64)]

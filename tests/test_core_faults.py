@@ -15,13 +15,13 @@ from numpy.lib import format as npy_format
 from safetensors.torch import save_file
 
 from engine import Engine
-from engine.attention import CONTEXT
-from engine.core import EngineCore, is_device_error
-from engine.model_runner import CollapseCheck
-from engine.request import RecordError
-from engine.sampler import NON_FINITE, Sampler, SamplingMetadata
-from engine.scheduler import Scheduler, Sequence
-from engine.steering import decoder_layers
+from engine.core.attention import CONTEXT
+from engine.core.engine_core import EngineCore, is_device_error
+from engine.core.model_runner import CollapseCheck
+from engine.pipeline.request import RecordError
+from engine.core.sampler import NON_FINITE, Sampler, SamplingMetadata
+from engine.core.scheduler import Scheduler, Sequence
+from engine.core.steering import decoder_layers
 
 NAN, INF = float("nan"), float("inf")
 MAX_NEW = 6

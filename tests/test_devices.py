@@ -17,11 +17,11 @@ import torch
 
 from conftest import PROMPTS, tiny_config
 from engine import Engine
-from engine.bench import bench_main
-from engine.cli import throughput
+from engine_bench.runner import bench_main
+from engine.apps.run import throughput
 from engine.config import ConfigError, EngineConfig, parse_devices
-from engine.pipeline import EngineError
-from engine.sweep import SweepError, load_sweep
+from engine.engine import EngineError
+from engine.apps.sweep.runner import SweepError, load_sweep
 from test_sweep import engine_sweep, make_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def test_devices_forms_and_a_clash_with_device():
 
 
 def test_engine_run_rejects_a_bad_devices_value():
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "--input", __file__, "--model", "random:tiny",
+    result = subprocess.run([sys.executable, "-m", "engine.apps.run", "--input", __file__, "--model", "random:tiny",
                              "--devices", "cpu,gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "--devices 'cpu,gpu': 'gpu' is not a device" in result.stderr
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import PROMPTS, TINY, tiny_config, write_jsonl
 
-import engine.extract as extract_module
+import engine.apps.extract as extract_module
 from engine import Engine
 from engine.config import CaptureDefaults, SamplingDefaults
-from engine.extract import (
+from engine.apps.extract import (
     CONCEPT_FIX,
     METHODS,
     DegenerateLayer,
@@ -28,7 +28,7 @@ from engine.extract import (
     read_pairs,
     report_paths,
 )
-from engine.steering import load_vectors
+from engine.core.steering import load_vectors
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = ROOT / "examples" / "pairs.jsonl"

@@ -16,8 +16,8 @@ GPU_TOKENIZER = os.environ.get("ENGINE_GPU_TEST_TOKENIZER")
 
 
 def test_fused_sampler_equals_the_pytorch_path():
-    from engine.sampler import Sampler, SamplingMetadata, gumbel, row_key
-    from engine.sampler_kernel import gumbel_argmax
+    from engine.core.sampler import Sampler, SamplingMetadata, gumbel, row_key
+    from engine.core.kernels.sampler import gumbel_argmax
 
     torch.manual_seed(0)
     logits = torch.randn(64, 262_144, device="cuda") * 3
@@ -43,8 +43,8 @@ def test_fused_sampler_equals_the_pytorch_path():
 def test_decode_kernel_matches_the_math_backend(heads, kv_heads, dim, window):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from engine.attention import decode_masks
-    from engine.attention_kernel import decode_attention
+    from engine.core.attention import decode_masks
+    from engine.core.kernels.attention import decode_attention
 
     torch.manual_seed(0)
     slots, max_len = 80, 700
@@ -67,7 +67,7 @@ def test_decode_kernel_matches_the_math_backend(heads, kv_heads, dim, window):
 
 @pytest.mark.parametrize("kv_heads,dim", [(1, 256), (2, 64), (8, 128)])
 def test_kv_write_kernel_equals_index_put(kv_heads, dim):
-    from engine.attention_kernel import write_kv
+    from engine.core.kernels.attention import write_kv
 
     torch.manual_seed(0)
     k_cache = torch.randn(16, kv_heads, 301, dim, device="cuda", dtype=torch.bfloat16)
@@ -83,7 +83,7 @@ def test_kv_write_kernel_equals_index_put(kv_heads, dim):
 
 
 def _core(**overrides):
-    from engine.core import EngineCore
+    from engine.core.engine_core import EngineCore
     from engine.models import resolve_model
 
     config = tiny_config(model=GPU_MODEL, tokenizer=GPU_TOKENIZER, device="cuda", dtype="bfloat16", max_num_seqs=16,
@@ -94,7 +94,7 @@ def _core(**overrides):
 def test_attention_backends_match_the_math_backend():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from engine.scheduler import Scheduler
+    from engine.core.scheduler import Scheduler
     from engine.models import load_hf_tokenizer
 
     core = _core(enforce_eager=True)
@@ -113,7 +113,7 @@ def test_attention_backends_match_the_math_backend():
         decode = core.runner.decode_logits(core.scheduler.schedule()).float()
         return prefill, decode
 
-    from engine.attention import TritonKernels
+    from engine.core.attention import TritonKernels
 
     fast = logits_of(PROMPTS)
     TritonKernels.is_enabled = False

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import PROMPTS, read_jsonl, write_jsonl
-from engine.request import record_digest
+from engine.pipeline.request import record_digest
 from engine.storage.output import ErrorLog, errors_path
 from test_cli import ROOT, TINY_ARGS, engine_run, start_run, wait_for_records
 
@@ -357,7 +357,7 @@ def test_inputs_that_are_not_regular_files_say_what_they_are(tmp_path):
         result = engine_run("--input", source, *TINY_ARGS)
         assert result.returncode == 1 and fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-    piped = subprocess.run([sys.executable, "-m", "engine.cli", "--input", "/dev/stdin", *TINY_ARGS], cwd=ROOT,
+    piped = subprocess.run([sys.executable, "-m", "engine.apps.run", "--input", "/dev/stdin", *TINY_ARGS], cwd=ROOT,
                            input='{"prompt": "x"}\n', capture_output=True, text=True, timeout=120)
     assert piped.returncode == 1 and "FIFO" in piped.stderr, piped.stderr
 

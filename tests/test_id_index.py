@@ -8,9 +8,9 @@ import threading
 import tracemalloc
 
 from engine.config import EngineConfig
-from engine.id_index import IdIndex
-from engine.pipeline import read_requests
-from engine.writer import scan_done_ids
+from engine.storage.id_index import IdIndex
+from engine.engine import read_requests
+from engine.pipeline.writer import scan_done_ids
 
 
 def test_membership_is_exact_and_counts_and_prefixes_hold():

@@ -4,7 +4,7 @@ from functools import partial
 
 from transformers import GemmaConfig
 
-from engine.kv_cache import AUTO_PREFILL_TOKENS, MIN_AUTO_PREFILL_TOKENS, activation_reserve, fit_prefill
+from engine.core.kv_cache import AUTO_PREFILL_TOKENS, MIN_AUTO_PREFILL_TOKENS, activation_reserve, fit_prefill
 
 GIB = 1 << 30
 GEMMA_2B = GemmaConfig(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,

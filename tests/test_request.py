@@ -3,7 +3,7 @@
 import pytest
 
 from engine.config import SamplingDefaults
-from engine.request import RecordError, decode_line, derive_seed, parse_record, parse_steering
+from engine.pipeline.request import RecordError, decode_line, derive_seed, parse_record, parse_steering
 
 DEFAULTS = SamplingDefaults(max_new_tokens=32, temperature=0.5, seed=9)
 
@@ -80,7 +80,7 @@ def test_steering_normalised_and_null_disables_job_steering():
 
 
 def test_named_specs_resolve_and_unknown_names_are_errors(tmp_path):
-    from engine.request import load_named_specs
+    from engine.pipeline.request import load_named_specs
 
     path = tmp_path / "specs.toml"
     path.write_text('["honesty+4@L6"]\nvector = "h.gguf"\nlayers = [6]\ncoef = 4\n\n'
@@ -158,7 +158,7 @@ def test_norm_flags_must_be_booleans(flag):
 
 
 def test_named_specs_take_ranges_and_norm_flags(tmp_path):
-    from engine.request import load_named_specs
+    from engine.pipeline.request import load_named_specs
 
     path = tmp_path / "specs.toml"
     path.write_text('[last]\nvector = "a.npy"\nlayers = [3]\npositions = {prompt = [-1]}\nnorm_match = true\n\n'

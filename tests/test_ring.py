@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.ring import FILLING, FREE, IN_USE, READY, RingError, ShmRing
+from engine.pipeline.ring import FILLING, FREE, IN_USE, READY, RingError, ShmRing
 
 CTX = mp.get_context("spawn")
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.sampler import Sampler, SamplingMetadata, gumbel
+from engine.core.sampler import Sampler, SamplingMetadata, gumbel
 
 
 def params(rows):

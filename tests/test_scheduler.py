@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.scheduler import Scheduler, Sequence, batch_sizes
+from engine.core.scheduler import Scheduler, Sequence, batch_sizes
 
 
 def seq(index: int, prompt_len: int = 4, max_new: int = 3) -> Sequence:

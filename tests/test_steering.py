@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.request import RecordError, parse_steering
-from engine.steering import load_vectors, save_vectors
+from engine.pipeline.request import RecordError, parse_steering
+from engine.core.steering import load_vectors, save_vectors
 
 LAYERS, HIDDEN = 6, 8
 
@@ -92,7 +92,7 @@ def test_each_bad_vector_is_a_clear_error(tmp_path, make, fragment):
 @pytest.fixture(scope="module")
 def forced(tiny_source, tokenizer):
     from conftest import tiny_config
-    from engine.core import EngineCore
+    from engine.core.engine_core import EngineCore
 
     return forced_case(EngineCore(tiny_config(), tiny_source), tokenizer)
 
@@ -238,7 +238,7 @@ def test_ranges_and_norms_inside_cuda_graphs(vectors):
     import os
 
     from conftest import tiny_config
-    from engine.core import EngineCore
+    from engine.core.engine_core import EngineCore
     from engine.models import load_model, resolve_model
     from engine.models import load_hf_tokenizer
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import read_jsonl, write_jsonl
 
-from engine.request import derive_seed
-from engine.sweep import (
+from engine.pipeline.request import derive_seed
+from engine.apps.sweep.runner import (
     ERRORS,
     RESULTS,
     Plan,
@@ -25,7 +25,7 @@ from engine.sweep import (
     load_sweep,
     prepare_directory,
 )
-from engine.sweep_report import write_report
+from engine.apps.sweep.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,8 +68,8 @@ def make_sweep(folder: Path, coefs="[0, 4]", max_num_seqs=4, extra="", num_promp
 
 
 def engine_sweep(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.sweep", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run([sys.executable, "-m", "engine.apps.sweep.runner", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def plan_ids(path: Path) -> dict[str, int]:
@@ -195,8 +195,8 @@ def test_a_json_sweep_file_names_the_field_of_a_number_out_of_range(tmp_path, ch
 
 
 def test_every_grid_point_goes_through_the_record_parser(tmp_path, monkeypatch):
-    import engine.sweep as sweep_module
-    from engine.request import RecordError, parse_steering
+    import engine.apps.sweep.runner as sweep_module
+    from engine.pipeline.request import RecordError, parse_steering
 
     seen = []
 
@@ -215,7 +215,7 @@ def test_every_grid_point_goes_through_the_record_parser(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the output directory
 def sweep_main_in_process(path: Path, *args, capsys) -> tuple[int, str]:
-    from engine.sweep import sweep_main
+    from engine.apps.sweep.runner import sweep_main
 
     code = sweep_main([str(path), *map(str, args)])
     return code, capsys.readouterr().err
@@ -299,7 +299,7 @@ def test_run_then_extend_with_a_coefficient_and_a_model_runs_only_the_new_reques
     assert status["models"]["tiny"]["state"] == "done" and status["tok_per_s"] > 0
     assert "finished" in (tmp_path / "out" / "sweep.log").read_text()
     # The projection metric equals the captured activations projected by hand.
-    from engine.activations import load
+    from engine.core.activations import load
     activations = load(tmp_path / "out" / "results.jsonl")
     v = np.load(tmp_path / "v.npy")
     unit = v / np.linalg.norm(v)
@@ -338,7 +338,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def start_sweep(path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.sweep", str(path), "--no-report"], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "engine.apps.sweep.runner", str(path), "--no-report"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -537,12 +537,13 @@ def test_a_disk_filling_mid_sweep_stops_it_cleanly_and_the_same_command_resumes(
     assert result.returncode == 0, result.stderr
     assert f"{56 - num_before} records" in result.stderr
     records = check_output(tmp_path, path)
-    from engine.activations import load
+    from engine.core.activations import load
     assert sorted(load(results)) == sorted(r["id"] for r in records)
 
 
 def test_report_of_a_folder_that_is_no_sweep_says_so_in_one_line(tmp_path):
-    """Through `python -m engine.sweep`, whose handler must catch the SweepError that engine.sweep_report raises."""
+    """Through `python -m engine.apps.sweep.runner`, whose handler must catch the SweepError that the report
+    module raises."""
     for target in (tmp_path / "nothing-here", make_sweep(tmp_path)):
         result = engine_sweep("report", target)
         assert result.returncode == 1

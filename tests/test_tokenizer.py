@@ -248,9 +248,9 @@ def test_added_token_flags_survive(layouts):
 
 
 def test_hf_call_shape_lets_the_worker_code_run_unchanged(pair):
-    from engine.decoder_worker import decode_texts
+    from engine.pipeline.decoder_worker import decode_texts
     from engine.stops import cut_at_stop
-    from engine.tokenizer_worker import encode
+    from engine.pipeline.tokenizer_worker import encode
 
     hf, rust = pair
     requests = [{"prompt": text, "messages": None} for text in TEXTS[:6]]

@@ -55,9 +55,9 @@ def test_a_worker_that_imports_torch_fails_the_engine(monkeypatch, tmp_path):
 
 
 def test_importing_the_package_imports_no_torch():
-    script = ("import engine, sys; assert 'torch' not in sys.modules and 'engine.pipeline' not in sys.modules; "
+    script = ("import engine, sys; assert 'torch' not in sys.modules and 'engine.engine' not in sys.modules; "
               "assert engine.EngineConfig.__module__ == 'engine.config' and 'torch' not in sys.modules; "
-              "assert engine.Engine.__module__ == 'engine.pipeline' and 'Engine' in dir(engine)")
+              "assert engine.Engine.__module__ == 'engine.engine' and 'Engine' in dir(engine)")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120)
 
 

@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from engine.id_index import IdIndex
-from engine.request import RecordError, decode_line, record_digest, record_id
+from engine.storage.id_index import IdIndex
+from engine.pipeline.request import RecordError, decode_line, record_digest, record_id
 from engine.storage.files import (
     FileLock,
     Locked,
@@ -127,7 +127,7 @@ def check_manifest(output: Path, manifest: dict, force: bool) -> None:
 
 
 def _set_aside(output: Path, why: str) -> None:
-    from engine.activations import activations_dir  # activations imports torch; engine-run's checks need not
+    from engine.core.activations import activations_dir  # activations imports torch; engine-run's checks need not
 
     moved = move_aside([output, manifest_path(output), errors_path(output), activations_dir(output)])
     log.warning("%s: %s; moved the old files aside (%s)", output, why, ", ".join(p.name for p in moved))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.activation_messages import trim_generated
+from engine.pipeline.activation_messages import trim_generated
 from engine.models import decoding_tokenizer
 from engine.procs import (
     Lifeline,

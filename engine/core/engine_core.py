@@ -16,12 +16,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engine.activations import ActivationRecorder
-from engine.attention import unsupported_reason
-from engine.compile_cache import CompileCache, cache_key
+from engine.core.activations import ActivationRecorder
+from engine.core.attention import unsupported_reason
+from engine.core.compile_cache import CompileCache, cache_key
 from engine.config import DEFAULT_NUM_SEQS, EngineConfig
-from engine.kv_cache import KVCache, plan_slots
-from engine.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
+from engine.core.kv_cache import KVCache, plan_slots
+from engine.core.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
 from engine.models import (
     ModelNotFound,
     ModelSource,
@@ -33,12 +33,12 @@ from engine.models import (
     tokenizer_facts,
 )
 from engine.procs import STOP, Lifeline, MsgQueue
-from engine.request import RecordError
-from engine.ring import ShmRing
-from engine.scheduler import Scheduler, Sequence
-from engine.steering import SteeringTable
+from engine.pipeline.request import RecordError
+from engine.pipeline.ring import ShmRing
+from engine.core.scheduler import Scheduler, Sequence
+from engine.core.steering import SteeringTable
 from engine.stops import StopScanner
-from engine.trace import Phases, StepTrace
+from engine.core.trace import Phases, StepTrace
 
 log = logging.getLogger("engine")
 

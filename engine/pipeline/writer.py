@@ -2,7 +2,7 @@
 
 Records are written as whole lines, flushed and fsynced in batches; a line cut short by a crash is
 removed on resume, so the output is always a file of complete JSON records. Result lines that point at
-activations wait until their shard is on disk (engine.activations.ActivationStore), and a shard is only written
+activations wait until their shard is on disk (engine.core.activations.ActivationStore), and a shard is only written
 while the disk keeps `min_free_gb` free besides it (DiskLow otherwise: its records run again on resume).
 The ids already done are kept in an IdIndex (on disk), so resuming a run of millions of records stays small.
 """
@@ -15,9 +15,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.activations import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir, tensors_of
-from engine.id_index import IdIndex
-from engine.pipeline import Outcome
+from engine.core.activations import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir, tensors_of
+from engine.storage.id_index import IdIndex
+from engine.engine import Outcome
 from engine.storage.files import (DiskLow, OutputWriteError, check_free_space, require_free,  # noqa: F401 - re-exported
                                   write_atomic)
 from engine.storage.output import (ErrorLog, ManifestMismatch, check_manifest, errors_path, manifest_path,  # noqa: F401

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.transfer import to_device
+from engine.core.transfer import to_device
 
 _M32 = 0xFFFFFFFF
 NON_FINITE = -1  # the token a failed row samples (see above); never a vocabulary id, never fed to a forward
 
 try:  # the fused CUDA kernel; without Triton the PyTorch path computes the same noise
-    from engine import sampler_kernel as _fused
+    from engine.core.kernels import sampler as _fused
 except ImportError:
     _fused = None
 

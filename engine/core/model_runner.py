@@ -17,15 +17,15 @@ from functools import partial
 import numpy as np
 import torch
 
-from engine import attention
-from engine.activations import ActivationRecorder
-from engine.attention import CONTEXT, decode_masks
-from engine.kv_cache import KVCache
-from engine.sampler import Sampler, SamplingMetadata
-from engine.scheduler import ScheduledBatch, Sequence, bucket
-from engine.steering import SteeringTable, decoder_layers
-from engine.trace import Phases
-from engine.transfer import to_device
+from engine.core import attention
+from engine.core.activations import ActivationRecorder
+from engine.core.attention import CONTEXT, decode_masks
+from engine.core.kv_cache import KVCache
+from engine.core.sampler import Sampler, SamplingMetadata
+from engine.core.scheduler import ScheduledBatch, Sequence, bucket
+from engine.core.steering import SteeringTable, decoder_layers
+from engine.core.trace import Phases
+from engine.core.transfer import to_device
 
 log = logging.getLogger("engine")
 
@@ -34,7 +34,7 @@ MIN_READ_LEN = 128
 
 class ModelRunner:
     """Prefill and decode steps; returns sampled next tokens on the device (NON_FINITE for rows whose logits
-    overflowed or whose final norm collapsed, see engine.sampler)."""
+    overflowed or whose final norm collapsed, see engine.core.sampler)."""
 
     def __init__(self, model, steering: SteeringTable, cache: KVCache, use_graphs: bool,
                  recorder: ActivationRecorder, max_prefill_tokens: int, phases: Phases | None = None,
@@ -70,7 +70,7 @@ class ModelRunner:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         phases = phases or Phases()
         phases.done("setup")
-        if compile_cache is not None:  # an open engine.compile_cache.CompileCache
+        if compile_cache is not None:  # an open engine.core.compile_cache.CompileCache
             attention.bind_cache(model, cache)
             compile_layers(model)
             self._warm_compiled(max_prefill_tokens, compile_cache)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from engine.cli import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
+from engine.apps.run import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
 from engine.config import (
     DTYPES,
     CaptureDefaults,
@@ -41,11 +41,11 @@ from engine.config import (
     SamplingDefaults,
 )
 from engine.models import ModelNotFound
-from engine.pipeline import Engine, EngineError
+from engine.engine import Engine, EngineError
 from engine.storage.files import commit_file, write_problem
-from engine.steering import save_vectors
+from engine.core.steering import save_vectors
 
-log = logging.getLogger("engine.extract")
+log = logging.getLogger("engine.apps.extract")
 
 METHODS = ("mean_diff", "pca")
 POSITIONS = ("last_prompt", "mean_prompt")

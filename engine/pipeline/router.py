@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from engine.procs import MsgQueue
-from engine.ring import IN_USE, READY, ShmRing
+from engine.pipeline.ring import IN_USE, READY, ShmRing
 
 
 @dataclass(slots=True)

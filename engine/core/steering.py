@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine.specs import RecordError, not_a_file, steering_terms
-from engine.transfer import to_device
+from engine.core.transfer import to_device
 
 VECTOR_SUFFIXES = (".safetensors", ".pt", ".npy", ".gguf")
 CONTROL_VECTOR_ARCH = "controlvector"  # the GGUF architecture repeng and llama.cpp use for steering vectors

@@ -15,7 +15,7 @@ import torch
 from engine.config import SamplingDefaults
 from engine.models import ModelSource, load_model
 from engine.models import load_hf_tokenizer
-from engine.workloads import Prompt
+from engine_bench.workloads import Prompt
 
 OnResult = Callable[[int], None]  # called with the number of prompts just finished
 

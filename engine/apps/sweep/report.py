@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.storage.files import complete_records
-from engine.sweep import BASELINE, ERRORS, PLAN, RESULTS, SUMMARY_COLUMNS, SweepError
+from engine.apps.sweep.runner import BASELINE, ERRORS, PLAN, RESULTS, SUMMARY_COLUMNS, SweepError
 
 
 @dataclass(slots=True)
@@ -138,8 +138,8 @@ class Scorer:
                 if layer in layers}
 
     def _direction(self, name: str, layer: int, hidden: int):
-        from engine.request import RecordError
-        from engine.steering import load_vectors
+        from engine.pipeline.request import RecordError
+        from engine.core.steering import load_vectors
 
         key = (name, hidden)
         if key not in self._vector_cache:
@@ -169,7 +169,7 @@ class LogProbs:
             return None
         tag = record["sweep"]
         model, tok, device = self._model(tag["model"])
-        from engine.tokenizer_worker import encode
+        from engine.pipeline.tokenizer_worker import encode
 
         prompt = self._prompt(tag["prompt_set"], tag["prompt_id"])
         [prompt_ids] = encode(tok, [{"prompt": prompt.get("prompt"), "messages": prompt.get("messages")}])
@@ -200,7 +200,7 @@ class LogProbs:
 
     def _prompt(self, prompt_set: str, prompt_id: str) -> dict:
         if self._prompts is None:
-            from engine.sweep import PromptSet, read_prompts
+            from engine.apps.sweep.runner import PromptSet, read_prompts
 
             self._prompts = {(name, pid): record for name, path in self.plan["prompt_files"].items()
                              for pid, record in read_prompts(PromptSet(name, path))}

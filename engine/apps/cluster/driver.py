@@ -31,18 +31,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from engine.cli import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED, add_engine_args, config_from_args,
+from engine.apps.run import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED, add_engine_args, config_from_args,
                         input_lines, manifest_of)
 from engine.config import ConfigError, EngineConfig
 from engine.models import ModelNotFound
-from engine.pipeline import Engine, EngineError, read_requests
+from engine.engine import Engine, EngineError, read_requests
 from engine.procs import stop_signals
 from engine.storage.files import complete_lines, move_aside, write_atomic
 from engine.storage.output import OutputError
-from engine.sweep import Plan, SweepError, load_sweep, prepare_directory
-from engine.writer import JsonlWriter, ManifestMismatch, check_manifest, errors_path, manifest_path, scan_done_ids
+from engine.apps.sweep.runner import Plan, SweepError, load_sweep, prepare_directory
+from engine.pipeline.writer import (JsonlWriter, ManifestMismatch, check_manifest, errors_path, manifest_path,
+                                    scan_done_ids)
 
-log = logging.getLogger("engine.cluster")
+log = logging.getLogger("engine.apps.cluster.driver")
 
 JOB_FILE, STATUS_FILE, RESULTS, COMPLETE = "cluster.json", "status.json", "results.jsonl", "complete.json"
 JOB_VERSION = 1
@@ -810,7 +811,7 @@ def _run(job: ClusterJob, args) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     if job.spec.kind == "sweep" and not args.no_report:
-        from engine.sweep_report import write_report
+        from engine.apps.sweep.report import write_report
 
         write_report(job.out)
     num_errors = sum(1 for _ in complete_lines(errors_path(job.out / RESULTS)))

@@ -1,6 +1,6 @@
 """engine-bench --e2e: each system as the whole command a user runs, timed from process start to exit, cold and warm.
 
-`engine-run` and the write-up's batched loop as a user's script (engine/bench_user_script.py, at each batch size) run
+`engine-run` and the write-up's batched loop as a user's script (engine_bench/user_script.py, at each batch size) run
 one after another as fresh processes over the same prompts file and the same model directory. The parent times each
 command from just before it starts to its exit; the command's own --timings stamps split that into phases. Cold: the
 command's cache folders (ENGINE_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, CUDA_CACHE_PATH) start empty;
@@ -30,13 +30,14 @@ from pathlib import Path
 
 import psutil
 
-from engine.bench import BenchConfig, BenchError, GpuMonitor, check_lengths, load_workloads, random_steering_specs
-from engine.bench_e2e_report import READY, e2e_markdown, row_system, run_metrics, summarise, write_e2e_chart
-from engine.bench_report import append_results, cpu_card, cpu_name, no_gpu_metrics, versions, write_outputs
+from engine_bench.runner import (BenchConfig, BenchError, GpuMonitor, check_lengths, load_workloads,
+                                 random_steering_specs)
+from engine_bench.e2e_report import READY, e2e_markdown, row_system, run_metrics, summarise, write_e2e_chart
+from engine_bench.report import append_results, cpu_card, cpu_name, no_gpu_metrics, versions, write_outputs
 from engine.models import ModelSource, resolve_device, resolve_dtype, resolve_model
-from engine.workloads import Workload
+from engine_bench.workloads import Workload
 
-SCRIPT = Path(__file__).with_name("bench_user_script.py")
+SCRIPT = Path(__file__).with_name("user_script.py")
 CACHE_STATES = ("cold", "warm")
 CACHE_VARS = {"ENGINE_CACHE_DIR": "engine", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
               "CUDA_CACHE_PATH": "cuda"}
@@ -155,7 +156,7 @@ def write_prompts(workload: Workload, config: BenchConfig, path: Path, steering:
 
 def engine_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path) -> list[str]:
     """engine-run with its own defaults, except the engine settings the user gave engine-bench."""
-    argv = [sys.executable, "-m", "engine.cli", "--input", str(prompts), "--output", str(folder / "results.jsonl"),
+    argv = [sys.executable, "-m", "engine.apps.run", "--input", str(prompts), "--output", str(folder / "results.jsonl"),
             "--model", str(model), "--dtype", dtype_name(config), "--seed", str(config.seed), "--ignore-eos",
             "--return-tokens", "--force", "--quiet", "--timings", str(folder / "timings.json")]
     argv += ["--devices", ",".join(config.devices)] if config.devices else ["--device", config.device]
@@ -284,7 +285,7 @@ def gpu_columns(gpu: GpuMonitor | None, run: dict, m: dict, num_cards: int) -> d
 
 def engine_run_defaults() -> dict:
     """engine-run's own values of the engine settings engine-bench leaves to it unless given (the table names them)."""
-    from engine.cli import run_parser
+    from engine.apps.run import run_parser
 
     parser = run_parser()
     return {name: parser.get_default(name) for name in ("max_num_seqs", "max_model_len", "gpu_memory_fraction")}

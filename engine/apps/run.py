@@ -1,4 +1,4 @@
-"""Console entry points; thin layers over engine.pipeline.Engine."""
+"""Console entry points; thin layers over engine.engine.Engine."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from typing import Iterator
 from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, COMPILE_MODES, DTYPES, STEER_POSITIONS, TRUNCATE_MODES,
                            CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
 from engine.models import ModelNotFound
-from engine.pipeline import Engine, EngineError, read_requests
+from engine.engine import Engine, EngineError, read_requests
 from engine.procs import stop_signals
 from engine.specs import not_a_file
 from engine.storage.files import DiskLow, OutputWriteError, check_free_space, write_atomic
 from engine.storage.output import (OutputError, changed_message, check_input, check_manifest, check_output_path,
                                    drop_records, errors_path, lock_output, scan_done_ids)
-from engine.trace import process_age
+from engine.core.trace import process_age
 
 EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
@@ -326,10 +326,10 @@ def _resume_index(source: Path, output: Path, force: bool):
 def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, done, args, wall: float,
               timings: RunTimings) -> int:
     # The writer's module imports torch (its activation store): ~2 s, done while the engine starts, not after.
-    threading.Thread(target=importlib.import_module, args=("engine.writer",), daemon=True).start()
+    threading.Thread(target=importlib.import_module, args=("engine.pipeline.writer",), daemon=True).start()
     with Engine(config) as engine:
         timings.mark("engine_ready")
-        from engine.writer import (
+        from engine.pipeline.writer import (
             JsonlWriter,  # here: its activation store imports torch, now beside the core's start
         )
 

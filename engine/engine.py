@@ -20,22 +20,24 @@ from typing import Container, Iterable, Iterator
 
 from engine.bytecode import use_bytecode_cache
 from engine.config import EngineConfig
-from engine.decoder_worker import decoder_main
-from engine.id_index import IdIndex
+from engine.pipeline.decoder_worker import decoder_main
+from engine.storage.id_index import IdIndex
 from engine.models import effective_max_len, resolve_model, tokenizer_facts
 from engine.procs import ByName, Lifeline, MsgQueue, start, wake
-from engine.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs, parse_record,
+from engine.pipeline.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs,
+                                     parse_record,
                             record_digest)
-from engine.ring import ShmRing
-from engine.router import CoreLane, Router, lane_labels
-from engine.tokenizer_worker import tokenizer_main
+from engine.pipeline.ring import ShmRing
+from engine.pipeline.router import CoreLane, Router, lane_labels
+from engine.pipeline.tokenizer_worker import tokenizer_main
 
 log = logging.getLogger("engine")
 
 FEED_BATCH = 32
-# The core's entry point by name: the parent never imports engine.core (torch, transformers), so it starts the core
+# The core's entry point by name: the parent never imports engine.core.engine_core (torch, transformers), so it starts
+# the core
 # at once instead of after seconds of imports, and imports torch later only if a run needs it (activations).
-CORE_MAIN = ByName("engine.core", "core_main")
+CORE_MAIN = ByName("engine.core.engine_core", "core_main")
 HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes while results keep arriving
 RESERVED_OUTPUT = ("completion", "finish_reason", "num_prompt_tokens", "num_completion_tokens",
                    "completion_token_ids", "error", "line", "steering_name", "activations", "input_digest")
@@ -52,7 +54,7 @@ class Outcome:
     position: int
     record: dict
     is_error: bool
-    activations: dict | None = None  # captured activations as the core sent them (engine.activations.tensors_of)
+    activations: dict | None = None  # captured activations as the core sent them (engine.core.activations.tensors_of)
 
 
 def error_record(line: int | None, request_id: str | None, error: str) -> dict:
@@ -69,9 +71,9 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
     where a record becomes a request, so whatever is wrong with a record (any exception its checks raise) becomes
     that record's error, and the run goes on.
 
-    Ids in `skip_ids` (already in the output: a set, or engine.writer.scan_done_ids's IdIndex) are dropped silently;
+    Ids in `skip_ids` (already in the output: a set, or pipeline.writer.scan_done_ids's IdIndex) are dropped silently;
     a repeated id is an error. The ids seen are kept on disk (IdIndex), so memory does not grow with the input.
-    `digests`: each Request carries its record's digest (engine.request.record_digest), which its result keeps.
+    `digests`: each Request carries its record's digest (engine.pipeline.request.record_digest), which its result keeps.
     """
     steering, capture = config.steering.as_record(), config.capture.as_record()
     named = load_named_specs(config.steering_specs) if config.steering_specs else {}
@@ -486,7 +488,7 @@ def _devices_name(names: list[str]) -> str:
 def _with_tensors(outcome: Outcome) -> dict:
     if outcome.activations is None:
         return outcome.record
-    from engine.activations import tensors_of  # torch: not imported by the parent until activations arrive
+    from engine.core.activations import tensors_of  # torch: not imported by the parent until activations arrive
 
     return {**outcome.record, "activations": tensors_of(outcome.activations)}
 

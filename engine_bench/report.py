@@ -10,7 +10,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from engine.workloads import Workload
+from engine_bench.workloads import Workload
 
 GIB = float(1 << 30)
 

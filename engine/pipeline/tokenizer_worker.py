@@ -14,8 +14,8 @@ from engine.procs import (
     is_checking_imports,
     messages,
 )
-from engine.request import RecordError
-from engine.ring import ShmRing
+from engine.pipeline.request import RecordError
+from engine.pipeline.ring import ShmRing
 
 log = logging.getLogger("engine")
 

@@ -4,8 +4,8 @@ not grow in memory with the number of records.
 It is a private temporary SQLite database (SQLite deletes its file when the connection closes, or when the process
 dies): membership is exact, memory is SQLite's page cache (CACHE_KIB) whatever the count, and one insert or lookup
 costs a few microseconds. Each id may carry the activation shard its result record points at and the digest of the
-input record it was made from (engine.request.record_digest), or any other short text a caller keeps. Ids are stored as
-UTF-8 bytes (lone surrogates, which JSON input may hold, included), so any str id is kept exactly.
+input record it was made from (pipeline.request.record_digest), or any other short text a caller keeps. Ids are
+stored as UTF-8 bytes (lone surrogates, which JSON input may hold, included), so any str id is kept exactly.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.kv_cache import KVCache
-from engine.steering import decoder_layers
+from engine.core.kv_cache import KVCache
+from engine.core.steering import decoder_layers
 
 log = logging.getLogger("engine")
 
@@ -226,7 +226,7 @@ class TritonKernels:
             return None
         if cls._module is None:
             try:
-                from engine import attention_kernel
+                from engine.core.kernels import attention as attention_kernel
             except ImportError as exc:  # no triton: SDPA gives the same attention, only slower
                 cls._module = False
                 log.info("Triton unavailable (%s): decode attention through SDPA with a mask, K/V writes "

@@ -7,7 +7,7 @@ engine run (the engine mixes steering per request); models run one after another
 
 The output directory holds: `sweep.toml` (the file as given), `plan.json` (the resolved plan and its hash),
 `results.jsonl` / `results.errors.jsonl` / `results.activations/` (written by JsonlWriter, as engine-run writes them),
-`status.json` (rewritten every few seconds), `sweep.log`, and at the end the report (engine.sweep_report).
+`status.json` (rewritten every few seconds), `sweep.log`, and at the end the report (engine.apps.sweep.report).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from engine.cli import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
+from engine.apps.run import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
 from engine.config import (
     DTYPES,
     TRUNCATE_MODES,
@@ -41,15 +41,15 @@ from engine.config import (
     SamplingDefaults,
     device_settings,
 )
-from engine.id_index import IdIndex
+from engine.storage.id_index import IdIndex
 from engine.models import ModelNotFound
-from engine.pipeline import Engine, EngineError, read_requests
+from engine.engine import Engine, EngineError, read_requests
 from engine.procs import stop_signals
-from engine.request import RecordError, decode_line, derive_seed, parse_steering
+from engine.pipeline.request import RecordError, decode_line, derive_seed, parse_steering
 from engine.storage.files import check_free_space, move_aside, write_atomic, write_problem
-from engine.writer import DiskLow, JsonlWriter, scan_done_ids
+from engine.pipeline.writer import DiskLow, JsonlWriter, scan_done_ids
 
-log = logging.getLogger("engine.sweep")
+log = logging.getLogger("engine.apps.sweep.runner")
 
 PLAN_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -690,7 +690,7 @@ class Plan:
         return derive_seed(self.config.seed, key)
 
     def requests(self, model: ModelEntry) -> Iterator[tuple[int, dict]]:
-        """(number, input record) of every request of one model, as engine.pipeline.read_requests takes them."""
+        """(number, input record) of every request of one model, as engine.engine.read_requests takes them."""
         vectors, number = self.config.vectors, 0
         specs = {p.key: p.steering(vectors) for p in self.points}
         for sample in range(self.config.samples):
@@ -1141,7 +1141,7 @@ def _run(plan: Plan, out: Path, args) -> int:
     if ended == "interrupted":
         return EXIT_INTERRUPTED
     if not args.no_report:
-        from engine.sweep_report import write_report
+        from engine.apps.sweep.report import write_report
 
         try:
             paths = write_report(out)
@@ -1153,7 +1153,7 @@ def _run(plan: Plan, out: Path, args) -> int:
 
 
 def _report_main(args) -> int:
-    from engine.sweep_report import write_report
+    from engine.apps.sweep.report import write_report
 
     try:
         paths = write_report(Path(args.directory))
@@ -1183,8 +1183,8 @@ def _log_to(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    # Run engine.sweep's own copy, not this __main__ one: sweep_report raises engine.sweep.SweepError, which a handler
-    # here (__main__.SweepError, another class) would not catch.
-    from engine.sweep import sweep_main as main
+    # Run the module's own copy, not this __main__ one: the report raises engine.apps.sweep.runner.SweepError, which
+    # a handler here (__main__.SweepError, another class) would not catch.
+    from engine.apps.sweep.runner import sweep_main as main
 
     sys.exit(main())

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.sampler import NON_FINITE
+from engine.core.sampler import NON_FINITE
 
 if TYPE_CHECKING:
-    from engine.steering import SteerPlan
+    from engine.core.steering import SteerPlan
 
 
 @dataclass(slots=True)
@@ -139,7 +139,7 @@ class Scheduler:
 
         A sequence that finished one step earlier (EOS seen late) was still computed; its token is dropped.
         `stop_hit(output_ids, stops)` says whether a stop string has appeared (the decoders cut the text there).
-        A NON_FINITE token (the forward overflowed: see engine.sampler) ends its sequence with finish_reason
+        A NON_FINITE token (the forward overflowed: see engine.core.sampler) ends its sequence with finish_reason
         "error", not appended.
         """
         finished = []

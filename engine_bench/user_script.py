@@ -30,7 +30,7 @@ CHUNK_BATCHES = 4  # the write-up tokenizes four batches at a time and moves the
 
 def process_start() -> float:
     """time.time() at this process's start, from /proc (the same clock engine-run's --timings uses; the script may
-    not import engine, so engine.trace.process_age is restated here); now where /proc is missing."""
+    not import engine, so engine.core.trace.process_age is restated here); now where /proc is missing."""
     try:
         with open("/proc/self/stat", encoding="ascii") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])

@@ -4,7 +4,7 @@ table and stacked-phase chart."""
 
 from __future__ import annotations
 
-from engine.bench_report import agreement, fmt, span
+from engine_bench.report import agreement, fmt, span
 
 PHASES = ("imports", "load", "compile", "capture", "other start-up", "generation", "exit")
 READY = {"engine-run": "engine_ready", "hf-script": "load_done"}  # the stamp after which a system generates
@@ -199,9 +199,9 @@ def e2e_notes(report: dict) -> list[str]:
         given.append(f"--max-model-len {s['max_model_len']}")
     out = [f"**{e['systems']} failed** and has no row: {e['error'].splitlines()[0]}" for e in report["errors"]]
     out += [
-        "Each row is one fresh process: engine-run (`python -m engine.cli`, with its own defaults"
+        "Each row is one fresh process: engine-run (`python -m engine.apps.run`, with its own defaults"
         + (f" but {', '.join(given)}" if given else "")
-        + "; JSON: engine_run_defaults) or hf-script (engine/bench_user_script.py, the write-up's "
+        + "; JSON: engine_run_defaults) or hf-script (engine_bench/user_script.py, the write-up's "
         "batched loop as a user's script: read JSONL, load, tokenize in chunks of 4 batches, one generate per batch, "
         "batch_decode, write JSONL; it imports torch and transformers only), both loading the same Hugging Face "
         f"directory ({report['model_dir']}) and reading the same prompts file"

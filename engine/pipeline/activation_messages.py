@@ -1,7 +1,7 @@
 """The activations message, as it travels from the engine core to a decoder worker: what a worker does to it.
 
 A message is {positions, dtype, is_before_steering, layers: {layer: [shape, raw bytes]}} (ActivationRecorder.pop
-builds it). This lives apart from engine/activations.py because the decoder workers must not import torch (their
+builds it). This lives apart from engine/core/activations.py because the decoder workers must not import torch (their
 start-up is part of every run): it needs only the byte size of each capture dtype.
 """
 

@@ -3,7 +3,7 @@
 Each system runs in its own spawned process (the baselines share one: naive, then each HF batch size), so
 CPU time, GPU memory and start-up belong to that system alone. The parent samples the card through NVML and
 turns each system's timed window into metrics; the JSON, Markdown table and PNG chart are written per workload.
-With --e2e (engine/bench_e2e.py) each system runs instead as the whole command a user would type, cold and warm.
+With --e2e (engine_bench/e2e.py) each system runs instead as the whole command a user would type, cold and warm.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from pathlib import Path
 
 import psutil
 
-from engine.bench_report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
+from engine_bench.report import (GIB, agreement, append_results, cpu_card, cpu_name, gpu_metrics, markdown,
                                  no_gpu_metrics, notes, references, system_metrics, versions, work_window,
                                  write_outputs)
 from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError, EngineConfig, SamplingDefaults, parse_devices
 from engine.models import ModelNotFound, ModelSource, hidden_size, resolve_device, resolve_dtype, resolve_model
 from engine.procs import MsgQueue, child_main
-from engine.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload, prompts_from_msg,
+from engine_bench.workloads import (WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload,
+                                    prompts_from_msg,
                               prompts_to_msg)
 
 SYSTEMS = ("naive", "hf", "engine")
@@ -83,7 +84,7 @@ class BenchConfig:
     steering_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
     capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
     capture_positions: str = "last_prompt"
-    trace: str | None = None  # a folder: the engine cores' loop timelines (engine.trace) and each run's window
+    trace: str | None = None  # a folder: the engine cores' loop timelines (engine.core.trace) and each run's window
     is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
     engine_flags_given: list[str] = field(default_factory=list)  # engine settings the user set: --e2e passes only these
 
@@ -209,7 +210,7 @@ def baselines_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) 
     """Child: the naive loop on its subset, then the batched HF loop at each batch size, one model load."""
     import torch
 
-    from engine.baselines import batched_loop, load_hf, naive_loop
+    from engine_bench.baselines import batched_loop, load_hf, naive_loop
 
     config = BenchConfig(**config_msg)
     prompts = prompts_from_msg(prompts_msg)
@@ -249,7 +250,7 @@ def _core_idle(engine) -> tuple[float, float]:
 def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
     """Child: the engine over all prompts (and again under steering if asked); its ring-empty share comes from
     the core's idle time."""
-    from engine.pipeline import Engine
+    from engine.engine import Engine
 
     config = BenchConfig(**config_msg)
     prompts = prompts_from_msg(prompts_msg)
@@ -649,7 +650,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         if config.is_e2e:
-            from engine.bench_e2e import run_e2e  # it imports this module
+            from engine_bench.e2e import run_e2e  # it imports this module
 
             reports = run_e2e(config, shlex.join(["engine-bench", *(sys.argv[1:] if argv is None else argv)]))
         else:

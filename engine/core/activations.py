@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.activation_messages import trim_generated  # noqa: F401 - re-exported for existing importers
+from engine.pipeline.activation_messages import trim_generated  # noqa: F401 - re-exported for existing importers
 from engine.storage.files import DiskLow, require_free  # noqa: F401 - re-exported for existing importers
 from engine.config import CaptureDefaults
-from engine.id_index import IdIndex
-from engine.request import RecordError
-from engine.steering import decoder_layers
+from engine.storage.id_index import IdIndex
+from engine.pipeline.request import RecordError
+from engine.core.steering import decoder_layers
 from engine.storage.files import commit_file, complete_records, write_atomic
-from engine.transfer import to_device
+from engine.core.transfer import to_device
 
 MAX_SHARD_BYTES = 512 << 20
 FLUSH_SECONDS = 30.0
@@ -277,7 +277,7 @@ class ActivationStore:
 
     def __init__(self, output: Path, max_shard_bytes: int = MAX_SHARD_BYTES, flush_seconds: float = FLUSH_SECONDS,
                  min_free_bytes: int = 0, done: IdIndex | None = None):
-        """`done`: the output's ids with the shard each points at (engine.writer.scan_done_ids); needed when the
+        """`done`: the output's ids with the shard each points at (pipeline.writer.scan_done_ids); needed when the
         activation folder exists (a resume), to keep only the index entries a result line points at."""
         self.output, self.folder = output, activations_dir(output)
         self.max_shard_bytes, self.flush_seconds, self.min_free_bytes = max_shard_bytes, flush_seconds, min_free_bytes
