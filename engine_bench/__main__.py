@@ -2,7 +2,7 @@
 
 import sys
 
-from engine_bench.runner import bench_main
+from engine_bench.cli import bench_main
 
 if __name__ == "__main__":  # the benchmark spawns processes, which may re-import this module
     sys.exit(bench_main())

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import psutil
 
-from engine_bench.runner import (BenchConfig, BenchError, GpuMonitor, check_lengths, load_workloads,
-                                 random_steering_specs)
+from engine.models import ModelSource, resolve_device, resolve_dtype, resolve_model
 from engine_bench.e2e_report import READY, e2e_markdown, row_system, run_metrics, summarise, write_e2e_chart
 from engine_bench.report import append_results, cpu_card, cpu_name, no_gpu_metrics, versions, write_outputs
-from engine.models import ModelSource, resolve_device, resolve_dtype, resolve_model
+from engine_bench.config import BenchConfig, BenchError
+from engine_bench.monitor import GpuMonitor, check_lengths
+from engine_bench.runner import load_workloads
+from engine_bench.systems import random_steering_specs
 from engine_bench.workloads import Workload
 
 SCRIPT = Path(__file__).with_name("user_script.py")

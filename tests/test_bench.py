@@ -12,8 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import read_jsonl, write_jsonl
+from engine_bench import monitor
 from engine_bench import runner as bench
-from engine_bench.runner import BenchConfig, BenchError, GpuMonitor, bench_main
+from engine_bench.cli import bench_main
+from engine_bench.config import BenchConfig, BenchError
+from engine_bench.monitor import GpuMonitor
 from engine_bench.report import agreement, cpu_card, markdown, no_gpu_metrics, notes, references, system_metrics
 from engine.config import ConfigError
 from engine_bench.workloads import WORKLOADS, Prompt, Workload, WorkloadError, load_input, make_workload
@@ -150,7 +153,7 @@ class FakeNvml:
 
 
 def test_gpu_monitor_samples_at_10_hz_or_more_and_summarises_a_window(monkeypatch):
-    monkeypatch.setattr(bench, "_nvml", FakeNvml)
+    monkeypatch.setattr(monitor, "_nvml", FakeNvml)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     with GpuMonitor("cuda:1", 20) as gpu:
         start = time.monotonic()
@@ -171,7 +174,7 @@ def test_gpu_monitor_window_reads_the_cards_a_row_ran_on(monkeypatch):
         def nvmlDeviceGetUtilizationRates(self, handle):
             return SimpleNamespace(gpu=90 if handle == ("card", 0) else 10)
 
-    monkeypatch.setattr(bench, "_nvml", TwoCards)
+    monkeypatch.setattr(monitor, "_nvml", TwoCards)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with GpuMonitor(["cuda:0", "cuda:1"], 20) as gpu:
         start = time.monotonic()

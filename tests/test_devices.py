@@ -17,7 +17,7 @@ import torch
 
 from conftest import PROMPTS, tiny_config
 from engine import Engine
-from engine_bench.runner import bench_main
+from engine_bench.cli import bench_main
 from engine.apps.run import throughput
 from engine.config import ConfigError, EngineConfig, parse_devices
 from engine.engine import EngineError
