@@ -21,8 +21,9 @@ ray = pytest.importorskip("ray", reason="the Ray path needs the [test] extra's r
 from conftest import PROMPTS, read_jsonl, write_jsonl
 from engine.core.activations import load
 from engine.apps.run import run_main
-from engine.apps.cluster.driver import (ClusterError, ClusterJob, job_options, job_spec, line_id, part_of,
-                            ray_main, ray_parser)
+from engine.apps.cluster.cli import job_options, job_spec, ray_main, ray_parser
+from engine.apps.cluster.driver import ClusterJob
+from engine.apps.cluster.parts import ClusterError, line_id, part_of
 from engine.apps.sweep.runner import Plan, load_sweep
 from engine.pipeline.writer import ManifestMismatch
 
