@@ -21,7 +21,7 @@ from engine import Engine
 from engine.core.activations import INDEX_NAME, activations_dir, load, tensors_of, trim_generated
 from engine.config import CaptureDefaults, ConfigError
 from engine.core.engine_core import EngineCore
-from engine.engine import Outcome
+from engine.messages import Outcome
 from engine.pipeline.writer import JsonlWriter
 from reference import steered_sequence
 

@@ -9,7 +9,7 @@ import tracemalloc
 
 from engine.config import EngineConfig
 from engine.storage.id_index import IdIndex
-from engine.engine import read_requests
+from engine.pipeline.reader import read_requests
 from engine.pipeline.writer import scan_done_ids
 
 

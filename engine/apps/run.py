@@ -19,7 +19,8 @@ from typing import Iterator
 from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, COMPILE_MODES, DTYPES, STEER_POSITIONS, TRUNCATE_MODES,
                            CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
 from engine.models import ModelNotFound
-from engine.engine import Engine, EngineError, read_requests
+from engine.engine import Engine, EngineError
+from engine.pipeline.reader import read_requests
 from engine.procs import stop_signals
 from engine.specs import not_a_file
 from engine.storage.files import DiskLow, OutputWriteError, check_free_space, write_atomic

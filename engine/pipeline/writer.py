@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engine.core.activations import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir, tensors_of
 from engine.storage.id_index import IdIndex
-from engine.engine import Outcome
+from engine.messages import Outcome
 from engine.storage.files import (DiskLow, OutputWriteError, check_free_space, require_free,  # noqa: F401 - re-exported
                                   write_atomic)
 from engine.storage.output import (ErrorLog, ManifestMismatch, check_manifest, errors_path, manifest_path,  # noqa: F401

@@ -13,7 +13,8 @@ from engine.apps.cluster.parts import COMPLETE, RESULTS, ClusterError, line_id, 
 from engine.apps.run import input_lines
 from engine.apps.sweep.runner import Plan, load_sweep
 from engine.config import EngineConfig
-from engine.engine import Engine, EngineError, read_requests
+from engine.engine import Engine, EngineError
+from engine.pipeline.reader import read_requests
 from engine.pipeline.writer import JsonlWriter, scan_done_ids
 from engine.storage.files import complete_lines, write_atomic
 

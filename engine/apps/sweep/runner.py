@@ -43,7 +43,8 @@ from engine.config import (
 )
 from engine.storage.id_index import IdIndex
 from engine.models import ModelNotFound
-from engine.engine import Engine, EngineError, read_requests
+from engine.engine import Engine, EngineError
+from engine.pipeline.reader import read_requests
 from engine.procs import stop_signals
 from engine.pipeline.request import RecordError, decode_line, derive_seed, parse_steering
 from engine.storage.files import check_free_space, move_aside, write_atomic, write_problem
@@ -690,7 +691,7 @@ class Plan:
         return derive_seed(self.config.seed, key)
 
     def requests(self, model: ModelEntry) -> Iterator[tuple[int, dict]]:
-        """(number, input record) of every request of one model, as engine.engine.read_requests takes them."""
+        """(number, input record) of every request of one model, as engine.pipeline.reader.read_requests takes them."""
         vectors, number = self.config.vectors, 0
         specs = {p.key: p.steering(vectors) for p in self.points}
         for sample in range(self.config.samples):
