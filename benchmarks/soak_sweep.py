@@ -33,7 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.apps.sweep.runner import Plan, load_sweep  # noqa: E402 - after the path insert, so it runs from a checkout
+from engine.apps.sweep.plan import Plan  # noqa: E402 - after the path insert, so it runs from a checkout
+from engine.apps.sweep.spec import load_sweep  # noqa: E402
 
 SWEEP = """\
 output = "out"
@@ -83,7 +84,7 @@ def make_sweep(folder: Path, seed: int, samples: int) -> Path:
 
 def run_round(path: Path, extend: bool, ending: str, seconds: float) -> dict:
     """Start the sweep; end it as `ending` says after `seconds` (or let it finish); what happened."""
-    command = [sys.executable, "-m", "engine.apps.sweep.runner", str(path)] + (["--extend"] if extend else [])
+    command = [sys.executable, "-m", "engine.apps.sweep.cli", str(path)] + (["--extend"] if extend else [])
     started = time.monotonic()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -24,7 +24,8 @@ from engine.apps.run import run_main
 from engine.apps.cluster.cli import job_options, job_spec, ray_main, ray_parser
 from engine.apps.cluster.driver import ClusterJob
 from engine.apps.cluster.parts import ClusterError, line_id, part_of
-from engine.apps.sweep.runner import Plan, load_sweep
+from engine.apps.sweep.plan import Plan
+from engine.apps.sweep.spec import load_sweep
 from engine.pipeline.writer import ManifestMismatch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,8 @@ from engine_bench.cli import bench_main
 from engine.apps.run import throughput
 from engine.config import ConfigError, EngineConfig, parse_devices
 from engine.engine import EngineError
-from engine.apps.sweep.runner import SweepError, load_sweep
+from engine.apps.sweep.fields import SweepError
+from engine.apps.sweep.spec import load_sweep
 from test_sweep import engine_sweep, make_sweep
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,14 +17,10 @@ import pytest
 from conftest import read_jsonl, write_jsonl
 
 from engine.pipeline.request import derive_seed
-from engine.apps.sweep.runner import (
-    ERRORS,
-    RESULTS,
-    Plan,
-    SweepError,
-    load_sweep,
-    prepare_directory,
-)
+from engine.apps.sweep.fields import SweepError
+from engine.apps.sweep.outdir import ERRORS, RESULTS, prepare_directory
+from engine.apps.sweep.plan import Plan
+from engine.apps.sweep.spec import load_sweep
 from engine.apps.sweep.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +64,7 @@ def make_sweep(folder: Path, coefs="[0, 4]", max_num_seqs=4, extra="", num_promp
 
 
 def engine_sweep(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.apps.sweep.runner", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "engine.apps.sweep.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -195,7 +191,7 @@ def test_a_json_sweep_file_names_the_field_of_a_number_out_of_range(tmp_path, ch
 
 
 def test_every_grid_point_goes_through_the_record_parser(tmp_path, monkeypatch):
-    import engine.apps.sweep.runner as sweep_module
+    import engine.apps.sweep.spec as sweep_module
     from engine.pipeline.request import RecordError, parse_steering
 
     seen = []
@@ -215,7 +211,7 @@ def test_every_grid_point_goes_through_the_record_parser(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the output directory
 def sweep_main_in_process(path: Path, *args, capsys) -> tuple[int, str]:
-    from engine.apps.sweep.runner import sweep_main
+    from engine.apps.sweep.cli import sweep_main
 
     code = sweep_main([str(path), *map(str, args)])
     return code, capsys.readouterr().err
@@ -338,7 +334,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def start_sweep(path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.apps.sweep.runner", str(path), "--no-report"], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "engine.apps.sweep.cli", str(path), "--no-report"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -542,7 +538,7 @@ def test_a_disk_filling_mid_sweep_stops_it_cleanly_and_the_same_command_resumes(
 
 
 def test_report_of_a_folder_that_is_no_sweep_says_so_in_one_line(tmp_path):
-    """Through `python -m engine.apps.sweep.runner`, whose handler must catch the SweepError that the report
+    """Through `python -m engine.apps.sweep.cli`, whose handler must catch the SweepError that the report
     module raises."""
     for target in (tmp_path / "nothing-here", make_sweep(tmp_path)):
         result = engine_sweep("report", target)

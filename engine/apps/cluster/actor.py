@@ -11,7 +11,8 @@ from typing import Iterator
 
 from engine.apps.cluster.parts import COMPLETE, RESULTS, ClusterError, line_id, part_folder, part_of
 from engine.apps.run import input_lines
-from engine.apps.sweep.runner import Plan, load_sweep
+from engine.apps.sweep.plan import Plan
+from engine.apps.sweep.spec import load_sweep
 from engine.config import EngineConfig
 from engine.engine import Engine, EngineError
 from engine.pipeline.reader import read_requests

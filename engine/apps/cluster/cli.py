@@ -11,7 +11,9 @@ from pathlib import Path
 from engine.apps.cluster.driver import ClusterJob, ClusterOptions, JobSpec
 from engine.apps.cluster.parts import RESULTS, ClusterError, require_ray
 from engine.apps.run import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED, add_engine_args, config_from_args
-from engine.apps.sweep.runner import Plan, SweepError, load_sweep
+from engine.apps.sweep.fields import SweepError
+from engine.apps.sweep.plan import Plan
+from engine.apps.sweep.spec import load_sweep
 from engine.config import ConfigError, EngineConfig
 from engine.engine import EngineError
 from engine.models import ModelNotFound

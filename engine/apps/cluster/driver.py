@@ -21,7 +21,7 @@ from engine.apps.cluster.actor import EngineActor
 from engine.apps.cluster.merge import count_done, is_complete, merge
 from engine.apps.cluster.parts import RESULTS, STATUS_FILE, ClusterError, Part, require_ray
 from engine.apps.cluster.prepare import JobSetup
-from engine.apps.sweep.runner import Plan
+from engine.apps.sweep.plan import Plan
 from engine.config import EngineConfig
 from engine.engine import EngineError
 from engine.pipeline.writer import scan_done_ids

@@ -8,7 +8,7 @@ import os
 
 from engine.apps.cluster.parts import JOB_FILE, JOB_VERSION, RESULTS, ClusterError, Part, read_json
 from engine.apps.run import manifest_of
-from engine.apps.sweep.runner import prepare_directory
+from engine.apps.sweep.outdir import prepare_directory
 from engine.pipeline.writer import ManifestMismatch, check_manifest
 from engine.storage.files import move_aside, write_atomic
 from engine.storage.output import OutputError

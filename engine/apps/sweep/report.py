@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.storage.files import complete_records
-from engine.apps.sweep.runner import BASELINE, ERRORS, PLAN, RESULTS, SUMMARY_COLUMNS, SweepError
+from engine.apps.sweep.fields import SweepError
+from engine.apps.sweep.grid import BASELINE
+from engine.apps.sweep.outdir import ERRORS, PLAN, RESULTS
+from engine.apps.sweep.plan import read_prompts
+from engine.apps.sweep.spec import SUMMARY_COLUMNS, PromptSet
 
 
 @dataclass(slots=True)
@@ -200,8 +204,6 @@ class LogProbs:
 
     def _prompt(self, prompt_set: str, prompt_id: str) -> dict:
         if self._prompts is None:
-            from engine.apps.sweep.runner import PromptSet, read_prompts
-
             self._prompts = {(name, pid): record for name, path in self.plan["prompt_files"].items()
                              for pid, record in read_prompts(PromptSet(name, path))}
         return self._prompts[prompt_set, prompt_id]
