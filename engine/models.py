@@ -400,3 +400,13 @@ def load_model(source: ModelSource, dtype, device: str, vocab_size: int):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def decoder_layers(model):
+    """The model's list of decoder layers, a torch.nn.ModuleList (`model.model.layers` for Gemma, Llama, Qwen,
+    Mistral; `model.model.language_model.layers` in a multimodal wrapper)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None) or getattr(getattr(inner, "language_model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__}: cannot find its decoder layers (expected model.model.layers)")
+    return layers

@@ -8,7 +8,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from engine.core.steering import decoder_layers
+from engine.models import decoder_layers
 
 
 def vector_of(path: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from engine.core.model_runner import CollapseCheck
 from engine.pipeline.request import RecordError
 from engine.core.sampler import NON_FINITE, Sampler, SamplingMetadata
 from engine.core.scheduler import Scheduler, Sequence
-from engine.core.steering import decoder_layers
+from engine.models import decoder_layers
 
 NAN, INF = float("nan"), float("inf")
 MAX_NEW = 6

@@ -28,7 +28,7 @@ from engine.apps.extract import (
     read_pairs,
     report_paths,
 )
-from engine.core.steering import load_vectors
+from engine.vectors import load_vectors
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = ROOT / "examples" / "pairs.jsonl"

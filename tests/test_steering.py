@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.pipeline.request import RecordError, parse_steering
-from engine.core.steering import load_vectors, save_vectors
+from engine.vectors import load_vectors, save_vectors
 
 LAYERS, HIDDEN = 6, 8
 

@@ -43,7 +43,7 @@ from engine.config import (
 from engine.models import ModelNotFound
 from engine.engine import Engine, EngineError
 from engine.storage.files import commit_file, write_problem
-from engine.core.steering import save_vectors
+from engine.vectors import save_vectors
 
 log = logging.getLogger("engine.apps.extract")
 

@@ -33,7 +33,7 @@ from engine.storage.files import DiskLow, require_free  # noqa: F401 - re-export
 from engine.config import CaptureDefaults
 from engine.storage.id_index import IdIndex
 from engine.pipeline.request import RecordError
-from engine.core.steering import decoder_layers
+from engine.models import decoder_layers
 from engine.storage.files import commit_file, complete_records, write_atomic
 from engine.core.transfer import to_device
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.core.kv_cache import KVCache
-from engine.core.steering import decoder_layers
+from engine.models import decoder_layers
 
 log = logging.getLogger("engine")
 

@@ -23,7 +23,8 @@ from engine.core.attention import CONTEXT, decode_masks
 from engine.core.kv_cache import KVCache
 from engine.core.sampler import Sampler, SamplingMetadata
 from engine.core.scheduler import ScheduledBatch, Sequence, bucket
-from engine.core.steering import SteeringTable, decoder_layers
+from engine.models import decoder_layers
+from engine.core.steering import SteeringTable
 from engine.core.trace import Phases
 from engine.core.transfer import to_device
 

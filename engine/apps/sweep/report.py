@@ -143,7 +143,7 @@ class Scorer:
 
     def _direction(self, name: str, layer: int, hidden: int):
         from engine.pipeline.request import RecordError
-        from engine.core.steering import load_vectors
+        from engine.vectors import load_vectors
 
         key = (name, hidden)
         if key not in self._vector_cache:
