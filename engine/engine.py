@@ -32,10 +32,10 @@ from engine.procs import ByName, Lifeline, MsgQueue, start, wake
 log = logging.getLogger("engine")
 
 FEED_BATCH = 32
-# The core's entry point by name: the parent never imports engine.core.engine_core (torch, transformers), so it starts
+# The core's entry point by name: the parent never imports engine.core.proc (torch, transformers), so it starts
 # the core
 # at once instead of after seconds of imports, and imports torch later only if a run needs it (activations).
-CORE_MAIN = ByName("engine.core.engine_core", "core_main")
+CORE_MAIN = ByName("engine.core.proc", "core_main")
 HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes while results keep arriving
 class EngineError(RuntimeError):
     """A stage of the pipeline failed; the message names the stage and the cause."""
