@@ -12,22 +12,15 @@ import pytest
 import torch
 from conftest import PROMPTS, TINY, tiny_config, write_jsonl
 
-import engine.apps.extract as extract_module
+import engine.apps.extract.directions as directions_module
+import engine.apps.extract.output as output_module
 from engine import Engine
 from engine.config import CaptureDefaults, SamplingDefaults
-from engine.apps.extract import (
-    CONCEPT_FIX,
-    METHODS,
-    DegenerateLayer,
-    ExtractError,
-    capture_pairs,
-    degeneracy,
-    direction,
-    extract_main,
-    parse_layers,
-    read_pairs,
-    report_paths,
-)
+from engine.apps.extract.cli import extract_main
+from engine.apps.extract.directions import degeneracy, direction
+from engine.apps.extract.output import report_paths
+from engine.apps.extract.pairs import capture_pairs, read_pairs
+from engine.apps.extract.spec import CONCEPT_FIX, METHODS, DegenerateLayer, ExtractError, parse_layers
 from engine.vectors import load_vectors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +122,7 @@ def no_engine(config, pairs):
 @pytest.mark.parametrize("rows, method", [(SAME_TEXT, "mean_diff"), (SAME_TEXT, "pca"), (SAME_CHAT, "mean_diff")])
 def test_pairs_whose_sides_are_all_the_same_text_are_refused_before_the_engine_starts(tmp_path, capsys, monkeypatch,
                                                                                        rows, method):
-    monkeypatch.setattr(extract_module, "capture_pairs", no_engine)
+    monkeypatch.setattr(directions_module, "capture_pairs", no_engine)
     pairs = write_jsonl(tmp_path / "same.jsonl", rows)
     out = tmp_path / "v.gguf"
     assert extract_main(["--pairs", str(pairs), "--layers", "1-2", "--method", method, "--output", str(out)]) == 1
@@ -143,7 +136,7 @@ def test_pairs_whose_sides_are_all_the_same_text_are_refused_before_the_engine_s
     ([{"positive": "a", "negative": "b"}] * 3, "all 3 pairs are the same pair"),
 ])
 def test_pca_needs_two_different_pairs_before_the_engine_starts(tmp_path, capsys, monkeypatch, rows, fragment):
-    monkeypatch.setattr(extract_module, "capture_pairs", no_engine)
+    monkeypatch.setattr(directions_module, "capture_pairs", no_engine)
     pairs = write_jsonl(tmp_path / "p.jsonl", rows)
     assert extract_main(["--pairs", str(pairs), "--layers", "1", "--method", "pca", "--output",
                          str(tmp_path / "v.pt")]) == 1
@@ -215,9 +208,9 @@ def test_activations_with_nan_are_refused():
 ])
 def test_separation_is_undefined_with_one_pair_or_no_spread(positive, negative):
     vector = direction("mean_diff", positive, negative)
-    row = extract_module.layer_report(1, vector, positive, negative)
+    row = directions_module.layer_report(1, vector, positive, negative)
     assert row.separation is None and row.pair_accuracy == 1.0 and row.mean_positive > row.mean_negative
-    text = extract_module.markdown({"output": "v.pt", "num_pairs": len(positive), "pairs": "p", "method": "mean_diff",
+    text = output_module.markdown({"output": "v.pt", "num_pairs": len(positive), "pairs": "p", "method": "mean_diff",
                                     "positions": "last_prompt", "model": TINY}, [row])
     assert "| 1 | 2 | 3 | 1 | n/a | 100% |" in text
 
@@ -246,7 +239,7 @@ def fake_capture(zero_layers: tuple[int, ...], layers=(1, 2, 3)):
 @pytest.mark.parametrize("method", METHODS)
 def test_degenerate_layers_are_refused_by_name_and_the_others_written_with_exit_3(tmp_path, capsys, monkeypatch,
                                                                                  method):
-    monkeypatch.setattr(extract_module, "capture_pairs", fake_capture(zero_layers=(2,)))
+    monkeypatch.setattr(directions_module, "capture_pairs", fake_capture(zero_layers=(2,)))
     out = tmp_path / "v.gguf"
     code = extract_main(["--pairs", str(PAIRS), "--layers", "1-3", "--method", method, "--output", str(out),
                          *TINY_ARGS])
@@ -262,7 +255,7 @@ def test_degenerate_layers_are_refused_by_name_and_the_others_written_with_exit_
 
 @pytest.mark.parametrize("method", METHODS)
 def test_when_every_layer_is_degenerate_nothing_is_written_and_it_exits_1(tmp_path, capsys, monkeypatch, method):
-    monkeypatch.setattr(extract_module, "capture_pairs", fake_capture(zero_layers=(1, 2, 3)))
+    monkeypatch.setattr(directions_module, "capture_pairs", fake_capture(zero_layers=(1, 2, 3)))
     out = tmp_path / "v.safetensors"
     assert extract_main(["--pairs", str(PAIRS), "--layers", "1-3", "--method", method, "--output", str(out)]) == 1
     err = capsys.readouterr().err
@@ -287,7 +280,7 @@ def bad_outputs(tmp_path: Path) -> list[tuple[Path, str]]:
 
 
 def test_a_bad_output_path_is_refused_before_the_engine_starts(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(extract_module, "capture_pairs", no_engine)
+    monkeypatch.setattr(directions_module, "capture_pairs", no_engine)
     for output, fragment in bad_outputs(tmp_path):
         assert extract_main(["--pairs", str(PAIRS), "--layers", "1", "--output", str(output)]) == 1, output
         err = capsys.readouterr().err
@@ -296,7 +289,7 @@ def test_a_bad_output_path_is_refused_before_the_engine_starts(tmp_path, capsys,
 
 
 def test_an_output_in_a_new_folder_is_made(tmp_path, monkeypatch):
-    monkeypatch.setattr(extract_module, "capture_pairs", fake_capture(zero_layers=()))
+    monkeypatch.setattr(directions_module, "capture_pairs", fake_capture(zero_layers=()))
     out = tmp_path / "new" / "deeper" / "v.pt"
     assert extract_main(["--pairs", str(PAIRS), "--layers", "1-3", "--output", str(out)]) == 0
     assert sorted(load_vectors(str(out), 4, 64)) == [1, 2, 3] and not list(out.parent.glob(".*"))
@@ -314,7 +307,7 @@ def folder_replaced_by_a_file(out: Path):
 
 def full_disk(error: BaseException):
     """save_vectors that fails as on a full disk outside the temp folder."""
-    real = extract_module.save_vectors
+    real = output_module.save_vectors
 
     def save(path, vectors, model_hint=""):
         if not path.startswith(tempfile.gettempdir()):
@@ -335,10 +328,10 @@ def test_vectors_that_cannot_be_written_go_to_a_fallback_file_named_in_the_messa
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     if error is None:
-        monkeypatch.setattr(extract_module, "capture_pairs", folder_replaced_by_a_file(out))
+        monkeypatch.setattr(directions_module, "capture_pairs", folder_replaced_by_a_file(out))
     else:
-        monkeypatch.setattr(extract_module, "capture_pairs", fake_capture(zero_layers=()))
-        monkeypatch.setattr(extract_module, "save_vectors", full_disk(error))
+        monkeypatch.setattr(directions_module, "capture_pairs", fake_capture(zero_layers=()))
+        monkeypatch.setattr(output_module, "save_vectors", full_disk(error))
     assert extract_main(["--pairs", str(PAIRS), "--layers", "1-3", "--output", str(out)]) == 1
     err = capsys.readouterr().err
     fallback = next((tmp_path / "tmp").glob(f"joy.*{suffix}"))
@@ -352,8 +345,8 @@ def test_vectors_that_cannot_be_written_go_to_a_fallback_file_named_in_the_messa
 
 def test_when_the_fallback_fails_too_the_message_says_the_vectors_are_lost(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-temp"))
-    monkeypatch.setattr(extract_module, "capture_pairs", fake_capture(zero_layers=()))
-    monkeypatch.setattr(extract_module, "save_vectors", full_disk(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(directions_module, "capture_pairs", fake_capture(zero_layers=()))
+    monkeypatch.setattr(output_module, "save_vectors", full_disk(OSError(errno.ENOSPC, "No space left on device")))
     assert extract_main(["--pairs", str(PAIRS), "--layers", "1-3", "--output", str(tmp_path / "v.pt")]) == 1
     err = capsys.readouterr().err
     assert "nor a fallback" in err and "the vectors are lost" in err and "Traceback" not in err, err
