@@ -32,7 +32,8 @@ import psutil
 
 from engine.models import ModelSource, resolve_device, resolve_dtype, resolve_model
 from engine_bench.e2e_report import READY, e2e_markdown, row_system, run_metrics, summarise, write_e2e_chart
-from engine_bench.report import append_results, cpu_card, cpu_name, no_gpu_metrics, versions, write_outputs
+from engine_bench.report import (append_results, cpu_card, cpu_name, no_gpu_metrics, run_stem, versions,
+                                 write_outputs)
 from engine_bench.config import BenchConfig, BenchError
 from engine_bench.monitor import GpuMonitor, check_lengths
 from engine_bench.runner import load_workloads
@@ -360,7 +361,7 @@ def run_e2e(config: BenchConfig, command: str) -> list[dict]:
     with gpu if gpu is not None else contextlib.nullcontext():
         for workload in workloads:
             report, outputs = run_e2e_workload(config, workload, source, model, gpu, env, command)
-            stem = f"{workload.name}-e2e-{dt.datetime.now():%Y%m%d-%H%M%S}"
+            stem = run_stem(report, f"{workload.name}-e2e")
             paths = write_outputs(report, outputs, Path(config.out), stem, config.is_saving_outputs,
                                   render=e2e_markdown, chart=write_e2e_chart)
             if config.append_results:

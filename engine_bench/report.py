@@ -3,9 +3,11 @@ JSON, Markdown table and PNG chart that carry them."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -260,6 +262,14 @@ def write_chart(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_stem(report: dict, name: str) -> str:
+    """A run's file name without suffix: `name` (the workload, `-e2e` for whole commands), the card, the commit and
+    the time, e.g. long-e2e-h200-d1eb2ab-20261201-190945, so a results folder says what each file measured."""
+    card = re.sub(r"[^a-z0-9]+", "-", report["card"]["name"].lower().replace("nvidia ", "")).strip("-") or "card"
+    commit = report.get("versions", {}).get("commit") or "uncommitted"
+    return f"{name}-{card}-{commit}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def write_outputs(report: dict, outputs: dict[str, dict], out_dir: Path, stem: str, is_saving: bool,

@@ -15,7 +15,7 @@ from engine.models import resolve_device, resolve_dtype, resolve_model
 from engine_bench.config import BenchConfig, BenchError
 from engine_bench.monitor import GpuMonitor, check_lengths, run_child
 from engine_bench.report import (agreement, append_results, cpu_card, cpu_name, markdown, no_gpu_metrics, notes,
-                                 references, system_metrics, versions, work_window, write_outputs)
+                                 references, run_stem, system_metrics, versions, work_window, write_outputs)
 from engine_bench.systems import baselines_main, engine_main
 from engine_bench.workloads import Workload, WorkloadError, load_input, make_workload
 
@@ -87,7 +87,7 @@ def run_bench(config: BenchConfig) -> list[dict]:
     with gpu if gpu is not None else contextlib.nullcontext():
         for workload in workloads:
             report, outputs = run_workload(config, workload, gpu, env)
-            stem = f"{workload.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+            stem = run_stem(report, workload.name)
             paths = write_outputs(report, outputs, Path(config.out), stem, config.is_saving_outputs)
             if config.append_results:
                 append_results(report, config.append_results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 import time
@@ -453,3 +454,12 @@ def test_e2e_failed_command_names_itself_and_shows_its_stderr(tmp_path):
     workload = Workload("t", 0, [Prompt("p0", "x", 3, 2), Prompt("p1", "y", 3, 2)])
     with pytest.raises(BenchError, match="1 of 2 prompts have no record .*first: p1"):
         read_results("engine-run cold", tmp_path / "results.jsonl", workload)
+
+
+def test_run_files_are_named_by_workload_card_and_commit():
+    from engine_bench.report import run_stem
+
+    stem = run_stem({"card": {"name": "2x NVIDIA H100 80GB HBM3"}, "versions": {"commit": "abc1234"}}, "long-e2e")
+    assert re.fullmatch(r"long-e2e-2x-h100-80gb-hbm3-abc1234-\d{8}-\d{6}", stem)
+    stem = run_stem({"card": cpu_card(), "versions": {"commit": None}}, "short")
+    assert stem.startswith("short-cpu-") and "-uncommitted-" in stem
