@@ -137,7 +137,7 @@ class ModelRunner:
         """Logits [P, V] at each prompt's last token. The prompts run packed end to end in one row: no padding,
         so the forward's cost is the real tokens' (a left-padded batch pays for its longest prompt in every row)."""
         num_prompts = len(seqs)
-        if sum(s.num_prompt_tokens for s in seqs) == 1:  # a one-token row: padded (the compiled layers' one shape)
+        if num_prompts == 1 and seqs[0].num_prompt_tokens == 1:  # a one-token row: padded (the layers' one shape)
             seqs = [*seqs, _placeholder(1, seqs[0].slot, self.device)]
         lengths = [s.num_prompt_tokens for s in seqs]
         starts = np.cumsum([0] + lengths)
