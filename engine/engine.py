@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 from engine.bytecode import use_bytecode_cache
 from engine.config import EngineConfig
-from engine.messages import Outcome
+from engine.messages import Fatal, Feed, Outcome, Ready, RecordFailed, Result, Stats, StatsQuery
 from engine.models import effective_max_len, resolve_model, tokenizer_facts
 from engine.pipeline.decoder_worker import decoder_main
 from engine.pipeline.reader import error_record, read_requests
@@ -134,19 +134,23 @@ class Engine:
             except queue.Empty:
                 self._check_alive()
                 continue
-            if msg["t"] == "ready":
-                self.lanes[msg["core"]].name, self.dtype = msg["device"], msg["dtype"]
-                self.startup_phases[msg["core"]] = msg.get("phases", {})
-                waiting.discard(msg["core"])
+            if isinstance(msg, Ready):
+                self.lanes[msg.core].name, self.dtype = msg.device, msg.dtype
+                self.startup_phases[msg.core] = msg.phases
+                waiting.discard(msg.core)
             else:
                 self._handle_control(msg)
 
-    def _handle_control(self, msg: dict) -> None:
-        if msg["t"] == "stats":
-            self.lanes[msg["core"]].stats = msg
-        elif msg["t"] == "fatal":
-            self.close()
-            raise EngineError(f"{msg['stage']} failed: {msg['error']}\n{msg.get('traceback', '')}".rstrip())
+    def _handle_control(self, msg) -> None:
+        """A message that is neither a result nor a record's error: a core's counters, or a stage's failure."""
+        match msg:
+            case Stats():
+                self.lanes[msg.core].stats = msg
+            case Fatal():
+                self.close()
+                raise EngineError(f"{msg.stage} failed: {msg.error}\n{msg.traceback}".rstrip())
+            case _:
+                raise EngineError(f"the engine got an unexpected {type(msg).__name__} message: {msg}")
 
     @property
     def core_stats(self) -> dict:
@@ -155,15 +159,15 @@ class Engine:
         idle_since (when the last core to run out of work did so; None before any finished), graphs (decode graphs
         captured, re-captured and the seconds spent, all cores: ModelRunner.graph_stats); on CUDA also the
         largest core's torch_allocated_peak / torch_reserved_peak (bytes, since its start; None on CPU)."""
-        stats = [lane.stats for lane in self.lanes if lane.stats]
-        ends = [s["idle_since"] for s in stats if s.get("idle_since") is not None]
-        peaks = {key: max((s[key] for s in stats if key in s), default=None)
+        stats = [lane.stats for lane in self.lanes if lane.stats is not None]
+        ends = [s.idle_since for s in stats if s.idle_since is not None]
+        peaks = {key: max((getattr(s, key) for s in stats if getattr(s, key) is not None), default=None)
                  for key in ("torch_allocated_peak", "torch_reserved_peak")}
-        graphs = [s["graphs"] for s in stats if "graphs" in s]
-        return {"steps": sum(s["steps"] for s in stats),
+        graphs = [s.graphs for s in stats if s.graphs is not None]
+        return {"steps": sum(s.steps for s in stats),
                 "graphs": {k: sum(g[k] for g in graphs) for k in ("captures", "recaptures", "capture_s")},
-                "idle_s": sum(s["idle_s"] for s in stats) / max(len(stats), 1),
-                "busy_starts": sorted(t for s in stats for t in s.get("busy_starts", ())),
+                "idle_s": sum(s.idle_s for s in stats) / max(len(stats), 1),
+                "busy_starts": sorted(t for s in stats for t in s.busy_starts),
                 "idle_since": max(ends, default=None), **peaks}
 
     def _check_health(self) -> None:
@@ -217,9 +221,9 @@ class Engine:
             position, request = entry
             request.index = next(self._indices)
             self.pending[request.index] = (position, request)
-            batch.append(request.to_msg())
+            batch.append(request.to_wire())
         for at in range(0, len(batch), FEED_BATCH):
-            self.tok_in.put_until({"requests": batch[at:at + FEED_BATCH]}, self._is_stuck)
+            self.tok_in.put_until(Feed(batch[at:at + FEED_BATCH]), self._is_stuck)
 
     def _is_stuck(self) -> bool:
         """Stop waiting on the tokenizers: interrupted, or no core is left to free the ring for them."""
@@ -238,7 +242,7 @@ class Engine:
         waiting = {lane.number for lane in self.lanes if lane.is_alive}
         for lane in self.lanes:
             if lane.is_alive:
-                lane.inbox.put({"t": "stats?", "id": self._stats_id})
+                lane.inbox.put(StatsQuery(self._stats_id))
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline:
             try:
@@ -247,11 +251,11 @@ class Engine:
                 self._check_alive()
                 waiting &= {lane.number for lane in self.lanes if lane.is_alive}
                 continue
-            if msg["t"] in ("result", "error"):
+            if isinstance(msg, (Result, RecordFailed)):
                 raise EngineError("Engine.stats() was called while results were still arriving; call it between runs")
             self._handle_control(msg)
-            if msg.get("reply_to") == self._stats_id:
-                waiting.discard(msg["core"])
+            if isinstance(msg, Stats) and msg.reply_to == self._stats_id:
+                waiting.discard(msg.core)
         if waiting:
             raise EngineError(f"the engine core did not answer a stats request within {timeout} s")
         return self._stats_now()
@@ -298,32 +302,31 @@ class Engine:
             self.generate_s += time.perf_counter() - started
         feeder.join_checked()
 
-    def _outcome(self, msg: dict) -> Outcome | None:
-        kind = msg["t"]
-        if kind not in ("result", "error"):
+    def _outcome(self, msg) -> Outcome | None:
+        if not isinstance(msg, (Result, RecordFailed)):
             self._handle_control(msg)
             return None
-        if msg["index"] in self._abandoned:
-            self._abandoned.discard(msg["index"])  # a dead core's request, already sent to another core
+        if msg.index in self._abandoned:
+            self._abandoned.discard(msg.index)  # a dead core's request, already sent to another core
             return None
-        position, request = self.pending.pop(msg["index"])
-        lane = self.router.finished(msg["index"]) if self.router else self.lanes[0]
-        if kind == "error":
-            return Outcome(position, error_record(request.line, request.id, msg["error"]), True)
+        position, request = self.pending.pop(msg.index)
+        lane = self.router.finished(msg.index) if self.router else self.lanes[0]
+        if isinstance(msg, RecordFailed):
+            return Outcome(position, error_record(request.line, request.id, msg.error), True)
         if lane is not None:
             lane.num_requests += 1
-            lane.num_tokens += msg["num_completion_tokens"]
-        record = {"id": request.id, "completion": msg["completion"], "finish_reason": msg["finish_reason"],
-                  "num_prompt_tokens": msg["num_prompt_tokens"], "num_completion_tokens": msg["num_completion_tokens"],
+            lane.num_tokens += msg.num_completion_tokens
+        record = {"id": request.id, "completion": msg.completion, "finish_reason": msg.finish_reason,
+                  "num_prompt_tokens": msg.num_prompt_tokens, "num_completion_tokens": msg.num_completion_tokens,
                   "seed": request.seed, "steering": request.steering}
         if request.steering_name is not None:
             record["steering_name"] = request.steering_name
-        if "completion_token_ids" in msg:
-            record["completion_token_ids"] = msg["completion_token_ids"]
+        if msg.completion_token_ids is not None:
+            record["completion_token_ids"] = msg.completion_token_ids
         if request.digest is not None:
             record["input_digest"] = request.digest
         record.update(request.extra)
-        return Outcome(position, record, False, msg.get("activations"))
+        return Outcome(position, record, False, msg.activations)
 
     def generate(self, records: Iterable[dict | str]) -> Iterator[dict]:
         """Records (dicts as in the JSONL input, or plain prompt strings) -> result records as they finish; a record
@@ -385,7 +388,7 @@ def _core_report(lane: CoreLane) -> tuple[str, list[str]]:
         msg = lane.fatal.get(timeout=0.5)
     except queue.Empty:
         return f"{where} died ({_exit_cause(lane.proc)})", []
-    return f"{where} failed: {msg['error']}", msg.get("traceback", "").rstrip().splitlines()
+    return f"{where} failed: {msg.error}", msg.traceback.rstrip().splitlines()
 
 
 def _devices_name(names: list[str]) -> str:
@@ -423,7 +426,7 @@ class _Feeder(threading.Thread):
                     continue
                 item.index = next(engine._indices)
                 engine.pending[item.index] = (position, item)
-                batch.append(item.to_msg())
+                batch.append(item.to_wire())
                 if len(batch) >= FEED_BATCH:
                     self._send(batch)
                     batch = []
@@ -435,8 +438,8 @@ class _Feeder(threading.Thread):
         finally:
             self.is_done = True
 
-    def _send(self, batch: list[dict]) -> None:
-        self.engine.tok_in.put_until({"requests": batch}, lambda: self.engine.is_interrupted)
+    def _send(self, batch: list) -> None:
+        self.engine.tok_in.put_until(Feed(batch), lambda: self.engine.is_interrupted)
 
     def join_checked(self) -> None:
         self.join(timeout=5)

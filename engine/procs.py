@@ -15,9 +15,8 @@ import sys
 import threading
 import traceback
 
-import msgpack
-
 from engine.bytecode import use_bytecode_cache
+from engine.messages import Fatal, Message, Stop, decode, encode
 
 log = logging.getLogger("engine")
 PR_SET_PDEATHSIG = 1
@@ -27,24 +26,25 @@ CHECK_IMPORTS_ENV = "ENGINE_CHECK_IMPORTS"  # "1": the light workers fail if the
 
 
 class MsgQueue:
-    """A multiprocessing queue of msgpack-encoded messages (bytes only cross the process boundary)."""
+    """A multiprocessing queue of messages (engine.messages types; only their msgpack bytes cross the process
+    boundary)."""
 
     def __init__(self, ctx, maxsize: int = 0):
         self._q = ctx.Queue(maxsize)
 
-    def put(self, msg, timeout: float | None = None) -> None:
-        self._q.put(msgpack.packb(msg, use_bin_type=True), timeout=timeout)
+    def put(self, msg: Message, timeout: float | None = None) -> None:
+        self._q.put(encode(msg), timeout=timeout)
 
-    def get(self, timeout: float | None = None):
+    def get(self, timeout: float | None = None) -> Message:
         """The next message; raises queue.Empty after `timeout` seconds."""
-        return msgpack.unpackb(self._q.get(timeout=timeout), raw=False, strict_map_key=False)
+        return decode(self._q.get(timeout=timeout))
 
-    def get_nowait(self):
-        return msgpack.unpackb(self._q.get_nowait(), raw=False, strict_map_key=False)
+    def get_nowait(self) -> Message:
+        return decode(self._q.get_nowait())
 
-    def put_until(self, msg, should_stop, poll: float = 0.5) -> bool:
+    def put_until(self, msg: Message, should_stop, poll: float = 0.5) -> bool:
         """Blocking put that gives up (False) once `should_stop()` is true; for bounded queues."""
-        data = msgpack.packb(msg, use_bin_type=True)
+        data = encode(msg)
         while not should_stop():
             try:
                 self._q.put(data, timeout=poll)
@@ -74,25 +74,22 @@ class Lifeline:
         self._stop.value = 1
 
 
-STOP = {"t": "stop"}  # put by the parent after Lifeline.stop, so a stage waiting on its inbox ends now, not at its poll
-
-
 def messages(inbox: MsgQueue, lifeline: Lifeline, poll: float = 0.5):
-    """A worker's inbox as an iterator that ends when the lifeline says stop (or a STOP message arrives)."""
+    """A worker's inbox as an iterator that ends when the lifeline says stop (or a Stop message arrives)."""
     while lifeline.ok():
         try:
             msg = inbox.get(timeout=poll)
         except queue.Empty:
             continue
-        if msg == STOP:
+        if isinstance(msg, Stop):
             return
         yield msg
 
 
 def wake(inbox: MsgQueue) -> None:
-    """Put STOP without waiting (a full inbox's reader is busy and sees the lifeline soon anyway)."""
+    """Put Stop without waiting (a full inbox's reader is busy and sees the lifeline soon anyway)."""
     try:
-        inbox.put(STOP, timeout=0)
+        inbox.put(Stop(), timeout=0)
     except queue.Full:
         pass
 
@@ -112,7 +109,7 @@ def child_main(stage: str, events: MsgQueue, target, *args) -> None:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         tb = traceback.format_exc(limit=-3)
         try:
-            events.put({"t": "fatal", "stage": stage, "error": detail, "traceback": tb}, timeout=5)
+            events.put(Fatal(stage, detail, tb), timeout=5)
         except queue.Full:
             pass
         sys.exit(1)

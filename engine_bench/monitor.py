@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 
+from engine.messages import Fatal
 from engine.procs import MsgQueue, child_main
+from engine_bench.messages import ChildExit, Progress, SystemDone, SystemStarted
 from engine_bench.config import BenchConfig, BenchError, csv_list
 from engine_bench.report import GIB, gpu_metrics
 from engine_bench.workloads import Prompt, prompts_to_msg
@@ -130,18 +132,19 @@ def run_child(target, config: BenchConfig, prompts: list[Prompt], label: str) ->
                 if proc.exitcode is not None:
                     raise BenchError(f"{stage} (pid {proc.pid}) exited with code {proc.exitcode} before finishing")
                 continue
-            if msg["t"] == "start":
-                progress.start(msg["system"], msg["num_prompts"])
-            elif msg["t"] == "progress":
-                progress.update(msg["n"])
-            elif msg["t"] == "done":
-                progress.close()
-                done.append(msg)
-                print(f"engine-bench: {label} {_done_line(msg)}", file=sys.stderr, flush=True)
-            elif msg["t"] == "fatal":
-                raise BenchError(f"{msg['stage']} failed: {msg['error']}\n{msg.get('traceback', '')}".rstrip())
-            elif msg["t"] == "exit":
-                return done
+            match msg:
+                case SystemStarted():
+                    progress.start(msg.system, msg.num_prompts)
+                case Progress():
+                    progress.update(msg.num)
+                case SystemDone():
+                    progress.close()
+                    done.append(msg.done)
+                    print(f"engine-bench: {label} {_done_line(msg.done)}", file=sys.stderr, flush=True)
+                case Fatal():
+                    raise BenchError(f"{msg.stage} failed: {msg.error}\n{msg.traceback}".rstrip())
+                case ChildExit():
+                    return done
     finally:
         progress.close()
         proc.join(timeout=30)

@@ -14,6 +14,7 @@ import psutil
 from engine.models import ModelSource, hidden_size, resolve_dtype, resolve_model
 from engine.procs import MsgQueue
 from engine_bench.config import MAX_WARMUP_TOKENS, NUM_WARMUP_PROMPTS, BenchConfig, BenchError
+from engine_bench.messages import ChildExit, Progress, SystemDone, SystemStarted
 from engine_bench.workloads import Prompt, prompts_from_msg
 
 
@@ -41,12 +42,12 @@ class PhaseReporter:
     def start(self) -> None:
         self.cpu_s = tree_cpu_seconds()
         self.started = time.monotonic()
-        self.events.put({"t": "start", "system": self.system, "num_prompts": self.num_prompts})
+        self.events.put(SystemStarted(self.system, self.num_prompts))
 
     def on_result(self, num: int) -> None:
         if self.first_result_at is None:
             self.first_result_at = time.monotonic()
-        self.events.put({"t": "progress", "n": num})
+        self.events.put(Progress(num))
 
     def stop(self) -> float:
         self.ended = time.monotonic()
@@ -54,11 +55,11 @@ class PhaseReporter:
         return self.ended
 
     def report(self, token_ids: list[list[int]], texts: list[str], num_generated_tokens: int, **extra) -> None:
-        self.events.put({
-            "t": "done", "system": self.system, "start": self.started, "end": self.ended,
+        self.events.put(SystemDone({
+            "system": self.system, "start": self.started, "end": self.ended,
             "first_result": self.first_result_at, "cpu_s": self.cpu_s, "token_ids": token_ids, "texts": texts,
             "num_generated_tokens": num_generated_tokens, **extra,
-        })
+        }))
 
 
 def _warmup(prompts: list[Prompt]) -> list[Prompt]:
@@ -96,7 +97,7 @@ def baselines_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) 
         reporter.report(out.token_ids, out.texts, out.num_generated_tokens, startup_s=load_s, attn=attn)
         if config.device.startswith("cuda"):
             torch.cuda.empty_cache()  # the next system's memory peak starts from the model alone
-    events.put({"t": "exit"})
+    events.put(ChildExit())
 
 
 def _engine_records(prompts: list[Prompt]) -> list[dict]:
@@ -134,7 +135,7 @@ def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> 
                 with (Path(config.trace) / "runs.jsonl").open("a", encoding="utf-8") as f:
                     f.write(json.dumps({"system": system, "prompts": len(records), "first_work": window[0],
                                         "last_work": window[1]}) + "\n")
-    events.put({"t": "exit"})
+    events.put(ChildExit())
 
 
 def random_steering_specs(source: ModelSource, config: BenchConfig, count: int, folder: Path) -> list[dict]:

@@ -3,6 +3,7 @@ steering, before and after it); the pipeline, the CLI's shards and index, resume
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from engine import Engine
 from engine.core.activations import INDEX_NAME, activations_dir, load, tensors_of, trim_generated
 from engine.config import CaptureDefaults, ConfigError
 from engine.core.engine_core import EngineCore
-from engine.messages import Outcome
+from engine.messages import CoreRequest, Outcome
 from engine.pipeline.writer import JsonlWriter
 from reference import steered_sequence
 
@@ -39,7 +40,7 @@ def vector(tmp_path_factory):
 
 
 def request(i: int, positions: str, steering=None, layers=LAYERS) -> dict:
-    return dict(index=i, max_new_tokens=3 + (i * 3) % 7, temperature=0.0, top_p=1.0, top_k=0, seed=i,
+    return CoreRequest(index=i, max_new_tokens=3 + (i * 3) % 7, temperature=0.0, top_p=1.0, top_k=0, seed=i,
                 ignore_eos=True, stop=[], steering=steering, capture={"layers": layers, "positions": positions})
 
 
@@ -108,7 +109,7 @@ def test_decode_capture_inside_cuda_graphs_equals_hf(gpu_parts, vector, is_befor
                          capture=CaptureDefaults(is_before_steering=is_before_steering))
     core = EngineCore(config, source)
     assert core.runner.use_graphs
-    core.generate([dict(request(i, "last_prompt"), capture=None) for i in range(3)],
+    core.generate([dataclasses.replace(request(i, "last_prompt"), capture=None) for i in range(3)],
                   [tokenizer(p).input_ids for p in PROMPTS[:3]])  # graphs captured with no capture hooks
     hooks = [len(layer._forward_hooks) for layer in core.recorder.layers]
     with warnings.catch_warnings(record=True) as caught:
@@ -435,7 +436,7 @@ def test_steering_and_capture_that_start_mid_run_recapture_nothing(tiny_source, 
     core = EngineCore(tiny_config(max_num_seqs=3), tiny_source)
     hooks = [len(layer._forward_hooks) for layer in core.recorder.layers]
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
-    plain = [dict(request(i, "generated"), capture=None) for i in range(3)]
+    plain = [dataclasses.replace(request(i, "generated"), capture=None) for i in range(3)]
     core.generate(plain, ids)
     assert core.runner.graph_stats["captures"] > 0 and core.runner.graph_stats["recaptures"] == 0
     from engine.pipeline.request import parse_steering
@@ -444,7 +445,8 @@ def test_steering_and_capture_that_start_mid_run_recapture_nothing(tiny_source, 
                request(5, "generated",
                        parse_steering({"vector": vector, "layers": [2], "coef": 2.0, "norm_match": True}))]
     core.generate(mid_run, ids)
-    core.generate([dict(r, index=r["index"] + 3) for r in mid_run], ids)  # the same variants again: no new capture
+    again = [dataclasses.replace(r, index=r.index + 3) for r in mid_run]
+    core.generate(again, ids)  # the same variants again: no new capture
     assert core.runner.graph_stats["recaptures"] == 0
     assert [len(layer._forward_hooks) for layer in core.recorder.layers] == hooks
     grown = [request(9 + i, "generated", parse_steering({"vector": vector, "layers": [1], "coef": 5.0 + i}))

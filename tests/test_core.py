@@ -11,6 +11,7 @@ from conftest import PROMPTS, tiny_config
 from engine import Engine
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Scheduler
+from engine.messages import CoreRequest, FinishedSeq
 from reference import hf_greedy, steered
 
 
@@ -26,11 +27,11 @@ def vector(tmp_path_factory, core):
     return str(path)
 
 
-def request(i: int, steering=None, **kw) -> dict:
+def request(i: int, steering=None, **kw) -> CoreRequest:
     base = dict(index=i, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0, seed=i, ignore_eos=True, stop=[],
                 steering=steering)
     base.update(kw)
-    return base
+    return CoreRequest(**base)
 
 
 def first_step_logits(core, tokenizer, specs: list, prompts: list | None = None) -> torch.Tensor:
@@ -69,8 +70,8 @@ def test_in_process_core_and_pipeline_give_the_same_tokens(core, tokenizer, vect
     rows = [request(i, spec if i % 3 == 0 else None, temperature=0.7 * (i % 2), top_k=20 * (i % 2))
             for i in range(len(PROMPTS))]
     done = core.generate(rows, [tokenizer(p).input_ids for p in PROMPTS])
-    records = [{"prompt": p, "max_new_tokens": 6, "temperature": r["temperature"], "top_k": r["top_k"],
-                "seed": r["seed"], "steering": r["steering"]} for p, r in zip(PROMPTS, rows)]
+    records = [{"prompt": p, "max_new_tokens": 6, "temperature": r.temperature, "top_k": r.top_k,
+                "seed": r.seed, "steering": r.steering} for p, r in zip(PROMPTS, rows)]
     with Engine(tiny_config(max_num_seqs=3)) as engine:
         got = engine.generate_all(records)
     assert [r["completion_token_ids"] for r in got] == [done[i].output_ids for i in range(len(PROMPTS))]
@@ -111,9 +112,9 @@ def test_core_ends_a_sequence_soon_after_its_stop_string(core, tokenizer):
     stopped = core.generate([request(1, max_new_tokens=48, stop=[stop])], [ids])[1]
     assert stopped.finish_reason == "stop" and len(stopped.output_ids) < 48  # the core stopped, not only the decoder
     assert stopped.output_ids == full[:len(stopped.output_ids)]
-    [result] = finalize(tokenizer, [{"index": 1, "tokens": np.asarray(stopped.output_ids, np.int32).tobytes(),
-                                     "finish_reason": "stop", "num_prompt_tokens": len(ids), "stop": [stop]}], False)
-    assert result["completion"] == text[:text.find(stop)] and result["finish_reason"] == "stop"
+    finished = FinishedSeq(1, np.asarray(stopped.output_ids, np.int32).tobytes(), "stop", len(ids), [stop])
+    [result] = finalize(tokenizer, [finished], False)
+    assert result.completion == text[:text.find(stop)] and result.finish_reason == "stop"
 
 
 def test_decoder_texts_equal_hf_batch_decode(tokenizer):

@@ -21,6 +21,7 @@ from engine.core.model_runner import CollapseCheck
 from engine.pipeline.request import RecordError
 from engine.core.sampler import NON_FINITE, Sampler, SamplingMetadata
 from engine.core.scheduler import Scheduler, Sequence
+from engine.messages import CoreRequest
 from engine.models import decoder_layers
 
 NAN, INF = float("nan"), float("inf")
@@ -85,18 +86,19 @@ def overflow_error(token: int, is_steered: bool = True) -> str:
             "or inf")
 
 
-def request(i: int, steering=None, **kw) -> dict:
-    return {"index": i, "max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": i,
-            "ignore_eos": True, "stop": [], "steering": steering, **kw}
+def request(i: int, steering=None, **kw) -> CoreRequest:
+    fields = {"index": i, "max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": i,
+              "ignore_eos": True, "stop": [], "steering": steering, **kw}
+    return CoreRequest(**fields)
 
 
-def good_requests(first: int) -> list[tuple[dict, int]]:
+def good_requests(first: int) -> list[tuple[CoreRequest, int]]:
     """Greedy and seeded-sampled requests, more than the core's 4 slots: later ones reuse freed KV rows."""
     settings = [{}, {"temperature": 0.8, "top_k": 20}, {}, {"temperature": 1.1, "top_p": 0.9}, {}, {"temperature": 0.7}]
     return [(request(first + i, **kw), i) for i, kw in enumerate(settings)]
 
 
-def run_core(core: EngineCore, tokenizer, rows: list[tuple[dict, int]]) -> dict[int, Sequence]:
+def run_core(core: EngineCore, tokenizer, rows: list[tuple[CoreRequest, int]]) -> dict[int, Sequence]:
     core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
     return core.generate([r for r, _ in rows], [tokenizer(PROMPTS[p]).input_ids for _, p in rows])
 
@@ -338,8 +340,8 @@ def test_an_unexpected_admission_error_is_logged_once_and_leaves_nothing_behind(
     with caplog.at_level(logging.WARNING, logger="engine"):
         for index in (0, 1):
             incomplete = request(index, capture={"layers": [1], "positions": "generated"})
-            del incomplete["max_new_tokens"]  # a request the tokenizer worker would never send: an engine bug
-            with pytest.raises(RecordError, match=r"^could not admit this record: KeyError: 'max_new_tokens'$"):
+            del incomplete.max_new_tokens  # a request the tokenizer worker would never send: an engine bug
+            with pytest.raises(RecordError, match=r"^could not admit this record: AttributeError: .*'max_new_tokens'"):
                 fresh.add(incomplete, ids)
     logged = [r for r in caplog.records if "could not be admitted" in r.getMessage()]
     assert len(logged) == 1 and logged[0].exc_info is not None

@@ -10,6 +10,8 @@ import torch
 
 from conftest import PROMPTS, tiny_config
 
+from engine.messages import CoreRequest
+
 pytestmark = pytest.mark.gpu
 GPU_MODEL = os.environ.get("ENGINE_GPU_TEST_MODEL", "random:tiny")
 GPU_TOKENIZER = os.environ.get("ENGINE_GPU_TEST_TOKENIZER")
@@ -103,8 +105,9 @@ def test_attention_backends_match_the_math_backend():
     def logits_of(prompts):
         core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
         for i, p in enumerate(prompts):
-            core.add(dict(index=i, max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True,
-                          stop=[], steering=None), torch.tensor(tok(p).input_ids, device="cuda"))
+            request = CoreRequest(index=i, max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                                  ignore_eos=True, stop=[], steering=None)
+            core.add(request, torch.tensor(tok(p).input_ids, device="cuda"))
         batch = core.scheduler.schedule()
         prefill = core.runner.prefill_logits(batch.seqs).float()
         core.runner.prefill(batch.seqs)
@@ -141,8 +144,8 @@ def test_greedy_agrees_with_hf_generate_until_a_near_tie():
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
     tok = load_hf_tokenizer(source.tokenizer_dir)
     ids = [tok(p).input_ids for p in PROMPTS]
-    requests = [dict(index=i, max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True,
-                     stop=[], steering=None) for i in range(len(PROMPTS))]
+    requests = [CoreRequest(index=i, max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                            ignore_eos=True, stop=[], steering=None) for i in range(len(PROMPTS))]
     done = core.generate(requests, ids)
     ref = load_model(source, torch.bfloat16, "cuda", len(tok))
     ref.generation_config.eos_token_id = None
@@ -172,8 +175,8 @@ def test_steering_added_after_capture_recaptures(tmp_path):
     spec = {"vector": str(vector), "layers": [1, 2], "coef": 2.0, "positions": "generated"}
 
     def run(core, index, steering):
-        request = dict(index=index, max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True,
-                       stop=[], steering=steering)
+        request = CoreRequest(index=index, max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                              ignore_eos=True, stop=[], steering=steering)
         return core.generate([request], [tok(PROMPTS[1]).input_ids])[index].output_ids
 
     plain = run(graphs, 0, None)  # graphs captured without steering hooks
@@ -225,17 +228,17 @@ def test_a_broken_forward_ends_only_its_request_inside_the_graphs(tmp_path):
     np.save(normal, np.clip(np.random.default_rng(0).standard_normal(hidden), -2, 2).astype(np.float32))
 
     def request(index, steering=None, temperature=0.0):
-        return dict(index=index, max_new_tokens=10, temperature=temperature, top_p=1.0, top_k=0, seed=index,
-                    ignore_eos=True, stop=[], steering=steering)
+        return CoreRequest(index=index, max_new_tokens=10, temperature=temperature, top_p=1.0, top_k=0, seed=index,
+                           ignore_eos=True, stop=[], steering=steering)
 
     good = [request(10 + i, temperature=0.8 * (i % 2)) for i in range(6)]
     bad = [request(0, {"vector": str(twos), "layers": [1, 2], "coef": 1e38, "positions": "generated"}),
            request(1, {"vector": str(normal), "layers": [1], "coef": 1e38, "positions": "all"}, temperature=0.9)]
-    prompts = [tok(PROMPTS[r["index"] % len(PROMPTS)]).input_ids for r in bad + good]
+    prompts = [tok(PROMPTS[r.index % len(PROMPTS)]).input_ids for r in bad + good]
     with_bad = core.generate(bad + good, prompts)
     alone = _core().generate(good, prompts[len(bad):])
     for r in good:
-        assert with_bad[r["index"]].output_ids == alone[r["index"]].output_ids
+        assert with_bad[r.index].output_ids == alone[r.index].output_ids
     for r in bad:
-        seq = with_bad[r["index"]]
+        seq = with_bad[r.index]
         assert seq.finish_reason == "error" and "non-finite" in seq.error, (seq.finish_reason, seq.output_ids)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.messages import CoreRequest
 from engine.pipeline.request import RecordError, parse_steering
 from engine.vectors import load_vectors, save_vectors
 
@@ -216,8 +217,8 @@ def test_pipeline_records_state_the_normalised_spec_and_match_the_core(forced, t
     spec = [{"vector": a, "layers": 1, "positions": {"prompt": [-2], "generated": [1, 3]}, "normalize": True},
             {"vector": b, "layers": [2], "coef": 0.5, "positions": {"generated": [[2]]}, "norm_match": True}]
     steered = [i % 2 == 0 for i in range(len(PROMPTS))]
-    rows = [dict(index=i, max_new_tokens=6, temperature=0.8, top_p=1.0, top_k=0, seed=i, ignore_eos=True, stop=[],
-                 steering=parse_steering(spec) if s else None) for i, s in enumerate(steered)]
+    rows = [CoreRequest(index=i, max_new_tokens=6, temperature=0.8, top_p=1.0, top_k=0, seed=i, ignore_eos=True,
+                        stop=[], steering=parse_steering(spec) if s else None) for i, s in enumerate(steered)]
     done = forced[0].generate(rows, [tokenizer(p).input_ids for p in PROMPTS])
     records = [{"prompt": p, "max_new_tokens": 6, "temperature": 0.8, "seed": i, **({"steering": spec} if s else {})}
                for i, (p, s) in enumerate(zip(PROMPTS, steered))]

@@ -71,7 +71,9 @@ MAIN_SCRIPT = """
         f.write("ran\\n")
 
     def in_main(events):
-        events.put({"in_main": True})
+        from probe_target import Facts
+
+        events.put(Facts({"in_main": True}))
 
     if __name__ == "__main__":
         from engine.procs import MsgQueue, start
@@ -84,17 +86,27 @@ MAIN_SCRIPT = """
         thread.start()
         thread.join()
         started[0].join(60)
-        print(events.get(timeout=10))
+        print(events.get(timeout=10).facts)
         proc = start(ctx, "probe main", events, in_main, events)  # a target in __main__ still gets it
         proc.join(60)
-        print(events.get(timeout=10))
+        print(events.get(timeout=10).facts)
 """
 TARGET = """
 import sys
+from dataclasses import dataclass
+
+from engine.messages import Message, message
+
+
+@message(200)
+@dataclass(slots=True)
+class Facts(Message):
+    facts: dict
+
 
 def report(events):
-    events.put({"is_main_rerun": hasattr(sys.modules["__main__"], "in_main"), "torch": "torch" in sys.modules,
-                "main_file": getattr(sys.modules["__main__"], "__file__", None)})
+    events.put(Facts({"is_main_rerun": hasattr(sys.modules["__main__"], "in_main"), "torch": "torch" in sys.modules,
+                      "main_file": getattr(sys.modules["__main__"], "__file__", None)}))
 """
 
 

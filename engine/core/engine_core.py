@@ -18,6 +18,7 @@ from engine.core.activations import ActivationRecorder
 from engine.core.attention import unsupported_reason
 from engine.core.compile_cache import CompileCache, cache_key
 from engine.config import DEFAULT_NUM_SEQS, EngineConfig
+from engine.messages import CoreRequest
 from engine.core.kv_cache import KVCache, plan_slots
 from engine.core.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
 from engine.models import (
@@ -140,7 +141,7 @@ class EngineCore:
             self.compile_cache.seal()
             self.compile_cache.release()
 
-    def add(self, request: dict, prompt_ids: torch.Tensor) -> None:
+    def add(self, request: CoreRequest, prompt_ids: torch.Tensor) -> None:
         """Queue one request, or raise RecordError and keep nothing of it: whatever goes wrong while admitting one
         request (its steering or capture, an unreadable vector file) is that request's error, not the core's.
         Errors that may leave the device unusable (out of memory, CUDA errors: `is_device_error`) propagate, so
@@ -155,27 +156,27 @@ class EngineCore:
             self._log_unexpected(request, exc)
             raise RecordError(f"could not admit this record: {type(exc).__name__}: {exc}") from exc
 
-    def _add(self, request: dict, prompt_ids: torch.Tensor) -> None:
+    def _add(self, request: CoreRequest, prompt_ids: torch.Tensor) -> None:
         # What resolve leaves behind if it fails half-way is shared by content, not owned by the request (cached
         # vector files and specs, table rows, hooks on layers that add zero to unsteered rows), so it is harmless.
-        plan = self.steering.resolve(request["steering"], int(prompt_ids.shape[0]))
+        plan = self.steering.resolve(request.steering, int(prompt_ids.shape[0]))
         seq = Sequence(
-            index=request["index"], prompt_ids=prompt_ids, max_new_tokens=request["max_new_tokens"],
-            temperature=request["temperature"], top_p=request["top_p"], top_k=request["top_k"],
-            seed=request["seed"], ignore_eos=request["ignore_eos"], stop=request["stop"], steering=plan,
+            index=request.index, prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            seed=request.seed, ignore_eos=request.ignore_eos, stop=request.stop, steering=plan,
         )
         # The capture is registered last, when nothing after it can fail, so a refused request leaves none behind
         # (register itself checks every layer before it keeps anything).
-        self.recorder.register(seq.index, request.get("capture"))
+        self.recorder.register(seq.index, request.capture)
         self.scheduler.add(seq)
 
-    def _log_unexpected(self, request: dict, exc: Exception) -> None:
+    def _log_unexpected(self, request: CoreRequest, exc: Exception) -> None:
         """Log the first unexpected admission error with its traceback: an engine bug stays visible, once."""
         if self._is_unexpected_logged:
             return
         self._is_unexpected_logged = True
         log.warning("request %s could not be admitted (%s: %s); it becomes that record's error, and later such "
-                    "errors are not logged", request.get("index"), type(exc).__name__, exc, exc_info=exc)
+                    "errors are not logged", request.index, type(exc).__name__, exc, exc_info=exc)
 
     @property
     def has_work(self) -> bool:
@@ -260,7 +261,7 @@ class EngineCore:
         for tensor in (*self.cache.k, *self.cache.v):
             tensor[seq.slot, :, :seq.num_tokens].zero_()  # every column it (or a step still in flight) wrote
 
-    def generate(self, requests: list[dict], prompts: list[list[int]]) -> dict[int, Sequence]:
+    def generate(self, requests: list[CoreRequest], prompts: list[list[int]]) -> dict[int, Sequence]:
         """In-process convenience: run requests to completion; returns finished sequences by index (a sequence
         that failed has finish_reason "error" and its message in `error`)."""
         for request, ids in zip(requests, prompts):

@@ -5,6 +5,7 @@ decoder workers and its stats to the parent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -13,25 +14,21 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.messages import Finished, FinishedSeq, Ready, RecordFailed, SlotFilled, Stats, StatsQuery, Stop
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Sequence
 from engine.core.trace import StepTrace
 from engine.models import ModelSource, skip_unused_imports
 from engine.pipeline.request import RecordError
 from engine.pipeline.ring import ShmRing
-from engine.procs import STOP, Lifeline, MsgQueue
+from engine.procs import Lifeline, MsgQueue
 
 log = logging.getLogger("engine")
 
 
-def finished_msg(seq: Sequence, activations: dict | None = None) -> dict:
-    msg = {
-        "index": seq.index, "tokens": np.asarray(seq.output_ids, dtype=np.int32).tobytes(),
-        "finish_reason": seq.finish_reason, "num_prompt_tokens": seq.num_prompt_tokens, "stop": seq.stop,
-    }
-    if activations is not None:
-        msg["activations"] = activations
-    return msg
+def finished_seq(seq: Sequence, activations: dict | None = None) -> FinishedSeq:
+    return FinishedSeq(seq.index, np.asarray(seq.output_ids, dtype=np.int32).tobytes(), seq.finish_reason,
+                       seq.num_prompt_tokens, seq.stop, activations)
 
 
 class SlotReader:
@@ -43,8 +40,8 @@ class SlotReader:
         self.pinned = ring.pin() if self.is_cuda else False
         self._pending: list[tuple[torch.cuda.Event, int]] = []
 
-    def read(self, slot: int, seq: int) -> list[tuple[int, torch.Tensor]]:
-        views = self.ring.read(slot, seq)
+    def read(self, slot: int, ticket: int) -> list[tuple[int, torch.Tensor]]:
+        views = self.ring.read(slot, ticket)
         total = sum(len(v) for _, v in views)
         host = torch.from_numpy(self.ring.tokens[slot, :total])
         if self.is_cuda:
@@ -86,12 +83,11 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     core = EngineCore(config, ModelSource(**source_msg))
     reader = SlotReader(ring, core.device)
     name = torch.cuda.get_device_name(core.device) if reader.is_cuda else "cpu"
-    events.put({"t": "ready", "core": number, "startup_s": time.perf_counter() - started, "device": name,
-                "phases": core.phases.seconds,
-                "dtype": str(core.dtype).removeprefix("torch."), "pinned": reader.pinned})
+    events.put(Ready(number, time.perf_counter() - started, name, core.phases.seconds,
+                     str(core.dtype).removeprefix("torch."), reader.pinned))
     # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling, idle_since:
     # when the last sequence finished (both monotonic; engine-bench's window runs between them)
-    stats = {"t": "stats", "core": number, "steps": 0, "idle_s": 0.0, "busy_starts": [], "idle_since": None}
+    stats = Stats(number)
     admission = Admission(core, reader, inbox, events, stats, max_waiting=2 * core.scheduler.num_slots)
     last_report = time.monotonic()
     trace = StepTrace(config.trace_dir, number) if config.trace_dir else None
@@ -102,16 +98,16 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
         stepped = core.has_work
         if stepped:
             finished = core.step(on_wait=admission.take)
-            stats["steps"] += 1
+            stats.steps += 1
             if finished:
                 _send_finished(dec_q, core, finished)
                 if not core.has_work:
-                    stats["idle_since"] = time.monotonic()
+                    stats.idle_since = time.monotonic()
         if trace is not None:
             trace.iteration(iteration, admission.seconds, admission.count, core.timing if stepped else None)
         admission.seconds, admission.count = 0.0, 0
         if time.monotonic() - last_report > 1.0:
-            events.put({**stats, "graphs": core.runner.graph_stats, **_memory_peaks(reader)})
+            events.put(_report(stats, reader, graphs=core.runner.graph_stats))
             last_report = time.monotonic()
             if trace is not None:
                 trace.flush()
@@ -124,16 +120,16 @@ def _send_finished(dec_q: MsgQueue, core: EngineCore, finished: list[Sequence]) 
     """Finished sequences to the decoders; a failed one as its error, which a decoder passes on to the parent."""
     for seq in finished:
         if seq.error is not None:
-            dec_q.put({"t": "error", "index": seq.index, "error": seq.error})
-    results = [finished_msg(s, core.recorder.pop(s.index)) for s in finished if s.error is None]
+            dec_q.put(RecordFailed(seq.index, seq.error))
+    results = [finished_seq(s, core.recorder.pop(s.index)) for s in finished if s.error is None]
     if results:
-        dec_q.put({"seqs": results})
+        dec_q.put(Finished(results))
 
 
 class Admission:
     """Takes ring messages off the inbox into the core: between steps, and while the host waits for the GPU."""
 
-    def __init__(self, core: EngineCore, reader: SlotReader, inbox: MsgQueue, events: MsgQueue, stats: dict,
+    def __init__(self, core: EngineCore, reader: SlotReader, inbox: MsgQueue, events: MsgQueue, stats: Stats,
                  max_waiting: int):
         self.core, self.reader, self.inbox, self.events, self.stats = core, reader, inbox, events, stats
         self.max_waiting = max_waiting
@@ -159,36 +155,41 @@ class Admission:
             return False
         finally:
             if idle_from is not None:
-                self.stats["idle_s"] += time.perf_counter() - idle_from
-        if msg == STOP:  # the lifeline says stop too: the loop ends at its next check
-            return False
-        if msg["t"] == "stats?":
-            self.events.put({**self.stats, **_memory_peaks(self.reader), "reply_to": msg["id"]})
-            return True
-        started = time.perf_counter()
-        self.count += _admit(self.core, self.reader, msg, self.events)
-        self.seconds += time.perf_counter() - started
+                self.stats.idle_s += time.perf_counter() - idle_from
+        match msg:
+            case Stop():  # the lifeline says stop too: the loop ends at its next check
+                return False
+            case StatsQuery(id=query):
+                self.events.put(_report(self.stats, self.reader, reply_to=query))
+                return True
+            case SlotFilled():
+                started = time.perf_counter()
+                self.count += _admit(self.core, self.reader, msg, self.events)
+                self.seconds += time.perf_counter() - started
+            case _:
+                raise TypeError(f"an engine core got a {type(msg).__name__} message; it takes SlotFilled, "
+                                f"StatsQuery and Stop")
         if block and self.core.has_work:
-            self.stats["busy_starts"] = [*self.stats["busy_starts"][-(MAX_BUSY_STARTS - 1):], time.monotonic()]
+            self.stats.busy_starts = [*self.stats.busy_starts[-(MAX_BUSY_STARTS - 1):], time.monotonic()]
         return True
 
 
-def _memory_peaks(reader: SlotReader) -> dict:
-    """The caching allocator's peaks since the core started (bytes in live tensors, bytes it holds from the card):
-    NVML's figure is the second plus the CUDA context, so together they say whether memory went to tensors or to
-    the allocator's blocks."""
-    if not reader.is_cuda:
-        return {}
-    return {"torch_allocated_peak": torch.cuda.max_memory_allocated(),
-            "torch_reserved_peak": torch.cuda.max_memory_reserved()}
+def _report(stats: Stats, reader: SlotReader, **changes) -> Stats:
+    """The counters as sent now, with the caching allocator's peaks since the core started (bytes in live tensors,
+    bytes it holds from the card): NVML's figure is the second plus the CUDA context, so together they say whether
+    memory went to tensors or to the allocator's blocks."""
+    if reader.is_cuda:
+        changes.update(torch_allocated_peak=torch.cuda.max_memory_allocated(),
+                       torch_reserved_peak=torch.cuda.max_memory_reserved())
+    return dataclasses.replace(stats, **changes)
 
 
-def _admit(core: EngineCore, reader: SlotReader, msg: dict, events: MsgQueue) -> int:
+def _admit(core: EngineCore, reader: SlotReader, msg: SlotFilled, events: MsgQueue) -> int:
     """Queue a ring slot's requests, each refused one as its error record (EngineCore.add makes every admission
     error a RecordError, except device errors, which end the core); returns how many."""
-    for request, (index, ids) in zip(msg["requests"], reader.read(msg["slot"], msg["seq"])):
+    for request, (index, ids) in zip(msg.requests, reader.read(msg.slot, msg.ticket)):
         try:
             core.add(request, ids)
         except RecordError as exc:
-            events.put({"t": "error", "index": index, "error": str(exc)})
-    return len(msg["requests"])
+            events.put(RecordFailed(index, str(exc)))
+    return len(msg.requests)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.messages import Finished, FinishedSeq, Result
 from engine.pipeline.activation_messages import trim_generated
 from engine.models import decoding_tokenizer
 from engine.procs import (
@@ -26,24 +27,20 @@ def decode_texts(tok, id_lists: list[list[int]]) -> list[str]:
     return backend.decode_batch(id_lists, skip_special_tokens=True)
 
 
-def finalize(tok, items: list[dict], return_tokens: bool) -> list[dict]:
-    """Decode a batch of finished sequences into result fields."""
-    id_lists = [np.frombuffer(item["tokens"], dtype=np.int32).tolist() for item in items]
+def finalize(tok, items: list[FinishedSeq], return_tokens: bool) -> list[Result]:
+    """Decode a batch of finished sequences into results."""
+    id_lists = [np.frombuffer(item.tokens, dtype=np.int32).tolist() for item in items]
     texts = decode_texts(tok, id_lists)
     results = []
     for item, ids, text in zip(items, id_lists, texts):
-        reason = item["finish_reason"]
-        cut = cut_at_stop(tok, ids, text, item["stop"]) if item["stop"] else None
+        reason = item.finish_reason
+        cut = cut_at_stop(tok, ids, text, item.stop) if item.stop else None
         if cut is not None:
             text, count = cut
             ids, reason = ids[:count], "stop"
-        result = {"t": "result", "index": item["index"], "completion": text, "finish_reason": reason,
-                  "num_prompt_tokens": item["num_prompt_tokens"], "num_completion_tokens": len(ids)}
-        if return_tokens:
-            result["completion_token_ids"] = ids
-        if "activations" in item:
-            result["activations"] = trim_generated(item["activations"], len(ids))
-        results.append(result)
+        activations = trim_generated(item.activations, len(ids)) if item.activations is not None else None
+        results.append(Result(item.index, text, reason, item.num_prompt_tokens, len(ids),
+                              ids if return_tokens else None, activations))
     return results
 
 
@@ -56,7 +53,7 @@ def decoder_main(tokenizer_dir: str, cache_dir: str, return_tokens: bool, inbox:
     is_checking = is_checking_imports()
     tok = None
     for msg in messages(inbox, lifeline):
-        is_finished = "seqs" in msg
+        is_finished = isinstance(msg, Finished)
         if not is_finished:
             events.put(msg)  # before the tokenizer loads: the core's ready is not held up by it
         if tok is None:
@@ -65,7 +62,7 @@ def decoder_main(tokenizer_dir: str, cache_dir: str, return_tokens: bool, inbox:
                 check_light_imports("decoder worker")
         if not is_finished:
             continue
-        results = finalize(tok, msg["seqs"], return_tokens)
+        results = finalize(tok, msg.seqs, return_tokens)
         if is_checking:  # before the results go out, so the run fails rather than finishing without noticing
             check_light_imports("decoder worker")
         for result in results:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from engine.messages import CoreRequest, Feed, TokenizeRequest, encode
 from engine.config import MAX_SEED, SamplingDefaults, check_sampling, check_seed, check_stop
 from engine.specs import (RecordError, is_finite, load_named_specs, not_a_file, parse_capture,  # noqa: F401 - re-exported
                           parse_steering, shown, steering_terms)
@@ -22,7 +23,7 @@ FIELD = "field '{}'"  # how messages about a record name its fields
 
 @dataclass(slots=True)
 class Request:
-    """One prompt to generate from, with its resolved settings; travels as a msgpack dict."""
+    """One prompt to generate from, with its resolved settings; what travels is its to_wire()."""
 
     index: int
     line: int
@@ -42,14 +43,16 @@ class Request:
     capture: dict | None = None  # {"layers": [...], "positions": ...} or None: no activations
     digest: str | None = None  # record_digest of the input record, when its output keeps one
 
-    def to_msg(self) -> dict:
+    def to_wire(self) -> TokenizeRequest:
         """What the worker processes need of it; pass-through fields and the id stay with the parent."""
-        return {name: getattr(self, name) for name in WIRE_FIELDS}
+        core = CoreRequest(self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
+                           self.ignore_eos, self.stop, self.steering, self.capture)
+        return TokenizeRequest(self.prompt, self.messages, core)
 
     def check_wire(self) -> None:
         """RecordError naming the field if msgpack cannot carry the request (an integer outside 64 bits, say)."""
         try:
-            msgpack.packb(self.to_msg(), use_bin_type=True)
+            encode(Feed([self.to_wire()]))
             return
         except (OverflowError, ValueError, TypeError, UnicodeEncodeError):
             pass
@@ -61,7 +64,7 @@ class Request:
                                   f"{exc}); integers must lie in [-2^63, 2^63), text must be valid Unicode") from None
 
 
-# The request fields the tokenizer workers and the engine core read.
+# The request fields the tokenizer workers and the engine core read (Request.to_wire).
 WIRE_FIELDS = ("index", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                "ignore_eos", "steering", "capture")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

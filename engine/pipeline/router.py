@@ -12,6 +12,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from engine.messages import SlotFilled, Stats
 from engine.procs import MsgQueue
 from engine.pipeline.ring import IN_USE, READY, ShmRing
 
@@ -33,13 +34,13 @@ class CoreLane:
     is_alive: bool = True
     unfinished: set[int] = field(default_factory=set)  # request indices given to this core, not yet finished
     slot_seqs: dict[int, int] = field(default_factory=dict)  # ring seq -> slot, for slots this core may hold
-    stats: dict = field(default_factory=dict)  # the core's last cumulative counters (steps, idle_s)
+    stats: Stats | None = None  # the core's last cumulative counters (steps, idle_s)
     num_requests: int = 0
     num_tokens: int = 0
 
     def counts(self) -> dict:
         return {"device": self.device, "label": self.label, "name": self.name, "is_alive": self.is_alive,
-                "steps": self.stats.get("steps", 0), "idle_s": self.stats.get("idle_s", 0.0),
+                "steps": self.stats.steps if self.stats else 0, "idle_s": self.stats.idle_s if self.stats else 0.0,
                 "num_requests": self.num_requests, "num_tokens": self.num_tokens}
 
 
@@ -72,17 +73,17 @@ class Router(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - raised in the engine's thread by check()
             self.error = exc
 
-    def route(self, msg: dict) -> None:
+    def route(self, msg: SlotFilled) -> None:
         with self.lock:
             live = [lane for lane in self.lanes if lane.is_alive]
             if not live:
                 return  # the engine is stopping with an error: every core has died
             lane = min(live, key=lambda lane: len(lane.unfinished))
             self._forget_released(lane)
-            lane.slot_seqs[msg["seq"]] = msg["slot"]
-            for request in msg["requests"]:
-                lane.unfinished.add(request["index"])
-                self.owner[request["index"]] = lane
+            lane.slot_seqs[msg.ticket] = msg.slot
+            for request in msg.requests:
+                lane.unfinished.add(request.index)
+                self.owner[request.index] = lane
             lane.inbox.put(msg)
 
     def _forget_released(self, lane: CoreLane) -> None:

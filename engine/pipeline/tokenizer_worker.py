@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from engine.messages import Feed, RecordFailed, SlotFilled, TokenizeRequest
 from engine.models import load_tokenizer
 from engine.procs import (
     Lifeline,
@@ -19,17 +20,12 @@ from engine.pipeline.ring import ShmRing
 
 log = logging.getLogger("engine")
 
-# What the engine core needs of a request; everything else stays with the parent.
-CORE_FIELDS = ("index", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "steering",
-               "capture")
-
-
-def encode(tok, requests: list[dict]) -> list[list[int] | RecordError]:
+def encode(tok, requests: list[TokenizeRequest]) -> list[list[int] | RecordError]:
     """Token ids per request: `prompt` via one batch encode, `messages` via the chat template; a request the
     tokenizer cannot encode gets a RecordError, and the others are encoded all the same."""
-    texts = [r["prompt"] for r in requests if r["prompt"] is not None]
+    texts = [r.prompt for r in requests if r.prompt is not None]
     encoded = iter(_encode_texts(tok, texts))
-    return [next(encoded) if request["prompt"] is not None else _encode_chat(tok, request["messages"])
+    return [next(encoded) if request.prompt is not None else _encode_chat(tok, request.messages)
             for request in requests]
 
 
@@ -91,7 +87,9 @@ def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: 
     if is_checking:
         check_light_imports("tokenizer worker")
     for msg in messages(inbox, lifeline):
-        requests = msg["requests"]
+        if not isinstance(msg, Feed):
+            raise TypeError(f"a tokenizer worker got a {type(msg).__name__} message; it takes Feed only")
+        requests = msg.requests
         encoded = encode(tok, requests)
         if is_checking:  # before anything is sent, so the run fails rather than finishing without noticing
             check_light_imports("tokenizer worker")
@@ -100,15 +98,16 @@ def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: 
             try:
                 if isinstance(ids, RecordError):
                     raise ids
-                ids = fit_length(ids, request["max_new_tokens"], max_model_len, truncate, tok.bos_token_id)
+                ids = fit_length(ids, request.core.max_new_tokens, max_model_len, truncate, tok.bos_token_id)
             except RecordError as exc:
-                events.put({"t": "error", "index": request["index"], "error": str(exc)})
+                events.put(RecordFailed(request.core.index, str(exc)))
                 continue
             entries.append((request, np.asarray(ids, dtype=np.int32)))
         _send(entries, ring, core_q, lifeline)
 
 
-def _send(entries: list[tuple[dict, np.ndarray]], ring: ShmRing, core_q: MsgQueue, lifeline: Lifeline) -> None:
+def _send(entries: list[tuple[TokenizeRequest, np.ndarray]], ring: ShmRing, core_q: MsgQueue,
+          lifeline: Lifeline) -> None:
     """Pack encoded requests into as few slots as fit; one message per filled slot."""
     while entries:
         count = 1
@@ -120,6 +119,5 @@ def _send(entries: list[tuple[dict, np.ndarray]], ring: ShmRing, core_q: MsgQueu
             if not lifeline.ok():
                 return
             slot = ring.acquire(timeout=0.5)
-        seq = ring.write(slot, [(r["index"], ids) for r, ids in batch])
-        core_q.put({"t": "slot", "slot": slot, "seq": seq,
-                    "requests": [{k: r[k] for k in CORE_FIELDS} for r, _ in batch]})
+        ticket = ring.write(slot, [(r.core.index, ids) for r, ids in batch])
+        core_q.put(SlotFilled(slot, ticket, [r.core for r, _ in batch]))
