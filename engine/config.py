@@ -1,11 +1,14 @@
-"""The one typed configuration of a run, validated once."""
+"""The one typed configuration of a run, validated once; each field also says whether it is a command-line flag and
+with which facts (engine.apps.flags builds the flags and the sweep's [engine] keys from them)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from engine.specs import (CAPTURE_POSITIONS, STEER_POSITIONS, RecordError, load_named_specs,  # noqa: F401 - positions:
@@ -77,6 +80,56 @@ def _all_gpus() -> list[str]:
     return [f"cuda:{i}" for i in range(count)]
 
 
+def knob(default=MISSING, *, factory=MISSING, flag: str | None = None, help: str | None = None,
+         flag_default=MISSING, after: str | None = None, group: str | None = None, is_shared: bool = True,
+         **argparse_kwargs):
+    """A config field that is also a command-line flag. `flag` defaults to --<name with dashes>; `help`, `flag_default`
+    (where the flag's default is not the field's) and `argparse_kwargs` (choices, metavar, type, action) go to
+    add_argument as they are; without them the flag's type comes from the field's annotation (int, float; a bool is
+    store_true) and its default is the field's. `after`: listed after that field's flag instead of in field order;
+    `group`: listed in that group field's argument group; is_shared False: not in add_engine_args, each command adds
+    it where it wants it (add_engine_flag)."""
+    if help is not None:
+        argparse_kwargs["help"] = help
+    if flag_default is not MISSING:
+        argparse_kwargs["default"] = flag_default
+    metadata = {"kind": "flag", "flag": flag, "argparse": argparse_kwargs, "after": after, "group": group,
+                "is_shared": is_shared}
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
+def no_flag(default=MISSING, *, factory=MISSING):
+    """A config field with no flag: set by the Python API or by engine-bench, or fixed."""
+    return field(default=default, default_factory=factory, metadata={"kind": "setting"})
+
+
+def flag_group(factory, title: str):
+    """A field holding a dataclass of knobs: their flags form the argument group `title`."""
+    return field(default_factory=factory, metadata={"kind": "group", "title": title})
+
+
+def parse_layer_flag(text: str) -> list[int]:
+    """--steer-layer / --capture-layers: 6 or 4,6,8."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give layer indices like 6 or 4,6,8") from None
+
+
+def parse_steer_positions_flag(text: str) -> str | dict:
+    """prompt | generated | all, or a JSON object of ranges (checked with the rest of the steering flags)."""
+    if text in STEER_POSITIONS:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(STEER_POSITIONS)}, or a JSON object of "
+                                         f"ranges like '{{\"prompt\": [-1, null], \"generated\": [0, 20]}}'")
+    return value
+
+
 def device_settings(text: str) -> dict:
     """A device word for one engine: a single device (auto, cpu, cuda, cuda:N) as `device`, else (all, 0,1, ...)
     as `devices` (one engine core per device)."""
@@ -93,13 +146,13 @@ MAX_TOKENS = 1 << 31  # max_new_tokens above this cannot fit any model's context
 class SamplingDefaults:
     """Generation settings a record may override field by field."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    max_new_tokens: int = knob(128)
+    temperature: float = knob(0.0, help="0 = greedy")
+    top_p: float = knob(1.0)
+    top_k: int = knob(0)
+    seed: int = knob(0, help="base seed; a record without 'seed' gets one derived from it and its id")
+    stop: list[str] = knob(factory=list, action="append", help="stop string (repeatable)")
+    ignore_eos: bool = knob(False, help="always generate max_new_tokens")
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, ConfigError)
@@ -138,10 +191,16 @@ def check_stop(stop, error, name: str = "{}") -> None:
 class SteeringDefaults:
     """The job-wide steering (`--steer ...`); a record's `steering` object replaces it."""
 
-    vector: str | None = None
-    layers: list[int] = field(default_factory=list)
-    coef: float = 1.0
-    positions: str | dict = "all"  # or ranges, as a record's term takes them: {"generated": [0, 20]}
+    vector: str | None = knob(None, flag="--steer", metavar="FILE",
+                              help="vector file: .safetensors, .pt, .npy or a .gguf control vector")
+    layers: list[int] = knob(factory=list, flag="--steer-layer", type=parse_layer_flag, metavar="L[,L2..]",
+                             help="decoder layer(s) whose output is steered")
+    coef: float = knob(1.0, flag="--steer-coef")
+    # or ranges, as a record's term takes them: {"generated": [0, 20]}
+    positions: str | dict = knob("all", flag="--steer-positions", type=parse_steer_positions_flag,
+                                 metavar="prompt|generated|all|JSON",
+                                 help=f"{'|'.join(STEER_POSITIONS)}, or ranges as in a record, e.g. "
+                                      f"'{{\"generated\": [0, 20]}}'")
 
     def __post_init__(self) -> None:
         if self.vector is None:
@@ -168,10 +227,13 @@ class CaptureDefaults:
     """The job-wide activation capture (`--capture-layers ...`); a record's `capture` field overrides layers and
     positions. dtype and is_before_steering hold for the whole run."""
 
-    layers: list[int] = field(default_factory=list)
-    positions: str = "last_prompt"
-    dtype: str = "float32"
-    is_before_steering: bool = False
+    layers: list[int] = knob(factory=list, flag="--capture-layers", type=parse_layer_flag, metavar="L[,L2..]",
+                             help="decoder layer(s) whose output (the residual stream after the layer) is recorded")
+    positions: str = knob("last_prompt", flag="--capture-positions", choices=CAPTURE_POSITIONS)
+    dtype: str = knob("float32", flag="--capture-dtype", choices=CAPTURE_DTYPES)
+    is_before_steering: bool = knob(False, flag="--capture-before-steering",
+                                    help="record the layer's output before that layer's steering is added (default: "
+                                         "after)")
 
     def __post_init__(self) -> None:
         if self.positions not in CAPTURE_POSITIONS:
@@ -205,30 +267,42 @@ COUNT_RANGES = {"max_num_seqs": (1, 1 << 16), "tokenizer_workers": (1, 256), "de
 class EngineConfig:
     """Everything the engine's processes need; built once by the CLI or the Python API."""
 
-    model: str = "embedded"
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
+    model: str = knob("embedded", help="embedded | local HF dir | file.gguf | random:<preset>")
+    tokenizer: str | None = knob(None, help="tokenizer.json (or its dir) to use instead of the model's")
+    dtype: str = knob("auto", choices=DTYPES)
+    device: str = knob("auto", help="auto | cpu | cuda | cuda:N")
     # sequences decoded together; None: DEFAULT_NUM_SEQS for the device, as memory allows
-    max_num_seqs: int | None = None
-    max_model_len: int | None = None
-    max_prefill_tokens: int | None = None  # prompt tokens per prefill; None: as memory allows (kv_cache.plan_slots)
-    gpu_memory_fraction: float = 0.9
-    enforce_eager: bool = False
-    compile: str = "auto"  # torch.compile the decoder layers: auto (on a GPU, unless enforce_eager), on, off
-    tokenizer_workers: int = 1
-    decoder_workers: int = 1
-    ring_slots: int = 8
-    slot_tokens: int = 1 << 16
-    truncate: str = "none"
-    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
-    steering: SteeringDefaults = field(default_factory=SteeringDefaults)
-    steering_specs: str | None = None  # a TOML file of named specs
-    capture: CaptureDefaults = field(default_factory=CaptureDefaults)
-    return_tokens: bool = False
-    cache_dir: str = ""
-    devices: list[str] = field(default_factory=list)  # several: one engine core per device (data parallel)
-    trace_dir: str | None = None  # each core's loop timeline goes to <trace_dir>/core<N>.jsonl (engine.core.trace)
+    max_num_seqs: int | None = knob(None, help="sequences decoded together (default: 512 on a GPU, as memory allows; "
+                                               "64 on a CPU)")
+    max_model_len: int | None = knob(None, help="prompt + new tokens limit (default: the model's, at most 4096)")
+    # prompt tokens per prefill; None: as memory allows (kv_cache.plan_slots)
+    max_prefill_tokens: int | None = knob(None, help="prompt tokens in one prefill (packed, no padding; default: "
+                                                     "32768, less where the KV cache would otherwise get fewer than "
+                                                     "--max-num-seqs slots)")
+    gpu_memory_fraction: float = knob(0.9, after="max_model_len", help="share of the GPU the engine may fill")
+    enforce_eager: bool = knob(False, help="no CUDA graphs and no torch.compile (debugging)")
+    # torch.compile the decoder layers: auto (on a GPU, unless enforce_eager), on, off
+    compile: str = knob("auto", choices=COMPILE_MODES, help="torch.compile the decoder layers: auto (on a GPU), on, "
+                                                            "off; compiled artefacts persist in <cache dir>/compile")
+    tokenizer_workers: int = knob(1)
+    decoder_workers: int = knob(1)
+    ring_slots: int = no_flag(8)
+    slot_tokens: int = no_flag(1 << 16)
+    truncate: str = knob("none", choices=TRUNCATE_MODES, help="cut prompts that are too long")
+    sampling: SamplingDefaults = flag_group(SamplingDefaults, "generation defaults (a record's own fields win)")
+    steering: SteeringDefaults = flag_group(SteeringDefaults, "steering (a record's 'steering' object replaces it)")
+    steering_specs: str | None = knob(None, group="steering", metavar="TOML",  # a TOML file of named specs
+                                      help="named specs; records then say \"steering\": \"name\"")
+    capture: CaptureDefaults = flag_group(CaptureDefaults, "activation capture (a record's 'capture' field overrides "
+                                                           "layers and positions)")
+    return_tokens: bool = knob(False, is_shared=False, help="add completion_token_ids to each record")
+    cache_dir: str = no_flag("")
+    # several: one engine core per device (data parallel)
+    devices: list[str] = knob(factory=list, after="device", flag_default="", metavar="all|0,1,...",
+                              help="one engine core per device, requests shared between them: all (every visible "
+                                   "GPU), GPU indices like 0,1, devices like cuda:0,cuda:1, or cpu,cpu")
+    # each core's loop timeline goes to <trace_dir>/core<N>.jsonl (engine.core.trace)
+    trace_dir: str | None = no_flag(None)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -13,6 +13,11 @@ SYSTEMS = ("naive", "hf", "engine")
 NUM_WARMUP_PROMPTS = 2
 MAX_WARMUP_TOKENS = 8
 RESULTS_FILE = "benchmarks/RESULTS.md"
+# BenchConfig's engine settings, each named as the EngineConfig field it sets (SAMPLING_SETTINGS: as SamplingDefaults'
+# fields), handed on by name. They stay flat fields, with engine-bench's own defaults, because a report's "settings"
+# is BenchConfig.to_dict(); device, devices and trace follow rules of their own (engine_config).
+ENGINE_SETTINGS = ("model", "tokenizer", "dtype", "max_num_seqs", "max_model_len", "gpu_memory_fraction", "cache_dir")
+SAMPLING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
 
 
 class BenchError(RuntimeError):
@@ -107,15 +112,15 @@ class BenchConfig:
                               "leaves engine-run out; add engine (the user's script has no steering)")
 
     def sampling(self) -> SamplingDefaults:
-        return SamplingDefaults(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                top_k=self.top_k, seed=self.seed, ignore_eos=True)
+        """The SAMPLING_SETTINGS, every completion at its full length (the systems are compared token for token)."""
+        return SamplingDefaults(**{name: getattr(self, name) for name in SAMPLING_SETTINGS}, ignore_eos=True)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
+        """The engine the bench runs: the ENGINE_SETTINGS and sampling(), on `devices` (one core each) if given, else
+        on `device`, returning token ids (to compare them), tracing into `trace` if given."""
+        return EngineConfig(**{name: getattr(self, name) for name in ENGINE_SETTINGS},
                             device="auto" if self.devices else self.device, devices=self.devices,
-                            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-                            gpu_memory_fraction=self.gpu_memory_fraction, sampling=self.sampling(),
-                            return_tokens=True, cache_dir=self.cache_dir, trace_dir=self.trace)
+                            sampling=self.sampling(), return_tokens=True, trace_dir=self.trace)
 
     @property
     def is_greedy(self) -> bool:

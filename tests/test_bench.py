@@ -69,6 +69,26 @@ def test_config_rejects_bad_values(bad, message):
         BenchConfig(**bad)
 
 
+def test_engine_config_carries_the_bench_engine_settings_by_their_field_names(tmp_path):
+    import dataclasses
+
+    from engine.config import EngineConfig, SamplingDefaults
+    from engine_bench.config import ENGINE_SETTINGS, SAMPLING_SETTINGS
+
+    assert set(ENGINE_SETTINGS) <= {f.name for f in dataclasses.fields(EngineConfig)}
+    assert set(SAMPLING_SETTINGS) <= {f.name for f in dataclasses.fields(SamplingDefaults)}
+    values = dict(model="random:tiny", tokenizer="tok.json", dtype="float32", max_num_seqs=8, max_model_len=300,
+                  gpu_memory_fraction=0.5, cache_dir=str(tmp_path), max_new_tokens=9, temperature=0.5, top_p=0.75,
+                  top_k=5, seed=11)
+    assert set(values) == set(ENGINE_SETTINGS + SAMPLING_SETTINGS)
+    config = BenchConfig(device="cpu", trace=str(tmp_path), **values).engine_config()
+    assert {name: getattr(config, name) for name in ENGINE_SETTINGS} == {n: values[n] for n in ENGINE_SETTINGS}
+    assert {name: getattr(config.sampling, name) for name in SAMPLING_SETTINGS} == {
+        n: values[n] for n in SAMPLING_SETTINGS}
+    assert config.sampling.ignore_eos and config.return_tokens and config.device == "cpu"
+    assert config.trace_dir == str(tmp_path)
+
+
 def _done(system: str, ids: list[list[int]], seconds: float) -> dict:
     return {"system": system, "start": 100.0, "end": 100.0 + seconds, "first_result": 100.5, "cpu_s": seconds / 2,
             "token_ids": ids, "texts": [""] * len(ids), "num_generated_tokens": sum(map(len, ids)),

@@ -132,6 +132,8 @@ BAD_FILES = [
     ("baseline = true", "baseline = true\npositions = [\"everywhere\"]", "grid.positions[0] is \"everywhere\""),
     ("max_num_seqs = 4", "max_num_seqs = \"4\"", "engine.max_num_seqs must be an integer"),
     ("device = \"cpu\"", "device = \"tpu\"", "engine: --device 'tpu'"),
+    ("device = \"cpu\"", "device = \"cpu\"\nmodel = \"x\"", "unknown key(s) ['model'] in [engine]; known: dtype,"),
+    ("device = \"cpu\"", "device = \"cpu\"\ncompile = \"sometimes\"", "engine: --compile 'sometimes'"),
     ("seed = 5", "seed = 5\n[[metrics]]\nregex = \"(\"", "metrics[0].regex '(' is not a valid regular expression"),
     ("coefs = [0, 4]", "coefs = [0, 4, 4.0]", "grid: the point v@L1*4.0 comes out twice"),
     ("seed = 5", "seed = 5\n[[metrics]]\nname = \"coef\"\nregex = \"a\"", "metrics[0].name 'coef' is a column"),

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from engine.config import (CAPTURE_DTYPES, CAPTURE_POSITIONS, COMPILE_MODES, DTYPES, STEER_POSITIONS, TRUNCATE_MODES,
-                           CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults, SteeringDefaults)
+from engine.apps.flags import add_engine_args, add_engine_flag, config_from_args
+from engine.config import ConfigError, EngineConfig
 from engine.models import ModelNotFound
 from engine.engine import Engine, EngineError
 from engine.pipeline.reader import read_requests
@@ -31,100 +31,13 @@ from engine.core.trace import process_age
 EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give layer indices like 6 or 4,6,8") from None
-
-
-def _steer_positions(text: str) -> str | dict:
-    """prompt | generated | all, or a JSON object of ranges (checked with the rest of the steering flags)."""
-    if text in STEER_POSITIONS:
-        return text
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(STEER_POSITIONS)}, or a JSON object of "
-                                         f"ranges like '{{\"prompt\": [-1, null], \"generated\": [0, 20]}}'")
-    return value
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that builds an engine."""
-    p.add_argument("--model", default="embedded", help="embedded | local HF dir | file.gguf | random:<preset>")
-    p.add_argument("--tokenizer", help="tokenizer.json (or its dir) to use instead of the model's")
-    p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--devices", default="", metavar="all|0,1,...",
-                   help="one engine core per device, requests shared between them: all (every visible GPU), GPU "
-                        "indices like 0,1, devices like cuda:0,cuda:1, or cpu,cpu")
-    p.add_argument("--max-num-seqs", type=int,
-                   help="sequences decoded together (default: 512 on a GPU, as memory allows; 64 on a CPU)")
-    p.add_argument("--max-model-len", type=int, help="prompt + new tokens limit (default: the model's, at most 4096)")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of the GPU the engine may fill")
-    p.add_argument("--max-prefill-tokens", type=int,
-                   help="prompt tokens in one prefill (packed, no padding; default: 32768, less where the KV cache "
-                        "would otherwise get fewer than --max-num-seqs slots)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs and no torch.compile (debugging)")
-    p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
-                   help="torch.compile the decoder layers: auto (on a GPU), on, off; compiled artefacts persist in "
-                        "<cache dir>/compile")
-    p.add_argument("--tokenizer-workers", type=int, default=1)
-    p.add_argument("--decoder-workers", type=int, default=1)
-    p.add_argument("--truncate", default="none", choices=TRUNCATE_MODES, help="cut prompts that are too long")
-    g = p.add_argument_group("generation defaults (a record's own fields win)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0,
-                   help="base seed; a record without 'seed' gets one derived from it and its id")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="always generate max_new_tokens")
-    s = p.add_argument_group("steering (a record's 'steering' object replaces it)")
-    s.add_argument("--steer", metavar="FILE", help="vector file: .safetensors, .pt, .npy or a .gguf control vector")
-    s.add_argument("--steer-layer", type=_layers, default=[], metavar="L[,L2..]",
-                   help="decoder layer(s) whose output is steered")
-    s.add_argument("--steer-coef", type=float, default=1.0)
-    s.add_argument("--steer-positions", default="all", type=_steer_positions, metavar="prompt|generated|all|JSON",
-                   help=f"{'|'.join(STEER_POSITIONS)}, or ranges as in a record, e.g. '{{\"generated\": [0, 20]}}'")
-    s.add_argument("--steering-specs", metavar="TOML", help="named specs; records then say \"steering\": \"name\"")
-    c = p.add_argument_group("activation capture (a record's 'capture' field overrides layers and positions)")
-    c.add_argument("--capture-layers", type=_layers, default=[], metavar="L[,L2..]",
-                   help="decoder layer(s) whose output (the residual stream after the layer) is recorded")
-    c.add_argument("--capture-positions", default="last_prompt", choices=CAPTURE_POSITIONS)
-    c.add_argument("--capture-dtype", default="float32", choices=CAPTURE_DTYPES)
-    c.add_argument("--capture-before-steering", action="store_true",
-                   help="record the layer's output before that layer's steering is added (default: after)")
-
-
-def config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, devices=args.devices,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, tokenizer_workers=args.tokenizer_workers,
-        gpu_memory_fraction=args.gpu_memory_fraction, max_prefill_tokens=args.max_prefill_tokens,
-        enforce_eager=args.enforce_eager, compile=args.compile,
-        decoder_workers=args.decoder_workers, truncate=args.truncate,
-        return_tokens=getattr(args, "return_tokens", False), steering_specs=args.steering_specs,
-        sampling=SamplingDefaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                  top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos),
-        steering=SteeringDefaults(vector=args.steer, layers=args.steer_layer, coef=args.steer_coef,
-                                  positions=args.steer_positions),
-        capture=CaptureDefaults(layers=args.capture_layers, positions=args.capture_positions, dtype=args.capture_dtype,
-                                is_before_steering=args.capture_before_steering),
-    )
-
-
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engine-run", description="Generate completions for a JSONL file of prompts.")
     p.add_argument("--input", required=True, help="JSONL: one {\"prompt\": ...} or {\"messages\": ...} per line")
     p.add_argument("--output", help="results JSONL (default: <input stem>.out.jsonl beside the input)")
     p.add_argument("--ordered", action="store_true", help="write results in input order")
     p.add_argument("--force", action="store_true", help="settings changed: move old results aside and start again")
-    p.add_argument("--return-tokens", action="store_true", help="add completion_token_ids to each record")
+    add_engine_flag(p, "return_tokens")
     p.add_argument("--min-free-gb", type=_gigabytes, default=1.0, metavar="GB",
                    help="disk space to keep free: checked before starting and before each activation shard; when low, "
                         "the run stops cleanly and the same command resumes it (default 1)")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from engine.apps.cluster.driver import ClusterJob, ClusterOptions, JobSpec
 from engine.apps.cluster.parts import RESULTS, ClusterError, require_ray
-from engine.apps.run import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED, add_engine_args, config_from_args
+from engine.apps.flags import add_engine_args, add_engine_flag, config_from_args
+from engine.apps.run import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTED
 from engine.apps.sweep.fields import SweepError
 from engine.apps.sweep.plan import Plan
 from engine.apps.sweep.spec import load_sweep
@@ -45,7 +46,7 @@ def ray_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="settings changed: move the old output aside, start again")
     p.add_argument("--extend", action="store_true", help="(sweep) the sweep only grew: run just the added requests")
     p.add_argument("--no-report", action="store_true", help="(sweep) skip the report at the end")
-    p.add_argument("--return-tokens", action="store_true", help="add completion_token_ids to each record")
+    add_engine_flag(p, "return_tokens")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_engine_args(p)
     return p

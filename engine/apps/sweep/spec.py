@@ -20,15 +20,17 @@ from engine.config import (
     SamplingDefaults,
     device_settings,
 )
+from engine.apps.flags import engine_keys
 from engine.pipeline.request import RecordError, parse_steering
 from engine.apps.sweep.fields import (SweepError, bool_field, check_keys, entries, int_field, list_field, name_field,
                                       need, number_field, preview, section, str_field)
 from engine.apps.sweep.grid import Grid, grid_points
 
-# EngineConfig fields a sweep file may set under [engine], with their types.
-ENGINE_KEYS = {"dtype": str, "device": str, "max_num_seqs": int, "max_model_len": int, "max_prefill_tokens": int,
-               "gpu_memory_fraction": float, "enforce_eager": bool, "tokenizer_workers": int, "decoder_workers": int,
-               "truncate": str, "return_tokens": bool, "devices": list}
+# EngineConfig's flags a sweep file sets elsewhere, so [engine] refuses them: the model and its tokenizer per [models]
+# entry, steering through [vectors] and [grid].
+SET_ELSEWHERE = ("model", "tokenizer", "steering_specs")
+# EngineConfig fields a sweep file may set under [engine], with their types: every engine flag but those.
+ENGINE_KEYS = engine_keys(exclude=SET_ELSEWHERE)
 # Of those, the ones that change what a record is (part of the config hash); the rest only change speed.
 ENGINE_MEANING = ("dtype", "max_model_len", "truncate")
 ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
