@@ -11,8 +11,8 @@ import os
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
-from engine.specs import (CAPTURE_POSITIONS, STEER_POSITIONS, RecordError, load_named_specs,  # noqa: F401 - positions:
-                          not_a_file, parse_steering)  # re-exported for the flags
+from engine.specs import (CAPTURE_POSITIONS, STEER_POSITIONS, CaptureSpec, RecordError,  # noqa: F401 - positions:
+                          SteeringSpec, load_named_specs, not_a_file, parse_steering)  # re-exported for the flags
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRUNCATE_MODES = ("none", "left", "right")
@@ -211,7 +211,7 @@ class SteeringDefaults:
         if problem:
             raise ConfigError(f"--steer {self.vector}: {problem}")
         try:  # the record parser's checks, so a flag cannot pass what a record would be refused
-            self.positions = parse_steering(self.as_record(), "--steer")["positions"]
+            self.positions = self.spec().to_record()["positions"]
         except RecordError as exc:
             raise ConfigError(str(exc).replace("--steer.coef", "--steer-coef")
                               .replace("--steer.positions", "--steer-positions")) from None
@@ -220,6 +220,10 @@ class SteeringDefaults:
         if self.vector is None:
             return None
         return {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": self.positions}
+
+    def spec(self) -> SteeringSpec | None:
+        """The job-wide steering as a record's default: one term, or None for unsteered."""
+        return parse_steering(self.as_record(), "--steer")
 
 
 @dataclass(slots=True)
@@ -244,10 +248,11 @@ class CaptureDefaults:
         if bad:
             raise ConfigError(f"--capture-layers {bad}: give decoder layer indices >= 0, e.g. 4,8,12")
 
-    def as_record(self) -> dict | None:
+    def spec(self) -> CaptureSpec | None:
+        """The job-wide capture as a record's default; None when no layers are captured."""
         if not self.layers:
             return None
-        return {"layers": sorted(set(self.layers)), "positions": self.positions}
+        return CaptureSpec(tuple(sorted(set(self.layers))), self.positions)
 
 
 COMPILE_MODES = ("auto", "on", "off")

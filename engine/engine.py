@@ -318,7 +318,8 @@ class Engine:
             lane.num_tokens += msg.num_completion_tokens
         record = {"id": request.id, "completion": msg.completion, "finish_reason": msg.finish_reason,
                   "num_prompt_tokens": msg.num_prompt_tokens, "num_completion_tokens": msg.num_completion_tokens,
-                  "seed": request.seed, "steering": request.steering}
+                  "seed": request.seed,
+                  "steering": None if request.steering is None else request.steering.to_record()}
         if request.steering_name is not None:
             record["steering_name"] = request.steering_name
         if msg.completion_token_ids is not None:

@@ -21,6 +21,8 @@ from typing import ClassVar
 
 import msgpack
 
+from engine.specs import CaptureSpec, SteeringSpec
+
 
 class Kind(IntEnum):
     STOP = 0
@@ -94,11 +96,21 @@ class CoreRequest:
     seed: int
     ignore_eos: bool
     stop: list[str]
-    steering: dict | list | None  # the record's resolved spec, as records state it
-    capture: dict | None = None
+    steering: SteeringSpec | None
+    capture: CaptureSpec | None = None
 
     def wire(self) -> list:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+        """Its fields in order, the specs in their record form (as records state them)."""
+        steering = None if self.steering is None else self.steering.to_record()
+        capture = None if self.capture is None else self.capture.to_record()
+        return [self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
+                self.ignore_eos, self.stop, steering, capture]
+
+    @classmethod
+    def from_wire(cls, values: list) -> "CoreRequest":
+        *settings, steering, capture = values
+        return cls(*settings, None if steering is None else SteeringSpec.from_record(steering),
+                   None if capture is None else CaptureSpec.from_record(capture))
 
 
 @dataclass(slots=True)
@@ -128,7 +140,7 @@ class Feed(Message):
 
     @classmethod
     def from_wire(cls, values: list):
-        return cls([TokenizeRequest(prompt, chat, CoreRequest(*core)) for prompt, chat, core in values[0]])
+        return cls([TokenizeRequest(prompt, chat, CoreRequest.from_wire(core)) for prompt, chat, core in values[0]])
 
 
 @message(Kind.SLOT_FILLED)
@@ -146,7 +158,7 @@ class SlotFilled(Message):
     @classmethod
     def from_wire(cls, values: list):
         slot, ticket, requests = values
-        return cls(slot, ticket, [CoreRequest(*r) for r in requests])
+        return cls(slot, ticket, [CoreRequest.from_wire(r) for r in requests])
 
 
 # -- results, engine core -> decoder workers -> parent

@@ -1,12 +1,17 @@
 """Steering and capture specs as records, sweeps and flags give them: parsing, checking and normalising a term,
 its positions, a capture request, and a file of named specs. A leaf: it imports nothing of the engine, so the config,
-the record parser and the apps all check specs with the same rules."""
+the record parser and the apps all check specs with the same rules.
+
+A parsed spec is typed and frozen (SteeringTerm, SteeringSpec, CaptureSpec): hashable, so a spec is its own cache
+key. `to_record()` gives the form records, manifests and plan hashes state (and the form the spec crosses a process
+boundary in); `from_record` rebuilds the typed spec from that form, trusting it (it was checked when parsed)."""
 
 from __future__ import annotations
 
 import json
 import math
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 STEER_POSITIONS = ("prompt", "generated", "all")
@@ -19,6 +24,98 @@ NORM_FLAGS = ("normalize", "norm_match")
 
 class RecordError(ValueError):
     """A record cannot run; the message says which field and why."""
+
+
+Span = tuple[int, int | None]  # [start, end): end None runs to the end
+
+
+@dataclass(frozen=True, slots=True)
+class Ranges:
+    """A term's positions as [start, end) spans: prompt bounds read as Python slices of the prompt tokens (-1 is
+    the last one), generated bounds count from the first generated token (0). An empty tuple: none of that kind
+    (a parsed term has at least one span in all)."""
+
+    prompt: tuple[Span, ...] = ()
+    generated: tuple[Span, ...] = ()
+
+    def to_record(self) -> dict:
+        """{"prompt": [[start, end], ...], "generated": [...]}, each key only when it has spans."""
+        return {kind: [list(span) for span in getattr(self, kind)] for kind in RANGE_KINDS if getattr(self, kind)}
+
+    @classmethod
+    def from_record(cls, value: dict) -> Ranges:
+        return cls(**{kind: tuple((start, end) for start, end in value[kind]) for kind in RANGE_KINDS if kind in value})
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringTerm:
+    """One normalised term: `vector` (a file path) added at `layers` (sorted, distinct) times `coef`, at
+    `positions` ("prompt", "generated", "all" or Ranges); norm_match scales the vector to the residual's norm,
+    normalize rescales the steered residual to the norm it had before steering."""
+
+    vector: str
+    layers: tuple[int, ...]
+    coef: float
+    positions: str | Ranges
+    normalize: bool = False
+    norm_match: bool = False
+
+    def to_record(self) -> dict:
+        """{vector, layers, coef, positions[, normalize][, norm_match]}: the flags appear (as true) only when set."""
+        positions = self.positions if isinstance(self.positions, str) else self.positions.to_record()
+        record = {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": positions}
+        record.update({name: True for name in NORM_FLAGS if getattr(self, name)})
+        return record
+
+    @classmethod
+    def from_record(cls, value: dict) -> SteeringTerm:
+        positions = value["positions"]
+        return cls(value["vector"], tuple(value["layers"]), float(value["coef"]),
+                   positions if isinstance(positions, str) else Ranges.from_record(positions),
+                   bool(value.get("normalize", False)), bool(value.get("norm_match", False)))
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringSpec:
+    """A request's steering: its terms (they add), and whether the user gave them as a list, so the spec is stated
+    back as it was given (an object for one term given as an object, else a list)."""
+
+    terms: tuple[SteeringTerm, ...]
+    is_list: bool
+
+    def __post_init__(self) -> None:
+        if not self.terms or (not self.is_list and len(self.terms) != 1):
+            raise ValueError(f"a SteeringSpec holds one term, or one or more with is_list=True; got "
+                             f"{len(self.terms)} term(s) with is_list={self.is_list}")
+
+    def to_record(self) -> dict | list[dict]:
+        """A term's dict (one term given as an object) or a list of them."""
+        records = [term.to_record() for term in self.terms]
+        return records if self.is_list else records[0]
+
+    @classmethod
+    def from_record(cls, value: dict | list) -> SteeringSpec:
+        """The spec of to_record()'s form (as it crosses a process), trusted: it was checked when parsed."""
+        if isinstance(value, list):
+            return cls(tuple(SteeringTerm.from_record(term) for term in value), True)
+        return cls((SteeringTerm.from_record(value),), False)
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSpec:
+    """What a request captures: hidden states after `layers` (sorted, distinct, >= 0) at `positions` (one of
+    CAPTURE_POSITIONS)."""
+
+    layers: tuple[int, ...]
+    positions: str
+
+    def to_record(self) -> dict:
+        return {"layers": list(self.layers), "positions": self.positions}
+
+    @classmethod
+    def from_record(cls, value: dict) -> CaptureSpec:
+        """The spec of to_record()'s form, trusted: it was checked when parsed."""
+        return cls(tuple(value["layers"]), value["positions"])
 
 
 def not_a_file(path: str | Path) -> str | None:
@@ -46,30 +143,24 @@ def not_a_file(path: str | Path) -> str | None:
     return None
 
 
-def parse_steering(value, where: str = "field 'steering'") -> dict | list | None:
-    """A steering spec -> one normalised term {vector, layers, coef, positions[, normalize][, norm_match]}, or a
-    list of them (they add); None means unsteered.
+def parse_steering(value, where: str = "field 'steering'") -> SteeringSpec | None:
+    """A steering spec as a record gives it -> a SteeringSpec of normalised terms (a list of terms, or one term
+    object); None means unsteered. RecordError names the bad field.
 
+    A term is {vector, layer(s), coef (default 1), positions (default "all")[, normalize][, norm_match]}.
     positions: "prompt", "generated", "all", or ranges {"prompt": R, "generated": R} (either key or both), R being
-    one [start, end) or a list of them; end null (or left out) runs to the end. Prompt bounds read as Python slices
-    of the prompt tokens (-1 is the last one); generated bounds count from the first generated token (0). Ranges come
-    back as lists of [start, end] pairs. normalize / norm_match appear (as true) only when set.
+    one [start, end) or a list of them; end null (or left out) runs to the end (see Ranges).
     """
     if value is None:
         return None
     if isinstance(value, list):
         if not value:
             raise RecordError(f"{where} is an empty list; give one or more terms, or null for no steering")
-        return [_parse_term(term, f"{where}[{i}]") for i, term in enumerate(value)]
-    return _parse_term(value, where)
+        return SteeringSpec(tuple(_parse_term(term, f"{where}[{i}]") for i, term in enumerate(value)), True)
+    return SteeringSpec((_parse_term(value, where),), False)
 
 
-def steering_terms(spec: dict | list | None) -> list[dict]:
-    """A parsed spec as a list of terms."""
-    return [] if spec is None else spec if isinstance(spec, list) else [spec]
-
-
-def _parse_term(value, where: str) -> dict:
+def _parse_term(value, where: str) -> SteeringTerm:
     if not isinstance(value, dict):
         raise RecordError(f"{where} must be an object like "
                           "{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}, "
@@ -94,14 +185,12 @@ def _parse_term(value, where: str) -> dict:
         raise RecordError(f"{where}.coef is {float(coef):g}, beyond float32's range (|coef| <= 3.4e38) in which "
                           f"steering is applied; use a smaller coefficient")
     positions = parse_positions(value.get("positions", "all"), f"{where}.positions")
-    term = {"vector": vector, "layers": sorted(set(layers)), "coef": float(coef), "positions": positions}
+    flags = {}
     for name in NORM_FLAGS:
-        flag = value.get(name, False)
-        if not isinstance(flag, bool):
-            raise RecordError(f"{where}.{name} is {shown(flag)}; use true or false")
-        if flag:
-            term[name] = True
-    return term
+        flags[name] = value.get(name, False)
+        if not isinstance(flags[name], bool):
+            raise RecordError(f"{where}.{name} is {shown(flags[name])}; use true or false")
+    return SteeringTerm(vector, tuple(sorted(set(layers))), float(coef), positions, **flags)
 
 
 def shown(value) -> str:
@@ -116,24 +205,25 @@ def is_finite(number) -> bool:
         return False
 
 
-def parse_positions(value, where: str) -> str | dict:
-    """A steering term's `positions`: prompt | generated | all, or {"prompt"/"generated": ranges} normalised."""
+def parse_positions(value, where: str) -> str | Ranges:
+    """A steering term's `positions`: prompt | generated | all, or {"prompt"/"generated": ranges} as Ranges."""
     if isinstance(value, str) and value in STEER_POSITIONS:
         return value
     if not isinstance(value, dict) or not value or set(value) - set(RANGE_KINDS):
         raise RecordError(f"{where} is {shown(value)}; use one of {', '.join(STEER_POSITIONS)}, or [start, end) "
                           f"ranges like {RANGE_EXAMPLE}")
-    return {kind: _parse_ranges(value[kind], f"{where}.{kind}", kind) for kind in RANGE_KINDS if kind in value}
+    return Ranges(**{kind: _parse_ranges(value[kind], f"{where}.{kind}", kind) for kind in RANGE_KINDS
+                     if kind in value})
 
 
-def _parse_ranges(value, where: str, kind: str) -> list[list]:
-    """One range or a list of them -> a list of [start, end] pairs."""
+def _parse_ranges(value, where: str, kind: str) -> tuple[Span, ...]:
+    """One range or a list of them -> a tuple of (start, end) pairs."""
     if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
-        return [_parse_range(r, f"{where}[{i}]", kind) for i, r in enumerate(value)]
-    return [_parse_range(value, where, kind)]
+        return tuple(_parse_range(r, f"{where}[{i}]", kind) for i, r in enumerate(value))
+    return (_parse_range(value, where, kind),)
 
 
-def _parse_range(value, where: str, kind: str) -> list:
+def _parse_range(value, where: str, kind: str) -> Span:
     def is_int(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -152,33 +242,32 @@ def _parse_range(value, where: str, kind: str) -> list:
         fix = [end, start] if start > end else [start, start + 1 if start != -1 else None]
         raise RecordError(f"{where} is {shown(value)}; start must be below end (the range is [start, end)), "
                           f"e.g. {shown(fix)}")
-    return [start, end]
+    return start, end
 
 
-def parse_capture(value, default: dict | None) -> dict | None:
-    """A record's `capture` field -> {"layers", "positions"} (missing keys from the run's capture), or None for
+def parse_capture(value, default: CaptureSpec | None) -> CaptureSpec | None:
+    """A record's `capture` field -> a CaptureSpec (missing keys from the run's capture, `default`), or None for
     `false`/`null`."""
     if value is None or value is False:
         return None
     if not isinstance(value, dict) or set(value) - {"layers", "positions"}:
         raise RecordError(f"field 'capture' is {json.dumps(value)[:80]}; give {{\"layers\": [4, 8], \"positions\": "
                           f"\"last_prompt\"}} (positions optional), or false for none")
-    default = default or {}
-    layers = value.get("layers", default.get("layers"))
+    layers = value.get("layers", None if default is None else list(default.layers))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if not isinstance(layers, list) or not layers or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
         raise RecordError(f"field 'capture.layers' is {json.dumps(layers)}; give a layer index >= 0 or a non-empty "
                           "list")
-    positions = value.get("positions", default.get("positions", CAPTURE_POSITIONS[0]))
+    positions = value.get("positions", CAPTURE_POSITIONS[0] if default is None else default.positions)
     if positions not in CAPTURE_POSITIONS:
         raise RecordError(f"field 'capture.positions' is {json.dumps(positions)}; use one of "
                           f"{', '.join(CAPTURE_POSITIONS)}")
-    return {"layers": sorted(set(layers)), "positions": positions}
+    return CaptureSpec(tuple(sorted(set(layers))), positions)
 
 
-def load_named_specs(path: str) -> dict[str, dict | list]:
+def load_named_specs(path: str) -> dict[str, SteeringSpec]:
     """A TOML file of named steering specs: `[name]` tables with vector/layers/coef/positions, or with
     `terms = [{...}, ...]`; records then say `"steering": "name"`. ValueError names the bad entry."""
     import tomllib

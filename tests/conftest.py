@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from engine.config import EngineConfig, SamplingDefaults
+from engine.messages import CoreRequest
+from engine.specs import parse_capture, parse_steering
 from engine.models import load_model, resolve_model
 from engine.models import load_hf_tokenizer
 
@@ -22,6 +24,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def core_request(index: int, steering=None, capture=None, **settings) -> CoreRequest:
+    """A request as the engine core receives it: greedy, ignore_eos, 6 new tokens and seed = index unless given;
+    steering and capture in their record form (parsed as the reader parses records) or typed."""
+    defaults = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": index, "ignore_eos": True,
+                "stop": []}
+    if isinstance(steering, (dict, list)):
+        steering = parse_steering(steering)
+    if isinstance(capture, dict):
+        capture = parse_capture(capture, None)
+    return CoreRequest(index=index, **{**defaults, **settings}, steering=steering, capture=capture)
 
 
 def tiny_config(**overrides) -> EngineConfig:

@@ -6,7 +6,7 @@ import torch
 
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Scheduler
-from engine.messages import CoreRequest
+from conftest import core_request
 
 
 def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
@@ -14,8 +14,7 @@ def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: lis
     later position, feeding the sequence's own next token at each decode step (teacher forcing)."""
     core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
     for i, (ids, n) in enumerate(zip(sequences, prompt_lens)):
-        core.add(CoreRequest(index=i, max_new_tokens=len(ids) - n + 1, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                      ignore_eos=True, stop=[], steering=None), torch.tensor(ids[:n], device=core.device))
+        core.add(core_request(i, max_new_tokens=len(ids) - n + 1, seed=0), torch.tensor(ids[:n], device=core.device))
     batch = core.scheduler.schedule()
     assert batch.is_prefill and len(batch.seqs) == len(sequences)
     out = [[row] for row in core.runner.prefill_logits(batch.seqs).float()]
@@ -71,8 +70,7 @@ def forced_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: lis
     teacher, sampler = _Teacher(sequences, prompt_lens), core.runner.sampler
     core.runner.sampler = teacher
     try:
-        core.generate([CoreRequest(index=i, max_new_tokens=len(ids) - n, temperature=0.0, top_p=1.0, top_k=0,
-                            seed=FORCED_SEED0 + i, ignore_eos=True, stop=[], steering=spec)
+        core.generate([core_request(i, spec, max_new_tokens=len(ids) - n, seed=FORCED_SEED0 + i)
                        for i, (ids, n, spec) in enumerate(zip(sequences, prompt_lens, specs))],
                       [ids[:n] for ids, n in zip(sequences, prompt_lens)])
     finally:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, TINY, read_jsonl, tiny_config, write_jsonl
+from conftest import PROMPTS, TINY, core_request, read_jsonl, tiny_config, write_jsonl
 from engine import Engine
 from engine.core.activations import INDEX_NAME, activations_dir, load, tensors_of, trim_generated
 from engine.config import CaptureDefaults, ConfigError
@@ -39,9 +39,8 @@ def vector(tmp_path_factory):
     return str(path)
 
 
-def request(i: int, positions: str, steering=None, layers=LAYERS) -> dict:
-    return CoreRequest(index=i, max_new_tokens=3 + (i * 3) % 7, temperature=0.0, top_p=1.0, top_k=0, seed=i,
-                ignore_eos=True, stop=[], steering=steering, capture={"layers": layers, "positions": positions})
+def request(i: int, positions: str, steering=None, layers=LAYERS) -> CoreRequest:
+    return core_request(i, steering, {"layers": layers, "positions": positions}, max_new_tokens=3 + (i * 3) % 7)
 
 
 def hf_states(model, ids: list[int], spec, num_prompt: int) -> tuple[torch.Tensor, ...]:
@@ -439,17 +438,17 @@ def test_steering_and_capture_that_start_mid_run_recapture_nothing(tiny_source, 
     plain = [dataclasses.replace(request(i, "generated"), capture=None) for i in range(3)]
     core.generate(plain, ids)
     assert core.runner.graph_stats["captures"] > 0 and core.runner.graph_stats["recaptures"] == 0
-    from engine.pipeline.request import parse_steering
 
-    mid_run = [request(3, "generated", parse_steering(specs_of(vector)[1])), request(4, "last_prompt", None, [3]),
+    mid_run = [request(3, "generated", specs_of(vector)[1]),
+               request(4, "last_prompt", None, [3]),
                request(5, "generated",
-                       parse_steering({"vector": vector, "layers": [2], "coef": 2.0, "norm_match": True}))]
+                       {"vector": vector, "layers": [2], "coef": 2.0, "norm_match": True})]
     core.generate(mid_run, ids)
     again = [dataclasses.replace(r, index=r.index + 3) for r in mid_run]
     core.generate(again, ids)  # the same variants again: no new capture
     assert core.runner.graph_stats["recaptures"] == 0
     assert [len(layer._forward_hooks) for layer in core.recorder.layers] == hooks
-    grown = [request(9 + i, "generated", parse_steering({"vector": vector, "layers": [1], "coef": 5.0 + i}))
+    grown = [request(9 + i, "generated", {"vector": vector, "layers": [1], "coef": 5.0 + i})
              for i in range(3)]
     core.generate(grown, ids)  # two new rows: the table grows, and the steered graphs read the old one
     assert core.runner.graph_stats["recaptures"] > 0

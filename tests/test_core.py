@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, tiny_config
+from conftest import PROMPTS, core_request, tiny_config
 from engine import Engine
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Scheduler
@@ -28,10 +28,7 @@ def vector(tmp_path_factory, core):
 
 
 def request(i: int, steering=None, **kw) -> CoreRequest:
-    base = dict(index=i, max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0, seed=i, ignore_eos=True, stop=[],
-                steering=steering)
-    base.update(kw)
-    return CoreRequest(**base)
+    return core_request(i, steering, **kw)
 
 
 def first_step_logits(core, tokenizer, specs: list, prompts: list | None = None) -> torch.Tensor:
@@ -71,7 +68,7 @@ def test_in_process_core_and_pipeline_give_the_same_tokens(core, tokenizer, vect
             for i in range(len(PROMPTS))]
     done = core.generate(rows, [tokenizer(p).input_ids for p in PROMPTS])
     records = [{"prompt": p, "max_new_tokens": 6, "temperature": r.temperature, "top_k": r.top_k,
-                "seed": r.seed, "steering": r.steering} for p, r in zip(PROMPTS, rows)]
+                "seed": r.seed, "steering": r.steering and r.steering.to_record()} for p, r in zip(PROMPTS, rows)]
     with Engine(tiny_config(max_num_seqs=3)) as engine:
         got = engine.generate_all(records)
     assert [r["completion_token_ids"] for r in got] == [done[i].output_ids for i in range(len(PROMPTS))]

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, tiny_config
+from conftest import PROMPTS, core_request, tiny_config
 from numpy.lib import format as npy_format
 from safetensors.torch import save_file
 
@@ -87,9 +87,7 @@ def overflow_error(token: int, is_steered: bool = True) -> str:
 
 
 def request(i: int, steering=None, **kw) -> CoreRequest:
-    fields = {"index": i, "max_new_tokens": MAX_NEW, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": i,
-              "ignore_eos": True, "stop": [], "steering": steering, **kw}
-    return CoreRequest(**fields)
+    return core_request(i, steering, **{"max_new_tokens": MAX_NEW, **kw})
 
 
 def good_requests(first: int) -> list[tuple[CoreRequest, int]]:

@@ -8,9 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import PROMPTS, tiny_config
-
-from engine.messages import CoreRequest
+from conftest import PROMPTS, core_request, tiny_config
 
 pytestmark = pytest.mark.gpu
 GPU_MODEL = os.environ.get("ENGINE_GPU_TEST_MODEL", "random:tiny")
@@ -105,8 +103,7 @@ def test_attention_backends_match_the_math_backend():
     def logits_of(prompts):
         core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
         for i, p in enumerate(prompts):
-            request = CoreRequest(index=i, max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                                  ignore_eos=True, stop=[], steering=None)
+            request = core_request(i, max_new_tokens=4, seed=0)
             core.add(request, torch.tensor(tok(p).input_ids, device="cuda"))
         batch = core.scheduler.schedule()
         prefill = core.runner.prefill_logits(batch.seqs).float()
@@ -144,8 +141,7 @@ def test_greedy_agrees_with_hf_generate_until_a_near_tie():
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
     tok = load_hf_tokenizer(source.tokenizer_dir)
     ids = [tok(p).input_ids for p in PROMPTS]
-    requests = [CoreRequest(index=i, max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                            ignore_eos=True, stop=[], steering=None) for i in range(len(PROMPTS))]
+    requests = [core_request(i, max_new_tokens=24, seed=0) for i in range(len(PROMPTS))]
     done = core.generate(requests, ids)
     ref = load_model(source, torch.bfloat16, "cuda", len(tok))
     ref.generation_config.eos_token_id = None
@@ -167,6 +163,7 @@ def test_steering_added_after_capture_recaptures(tmp_path):
     import numpy as np
 
     from engine.models import load_hf_tokenizer
+    from engine.specs import SteeringSpec
 
     graphs, fresh = _core(), _core()
     tok = load_hf_tokenizer(_tokenizer_dir(graphs))
@@ -175,13 +172,13 @@ def test_steering_added_after_capture_recaptures(tmp_path):
     spec = {"vector": str(vector), "layers": [1, 2], "coef": 2.0, "positions": "generated"}
 
     def run(core, index, steering):
-        request = CoreRequest(index=index, max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                              ignore_eos=True, stop=[], steering=steering)
+        request = core_request(index, steering, max_new_tokens=12, seed=0)
         return core.generate([request], [tok(PROMPTS[1]).input_ids])[index].output_ids
 
     plain = run(graphs, 0, None)  # graphs captured without steering hooks
     steered = run(graphs, 1, spec)  # hooks appear: every graph is captured again
-    fresh.steering.resolve(spec, len(tok(PROMPTS[1]).input_ids))  # hooks before its first step
+    # hooks before its first step
+    fresh.steering.resolve(SteeringSpec.from_record(spec), len(tok(PROMPTS[1]).input_ids))
     assert steered == run(fresh, 1, spec) and plain == run(fresh, 0, None)
     assert steered != plain
 
@@ -228,8 +225,7 @@ def test_a_broken_forward_ends_only_its_request_inside_the_graphs(tmp_path):
     np.save(normal, np.clip(np.random.default_rng(0).standard_normal(hidden), -2, 2).astype(np.float32))
 
     def request(index, steering=None, temperature=0.0):
-        return CoreRequest(index=index, max_new_tokens=10, temperature=temperature, top_p=1.0, top_k=0, seed=index,
-                           ignore_eos=True, stop=[], steering=steering)
+        return core_request(index, steering, max_new_tokens=10, temperature=temperature)
 
     good = [request(10 + i, temperature=0.8 * (i % 2)) for i in range(6)]
     bad = [request(0, {"vector": str(twos), "layers": [1, 2], "coef": 1e38, "positions": "generated"}),

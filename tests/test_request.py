@@ -4,6 +4,7 @@ import pytest
 
 from engine.config import SamplingDefaults
 from engine.pipeline.request import RecordError, decode_line, derive_seed, parse_record, parse_steering
+from engine.specs import Ranges
 
 DEFAULTS = SamplingDefaults(max_new_tokens=32, temperature=0.5, seed=9)
 
@@ -73,8 +74,8 @@ def test_decode_line_errors_name_the_line():
 
 def test_steering_normalised_and_null_disables_job_steering():
     spec = parse_steering({"vector": "v.npy", "layer": 3, "coef": 2})
-    assert spec == {"vector": "v.npy", "layers": [3], "coef": 2.0, "positions": "all"}
-    job = {"vector": "j.npy", "layers": [1], "coef": 1.0, "positions": "all"}
+    assert spec.to_record() == {"vector": "v.npy", "layers": [3], "coef": 2.0, "positions": "all"}
+    job = parse_steering({"vector": "j.npy", "layers": [1], "coef": 1.0, "positions": "all"})
     assert parse({"prompt": "a"}, steering=job).steering == job
     assert parse({"prompt": "a", "steering": None}, steering=job).steering is None
 
@@ -88,9 +89,9 @@ def test_named_specs_resolve_and_unknown_names_are_errors(tmp_path):
                     'positions = "generated"}]\n')
     named = load_named_specs(str(path))
     r = parse_record({"prompt": "a", "steering": "honesty+4@L6"}, 0, 1, DEFAULTS, None, named)
-    assert r.steering == {"vector": "h.gguf", "layers": [6], "coef": 4.0, "positions": "all"}
+    assert r.steering.to_record() == {"vector": "h.gguf", "layers": [6], "coef": 4.0, "positions": "all"}
     assert r.steering_name == "honesty+4@L6" and r.extra == {}
-    assert len(parse_record({"prompt": "a", "steering": "mix"}, 0, 1, DEFAULTS, None, named).steering) == 2
+    assert len(parse_record({"prompt": "a", "steering": "mix"}, 0, 1, DEFAULTS, None, named).steering.terms) == 2
     with pytest.raises(RecordError, match="'nope', which is not a named spec .known: honesty"):
         parse_record({"prompt": "a", "steering": "nope"}, 0, 1, DEFAULTS, None, named)
     with pytest.raises(RecordError, match="pass --steering-specs"):
@@ -119,7 +120,7 @@ def test_steering_ranges_and_norm_flags_normalised():
         {"vector": "b.npy", "layers": [4], "positions": {"generated": [[0, 5], [10]], "prompt": [0, 3]},
          "norm_match": True, "normalize": False},
     ])
-    assert spec == [
+    assert spec.to_record() == [
         {"vector": "a.npy", "layers": [2], "coef": 1.0, "positions": {"prompt": [[-1, None]]}, "normalize": True},
         {"vector": "b.npy", "layers": [4], "coef": 1.0,
          "positions": {"prompt": [[0, 3]], "generated": [[0, 5], [10, None]]}, "norm_match": True},
@@ -165,9 +166,10 @@ def test_named_specs_take_ranges_and_norm_flags(tmp_path):
                     '[mix]\nterms = [{vector = "a.npy", layers = 2, positions = {generated = [[0, 5], [9]]}}, '
                     '{vector = "b.npy", layers = 2, normalize = true}]\n')
     named = load_named_specs(str(path))
-    assert named["last"] == {"vector": "a.npy", "layers": [3], "coef": 1.0, "positions": {"prompt": [[-1, None]]},
-                             "norm_match": True}
-    assert named["mix"][0]["positions"] == {"generated": [[0, 5], [9, None]]} and named["mix"][1]["normalize"]
+    assert named["last"].to_record() == {"vector": "a.npy", "layers": [3], "coef": 1.0,
+                                         "positions": {"prompt": [[-1, None]]}, "norm_match": True}
+    mix = named["mix"].terms
+    assert mix[0].positions == Ranges(generated=((0, 5), (9, None))) and mix[1].normalize and not mix[0].normalize
     path.write_text('[bad]\nvector = "a.npy"\nlayers = [3]\npositions = {generated = [-1]}\n')
     with pytest.raises(ValueError, match=r"\[bad\].positions.generated is \[-1\]; generated positions count"):
         load_named_specs(str(path))

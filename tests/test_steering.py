@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.messages import CoreRequest
 from engine.pipeline.request import RecordError, parse_steering
 from engine.vectors import load_vectors, save_vectors
 
@@ -125,6 +124,11 @@ def term(vector: str, layers, positions="all", coef: float = 3.0, **flags) -> di
     return {"vector": vector, "layers": layers, "coef": coef, "positions": positions, **flags}
 
 
+def normalised(spec):
+    """A spec as a record gives it -> the typed spec the core receives (its to_record() is the normalised form)."""
+    return None if spec is None else parse_steering(spec)
+
+
 def check_against_hooks(forced, model, specs: list, tolerance: float = 1e-4) -> list[torch.Tensor]:
     """Teacher-forced engine logits of request i under specs[i] equal a plain HF forward with steered_sequence's
     hooks; unsteered requests are bit-identical to the run with no steering."""
@@ -132,12 +136,12 @@ def check_against_hooks(forced, model, specs: list, tolerance: float = 1e-4) -> 
     from teacher_forcing import forced_logits, hf_logits
 
     core, sequences, lens, plain = forced
-    got = forced_logits(core, sequences, lens, [parse_steering(spec) for spec in specs])
+    got = forced_logits(core, sequences, lens, [normalised(spec) for spec in specs])
     for i, spec in enumerate(specs):
         if spec is None:
             assert torch.equal(got[i], plain[i]), i
             continue
-        with steered_sequence(model, parse_steering(spec), lens[i]):
+        with steered_sequence(model, normalised(spec).to_record(), lens[i]):
             expected = hf_logits(model, sequences[i], lens[i])[:-1].cpu()
         torch.testing.assert_close(got[i], expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"request {i}: {m}")
     return got
@@ -206,19 +210,18 @@ def test_normalize_and_norm_match_against_the_formula(forced, tiny_model, vector
 def test_norm_match_needs_a_nonzero_vector(forced, tmp_path):
     np.save(tmp_path / "zero.npy", np.zeros(64, np.float32))
     with pytest.raises(RecordError, match="zero at layer 1; norm_match needs a non-zero direction"):
-        forced[0].steering.resolve(term(str(tmp_path / "zero.npy"), [1], norm_match=True), 5)
+        forced[0].steering.resolve(parse_steering(term(str(tmp_path / "zero.npy"), [1], norm_match=True)), 5)
 
 
 def test_pipeline_records_state_the_normalised_spec_and_match_the_core(forced, tokenizer, vectors):
-    from conftest import PROMPTS, tiny_config
+    from conftest import PROMPTS, core_request, tiny_config
     from engine import Engine
 
     a, b = vectors
     spec = [{"vector": a, "layers": 1, "positions": {"prompt": [-2], "generated": [1, 3]}, "normalize": True},
             {"vector": b, "layers": [2], "coef": 0.5, "positions": {"generated": [[2]]}, "norm_match": True}]
     steered = [i % 2 == 0 for i in range(len(PROMPTS))]
-    rows = [CoreRequest(index=i, max_new_tokens=6, temperature=0.8, top_p=1.0, top_k=0, seed=i, ignore_eos=True,
-                        stop=[], steering=parse_steering(spec) if s else None) for i, s in enumerate(steered)]
+    rows = [core_request(i, spec if s else None, temperature=0.8) for i, s in enumerate(steered)]
     done = forced[0].generate(rows, [tokenizer(p).input_ids for p in PROMPTS])
     records = [{"prompt": p, "max_new_tokens": 6, "temperature": 0.8, "seed": i, **({"steering": spec} if s else {})}
                for i, (p, s) in enumerate(zip(PROMPTS, steered))]

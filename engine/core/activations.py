@@ -33,6 +33,7 @@ from engine.storage.files import DiskLow, require_free  # noqa: F401 - re-export
 from engine.config import CaptureDefaults
 from engine.storage.id_index import IdIndex
 from engine.pipeline.request import RecordError
+from engine.specs import CaptureSpec
 from engine.models import decoder_layers
 from engine.storage.files import commit_file, complete_records, write_atomic
 from engine.core.transfer import to_device
@@ -86,14 +87,14 @@ class ActivationRecorder:
                 layer._forward_hooks.move_to_end(handle.id, last=False)
 
     # ---- requests
-    def register(self, index: int, spec: dict | None) -> None:
-        """Capture for one request (a parsed `capture` field; None: nothing); RecordError if a layer is out of range."""
+    def register(self, index: int, spec: CaptureSpec | None) -> None:
+        """Capture for one request (its parsed `capture`; None: nothing); RecordError if a layer is out of range."""
         if spec is None:
             return
-        bad = [layer for layer in spec["layers"] if not 0 <= layer < self.num_layers]
+        bad = [layer for layer in spec.layers if not 0 <= layer < self.num_layers]
         if bad:
             raise RecordError(f"capture layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
-        capture = _Capture(list(spec["layers"]), spec["positions"])
+        capture = _Capture(list(spec.layers), spec.positions)
         if capture.positions == "generated":
             capture.columns = [(layer, self._column(layer)) for layer in capture.layers]
         self.requests[index] = capture

@@ -14,7 +14,6 @@ gathered row).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from engine.models import decoder_layers
-from engine.specs import RecordError, steering_terms
+from engine.specs import Ranges, RecordError, SteeringSpec, SteeringTerm
 from engine.vectors import load_vectors
 from engine.core.transfer import to_device
 
@@ -54,9 +53,10 @@ class SteerPlan:
 @dataclass(slots=True)
 class _Prepared:
     """What a spec's terms need whatever the prompt: their vectors per layer and, per set of covering terms, the
-    table rows. Cached by spec, so requests that share a spec resolve with no vector arithmetic."""
+    table rows. Cached by the terms themselves (frozen, hashable), so requests that share a spec resolve with no
+    vector arithmetic."""
 
-    terms: list[dict]
+    terms: tuple[SteeringTerm, ...]
     added: list[dict]  # per term: {layer: float32 array it adds there}
     layers: list[int]
     rows: dict = field(default_factory=dict)  # covering term indices -> {layer: LayerRows}
@@ -96,7 +96,8 @@ class SteeringTable:
         self.norm_layers: set[int] = set()  # layers whose hook also does norm_match / normalize
         self._rows: dict[bytes, int] = {}
         self._files: dict[str, dict | RecordError] = {}  # path -> {layer or None: float32 array}
-        self._prepared: OrderedDict[str, _Prepared] = OrderedDict()  # spec -> its _Prepared, least recent first
+        # a spec's terms -> their _Prepared, least recent first
+        self._prepared: OrderedDict[tuple[SteeringTerm, ...], _Prepared] = OrderedDict()
         self._following: dict[int, tuple] = {}  # slot -> (sequence, its generated changes still ahead, last first)
         self._new_rows: list[tuple[int, np.ndarray]] = []  # (row, vector) not yet in the device table
         self.active: dict[int, tuple] = {}
@@ -109,21 +110,20 @@ class SteeringTable:
         sequence is steered (no steering op is captured), else the table's version and the norm-aware layers."""
         return (self.version, tuple(sorted(self.norm_layers))) if is_steered else None
 
-    def resolve(self, spec: dict | list | None, num_prompt_tokens: int) -> SteerPlan | None:
+    def resolve(self, spec: SteeringSpec | None, num_prompt_tokens: int) -> SteerPlan | None:
         """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply.
 
         The terms covering a token are summed per layer (coefficients included) into one table row (two with
         norm_match), so any number of terms costs one gather-add per steered layer.
         """
-        terms = steering_terms(spec)
-        if not terms:
+        if spec is None:
             return None
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is this record's error (_check_representable)
-            return self._resolve(terms, num_prompt_tokens)
+            return self._resolve(spec.terms, num_prompt_tokens)
 
-    def _resolve(self, terms: list[dict], num_prompt_tokens: int) -> SteerPlan:
+    def _resolve(self, terms: tuple[SteeringTerm, ...], num_prompt_tokens: int) -> SteerPlan:
         prepared = self._prepare(terms)
-        spans = [_spans(term["positions"], num_prompt_tokens) for term in terms]
+        spans = [_spans(term.positions, num_prompt_tokens) for term in terms]
 
         def rows(covering: tuple) -> dict[int, LayerRows]:
             if covering not in prepared.rows:
@@ -138,51 +138,51 @@ class SteeringTable:
                 generated.append((k, rows(covering)))
         return SteerPlan(tuple(prompt), tuple(generated))
 
-    def _prepare(self, terms: list[dict]) -> _Prepared:
-        """The spec's vectors and hooks, once per distinct spec (the most recent MAX_PREPARED_SPECS are kept)."""
-        key = json.dumps(terms, sort_keys=True)
-        prepared = self._prepared.get(key)
+    def _prepare(self, terms: tuple[SteeringTerm, ...]) -> _Prepared:
+        """The spec's vectors and hooks, once per distinct spec (the most recent MAX_PREPARED_SPECS are kept). The
+        terms are the key: a list of one term and the term given alone share their entry."""
+        prepared = self._prepared.get(terms)
         if prepared is not None:
-            self._prepared.move_to_end(key)
+            self._prepared.move_to_end(terms)
             return prepared
         added = [self._term_vectors(term) for term in terms]
         for term in terms:
-            for layer in term["layers"]:
-                self._hook(layer, term.get("normalize", False) or term.get("norm_match", False))
+            for layer in term.layers:
+                self._hook(layer, term.normalize or term.norm_match)
         prepared = _Prepared(terms, added, sorted({layer for vectors in added for layer in vectors}))
-        self._prepared[key] = prepared
+        self._prepared[terms] = prepared
         if len(self._prepared) > MAX_PREPARED_SPECS:
             self._prepared.popitem(last=False)
         return prepared
 
-    def _term_vectors(self, term: dict) -> dict[int, np.ndarray]:
+    def _term_vectors(self, term: SteeringTerm) -> dict[int, np.ndarray]:
         """{layer: what the term adds there}: coef * v, or for norm_match coef * v / ||v|| (times ||h|| later)."""
-        bad = [layer for layer in term["layers"] if not 0 <= layer < self.num_layers]
+        bad = [layer for layer in term.layers if not 0 <= layer < self.num_layers]
         if bad:
             raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
-        vectors = self._file(term["vector"])
-        missing = [layer for layer in term["layers"] if layer not in vectors and None not in vectors]
+        vectors = self._file(term.vector)
+        missing = [layer for layer in term.layers if layer not in vectors and None not in vectors]
         if missing:
-            raise RecordError(f"steering vector {term['vector']}: no vector for layer(s) {missing} "
+            raise RecordError(f"steering vector {term.vector}: no vector for layer(s) {missing} "
                               f"(it has layer.{sorted(vectors)})")
         added, scaled = {}, {}  # scaled: one product per source vector (a file's one vector serves every layer)
-        for layer in term["layers"]:
+        for layer in term.layers:
             vector = vectors.get(layer, vectors.get(None))
             if id(vector) in scaled:
                 added[layer] = scaled[id(vector)]
                 continue
             source = vector
-            if term.get("norm_match"):
+            if term.norm_match:
                 direction = torch.from_numpy(vector)
                 norm = direction.norm()
                 if norm == 0:
-                    raise RecordError(f"steering vector {term['vector']}: zero at layer {layer}; norm_match needs a "
+                    raise RecordError(f"steering vector {term.vector}: zero at layer {layer}; norm_match needs a "
                                       f"non-zero direction (or drop norm_match)")
                 vector = (direction / norm).numpy()
-            added[layer] = scaled[id(source)] = np.float32(term["coef"]) * vector  # float32, as torch does it
+            added[layer] = scaled[id(source)] = np.float32(term.coef) * vector  # float32, as torch does it
         return added
 
-    def _layer_rows(self, covering: list[tuple[dict, dict]], layers: list[int]) -> dict[int, LayerRows]:
+    def _layer_rows(self, covering: list[tuple[SteeringTerm, dict]], layers: list[int]) -> dict[int, LayerRows]:
         """The rows of tokens covered by these (term, vectors): sums per layer; normalize if any term says so."""
         # rows: by array identity, so a vector shared by several layers is hashed once; each entry keeps its array
         # alive, so a later temporary cannot reuse the id
@@ -192,9 +192,9 @@ class SteeringTable:
             normalize = False
             for term, vectors in covering:
                 if layer in vectors:
-                    i = int(term.get("norm_match", False))
+                    i = int(term.norm_match)
                     sums[i] = vectors[layer] if sums[i] is None else sums[i] + vectors[layer]
-                    normalize = normalize or term.get("normalize", False)
+                    normalize = normalize or term.normalize
             for v in sums:
                 if v is not None and id(v) not in rows:
                     rows[id(v)] = (self._row(v), v)
@@ -365,13 +365,13 @@ class SteeringTable:
         return {layer: (device[0][j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.used)}
 
 
-def _spans(positions: str | dict, num_prompt_tokens: int) -> tuple[list, list]:
+def _spans(positions: str | Ranges, num_prompt_tokens: int) -> tuple[list, list]:
     """A term's positions -> ([start, end) prompt token spans, [start, end or None) generated spans)."""
     if isinstance(positions, str):
         prompt = [(0, num_prompt_tokens)] if positions != "generated" else []
         return prompt, [(0, None)] if positions != "prompt" else []
-    prompt = [range(num_prompt_tokens)[start:end] for start, end in positions.get("prompt", ())]
-    return [(r.start, r.stop) for r in prompt if r], [tuple(g) for g in positions.get("generated", ())]
+    prompt = [range(num_prompt_tokens)[start:end] for start, end in positions.prompt]
+    return [(r.start, r.stop) for r in prompt if r], list(positions.generated)
 
 
 def _pieces(term_spans: list[list[tuple]], end: int | None) -> list[tuple]:

@@ -35,7 +35,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
     a repeated id is an error. The ids seen are kept on disk (IdIndex), so memory does not grow with the input.
     `digests`: each Request carries its record's digest (engine.pipeline.request.record_digest), which its result keeps.
     """
-    steering, capture = config.steering.as_record(), config.capture.as_record()
+    steering, capture = config.steering.spec(), config.capture.spec()
     named = load_named_specs(config.steering_specs) if config.steering_specs else {}
     seen = IdIndex()  # its temporary file goes when the generator ends or is dropped; each id keeps its line
     for line, raw in sources:

@@ -11,8 +11,8 @@ import msgpack
 
 from engine.messages import CoreRequest, Feed, TokenizeRequest, encode
 from engine.config import MAX_SEED, SamplingDefaults, check_sampling, check_seed, check_stop
-from engine.specs import (RecordError, is_finite, load_named_specs, not_a_file, parse_capture,  # noqa: F401 - re-exported
-                          parse_steering, shown, steering_terms)
+from engine.specs import (CaptureSpec, RecordError, SteeringSpec, is_finite, load_named_specs,  # noqa: F401 - re-exported
+                          not_a_file, parse_capture, parse_steering, shown)
 
 KNOWN_FIELDS = {
     "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -37,10 +37,10 @@ class Request:
     seed: int
     stop: list[str]
     ignore_eos: bool
-    steering: dict | list | None
+    steering: SteeringSpec | None
     extra: dict = field(default_factory=dict)
     steering_name: str | None = None  # the named spec the record asked for, if any
-    capture: dict | None = None  # {"layers": [...], "positions": ...} or None: no activations
+    capture: CaptureSpec | None = None  # None: no activations
     digest: str | None = None  # record_digest of the input record, when its output keeps one
 
     def to_wire(self) -> TokenizeRequest:
@@ -57,8 +57,10 @@ class Request:
         except (OverflowError, ValueError, TypeError, UnicodeEncodeError):
             pass
         for name in WIRE_FIELDS:
+            value = getattr(self, name)
             try:
-                msgpack.packb(getattr(self, name), use_bin_type=True)
+                msgpack.packb(value.to_record() if name in ("steering", "capture") and value else value,
+                              use_bin_type=True)
             except (OverflowError, ValueError, TypeError, UnicodeEncodeError) as exc:
                 raise RecordError(f"field '{name}' holds a value the engine cannot carry ({type(exc).__name__}: "
                                   f"{exc}); integers must lie in [-2^63, 2^63), text must be valid Unicode") from None
@@ -178,7 +180,8 @@ def _stop(obj: dict) -> list[str] | None:
     return stop
 
 
-def _record_steering(obj: dict, default, named: dict) -> tuple[dict | list | None, str | None]:
+def _record_steering(obj: dict, default: SteeringSpec | None, named: dict[str, SteeringSpec]
+                     ) -> tuple[SteeringSpec | None, str | None]:
     """(the spec a record runs with, the name it used if any)."""
     if "steering" not in obj:
         return default, None
@@ -191,9 +194,10 @@ def _record_steering(obj: dict, default, named: dict) -> tuple[dict | list | Non
     return named[value], value
 
 
-def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: dict | None,
-                 named: dict | None = None, capture: dict | None = None) -> Request:
-    """A decoded JSON object -> Request with defaults filled in; RecordError on any bad field."""
+def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: SteeringSpec | None,
+                 named: dict[str, SteeringSpec] | None = None, capture: CaptureSpec | None = None) -> Request:
+    """A decoded JSON object -> Request with defaults filled in (`steering`, `capture`: the run's, for records that
+    do not say; `named`: the --steering-specs); RecordError on any bad field."""
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         raise RecordError("a record needs exactly one of 'prompt' (string) or 'messages' (chat list)")

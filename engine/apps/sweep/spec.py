@@ -342,7 +342,7 @@ def _coef(value, where: str) -> float:
 
 def _positions(value, where: str):
     try:
-        return parse_steering({"vector": "-", "layers": [0], "positions": value}, where)["positions"]
+        return parse_steering({"vector": "-", "layers": [0], "positions": value}, where).to_record()["positions"]
     except RecordError as exc:
         raise SweepError(str(exc).replace(f"{where}.positions", where)) from None
 
