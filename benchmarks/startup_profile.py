@@ -38,7 +38,8 @@ def main() -> None:
         profile.enable()
     from engine.config import EngineConfig
     from engine.core.engine_core import EngineCore
-    from engine.models import resolve_model, skip_unused_imports
+    from engine.core.hf_imports import skip_unused_imports
+    from engine.models import resolve_model
 
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, device=args.device,
                           max_model_len=args.max_model_len, compile=args.compile)

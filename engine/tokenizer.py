@@ -12,11 +12,11 @@ can fall back to transformers; it never loads something that might tokenize diff
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+
+from engine.chat_template import compiled_template, plain_data, template_message
 
 # transformers' generic classes load tokenizer.json as it is.
 GENERIC_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
@@ -216,97 +216,6 @@ def _check_gemma_ids(directory: Path, tok: Tokenizer) -> None:
                 f"entry, so GemmaTokenizer may number the added tokens differently; load it with transformers instead")
 
 
-REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _plain(value):
-    """transformers' _plain_template_data: templates see only JSON-like data, anything else as "<TypeName>"."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    for kind in (str, int, float):
-        if isinstance(value, kind):
-            return kind(value) if kind is not str else str.__str__(value)
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return (list if isinstance(value, list) else tuple)(_plain(v) for v in value)
-    if any(c.__module__ == "numpy" and c.__name__ == "generic" for c in type(value).__mro__):
-        return _plain(value.item())
-    return f"<{type(value).__name__}>"
-
-
-def _message(message) -> dict:
-    """One message as transformers hands it to the template: None-valued keys dropped, reasoning aliased."""
-    if not isinstance(message, dict):
-        raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}.")
-    message = _plain({k: v for k, v in message.items() if v is not None})
-    reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
-    if reasoning is not None:
-        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-    return message
-
-
-@lru_cache
-def _compiled(template: str):
-    """The template compiled in an environment like transformers' _cached_compile_jinja_template."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(jinja2.ext.Extension):
-        """`{% generation %}` marks assistant text for masks the engine never asks for: it renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    class TemplateDict:
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        # Same signature trick as jinja's Namespace; underscore names are refused as in transformers.
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}. "
-                    "Please rename the attribute.")
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       dict=TemplateDict(), namespace=TemplateNamespace)
-    return env.from_string(template)
-
-
 def _clean_up_tokenization(text: str) -> str:
     """transformers' clean_up_tokenization: drop the spaces WordPiece leaves before punctuation and clitics."""
     for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -394,10 +303,10 @@ class RustTokenizer:
             raise ValueError("RustTokenizer.apply_chat_template renders text only: encode the text it returns")
         if not messages:
             raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
-        chat = [_message(m) for m in messages]
-        return _compiled(self._template()).render(messages=chat, tools=None, documents=None,
+        chat = [template_message(m) for m in messages]
+        return compiled_template(self._template()).render(messages=chat, tools=None, documents=None,
                                                   add_generation_prompt=add_generation_prompt,
-                                                  **_plain(self.special_tokens_map))
+                                                  **plain_data(self.special_tokens_map))
 
     def _template(self) -> str:
         template = self.chat_template

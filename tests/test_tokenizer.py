@@ -253,9 +253,9 @@ def test_hf_call_shape_lets_the_worker_code_run_unchanged(pair):
     from engine.pipeline.tokenizer_worker import encode
 
     hf, rust = pair
-    requests = [{"prompt": text, "messages": None} for text in TEXTS[:6]]
+    requests = [(text, None) for text in TEXTS[:6]]
     if hf.chat_template is not None:
-        requests += [{"prompt": None, "messages": chat} for chat in CHATS]
+        requests += [(None, chat) for chat in CHATS]
     assert encode(rust, requests) == encode(hf, requests)
     id_lists = _id_lists(hf)
     assert decode_texts(rust, id_lists) == decode_texts(hf, id_lists)

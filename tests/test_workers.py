@@ -175,9 +175,9 @@ def test_bytecode_of_a_package_without_it_is_kept_in_the_cache_dir_even_under_do
 
 SKLEARN_SCRIPT = """
 import sys
-import engine.models
+import engine.core.hf_imports
 if sys.argv[1] == "core":
-    engine.models.skip_unused_imports()  # what core_main does before loading the model
+    engine.core.hf_imports.skip_unused_imports()  # what core_main does before loading the model
 from transformers import AutoModelForCausalLM  # noqa: F401
 import transformers.generation.candidate_generator  # noqa: F401
 import transformers.utils
@@ -210,7 +210,7 @@ def test_the_installed_distributions_are_read_from_a_record_that_follows_the_ins
     # install (a new .dist-info folder) makes a new record.
     import importlib.metadata
 
-    from engine.models import distributions_from
+    from engine.core.hf_imports import distributions_from
 
     site = tmp_path / "site"
     site.mkdir()

@@ -18,7 +18,8 @@ from engine.messages import Finished, FinishedSeq, Ready, RecordFailed, SlotFill
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Sequence
 from engine.core.trace import StepTrace
-from engine.models import ModelSource, skip_unused_imports
+from engine.core.hf_imports import skip_unused_imports
+from engine.models import ModelSource
 from engine.pipeline.request import RecordError
 from engine.pipeline.ring import ShmRing
 from engine.procs import Lifeline, MsgQueue

@@ -20,13 +20,12 @@ from engine.pipeline.ring import ShmRing
 
 log = logging.getLogger("engine")
 
-def encode(tok, requests: list[TokenizeRequest]) -> list[list[int] | RecordError]:
-    """Token ids per request: `prompt` via one batch encode, `messages` via the chat template; a request the
-    tokenizer cannot encode gets a RecordError, and the others are encoded all the same."""
-    texts = [r.prompt for r in requests if r.prompt is not None]
+def encode(tok, inputs: list[tuple[str | None, list | None]]) -> list[list[int] | RecordError]:
+    """Token ids per (prompt, messages) pair: prompts via one batch encode, messages via the chat template; an input
+    the tokenizer cannot encode gets a RecordError, and the others are encoded all the same."""
+    texts = [prompt for prompt, _ in inputs if prompt is not None]
     encoded = iter(_encode_texts(tok, texts))
-    return [next(encoded) if request.prompt is not None else _encode_chat(tok, request.messages)
-            for request in requests]
+    return [next(encoded) if prompt is not None else _encode_chat(tok, chat) for prompt, chat in inputs]
 
 
 def _encode_texts(tok, texts: list[str]) -> list[list[int] | RecordError]:
@@ -90,7 +89,7 @@ def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: 
         if not isinstance(msg, Feed):
             raise TypeError(f"a tokenizer worker got a {type(msg).__name__} message; it takes Feed only")
         requests = msg.requests
-        encoded = encode(tok, requests)
+        encoded = encode(tok, [(r.prompt, r.messages) for r in requests])
         if is_checking:  # before anything is sent, so the run fails rather than finishing without noticing
             check_light_imports("tokenizer worker")
         entries = []

@@ -176,7 +176,7 @@ class LogProbs:
         from engine.pipeline.tokenizer_worker import encode
 
         prompt = self._prompt(tag["prompt_set"], tag["prompt_id"])
-        [prompt_ids] = encode(tok, [{"prompt": prompt.get("prompt"), "messages": prompt.get("messages")}])
+        [prompt_ids] = encode(tok, [(prompt.get("prompt"), prompt.get("messages"))])
         ids = torch.tensor([list(prompt_ids) + list(token_ids)], device=device)
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()

@@ -11,29 +11,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import (
-    DTYPES,
-    TRUNCATE_MODES,
-    CaptureDefaults,
-    ConfigError,
-    EngineConfig,
-    SamplingDefaults,
-    device_settings,
-)
-from engine.apps.flags import engine_keys
+from engine.apps.sweep.engine_table import (ENGINE_DEFAULTS, ENGINE_KEYS, ENGINE_MEANING,  # noqa: F401 - re-exported
+                                            SET_ELSEWHERE, engine_settings)
+from engine.config import CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults, device_settings
 from engine.pipeline.request import RecordError, parse_steering
 from engine.apps.sweep.fields import (SweepError, bool_field, check_keys, entries, int_field, list_field, name_field,
                                       need, number_field, preview, section, str_field)
 from engine.apps.sweep.grid import Grid, grid_points
 
-# EngineConfig's flags a sweep file sets elsewhere, so [engine] refuses them: the model and its tokenizer per [models]
-# entry, steering through [vectors] and [grid].
-SET_ELSEWHERE = ("model", "tokenizer", "steering_specs")
-# EngineConfig fields a sweep file may set under [engine], with their types: every engine flag but those.
-ENGINE_KEYS = engine_keys(exclude=SET_ELSEWHERE)
-# Of those, the ones that change what a record is (part of the config hash); the rest only change speed.
-ENGINE_MEANING = ("dtype", "max_model_len", "truncate")
-ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 GENERATION_KEYS = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int, "stop": list,
                    "ignore_eos": bool}
 CAPTURE_KEYS = {"layers": list, "positions": str, "dtype": str, "is_before_steering": bool}
@@ -355,27 +340,6 @@ def _generation(table) -> SamplingDefaults:
         return SamplingDefaults(**values)
     except ConfigError as exc:
         raise SweepError(f"generation: {exc}") from None
-
-
-def engine_settings(table, devices_name: str = "engine.devices") -> dict:
-    values = section(table, ENGINE_KEYS, "engine")
-    if "devices" in values:
-        values["devices"] = [str_field(d, f"{devices_name}[{i}]") for i, d in enumerate(values["devices"])]
-        for i, device in enumerate(values["devices"]):
-            try:
-                EngineConfig(**device_settings(device))
-            except ConfigError as exc:
-                raise SweepError(f"{devices_name}[{i}] is {device!r} ({exc}); use cpu, cuda or cuda:N, or GPUs that "
-                                 f"run one model together: \"0,1\" or \"all\"") from None
-    if values.get("dtype", "auto") not in DTYPES:
-        raise SweepError(f"engine.dtype is {values['dtype']!r}; use one of {', '.join(DTYPES)}")
-    if values.get("truncate", "none") not in TRUNCATE_MODES:
-        raise SweepError(f"engine.truncate is {values['truncate']!r}; use one of {', '.join(TRUNCATE_MODES)}")
-    try:
-        EngineConfig(**{k: v for k, v in values.items() if k != "devices"})
-    except ConfigError as exc:
-        raise SweepError(f"engine: {exc}") from None
-    return values
 
 
 def _metric(item, where: str) -> Metric:
