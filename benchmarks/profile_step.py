@@ -79,8 +79,8 @@ def phase_times(core: EngineCore, prompts: list[list[int]], new_tokens: int) -> 
 
 
 def step_times(core: EngineCore, prompts: list[list[int]], buckets: list[tuple[int, int]]) -> list[str]:
-    """Fill the slots with running sequences, then replay each bucket's graph alone."""
-    for i, ids in enumerate(prompts[:core.cache.num_slots]):
+    """Fill the KV rows with running sequences, then replay each bucket's graph alone."""
+    for i, ids in enumerate(prompts[:core.cache.num_rows]):
         core.add(request(10_000 + i, 64, 0.0), torch.tensor(ids, device=core.device))
     while core.scheduler.waiting:
         core.step()
@@ -148,10 +148,10 @@ def main() -> None:
                 core.step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-    if args.profile:  # five real decode steps with every slot running the workload's prompts
+    if args.profile:  # five real decode steps with every KV row running the workload's prompts
         from torch.profiler import ProfilerActivity, profile
 
-        for i, ids in enumerate(prompts[:core.cache.num_slots]):
+        for i, ids in enumerate(prompts[:core.cache.num_rows]):
             core.add(request(70_000 + i, 64, 0.0), torch.tensor(ids, device=core.device))
         while core.scheduler.waiting:
             core.step()

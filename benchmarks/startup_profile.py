@@ -43,7 +43,7 @@ def main() -> None:
 
     config = EngineConfig(model=args.model, tokenizer=args.tokenizer, device=args.device,
                           max_model_len=args.max_model_len, compile=args.compile)
-    skip_unused_imports(config.cache_dir)  # as core_main does
+    skip_unused_imports(config.cache_dir)  # as run_core does
     core = EngineCore(config, resolve_model(config.model, config.tokenizer, config.cache_dir))
     profile.disable()
     print(f"start-up {time.perf_counter() - started:.2f} s in this process; phases {core.phases.seconds}; "

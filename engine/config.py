@@ -280,7 +280,7 @@ class EngineConfig:
     max_num_seqs: int | None = knob(None, help="sequences decoded together (default: 512 on a GPU, as memory allows; "
                                                "64 on a CPU)")
     max_model_len: int | None = knob(None, help="prompt + new tokens limit (default: the model's, at most 4096)")
-    # prompt tokens per prefill; None: as memory allows (kv_cache.plan_slots)
+    # prompt tokens per prefill; None: as memory allows (kv_cache.plan_rows)
     max_prefill_tokens: int | None = knob(None, help="prompt tokens in one prefill (packed, no padding; default: "
                                                      "32768, less where the KV cache would otherwise get fewer than "
                                                      "--max-num-seqs slots)")

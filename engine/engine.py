@@ -21,12 +21,12 @@ from engine.bytecode import use_bytecode_cache
 from engine.config import EngineConfig
 from engine.messages import Fatal, Feed, Outcome, Ready, RecordFailed, Result, Stats, StatsQuery
 from engine.models import effective_max_len, resolve_model, tokenizer_facts
-from engine.pipeline.decoder_worker import decoder_main
+from engine.pipeline.decoder_worker import run_decoder_worker
 from engine.pipeline.reader import error_record, read_requests
 from engine.pipeline.request import Request
 from engine.pipeline.ring import ShmRing
-from engine.pipeline.router import CoreLane, Router, lane_labels
-from engine.pipeline.tokenizer_worker import tokenizer_main
+from engine.pipeline.router import CoreHandle, Router, core_labels
+from engine.pipeline.tokenizer_worker import run_tokenizer_worker
 from engine.procs import ByName, Lifeline, MsgQueue, start, wake
 
 log = logging.getLogger("engine")
@@ -35,7 +35,7 @@ FEED_BATCH = 32
 # The core's entry point by name: the parent never imports engine.core.proc (torch, transformers), so it starts
 # the core
 # at once instead of after seconds of imports, and imports torch later only if a run needs it (activations).
-CORE_MAIN = ByName("engine.core.proc", "core_main")
+RUN_CORE = ByName("engine.core.proc", "run_core")
 HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes while results keep arriving
 class EngineError(RuntimeError):
     """A stage of the pipeline failed; the message names the stage and the cause."""
@@ -65,11 +65,11 @@ class Engine:
         self.ring = ShmRing(ctx, config.ring_slots * len(devices), max(config.slot_tokens, self.max_model_len),
                             max_requests=256)
         self.lifeline = Lifeline(ctx)
-        self.lanes = [CoreLane(i, device, label, "engine core" if len(devices) == 1 else f"engine core {i}",
+        self.cores = [CoreHandle(i, device, label, "engine core" if len(devices) == 1 else f"engine core {i}",
                                MsgQueue(ctx), MsgQueue(ctx), MsgQueue(ctx))
-                      for i, (device, label) in enumerate(zip(devices, lane_labels(devices)))]
-        self.router = Router(self.lanes, MsgQueue(ctx), self.ring) if len(devices) > 1 else None
-        self.core_q = self.router.inbox if self.router else self.lanes[0].inbox  # where tokenizers send slots
+                      for i, (device, label) in enumerate(zip(devices, core_labels(devices)))]
+        self.router = Router(self.cores, MsgQueue(ctx), self.ring) if len(devices) > 1 else None
+        self.core_q = self.router.inbox if self.router else self.cores[0].inbox  # where tokenizers send slots
         self.procs: list = []
         self.pending: dict[int, tuple[int, Request]] = {}
         self._indices = itertools.count()  # request indices; next() on it is atomic, so two threads may draw
@@ -92,29 +92,30 @@ class Engine:
         self._is_ready = True
         if self.router:
             self.router.start()
-        self.device = _devices_name([lane.name for lane in self.lanes])
+        self.device = _devices_name([core.name for core in self.cores])
         self.startup_s = time.perf_counter() - started
 
     def _start(self, ctx) -> None:
         """Start every stage, each kept as soon as it runs (so close() reaches it if start-up is interrupted)."""
         c = self.config
-        num_cpu = sum(lane.device == "cpu" for lane in self.lanes)
+        num_cpu = sum(core.device == "cpu" for core in self.cores)
         threads = max(1, len(os.sched_getaffinity(0)) // num_cpu) if num_cpu > 1 else 0
-        for lane in self.lanes:  # the cores first: their start-up (model, compile) is the longest, the rest overlaps it
-            # The core's results and its messages to the parent both go to its own decoders (see decoder_main).
-            lane.proc = start(ctx, lane.stage, lane.fatal, CORE_MAIN, c.for_core(lane.device).to_dict(),
-                              self.source.to_msg(), self.ring, lane.inbox, lane.dec_q, lane.dec_q, self.lifeline,
-                              lane.number, threads)
+        for core in self.cores:  # the cores first: their start-up (model, compile) is the longest, the rest overlaps it
+            # The core's results and its messages to the parent both go to its own decoders (see run_decoder_worker).
+            core.proc = start(ctx, core.stage, core.fatal, RUN_CORE, c.for_core(core.device).to_dict(),
+                              self.source.to_msg(), self.ring, core.inbox, core.dec_q, core.dec_q, self.lifeline,
+                              core.number, threads)
         for i in range(c.tokenizer_workers):
-            self.procs.append(start(ctx, f"tokenizer worker {i}", self.events, tokenizer_main,
+            self.procs.append(start(ctx, f"tokenizer worker {i}", self.events, run_tokenizer_worker,
                                     self.source.tokenizer_dir,
                                     self.max_model_len, c.truncate, self.ring, self.tok_in, self.core_q, self.events,
                                     self.lifeline))
-        for lane in self.lanes:
-            prefix = "decoder worker " if len(self.lanes) == 1 else f"decoder worker {lane.number}."
+        for core in self.cores:
+            prefix = "decoder worker " if len(self.cores) == 1 else f"decoder worker {core.number}."
             for i in range(c.decoder_workers):
-                lane.decoders.append(start(ctx, f"{prefix}{i}", self.events, decoder_main, self.source.tokenizer_dir,
-                                           c.cache_dir, c.return_tokens, lane.dec_q, self.events, self.lifeline))
+                core.decoders.append(start(ctx, f"{prefix}{i}", self.events, run_decoder_worker,
+                                           self.source.tokenizer_dir, c.cache_dir, c.return_tokens, core.dec_q,
+                                           self.events, self.lifeline))
         self._record_tokenizer_facts()
 
     def _record_tokenizer_facts(self) -> None:
@@ -127,7 +128,7 @@ class Engine:
             log.debug("recording the tokenizer's facts ahead of the core failed: %s", exc)
 
     def _wait_ready(self) -> None:
-        waiting = {lane.number for lane in self.lanes}
+        waiting = {core.number for core in self.cores}
         while waiting:
             try:
                 msg = self.events.get(timeout=0.5)
@@ -135,7 +136,7 @@ class Engine:
                 self._check_alive()
                 continue
             if isinstance(msg, Ready):
-                self.lanes[msg.core].name, self.dtype = msg.device, msg.dtype
+                self.cores[msg.core].name, self.dtype = msg.device, msg.dtype
                 self.startup_phases[msg.core] = msg.phases
                 waiting.discard(msg.core)
             else:
@@ -145,7 +146,7 @@ class Engine:
         """A message that is neither a result nor a record's error: a core's counters, or a stage's failure."""
         match msg:
             case Stats():
-                self.lanes[msg.core].stats = msg
+                self.cores[msg.core].stats = msg
             case Fatal():
                 self.close()
                 raise EngineError(f"{msg.stage} failed: {msg.error}\n{msg.traceback}".rstrip())
@@ -159,7 +160,7 @@ class Engine:
         idle_since (when the last core to run out of work did so; None before any finished), graphs (decode graphs
         captured, re-captured and the seconds spent, all cores: ModelRunner.graph_stats); on CUDA also the
         largest core's torch_allocated_peak / torch_reserved_peak (bytes, since its start; None on CPU)."""
-        stats = [lane.stats for lane in self.lanes if lane.stats is not None]
+        stats = [core.stats for core in self.cores if core.stats is not None]
         ends = [s.idle_since for s in stats if s.idle_since is not None]
         peaks = {key: max((getattr(s, key) for s in stats if getattr(s, key) is not None), default=None)
                  for key in ("torch_allocated_peak", "torch_reserved_peak")}
@@ -179,10 +180,10 @@ class Engine:
     def _check_alive(self) -> None:
         if self.router:
             self.router.check()
-        for lane in self.lanes:
-            if lane.is_alive and lane.proc.exitcode is not None:
-                self._core_died(lane)
-        for proc in self.procs + [proc for lane in self.lanes if lane.is_alive for proc in lane.decoders]:
+        for core in self.cores:
+            if core.is_alive and core.proc.exitcode is not None:
+                self._core_died(core)
+        for proc in self.procs + [proc for core in self.cores if core.is_alive for proc in core.decoders]:
             if proc.exitcode is None:
                 continue
             try:  # prefer the stage's own explanation if it sent one before dying
@@ -193,17 +194,17 @@ class Engine:
             self.close()
             raise EngineError(f"{proc.name} (pid {proc.pid}) died ({_exit_cause(proc)}); finished records are on disk")
 
-    def _core_died(self, lane: CoreLane) -> None:
+    def _core_died(self, core: CoreHandle) -> None:
         """Report a dead core; run its unfinished requests on the cores left, or fail if none is left."""
-        headline, detail = _core_report(lane)
-        survivors = [other for other in self.lanes if other.is_alive and other is not lane]
+        headline, detail = _core_report(core)
+        survivors = [other for other in self.cores if other.is_alive and other is not core]
         if not survivors or not self._is_ready:
-            lane.is_alive = False
-            left = "; no engine core is left" if self._is_ready and len(self.lanes) > 1 else ""
+            core.is_alive = False
+            left = "; no engine core is left" if self._is_ready and len(self.cores) > 1 else ""
             kept = "; finished records are on disk" if self._is_ready else ""
             self.close()
             raise EngineError("\n".join([*self.core_failures, f"{headline}{left}{kept}", *detail]))
-        indices = self.router.fail(lane)
+        indices = self.router.fail(core)
         headline += f"; its {len(indices)} unfinished requests go to {', '.join(o.label for o in survivors)}"
         self.core_failures.append(headline)
         log.warning("%s", "\n".join([headline, *detail]))
@@ -227,29 +228,29 @@ class Engine:
 
     def _is_stuck(self) -> bool:
         """Stop waiting on the tokenizers: interrupted, or no core is left to free the ring for them."""
-        return self.is_interrupted or not any(lane.is_alive and lane.proc.exitcode is None for lane in self.lanes)
+        return self.is_interrupted or not any(core.is_alive and core.proc.exitcode is None for core in self.cores)
 
     def device_counts(self) -> list[dict]:
         """Per core: device, label, card name, whether it is alive, its cumulative steps / idle_s, and the
         requests and completion tokens it finished."""
-        return [lane.counts() for lane in self.lanes]
+        return [core.counts() for core in self.cores]
 
     def stats(self, timeout: float = 10.0) -> dict:
         """The cores' cumulative counters now: steps run, idle_s (time a core had nothing to run and waited on the
         ring; averaged over cores), and per device (`devices`) those counters, requests and tokens finished and
         tok/s over the time spent generating. Call it between runs; results still arriving are an error here."""
         self._stats_id += 1
-        waiting = {lane.number for lane in self.lanes if lane.is_alive}
-        for lane in self.lanes:
-            if lane.is_alive:
-                lane.inbox.put(StatsQuery(self._stats_id))
+        waiting = {core.number for core in self.cores if core.is_alive}
+        for core in self.cores:
+            if core.is_alive:
+                core.inbox.put(StatsQuery(self._stats_id))
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline:
             try:
                 msg = self.events.get(timeout=0.2)
             except queue.Empty:
                 self._check_alive()
-                waiting &= {lane.number for lane in self.lanes if lane.is_alive}
+                waiting &= {core.number for core in self.cores if core.is_alive}
                 continue
             if isinstance(msg, (Result, RecordFailed)):
                 raise EngineError("Engine.stats() was called while results were still arriving; call it between runs")
@@ -310,12 +311,12 @@ class Engine:
             self._abandoned.discard(msg.index)  # a dead core's request, already sent to another core
             return None
         position, request = self.pending.pop(msg.index)
-        lane = self.router.finished(msg.index) if self.router else self.lanes[0]
+        core = self.router.finished(msg.index) if self.router else self.cores[0]
         if isinstance(msg, RecordFailed):
             return Outcome(position, error_record(request.line, request.id, msg.error), True)
-        if lane is not None:
-            lane.num_requests += 1
-            lane.num_tokens += msg.num_completion_tokens
+        if core is not None:
+            core.num_requests += 1
+            core.num_tokens += msg.num_completion_tokens
         record = {"id": request.id, "completion": msg.completion, "finish_reason": msg.finish_reason,
                   "num_prompt_tokens": msg.num_prompt_tokens, "num_completion_tokens": msg.num_completion_tokens,
                   "seed": request.seed,
@@ -346,25 +347,25 @@ class Engine:
         self._closed = True
         self._stop.set()
         self.lifeline.stop()
-        for inbox in [self.tok_in] * self.config.tokenizer_workers + [lane.inbox for lane in self.lanes] + \
-                [lane.dec_q for lane in self.lanes for _ in lane.decoders]:
+        for inbox in [self.tok_in] * self.config.tokenizer_workers + [core.inbox for core in self.cores] + \
+                [core.dec_q for core in self.cores for _ in core.decoders]:
             wake(inbox)
         if self.router:
             self.router.close()
-        for lane in self.lanes:
-            if not lane.is_alive:  # a dead core's decoders may wait forever on a message it never finished
-                for proc in lane.decoders:
+        for core in self.cores:
+            if not core.is_alive:  # a dead core's decoders may wait forever on a message it never finished
+                for proc in core.decoders:
                     proc.kill()
         # A core still loading its model cannot have finished anything: an interrupted start-up need not wait for it.
         deadline = time.monotonic() + (10 if self._is_ready else 1)
-        procs = self.procs + [proc for lane in self.lanes for proc in [lane.proc, *lane.decoders] if proc is not None]
+        procs = self.procs + [proc for core in self.cores for proc in [core.proc, *core.decoders] if proc is not None]
         for proc in procs:
             proc.join(timeout=max(0.1, deadline - time.monotonic()))
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        queues = [self.events, self.tok_in] + [q for lane in self.lanes for q in (lane.inbox, lane.fatal, lane.dec_q)]
+        queues = [self.events, self.tok_in] + [q for core in self.cores for q in (core.inbox, core.fatal, core.dec_q)]
         for q in queues + ([self.router.inbox] if self.router else []):
             q.close()
         self.ring.close()
@@ -381,14 +382,14 @@ def _exit_cause(proc) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
-def _core_report(lane: CoreLane) -> tuple[str, list[str]]:
+def _core_report(core: CoreHandle) -> tuple[str, list[str]]:
     """What killed a core, as (one line, traceback lines): its own fatal message (a CUDA error, say) if it sent
     one, else how it exited."""
-    where = f"{lane.stage} on {lane.device} (pid {lane.proc.pid})"
+    where = f"{core.stage} on {core.device} (pid {core.proc.pid})"
     try:
-        msg = lane.fatal.get(timeout=0.5)
+        msg = core.fatal.get(timeout=0.5)
     except queue.Empty:
-        return f"{where} died ({_exit_cause(lane.proc)})", []
+        return f"{where} died ({_exit_cause(core.proc)})", []
     return f"{where} failed: {msg.error}", msg.traceback.rstrip().splitlines()
 
 

@@ -94,7 +94,7 @@ def wake(inbox: MsgQueue) -> None:
         pass
 
 
-def child_main(stage: str, events: MsgQueue, target, *args) -> None:
+def run_child(stage: str, events: MsgQueue, target, *args) -> None:
     """Entry point of every spawned process: the parent owns signals; errors become one fatal message."""
     _set_name(stage)
     _die_with_parent()
@@ -218,9 +218,9 @@ def stop_signals(handler):
 
 
 def start(ctx, stage: str, events: MsgQueue, target, *args):
-    """Start `target(*args)` in a child process under child_main. A target defined outside the parent's __main__
+    """Start `target(*args)` in a child process under run_child. A target defined outside the parent's __main__
     (every engine stage) starts without re-running __main__; its arguments must not need __main__ either."""
-    proc = ctx.Process(target=child_main, args=(stage, events, target, *args), name=stage, daemon=True)
+    proc = ctx.Process(target=run_child, args=(stage, events, target, *args), name=stage, daemon=True)
     # Per thread, so a thread starting another child (ours or not) meanwhile gets spawn's usual behaviour.
     _starting.is_main_hidden = getattr(target, "__module__", "__main__") != "__main__"
     try:

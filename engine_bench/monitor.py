@@ -10,7 +10,7 @@ import threading
 import time
 
 from engine.messages import Fatal
-from engine.procs import MsgQueue, child_main
+from engine.procs import MsgQueue, run_child
 from engine_bench.messages import ChildExit, Progress, SystemDone, SystemStarted
 from engine_bench.config import BenchConfig, BenchError, csv_list
 from engine_bench.report import GIB, gpu_metrics
@@ -113,13 +113,13 @@ class _Progress:
             self.bar = None
 
 
-def run_child(target, config: BenchConfig, prompts: list[Prompt], label: str) -> list[dict]:
+def spawn_group(target, config: BenchConfig, prompts: list[Prompt], label: str) -> list[dict]:
     """Run one system group in a fresh process; returns its 'done' messages. The process is not a daemon
     because the engine starts processes of its own."""
     ctx = mp.get_context("spawn")
     events = MsgQueue(ctx)
-    stage = f"bench {target.__name__.removesuffix('_main')}"
-    proc = ctx.Process(target=child_main, name=stage,
+    stage = f"bench {target.__name__.removeprefix('run_')}"
+    proc = ctx.Process(target=run_child, name=stage,
                        args=(stage, events, target, config.to_dict(), prompts_to_msg(prompts), events))
     proc.start()
     progress = _Progress(label, config.is_quiet)

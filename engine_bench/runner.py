@@ -13,10 +13,10 @@ import psutil
 
 from engine.models import resolve_device, resolve_dtype, resolve_model
 from engine_bench.config import BenchConfig, BenchError
-from engine_bench.monitor import GpuMonitor, check_lengths, run_child
+from engine_bench.monitor import GpuMonitor, check_lengths, spawn_group
 from engine_bench.report import (agreement, append_results, cpu_card, cpu_name, markdown, no_gpu_metrics, notes,
                                  references, run_stem, system_metrics, versions, work_window, write_outputs)
-from engine_bench.systems import baselines_main, engine_main
+from engine_bench.systems import run_baselines, run_engine
 from engine_bench.workloads import Workload, WorkloadError, load_input, make_workload
 
 
@@ -37,17 +37,17 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
     """All chosen systems on one workload -> (report, outputs by system)."""
     # The engine's KV cache is sized by max_model_len; the workload's own longest sequence is the fair size.
     config = dataclasses.replace(config, max_model_len=config.max_model_len or workload.max_total_tokens)
-    groups = [(main, name, config) for main, name, wanted in ((baselines_main, "naive/hf", {"naive", "hf"}),
-                                                                (engine_main, "engine", {"engine"}))
+    groups = [(main, name, config) for main, name, wanted in ((run_baselines, "naive/hf", {"naive", "hf"}),
+                                                               (run_engine, "engine", {"engine"}))
               if wanted & set(config.systems)]
     if len(config.devices) > 1 and "engine" in config.systems:  # the scaling ratio needs one card, same run
         one_card = dataclasses.replace(config, devices=[], steering_specs=[], capture_layers=[])
-        groups.insert(len(groups) - 1, (engine_main, "engine (one card)", one_card))
+        groups.insert(len(groups) - 1, (run_engine, "engine (one card)", one_card))
     done: list[dict] = []
     errors: list[dict] = []
     for main, name, child_config in groups:
         try:
-            done += run_child(main, child_config, workload.prompts, workload.name)
+            done += spawn_group(main, child_config, workload.prompts, workload.name)
         except BenchError as exc:  # the other systems' numbers are still worth the device time they took
             errors.append({"systems": name, "error": str(exc)})
             print(f"engine-bench: {workload.name}: {exc}", file=sys.stderr)

@@ -68,7 +68,7 @@ def _warmup(prompts: list[Prompt]) -> list[Prompt]:
             for p in prompts[:NUM_WARMUP_PROMPTS]]
 
 
-def baselines_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
+def run_baselines(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
     """Child: the naive loop on its subset, then the batched HF loop at each batch size, one model load."""
     import torch
 
@@ -109,7 +109,7 @@ def _core_idle(engine) -> tuple[float, float]:
     return engine.stats()["idle_s"], time.monotonic()
 
 
-def engine_main(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
+def run_engine(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> None:
     """Child: the engine over all prompts (and again under steering if asked); its ring-empty share comes from
     the core's idle time."""
     from engine.engine import Engine

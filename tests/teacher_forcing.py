@@ -12,25 +12,25 @@ from conftest import core_request
 def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
     """For each sequence: the logits the engine computes at its last prompt position (prefill) and at every
     later position, feeding the sequence's own next token at each decode step (teacher forcing)."""
-    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
+    core.scheduler = Scheduler(core.cache.num_rows, core.max_prefill_tokens)
     for i, (ids, n) in enumerate(zip(sequences, prompt_lens)):
         core.add(core_request(i, max_new_tokens=len(ids) - n + 1, seed=0), torch.tensor(ids[:n], device=core.device))
     batch = core.scheduler.schedule()
     assert batch.is_prefill and len(batch.seqs) == len(sequences)
     out = [[row] for row in core.runner.prefill_logits(batch.seqs).float()]
-    core.steering.assign(batch.seqs)  # what prefill() does: these slots' decode-time steering (none)
+    core.steering.assign(batch.seqs)  # what prefill() does: these KV rows' decode-time steering (none)
     for step in range(max(len(ids) - n for ids, n in zip(sequences, prompt_lens))):
         live = [s for s, ids, n in zip(batch.seqs, sequences, prompt_lens) if n + step < len(ids)]
         for seq in live:
             seq.num_scheduled = step + 1
-            core.runner.tokens[seq.slot] = sequences[seq.index][prompt_lens[seq.index] + step]
-        rows = max(s.slot for s in live) + 1
+            core.runner.tokens[seq.row] = sequences[seq.index][prompt_lens[seq.index] + step]
+        rows = max(s.row for s in live) + 1
         decode = core.scheduler.schedule()
         decode.seqs, decode.num_rows = live, next(b for b in core.scheduler.batch_sizes if b >= rows)
         logits = core.runner.decode_logits(decode).float().clone()  # a graph's output is overwritten by the next replay
         for seq in live:
-            out[seq.index].append(logits[seq.slot])
-    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
+            out[seq.index].append(logits[seq.row])
+    core.scheduler = Scheduler(core.cache.num_rows, core.max_prefill_tokens)
     return [torch.stack(rows) for rows in out]
 
 
@@ -65,7 +65,7 @@ class _Teacher:
 
 def forced_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int], specs: list
                   ) -> list[torch.Tensor]:
-    """Teacher forcing through the real step loop (continuous batching, slots refilled), request i steered by
+    """Teacher forcing through the real step loop (continuous batching, KV rows refilled), request i steered by
     specs[i]: for each sequence, the logits at positions prompt_len - 1 .. len - 2."""
     teacher, sampler = _Teacher(sequences, prompt_lens), core.runner.sampler
     core.runner.sampler = teacher

@@ -59,7 +59,7 @@ def expected(states, layer: int, positions: str, num_prompt: int, num_new: int) 
 
 
 def run_core(core, tokenizer, specs: list) -> tuple[dict, dict]:
-    """Every prompt with every mode, mixed lengths, more requests than slots; (sequences, activations) by index."""
+    """Every prompt with every mode, mixed lengths, more requests than KV rows; (sequences, activations) by index."""
     requests, prompts = [], []
     for m, mode in enumerate(MODES):
         for p, prompt in enumerate(PROMPTS):

@@ -1,5 +1,5 @@
 """Packed prefill attention: each prompt attends causally to itself only (within a sliding window if set), and its
-K/V land in its slot; compared with attention written out by hand (softmax over masked scores, float64)."""
+K/V land in its KV row; compared with attention written out by hand (softmax over masked scores, float64)."""
 
 from __future__ import annotations
 
@@ -26,36 +26,36 @@ def reference(q, k, v, window, scale):
 
 def run_packed(device: str, dtype, heads: int, kv_heads: int, window):
     torch.manual_seed(0)
-    dim, total, slots, max_len = 32, sum(LENGTHS), 6, 16
+    dim, total, rows, max_len = 32, sum(LENGTHS), 6, 16
     query = torch.randn(1, heads, total, dim, device=device, dtype=dtype)
     key = torch.randn(1, kv_heads, total, dim, device=device, dtype=dtype)
     value = torch.randn(1, kv_heads, total, dim, device=device, dtype=dtype)
-    cache = types.SimpleNamespace(k=[torch.zeros(slots, kv_heads, max_len + 1, dim, device=device, dtype=dtype)],
-                                  v=[torch.zeros(slots, kv_heads, max_len + 1, dim, device=device, dtype=dtype)])
+    cache = types.SimpleNamespace(k=[torch.zeros(rows, kv_heads, max_len + 1, dim, device=device, dtype=dtype)],
+                                  v=[torch.zeros(rows, kv_heads, max_len + 1, dim, device=device, dtype=dtype)])
     starts = [0]
     for n in LENGTHS:
         starts.append(starts[-1] + n)
-    seq_slots = [4, 0, 5, 2]
+    seq_rows = [4, 0, 5, 2]
     CONTEXT.cache, CONTEXT.is_prefill = cache, True
-    CONTEXT.slots = torch.tensor([s for s, n in zip(seq_slots, LENGTHS) for _ in range(n)], device=device)
+    CONTEXT.rows = torch.tensor([s for s, n in zip(seq_rows, LENGTHS) for _ in range(n)], device=device)
     CONTEXT.write_pos = torch.cat([torch.arange(n) for n in LENGTHS]).to(device)
     CONTEXT.spans = list(zip(starts[:-1], LENGTHS))
     CONTEXT.cu_lens = torch.tensor(starts, dtype=torch.int32, device=device)
     module = types.SimpleNamespace(layer_idx=0)
     out, _ = engine_attention(module, query, key, value, None, scaling=dim ** -0.5, sliding_window=window)
-    return query, key, value, cache, out, starts, seq_slots
+    return query, key, value, cache, out, starts, seq_rows
 
 
 def check(device, dtype, heads, kv_heads, window, tol):
-    query, key, value, cache, out, starts, seq_slots = run_packed(device, dtype, heads, kv_heads, window)
+    query, key, value, cache, out, starts, seq_rows = run_packed(device, dtype, heads, kv_heads, window)
     assert out.shape == (1, sum(LENGTHS), heads, query.shape[-1])
-    for a, b, slot in zip(starts, starts[1:], seq_slots):
+    for a, b, row in zip(starts, starts[1:], seq_rows):
         want = reference(query[0, :, a:b].cpu(), key[0, :, a:b].cpu(), value[0, :, a:b].cpu(), window,
                          query.shape[-1] ** -0.5)
         err = (out[0, a:b].cpu().double() - want).abs().max().item()
         assert err < tol, (a, b, err)
-        assert torch.equal(cache.k[0][slot, :, :b - a].cpu(), key[0, :, a:b].cpu())
-        assert torch.equal(cache.v[0][slot, :, :b - a].cpu(), value[0, :, a:b].cpu())
+        assert torch.equal(cache.k[0][row, :, :b - a].cpu(), key[0, :, a:b].cpu())
+        assert torch.equal(cache.v[0][row, :, :b - a].cpu(), value[0, :, a:b].cpu())
 
 
 @pytest.mark.parametrize("heads,kv_heads,window", [(4, 1, None), (4, 1, 4), (4, 2, None), (2, 2, 3)])

@@ -113,12 +113,12 @@ def test_subset_run_is_extrapolated_by_output_tokens_and_says_so():
 
 
 def test_a_failing_system_is_reported_and_the_others_kept(monkeypatch):
-    def fake_run_child(main, config, prompts, label):
-        if main is bench.engine_main:
+    def fake_spawn_group(main, config, prompts, label):
+        if main is bench.run_engine:
             raise BenchError("bench engine failed: CUDA out of memory")
         return [_done("naive", [[1, 2], [3, 4]], 1.0)]
 
-    monkeypatch.setattr(bench, "run_child", fake_run_child)
+    monkeypatch.setattr(bench, "spawn_group", fake_spawn_group)
     workload = Workload("t", 0, [Prompt("p0", "x", 3, 2), Prompt("p1", "y", 3, 2)])
     env = {"card": cpu_card(), "host": {"num_cpus": 2}, "dtype": "float32",
            "versions": {"torch": "t", "transformers": "t", "engine": "e", "commit": None}}

@@ -38,7 +38,7 @@ def first_step_logits(core, tokenizer, specs: list, prompts: list | None = None)
     batch = core.scheduler.schedule()
     assert batch.is_prefill and len(batch.seqs) == len(specs)
     logits = core.runner.prefill_logits(batch.seqs)
-    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)  # drop them again
+    core.scheduler = Scheduler(core.cache.num_rows, core.max_prefill_tokens)  # drop them again
     return logits
 
 
@@ -89,7 +89,7 @@ def test_teacher_forced_logits_equal_hf_forward_at_every_position(core, tokenize
     from teacher_forcing import engine_logits, hf_logits
 
     gen = torch.Generator().manual_seed(3)
-    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]  # the fixture core has 4 slots
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]  # the fixture core has 4 KV rows
     sequences = [ids + torch.randint(5, 50_000, (4 + 3 * i,), generator=gen).tolist() for i, ids in enumerate(prompts)]
     got = engine_logits(core, sequences, [len(p) for p in prompts])
     for ids, prompt, logits in zip(sequences, prompts, got):

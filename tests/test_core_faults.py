@@ -91,13 +91,13 @@ def request(i: int, steering=None, **kw) -> CoreRequest:
 
 
 def good_requests(first: int) -> list[tuple[CoreRequest, int]]:
-    """Greedy and seeded-sampled requests, more than the core's 4 slots: later ones reuse freed KV rows."""
+    """Greedy and seeded-sampled requests, more than the core's 4 KV rows: later ones reuse freed KV rows."""
     settings = [{}, {"temperature": 0.8, "top_k": 20}, {}, {"temperature": 1.1, "top_p": 0.9}, {}, {"temperature": 0.7}]
     return [(request(first + i, **kw), i) for i, kw in enumerate(settings)]
 
 
 def run_core(core: EngineCore, tokenizer, rows: list[tuple[CoreRequest, int]]) -> dict[int, Sequence]:
-    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
+    core.scheduler = Scheduler(core.cache.num_rows, core.max_prefill_tokens)
     return core.generate([r for r, _ in rows], [tokenizer(PROMPTS[p]).input_ids for _, p in rows])
 
 
@@ -167,15 +167,15 @@ def test_a_model_without_a_final_norm_is_not_checked(caplog):
     assert [r.levelno for r in caplog.records if "collapsed forwards" in r.getMessage()] == [logging.INFO]
 
 
-def test_scheduler_ends_a_non_finite_sequence_and_frees_its_slot():
-    s = Scheduler(num_slots=2, max_prefill_tokens=100)
+def test_scheduler_ends_a_non_finite_sequence_and_frees_its_row():
+    s = Scheduler(num_rows=2, max_prefill_tokens=100)
     for i in range(3):
         s.add(Sequence(index=i, prompt_ids=torch.zeros(4, dtype=torch.int64), max_new_tokens=4, temperature=0.0,
                        top_p=1.0, top_k=0, seed=0, ignore_eos=True, stop=[]))
     batch = s.schedule()
     finished = s.update(batch.seqs, [5, NON_FINITE], eos_ids=set())
     assert [(q.index, q.finish_reason, q.output_ids) for q in finished] == [(1, "error", [])]
-    assert [(q.index, q.slot) for q in s.schedule().seqs] == [(2, 1)]  # its slot goes to the next at once
+    assert [(q.index, q.row) for q in s.schedule().seqs] == [(2, 1)]  # its row goes to the next at once
     assert s.update(batch.seqs, [NON_FINITE, 6], eos_ids=set())[0].index == 0  # the late token of 1 is dropped
     assert batch.seqs[1].output_ids == []
 
@@ -233,7 +233,7 @@ def test_breaking_steering_ends_only_its_request(core, tokenizer, files, name):
 def broken_rows(core: EngineCore, index: int, from_token: int, value: float):
     """Forward hooks on the model (not the engine) that set request `index`'s hidden states to `value` in the forward
     that samples its generated token `from_token` (counted from 1) and every later one: in the prefill through the
-    embedding of a marker token its prompt ends with, in a decode through decoder layer 2's row of its slot."""
+    embedding of a marker token its prompt ends with, in a decode through decoder layer 2's output at its KV row."""
 
     def running():
         return next((s for s in core.scheduler.running.values() if s.index == index), None)
@@ -245,7 +245,7 @@ def broken_rows(core: EngineCore, index: int, from_token: int, value: float):
     def at_layer(module, args, output):
         seq = running()
         if not CONTEXT.is_prefill and seq is not None and seq.num_scheduled + 1 >= from_token:
-            (output[0] if isinstance(output, tuple) else output)[0, seq.slot] = value  # decode: slots in one row
+            (output[0] if isinstance(output, tuple) else output)[0, seq.row] = value  # decode: KV rows in one row
 
     handles = [core.model.get_input_embeddings().register_forward_hook(at_embedding),
                decoder_layers(core.model)[2].register_forward_hook(at_layer)]
@@ -265,7 +265,7 @@ MARKER = 4321
 def test_a_broken_forward_from_a_model_hook_ends_only_its_request(core, tokenizer, from_token, temperature, value):
     """Unsteered: hidden states of NaN, or of 1e30 (finite, but the norms collapse and every logit is 0)."""
     alone = run_core(core, tokenizer, good_requests(first=10))
-    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
+    core.scheduler = Scheduler(core.cache.num_rows, core.max_prefill_tokens)
     core.add(request(0, temperature=temperature, top_k=10), torch.tensor(tokenizer(PROMPTS[1]).input_ids + [MARKER]))
     with broken_rows(core, index=0, from_token=from_token, value=value):
         rows = good_requests(first=10)
@@ -319,7 +319,7 @@ def test_pipeline_turns_a_broken_forward_into_that_records_error(engine, files):
 
 def test_bad_vector_files_are_refused_one_record_at_a_time_in_process(core, tokenizer, files):
     alone = run_core(core, tokenizer, good_requests(first=10))
-    core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
+    core.scheduler = Scheduler(core.cache.num_rows, core.max_prefill_tokens)
     ids = torch.tensor(tokenizer(PROMPTS[0]).input_ids)
     for i, name in enumerate(BAD_FILES):
         spec = [{"vector": files["good"], "layers": [1], "coef": 1.0, "positions": "all"},

@@ -112,7 +112,7 @@ def test_a_killed_core_s_requests_finish_on_the_other(two_cores, one_core):
     for record in engine.generate(kill_records()):
         got.append(record)
         if len(got) == 2:
-            os.kill(engine.lanes[1].proc.pid, signal.SIGKILL)
+            os.kill(engine.cores[1].proc.pid, signal.SIGKILL)
     assert sorted(r["id"] for r in got) == sorted(reference)  # every request, exactly once
     for record in got:
         assert record["completion_token_ids"] == reference[record["id"]]["completion_token_ids"], record["id"]
@@ -199,7 +199,7 @@ def test_with_every_core_dead_the_run_stops_naming_them(two_cores, vector):
     with pytest.raises(EngineError) as info:
         for record in engine.generate(rows):
             seen.append(record["id"])
-            alive = [lane for lane in engine.lanes if lane.is_alive and lane.proc.exitcode is None]
+            alive = [core for core in engine.cores if core.is_alive and core.proc.exitcode is None]
             if len(seen) in (1, 3) and alive:
                 os.kill(alive[-1].proc.pid, signal.SIGKILL)
     message = str(info.value)

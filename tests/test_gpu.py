@@ -47,8 +47,8 @@ def test_decode_kernel_matches_the_math_backend(heads, kv_heads, dim, window):
     from engine.core.kernels.attention import decode_attention
 
     torch.manual_seed(0)
-    slots, max_len = 80, 700
-    k_cache = torch.randn(slots, kv_heads, max_len + 1, dim, device="cuda", dtype=torch.bfloat16)
+    rows, max_len = 80, 700
+    k_cache = torch.randn(rows, kv_heads, max_len + 1, dim, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     for batch, read_len in ((1, 128), (3, 512), (64, 256), (80, 700)):
         positions = torch.randint(0, read_len, (batch,), device="cuda")
@@ -74,11 +74,11 @@ def test_kv_write_kernel_equals_index_put(kv_heads, dim):
     v_cache = torch.randn_like(k_cache)
     packed = torch.randn(2, 40, kv_heads, dim, device="cuda", dtype=torch.bfloat16)  # [K or V, tokens, KVH, D]
     keys, values = packed[0].transpose(0, 1).contiguous().transpose(0, 1), packed[1]  # one strided, one contiguous
-    for slots, cols in ((torch.arange(40, device="cuda") % 16, torch.randperm(301, device="cuda")[:40]),
+    for rows, cols in ((torch.arange(40, device="cuda") % 16, torch.randperm(301, device="cuda")[:40]),
                         (torch.full((40,), 3, device="cuda"), torch.arange(40, device="cuda") + 200)):
         want_k, want_v = k_cache.clone(), v_cache.clone()
-        want_k[slots, :, cols], want_v[slots, :, cols] = keys, values
-        write_kv(k_cache, v_cache, slots, cols, keys, values)
+        want_k[rows, :, cols], want_v[rows, :, cols] = keys, values
+        write_kv(k_cache, v_cache, rows, cols, keys, values)
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
@@ -101,7 +101,7 @@ def test_attention_backends_match_the_math_backend():
     tok = load_hf_tokenizer(_tokenizer_dir(core))
 
     def logits_of(prompts):
-        core.scheduler = Scheduler(core.cache.num_slots, core.max_prefill_tokens)
+        core.scheduler = Scheduler(core.cache.num_rows, core.max_prefill_tokens)
         for i, p in enumerate(prompts):
             request = core_request(i, max_new_tokens=4, seed=0)
             core.add(request, torch.tensor(tok(p).input_ids, device="cuda"))
@@ -199,8 +199,8 @@ def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
     prompts = [tok(" ".join(rng.choice(words) for _ in range(rng.randint(3, 60)))).input_ids for _ in range(200)]
     sequences = [p + [rng.randrange(5, 50_000) for _ in range(8)] for p in prompts]
     worst = 0.0
-    for start in range(0, 200, core.cache.num_slots):
-        chunk = slice(start, start + core.cache.num_slots)
+    for start in range(0, 200, core.cache.num_rows):
+        chunk = slice(start, start + core.cache.num_rows)
         got = engine_logits(core, sequences[chunk], [len(p) for p in prompts[chunk]])
         for ids, prompt, logits in zip(sequences[chunk], prompts[chunk], got):
             expected = hf_logits(ref, ids, len(prompt))

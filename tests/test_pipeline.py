@@ -15,7 +15,7 @@ MAX_NEW = 10
 
 
 def greedy_len(i: int) -> int:
-    """Staggered lengths, so sequences finish at different steps and freed slots are refilled mid-run."""
+    """Staggered lengths, so sequences finish at different steps and freed KV rows are refilled mid-run."""
     return 3 + (i * 5) % 11
 
 

@@ -1,4 +1,4 @@
-"""Scheduler: slots freed at once and refilled, prefill token budget, bucketed decode rows, requeue."""
+"""Scheduler: KV rows freed at once and refilled, prefill token budget, bucketed decode rows, requeue."""
 
 import torch
 
@@ -17,17 +17,17 @@ def step(s: Scheduler, tokens_of=lambda q: 5):
     return batch, s.update(batch.seqs, [tokens_of(q) for q in batch.seqs], eos_ids={1})
 
 
-def test_prefill_admits_into_the_lowest_slots_within_the_token_budget():
-    s = Scheduler(num_slots=4, max_prefill_tokens=20)
+def test_prefill_admits_into_the_lowest_rows_within_the_token_budget():
+    s = Scheduler(num_rows=4, max_prefill_tokens=20)
     for i in range(6):
         s.add(seq(i, prompt_len=6))
     batch = s.schedule()
-    assert batch.is_prefill and [q.slot for q in batch.seqs] == [0, 1, 2]  # 3 x 6 tokens fit 20; 4 would not
+    assert batch.is_prefill and [q.row for q in batch.seqs] == [0, 1, 2]  # 3 x 6 tokens fit 20; 4 would not
     assert len(s.waiting) == 3
 
 
 def test_prefill_budget_counts_real_tokens_in_arrival_order():
-    s = Scheduler(num_slots=8, max_prefill_tokens=20)
+    s = Scheduler(num_rows=8, max_prefill_tokens=20)
     for i, n in enumerate([3, 15, 2, 30, 1]):
         s.add(seq(i, prompt_len=n))
     assert [q.index for q in s.schedule().seqs] == [0, 1, 2]  # 3 + 15 + 2 = 20: packed, no padding counted
@@ -35,33 +35,33 @@ def test_prefill_budget_counts_real_tokens_in_arrival_order():
     assert [q.index for q in s.schedule().seqs] == [4]
 
 
-def test_prefill_ready_once_the_waiting_fill_the_budget_or_the_free_slots():
-    s = Scheduler(num_slots=4, max_prefill_tokens=20)
+def test_prefill_ready_once_the_waiting_fill_the_budget_or_the_free_rows():
+    s = Scheduler(num_rows=4, max_prefill_tokens=20)
     s.add(seq(0, prompt_len=12))
-    assert not s.prefill_ready()  # 12 of 20 tokens, 1 of 4 slots: admitting more would make a fuller prefill
+    assert not s.prefill_ready()  # 12 of 20 tokens, 1 of 4 rows: admitting more would make a fuller prefill
     s.add(seq(1, prompt_len=8))
     assert s.prefill_ready()  # 20 tokens
     s.schedule()
     for i in range(2, 4):
         s.add(seq(i, prompt_len=1))
-    assert s.prefill_ready()  # 2 tokens, but they take both free slots
+    assert s.prefill_ready()  # 2 tokens, but they take both free rows
 
 
-def test_finished_slot_is_freed_at_once_and_refilled():
-    s = Scheduler(num_slots=2, max_prefill_tokens=100)
+def test_finished_row_is_freed_at_once_and_refilled():
+    s = Scheduler(num_rows=2, max_prefill_tokens=100)
     s.add(seq(0, max_new=1))
     s.add(seq(1, max_new=3))
     s.add(seq(2, max_new=2))
     batch, finished = step(s)  # prefill 0 and 1; 0 is done after one token
     assert [q.index for q in finished] == [0] and finished[0].finish_reason == "length"
-    batch, _ = step(s)  # slot 0 is free again: 2 is prefilled into it
-    assert batch.is_prefill and [(q.index, q.slot) for q in batch.seqs] == [(2, 0)]
+    batch, _ = step(s)  # row 0 is free again: 2 is prefilled into it
+    assert batch.is_prefill and [(q.index, q.row) for q in batch.seqs] == [(2, 0)]
     batch, _ = step(s)
     assert not batch.is_prefill and batch.num_rows == 2 and {q.index for q in batch.seqs} == {1, 2}
 
 
 def test_eos_finishes_with_stop_and_late_tokens_are_dropped():
-    s = Scheduler(num_slots=1, max_prefill_tokens=100)
+    s = Scheduler(num_rows=1, max_prefill_tokens=100)
     s.add(seq(0, max_new=5))
     batch, finished = step(s, tokens_of=lambda q: 1)
     assert finished[0].finish_reason == "stop" and finished[0].output_ids == [1]
@@ -69,7 +69,7 @@ def test_eos_finishes_with_stop_and_late_tokens_are_dropped():
 
 
 def test_sequences_waiting_for_the_host_are_not_scheduled():
-    s = Scheduler(num_slots=1, max_prefill_tokens=100)
+    s = Scheduler(num_rows=1, max_prefill_tokens=100)
     s.add(seq(0, max_new=1))
     batch = s.schedule()
     batch.seqs[0].num_scheduled = 1  # its only token is in flight
@@ -77,13 +77,13 @@ def test_sequences_waiting_for_the_host_are_not_scheduled():
 
 
 def test_requeue_puts_a_batch_back_in_order():
-    s = Scheduler(num_slots=4, max_prefill_tokens=100)
+    s = Scheduler(num_rows=4, max_prefill_tokens=100)
     for i in range(3):
         s.add(seq(i))
     batch = s.schedule()
     s.requeue(batch.seqs)
     assert [q.index for q in s.waiting] == [0, 1, 2] and not s.running
-    assert [q.slot for q in s.schedule().seqs] == [0, 1, 2]
+    assert [q.row for q in s.schedule().seqs] == [0, 1, 2]
 
 
 def test_batch_buckets():

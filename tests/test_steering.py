@@ -98,7 +98,7 @@ def forced(tiny_source, tokenizer):
 
 
 def forced_case(core, tokenizer) -> tuple:
-    """The core (4 slots), the 10 sequences every run teacher-forces (mixed prompt and generated lengths, so slots
+    """The core (4 KV rows), the 10 sequences every run teacher-forces (mixed prompt and generated lengths, so KV rows
     refill), and their logits with no steering at all, taken before any hook exists."""
     from conftest import PROMPTS
     from teacher_forcing import forced_logits
@@ -237,8 +237,8 @@ def test_pipeline_records_state_the_normalised_spec_and_match_the_core(forced, t
 
 @pytest.mark.gpu
 def test_ranges_and_norms_inside_cuda_graphs(vectors):
-    """The same checks with decode replayed from CUDA graphs (fp32): slot rows switch between replays, and the
-    norm-aware hooks are captured after the re-capture they trigger."""
+    """The same checks with decode replayed from CUDA graphs (fp32): the KV rows' table rows switch between replays, and
+    the norm-aware hooks are captured after the re-capture they trigger."""
     import os
 
     from conftest import tiny_config

@@ -134,7 +134,7 @@ import heavy
 import multiprocessing as mp
 import probe
 if __name__ == "__main__":
-    child = mp.get_context("spawn").Process(target=probe.stage)  # an engine stage: spawned, as child_main starts
+    child = mp.get_context("spawn").Process(target=probe.stage)  # an engine stage: spawned, as run_child starts
     child.start()
     child.join()
     print(sys.pycache_prefix or "")
@@ -142,7 +142,7 @@ if __name__ == "__main__":
 PROBE = """
 def stage():
     from engine.bytecode import use_bytecode_cache
-    use_bytecode_cache()  # what child_main does first
+    use_bytecode_cache()  # what run_child does first
     import heavy_child
 """
 
@@ -177,7 +177,7 @@ SKLEARN_SCRIPT = """
 import sys
 import engine.core.hf_imports
 if sys.argv[1] == "core":
-    engine.core.hf_imports.skip_unused_imports()  # what core_main does before loading the model
+    engine.core.hf_imports.skip_unused_imports()  # what run_core does before loading the model
 from transformers import AutoModelForCausalLM  # noqa: F401
 import transformers.generation.candidate_generator  # noqa: F401
 import transformers.utils

@@ -56,7 +56,7 @@ class _Capture:
 
 class ActivationRecorder:
     """Forward hooks on every decoder layer, armed per forward for the layers requests capture: prefill reduces on
-    the device into per-request tensors; decode writes every running slot into a static [num_slots, num_layers, H]
+    the device into per-request tensors; decode writes every running KV row into a static [num_kv_rows, num_layers, H]
     buffer (read inside the CUDA graphs), whose captured layers the core copies to pinned host memory with the
     step's tokens, one step ahead.
 
@@ -65,19 +65,19 @@ class ActivationRecorder:
     layer no earlier one did needs no new hook and no re-capture (`graph_key` only says whether a step captures).
     """
 
-    def __init__(self, model, steering, device, num_slots: int, capture: CaptureDefaults):
+    def __init__(self, model, steering, device, num_kv_rows: int, capture: CaptureDefaults):
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.hidden_size = model.config.get_text_config().hidden_size
-        self.steering, self.device, self.num_slots = steering, torch.device(device), num_slots
+        self.steering, self.device, self.num_kv_rows = steering, torch.device(device), num_kv_rows
         self.dtype_name = capture.dtype
         self.dtype = getattr(torch, capture.dtype)
         self.is_before_steering = capture.is_before_steering
         self.requests: dict[int, _Capture] = {}  # Sequence.index -> its capture
         self.generated_layers: list[int] = []  # layers captured at generated positions, first use first
-        self.decode_buffer: torch.Tensor | None = None  # [num_slots, num_layers, H], made on first need
+        self.decode_buffer: torch.Tensor | None = None  # [num_kv_rows, num_layers, H], made on first need
         self._columns: torch.Tensor | None = None  # generated_layers on the device, for the copy to the host
-        self._host: list[torch.Tensor] = []  # two pinned [num_slots, len(generated_layers), H] copies, used in turn
+        self._host: list[torch.Tensor] = []  # two pinned [num_kv_rows, len(generated_layers), H] copies, used in turn
         self._flip = 0
         self._active: dict[int, partial] = {}  # layer -> what the hook does in the running forward
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # the last prefill's (index, layer, device tensor)
@@ -127,12 +127,12 @@ class ActivationRecorder:
     def _column(self, layer: int) -> int:
         """The column of `layer` in the host copy of a decode step (stable: layers are only appended)."""
         if self.decode_buffer is None:
-            self.decode_buffer = torch.zeros(self.num_slots, self.num_layers, self.hidden_size, dtype=self.dtype,
+            self.decode_buffer = torch.zeros(self.num_kv_rows, self.num_layers, self.hidden_size, dtype=self.dtype,
                                              device=self.device)
         if layer not in self.generated_layers:
             self.generated_layers.append(layer)
             self._columns = to_device(self.generated_layers, torch.int64, self.device)  # no host sync
-            shape = (self.num_slots, len(self.generated_layers), self.hidden_size)
+            shape = (self.num_kv_rows, len(self.generated_layers), self.hidden_size)
             pin = self.device.type == "cuda"
             self._host = [torch.zeros(shape, dtype=self.dtype, pin_memory=pin) for _ in range(2)]
         return self.generated_layers.index(layer)
@@ -186,7 +186,7 @@ class ActivationRecorder:
 
     # ---- decode: static buffers, read inside the graphs
     def start_decode(self, num_rows: int, is_capturing: bool, is_graph: bool) -> None:
-        """Arm the hooks to write the first num_rows slots into the decode buffer: in a captured graph every layer's
+        """Arm the hooks to write the first num_rows KV rows into the decode buffer: in a captured graph every layer's
         column (see the class doc), else the captured layers' only; nothing for a step that captures nothing."""
         if not is_capturing:
             return
@@ -230,7 +230,7 @@ class ActivationRecorder:
         for seq in batch.seqs:  # a sequence that already ended (EOS read late) gets nothing, as it gets no token
             capture = self.requests.get(seq.index)
             if seq.finish_reason is None and capture is not None and capture.columns:
-                capture.rows.append(values[seq.slot, [column for _, column in capture.columns]])
+                capture.rows.append(values[seq.row, [column for _, column in capture.columns]])
 
     def _collect_prefill(self, flat: np.ndarray, shapes: list) -> None:
         offset = 0

@@ -1,9 +1,9 @@
 """The engine's attention, registered with transformers' attention interface as "engine".
 
 The model code (projections, norms, rotary, MLP) stays Hugging Face's; only the attention call comes here.
-The model runner fills a ForwardContext before each forward: which slot each token belongs to, where its K/V
+The model runner fills a ForwardContext before each forward: which KV row each token belongs to, where its K/V
 goes, and where each prompt lies. Prefill is the new prompts packed end to end in one row (no padding),
-attended per prompt with a causal variable-length kernel; decode is one token for each of the first B slots,
+attended per prompt with a causal variable-length kernel; decode is one token for each of the first B KV rows,
 packed in one row the same way (static shapes, so it can be captured in a CUDA graph). Both run the same layer
 code on a [1, tokens, hidden] row, so the compiled layers have one graph for both.
 """
@@ -33,8 +33,8 @@ CACHE_BUFFERS = ("engine_k_cache", "engine_v_cache")  # bind_cache's buffer name
 class ForwardContext:
     cache: KVCache | None = None
     is_prefill: bool = False
-    slots: torch.Tensor | None = None  # prefill: [N] slot of each packed token; decode: [B] 0..B-1 (row b is slot b)
-    write_pos: torch.Tensor | None = None  # prefill: [N] column of each token; decode: [B] (trash for idle slots)
+    rows: torch.Tensor | None = None  # prefill: [N] KV row of each packed token; decode: [B] 0..B-1 (KV row b)
+    write_pos: torch.Tensor | None = None  # prefill: [N] column of each token; decode: [B] (trash for idle KV rows)
     spans: list = field(default_factory=list)  # prefill: (start, length) of each prompt in the packed row
     cu_lens: torch.Tensor | None = None  # prefill: int32 [P + 1] prompt boundaries (the varlen kernel's cu_seqlens)
     masks: dict = field(default_factory=dict)  # decode: window (None = full) -> bool mask for SDPA
@@ -112,7 +112,7 @@ def bind_cache(model, cache: KVCache) -> None:
 def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
     """query [1, H, N, D], key/value [1, KVH, N, D]: the prompts packed end to end -> [1, N, H, D]."""
     keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [N, KVH, D]
-    _write_kv(k_cache, v_cache, ctx.slots, ctx.write_pos, keys, values)
+    _write_kv(k_cache, v_cache, ctx.rows, ctx.write_pos, keys, values)
     varlen = VarlenKernel.get(query, window)
     if varlen is not None:
         longest = max(length for _, length in ctx.spans)
@@ -243,12 +243,12 @@ class TritonKernels:
 
 
 def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
-    """query [1, H, B, D], key/value [1, KVH, B, D]: one token of each of the first B slots, packed in one row as a
+    """query [1, H, B, D], key/value [1, KVH, B, D]: one token of each of the first B KV rows, packed in one row as a
     prefill's prompts are (so decode runs the compiled layers' one graph) -> [1, B, H, D]."""
     query = query[0].transpose(0, 1)[:, :, None]  # [B, H, 1, D]
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    _write_kv(k_cache, v_cache, ctx.slots, ctx.write_pos, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    _write_kv(k_cache, v_cache, ctx.rows, ctx.write_pos, key[0].transpose(0, 1), value[0].transpose(0, 1))
     kernel = TritonKernels.get(query)
     if kernel is not None:
         scale = dim ** -0.5 if scaling is None else scaling
@@ -262,14 +262,14 @@ def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, sc
     return out.reshape(1, batch, heads, dim)
 
 
-def _write_kv(k_cache, v_cache, slots, cols, keys, values) -> None:
-    """Cache rows slots[t], columns cols[t] take keys[t] / values[t] ([N, KVH, D])."""
+def _write_kv(k_cache, v_cache, rows, cols, keys, values) -> None:
+    """Cache rows rows[t], columns cols[t] take keys[t] / values[t] ([N, KVH, D])."""
     kernel = TritonKernels.get(keys)
     if kernel is not None:
-        kernel.write_kv(k_cache, v_cache, slots, cols, keys, values)
+        kernel.write_kv(k_cache, v_cache, rows, cols, keys, values)
         return
-    k_cache[slots, :, cols] = keys
-    v_cache[slots, :, cols] = values
+    k_cache[rows, :, cols] = keys
+    v_cache[rows, :, cols] = values
 
 
 def register() -> None:

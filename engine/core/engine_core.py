@@ -19,7 +19,7 @@ from engine.core.attention import unsupported_reason
 from engine.core.compile_cache import CompileCache, cache_key
 from engine.config import DEFAULT_NUM_SEQS, EngineConfig
 from engine.messages import CoreRequest
-from engine.core.kv_cache import KVCache, plan_slots
+from engine.core.kv_cache import KVCache, plan_rows
 from engine.core.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
 from engine.models import (
     ModelNotFound,
@@ -100,22 +100,22 @@ class EngineCore:
             raise ModelNotFound(reason + "; use a model without it")
         max_len = effective_max_len(config.max_model_len, source)
         wanted = config.max_num_seqs or DEFAULT_NUM_SEQS["cpu" if self.device == "cpu" else "gpu"]
-        slots, self.max_prefill_tokens = plan_slots(self.model.config, wanted, max_len, self.dtype, self.device,
-                                                    config.gpu_memory_fraction, config.max_prefill_tokens,
-                                                    is_default=config.max_num_seqs is None)
-        self.cache = KVCache(self.model.config, slots, max_len, self.dtype, self.device)
-        rows = STEERING_ROWS["cpu" if self.device == "cpu" else "gpu"]
-        self.steering = SteeringTable(self.model, self.device, slots, capacity=rows)
-        self.recorder = ActivationRecorder(self.model, self.steering, self.device, slots, config.capture)
+        kv_rows, self.max_prefill_tokens = plan_rows(self.model.config, wanted, max_len, self.dtype, self.device,
+                                                     config.gpu_memory_fraction, config.max_prefill_tokens,
+                                                     is_default=config.max_num_seqs is None)
+        self.cache = KVCache(self.model.config, kv_rows, max_len, self.dtype, self.device)
+        table_rows = STEERING_ROWS["cpu" if self.device == "cpu" else "gpu"]
+        self.steering = SteeringTable(self.model, self.device, kv_rows, capacity=table_rows)
+        self.recorder = ActivationRecorder(self.model, self.steering, self.device, kv_rows, config.capture)
         self.compile_cache = self._compile_cache()
         self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
                                   recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens,
                                   phases=self.phases, compile_cache=self.compile_cache)
         if self.compile_cache is not None:
             self.compile_cache.seal()
-        self.scheduler = Scheduler(slots, self.max_prefill_tokens)
+        self.scheduler = Scheduler(kv_rows, self.max_prefill_tokens)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
-        self._host_tokens = [torch.zeros(slots, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
+        self._host_tokens = [torch.zeros(kv_rows, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
                              for _ in range(2)]
         self._flip = 0
         self.timing: dict = {}  # the last step's host timings (StepTrace)
@@ -241,7 +241,7 @@ class EngineCore:
             event.synchronize()
         read = time.perf_counter()
         values = host.tolist()
-        tokens = values if batch.is_prefill else [values[s.slot] for s in batch.seqs]  # decode rows are slots
+        tokens = values if batch.is_prefill else [values[s.row] for s in batch.seqs]  # decode row b is KV row b
         self.recorder.collect(batch, captured)
         finished = self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
         for seq in finished:
@@ -253,13 +253,13 @@ class EngineCore:
     def _fail_non_finite(self, seq: Sequence) -> None:
         """End a sequence whose forward overflowed (it sampled NON_FINITE: NaN or inf logits, or a collapsed final
         norm): its error, no activations, and its KV row cleared. The row's K/V may hold NaN by now, and attention
-        over the next owner's masked columns would still spread them (a NaN times a zero weight is NaN). Its slot is
+        over the next owner's masked columns would still spread them (a NaN times a zero weight is NaN). Its row is
         free already (Scheduler.update); the clearing is queued on the device after every step launched so far,
-        before any that reuses the slot."""
+        before any that reuses the row."""
         seq.error = non_finite_error(seq, self.dtype)
         self.recorder.pop(seq.index)
         for tensor in (*self.cache.k, *self.cache.v):
-            tensor[seq.slot, :, :seq.num_tokens].zero_()  # every column it (or a step still in flight) wrote
+            tensor[seq.row, :, :seq.num_tokens].zero_()  # every column it (or a step still in flight) wrote
 
     def generate(self, requests: list[CoreRequest], prompts: list[list[int]]) -> dict[int, Sequence]:
         """In-process convenience: run requests to completion; returns finished sequences by index (a sequence

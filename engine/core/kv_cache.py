@@ -1,8 +1,8 @@
-"""KVCache: one preallocated K and V tensor per layer, `[num_slots, kv_heads, max_len + 1, head_dim]`.
+"""KVCache: one preallocated K and V tensor per layer, `[num_rows, kv_heads, max_len + 1, head_dim]`.
 
-Each running sequence owns a slot (a row) and its own length; there is no padding between sequences.
-Column `max_len` is a trash column: decode rows of idle slots write there, and nothing ever reads it.
-The number of slots is sized from free memory once the model is loaded, so admission cannot over-commit.
+Each running sequence owns a KV row and its own length; there is no padding between sequences.
+Column `max_len` is a trash column: decode rows of idle KV rows write there, and nothing ever reads it.
+The number of rows is sized from free memory once the model is loaded, so admission cannot over-commit.
 """
 
 from __future__ import annotations
@@ -34,49 +34,49 @@ AUTO_PREFILL_TOKENS = 32768  # prefill time -3% against 16,384 tokens, in-proces
 MIN_AUTO_PREFILL_TOKENS = 4096
 
 
-def plan_slots(model_config, max_num_seqs: int, max_len: int, dtype, device: str, memory_fraction: float,
-               max_prefill_tokens: int | None, is_default: bool = False) -> tuple[int, int]:
-    """(slots, prefill tokens): how many sequence slots of `max_len` tokens fit the memory budget (at most
+def plan_rows(model_config, max_num_seqs: int, max_len: int, dtype, device: str, memory_fraction: float,
+              max_prefill_tokens: int | None, is_default: bool = False) -> tuple[int, int]:
+    """(rows, prefill tokens): how many KV rows of `max_len` tokens fit the memory budget (at most
     max_num_seqs), next to the activations of a prefill of that many prompt tokens. With max_prefill_tokens None
     the prefill budget is AUTO_PREFILL_TOKENS, halved (down to MIN_AUTO_PREFILL_TOKENS) while its activations
-    would cost the cache slots: a bigger prefill is a few percent faster, a slot more is a whole sequence more.
-    `is_default`: max_num_seqs is the engine's default, not the user's, so fewer slots is no warning."""
+    would cost the cache rows: a bigger prefill is a few percent faster, a row more is a whole sequence more.
+    `is_default`: max_num_seqs is the engine's default, not the user's, so fewer rows is no warning."""
     layers, kv_heads, head_dim = kv_shape(model_config)
-    per_slot = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.finfo(dtype).bits // 8
+    per_row = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.finfo(dtype).bits // 8
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(device)
         budget = memory_fraction * total - (total - free)
         reserve = partial(activation_reserve, model_config, max_num_seqs)
-        prefill = fit_prefill(budget, per_slot, max_num_seqs, reserve, max_prefill_tokens)
+        prefill = fit_prefill(budget, per_row, max_num_seqs, reserve, max_prefill_tokens)
         budget -= reserve(prefill)
         where = f"--gpu-memory-fraction {memory_fraction}"
     else:
-        prefill = max_prefill_tokens or AUTO_PREFILL_TOKENS  # on CPU the prefill budget is not traded for slots
+        prefill = max_prefill_tokens or AUTO_PREFILL_TOKENS  # on CPU the prefill budget is not traded for rows
         budget = CPU_MEMORY_SHARE * psutil.virtual_memory().available
         where = f"{int(CPU_MEMORY_SHARE * 100)}% of available RAM"
-    slots = min(max_num_seqs, int(budget // per_slot))
-    if slots < 1:
+    rows = min(max_num_seqs, int(budget // per_row))
+    if rows < 1:
         raise CacheTooSmall(
-            f"the KV cache for one sequence of {max_len} tokens needs {per_slot / 2**30:.2f} GiB, more than {where} "
+            f"the KV cache for one sequence of {max_len} tokens needs {per_row / 2**30:.2f} GiB, more than {where} "
             f"leaves; lower --max-model-len" + (" or raise --gpu-memory-fraction" if device.startswith("cuda") else "")
         )
-    if slots < max_num_seqs:
+    if rows < max_num_seqs:
         (log.info if is_default else log.warning)("KV cache: %d slots of %d tokens fit %s (asked for %d); running at "
                                                   "most %d sequences",
-                    slots, max_len, where, max_num_seqs, slots)
+                    rows, max_len, where, max_num_seqs, rows)
     if max_prefill_tokens is None and prefill < AUTO_PREFILL_TOKENS:
         log.info("prefill: %d prompt tokens a call (of %d), so the KV cache keeps %d slots", prefill,
-                 AUTO_PREFILL_TOKENS, slots)
-    return slots, prefill
+                 AUTO_PREFILL_TOKENS, rows)
+    return rows, prefill
 
 
-def fit_prefill(budget: float, per_slot: int, max_num_seqs: int, reserve, requested: int | None) -> int:
+def fit_prefill(budget: float, per_row: int, max_num_seqs: int, reserve, requested: int | None) -> int:
     """Prompt tokens per prefill: `requested`; if None, AUTO_PREFILL_TOKENS halved while `reserve(tokens)` (its
-    activations' bytes) would leave `budget` room for fewer than max_num_seqs slots of `per_slot` bytes."""
+    activations' bytes) would leave `budget` room for fewer than max_num_seqs KV rows of `per_row` bytes."""
     if requested is not None:
         return requested
     prefill = AUTO_PREFILL_TOKENS
-    while prefill > MIN_AUTO_PREFILL_TOKENS and (budget - reserve(prefill)) // per_slot < max_num_seqs:
+    while prefill > MIN_AUTO_PREFILL_TOKENS and (budget - reserve(prefill)) // per_row < max_num_seqs:
         prefill //= 2
     return prefill
 
@@ -104,14 +104,14 @@ def _zeros(shape: tuple, dtype, device) -> torch.Tensor:
 
 
 class KVCache:
-    """Per-layer K/V slot tensors."""
+    """Per-layer K/V tensors, one KV row per running sequence."""
 
-    def __init__(self, model_config, num_slots: int, max_len: int, dtype, device):
+    def __init__(self, model_config, num_rows: int, max_len: int, dtype, device):
         layers, kv_heads, head_dim = kv_shape(model_config)
-        shape = (num_slots, kv_heads, max_len + 1, head_dim)
+        shape = (num_rows, kv_heads, max_len + 1, head_dim)
         self.k = [_zeros(shape, dtype, device) for _ in range(layers)]
         self.v = [_zeros(shape, dtype, device) for _ in range(layers)]
-        self.num_slots, self.max_len, self.kv_heads, self.head_dim = num_slots, max_len, kv_heads, head_dim
+        self.num_rows, self.max_len, self.kv_heads, self.head_dim = num_rows, max_len, kv_heads, head_dim
 
     @property
     def trash(self) -> int:

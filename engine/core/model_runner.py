@@ -1,7 +1,7 @@
-"""ModelRunner: runs an unmodified Hugging Face causal LM over the slot KV cache.
+"""ModelRunner: runs an unmodified Hugging Face causal LM over the KV cache (one KV row per sequence).
 
-Prefill: the new sequences packed end to end in one row (not in a graph), K/V written into their slots, logits of
-each prompt's last position only. Decode: one token for each of the first B slots from static device buffers,
+Prefill: the new sequences packed end to end in one row (not in a graph), K/V written into their KV rows, logits of
+each prompt's last position only. Decode: one token for each of the first B KV rows from static device buffers,
 packed in one row the same way; on CUDA the forward is captured in a CUDA graph per (B, attended length) bucket
 and replayed. Both are [1, tokens] rows of at least two tokens, so the compiled layers (CUDA) have one graph.
 Every forward also checks, at the positions whose logits it keeps, that the final norm did not collapse
@@ -50,23 +50,23 @@ class ModelRunner:
         layer_types = getattr(text, "layer_types", None) or []
         windows = {getattr(text, "sliding_window", None)} if "sliding_attention" in layer_types else set()
         self.windows = windows | {None}
-        slots = cache.num_slots
+        kv_rows = cache.num_rows
         # Decode attends over a power-of-two bucket of columns >= every row's length (static for graphs).
         self.read_lens = sorted({min(MIN_READ_LEN << i, cache.max_len)
                                  for i in range((cache.max_len // MIN_READ_LEN).bit_length() + 1)})
-        # Static decode inputs, indexed by slot.
-        self.tokens = torch.zeros(slots, dtype=torch.int64, device=self.device)
-        self.meta = torch.zeros(3, slots, dtype=torch.int64, device=self.device)  # position, write column, step
-        self.slot_ids = torch.arange(slots, device=self.device)  # decode row b is slot b (not an arange per layer)
+        # Static decode inputs, indexed by KV row.
+        self.tokens = torch.zeros(kv_rows, dtype=torch.int64, device=self.device)
+        self.meta = torch.zeros(3, kv_rows, dtype=torch.int64, device=self.device)  # position, write column, step
+        self.row_ids = torch.arange(kv_rows, device=self.device)  # decode row b is KV row b (not an arange per layer)
         # Two pinned staging buffers, alternating: the host writes step N+1's while step N's copy may still be queued.
-        self._meta_hosts = [torch.zeros(3, slots, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        self._meta_hosts = [torch.zeros(3, kv_rows, dtype=torch.int64, pin_memory=self.device.type == "cuda")
                             for _ in range(2)]
         self._meta_flip = 0
-        self.temperature = torch.zeros(slots, dtype=torch.float32, device=self.device)
-        self.top_p = torch.ones(slots, dtype=torch.float32, device=self.device)
-        self.top_k = torch.zeros(slots, dtype=torch.int64, device=self.device)
-        self.seed = torch.zeros(slots, dtype=torch.int64, device=self.device)
-        self.collapse = CollapseCheck(model, slots, self.device)  # a prefill has at most one prompt per slot
+        self.temperature = torch.zeros(kv_rows, dtype=torch.float32, device=self.device)
+        self.top_p = torch.ones(kv_rows, dtype=torch.float32, device=self.device)
+        self.top_k = torch.zeros(kv_rows, dtype=torch.int64, device=self.device)
+        self.seed = torch.zeros(kv_rows, dtype=torch.int64, device=self.device)
+        self.collapse = CollapseCheck(model, kv_rows, self.device)  # a prefill has at most one prompt per KV row
         self.sampler = Sampler(self.collapse.is_norm_ok)
         self.use_graphs = use_graphs and self.device.type == "cuda"
         phases = phases or Phases()
@@ -82,7 +82,7 @@ class ModelRunner:
         self._steering_version = steering.version
         self.graph_stats = {"captures": 0, "recaptures": 0, "capture_s": 0.0}
         if self.use_graphs:  # the largest unsteered bucket now: its pool memory is then there for every later graph
-            self._capture((cache.num_slots, self.read_lens[-1], None, False))
+            self._capture((cache.num_rows, self.read_lens[-1], None, False))
         phases.done("capture")
         self._warm_sampler()
         phases.done("sampler")
@@ -114,10 +114,10 @@ class ModelRunner:
         [1, tokens, hidden] rows of at least two tokens (a one-token prefill is padded, decode buckets start at 2),
         so this one graph serves every step. The full row comes first because Inductor tunes a dynamic-shape kernel
         for the sizes it first sees: warmed on a 2-token row, the prefill's GELU x up kernel ran at half speed on
-        7k-token rows (H100). Writes K/V only into slots no sequence owns yet."""
+        7k-token rows (H100). Writes K/V only into KV rows no sequence owns yet."""
         per_seq = min(self.cache.max_len, max_prefill_tokens)
-        count = min(self.cache.num_slots, -(-max_prefill_tokens // per_seq))
-        self.prefill_logits([_placeholder(per_seq, slot, self.device) for slot in range(count)])
+        count = min(self.cache.num_rows, -(-max_prefill_tokens // per_seq))
+        self.prefill_logits([_placeholder(per_seq, row, self.device) for row in range(count)])
 
     # ---- prefill
     @torch.inference_mode()
@@ -126,9 +126,9 @@ class ModelRunner:
         params = SamplingMetadata.build([s.sampling_row for s in seqs], self.device)
         steps = torch.zeros(len(seqs), dtype=torch.int64, device=self.device)
         tokens = self.sampler(logits, params, steps)
-        slots = to_device([s.slot for s in seqs], torch.int64, self.device)
-        self.tokens.index_copy_(0, slots, _feedable(tokens))
-        self._set_sampling(seqs, slots)
+        kv_rows = to_device([s.row for s in seqs], torch.int64, self.device)
+        self.tokens.index_copy_(0, kv_rows, _feedable(tokens))
+        self._set_sampling(seqs, kv_rows)
         self.steering.assign(seqs)
         return tokens
 
@@ -138,19 +138,19 @@ class ModelRunner:
         so the forward's cost is the real tokens' (a left-padded batch pays for its longest prompt in every row)."""
         num_prompts = len(seqs)
         if num_prompts == 1 and seqs[0].num_prompt_tokens == 1:  # a one-token row: padded (the layers' one shape)
-            seqs = [*seqs, _placeholder(1, seqs[0].slot, self.device)]
+            seqs = [*seqs, _placeholder(1, seqs[0].row, self.device)]
         lengths = [s.num_prompt_tokens for s in seqs]
         starts = np.cumsum([0] + lengths)
         ids = torch.cat([s.prompt_ids for s in seqs])[None]
-        host = np.empty((4, int(starts[-1])), dtype=np.int64)  # position, cache column, slot, index of its prompt
+        host = np.empty((4, int(starts[-1])), dtype=np.int64)  # position, cache column, KV row, index of its prompt
         for i, (seq, start, n) in enumerate(zip(seqs, starts, lengths)):
             host[0, start:start + n] = host[1, start:start + n] = np.arange(n)
-            host[2, start:start + n] = seq.slot
+            host[2, start:start + n] = seq.row
             host[3, start:start + n] = i
         host[1, int(starts[num_prompts]):] = self.cache.trash  # the pad's K/V: nothing reads it
-        positions, columns, slots, owner = to_device(torch.from_numpy(host), torch.int64, self.device)
+        positions, columns, kv_rows, owner = to_device(torch.from_numpy(host), torch.int64, self.device)
         CONTEXT.cache, CONTEXT.is_prefill = self.cache, True
-        CONTEXT.slots, CONTEXT.write_pos = slots, columns
+        CONTEXT.rows, CONTEXT.write_pos = kv_rows, columns
         CONTEXT.spans = list(zip(starts[:-1].tolist(), lengths))
         CONTEXT.cu_lens = to_device(starts, torch.int32, self.device)
         self.steering.set_active(self.steering.prefill_inputs(seqs, starts))
@@ -165,11 +165,11 @@ class ModelRunner:
             self.collapse.stop()
         return out.logits[0, :num_prompts]
 
-    def _set_sampling(self, seqs: list[Sequence], slots: torch.Tensor) -> None:
+    def _set_sampling(self, seqs: list[Sequence], kv_rows: torch.Tensor) -> None:
         rows = [s.sampling_row for s in seqs]
         for target, column, dtype in ((self.temperature, 0, torch.float32), (self.top_p, 1, torch.float32),
                                       (self.top_k, 2, torch.int64), (self.seed, 3, torch.int64)):
-            target.index_copy_(0, slots, to_device([r[column] for r in rows], dtype, self.device))
+            target.index_copy_(0, kv_rows, to_device([r[column] for r in rows], dtype, self.device))
 
     # ---- decode
     @torch.inference_mode()
@@ -193,8 +193,8 @@ class ModelRunner:
         meta = staging[:, :rows].numpy()
         meta[0], meta[1], meta[2] = 0, self.cache.trash, 0
         for seq in batch.seqs:  # the input token is the last one sampled, at position num_tokens - 1
-            meta[0, seq.slot] = meta[1, seq.slot] = seq.num_tokens - 1
-            meta[2, seq.slot] = seq.num_scheduled
+            meta[0, seq.row] = meta[1, seq.row] = seq.num_tokens - 1
+            meta[2, seq.row] = seq.num_scheduled
         self.meta[:, :rows].copy_(staging[:, :rows], non_blocking=True)
         self.steering.advance()  # generated-range steering that starts or ends at this step
         if not self.use_graphs:
@@ -204,7 +204,7 @@ class ModelRunner:
     def _decode_forward(self, key: tuple, is_graph: bool) -> torch.Tensor:
         rows, read_len, steer_key, is_capturing = key
         positions = self.meta[0, :rows]
-        CONTEXT.cache, CONTEXT.is_prefill, CONTEXT.slots = self.cache, False, self.slot_ids[:rows]
+        CONTEXT.cache, CONTEXT.is_prefill, CONTEXT.rows = self.cache, False, self.row_ids[:rows]
         CONTEXT.write_pos, CONTEXT.read_len, CONTEXT.positions = self.meta[1, :rows], read_len, positions
         CONTEXT.masks = decode_masks(positions, read_len, self.windows)
         self.steering.set_active(self.steering.decode_inputs(rows, steer_key is not None, is_graph))
@@ -262,15 +262,15 @@ class ModelRunner:
         return self.prefill(batch.seqs) if batch.is_prefill else self.decode(batch)
 
 
-def _placeholder(num_tokens: int, slot: int, device) -> Sequence:
+def _placeholder(num_tokens: int, row: int, device) -> Sequence:
     """A prompt of token 0s that no request owns: the compile warm-up's rows, and the pad of a one-token prefill."""
     return Sequence(index=-1, prompt_ids=torch.zeros(num_tokens, dtype=torch.int64, device=device), max_new_tokens=1,
-                    temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True, stop=[], slot=slot)
+                    temperature=0.0, top_p=1.0, top_k=0, seed=0, ignore_eos=True, stop=[], row=row)
 
 
 def _feedable(tokens: torch.Tensor) -> torch.Tensor:
     """Sampled tokens as the next decode embeds them: NON_FINITE (-1) becomes token 0. The host ends that sequence
-    when it reads the -1, but the step launched meanwhile still embeds its slot's token, and an id outside the
+    when it reads the -1, but the step launched meanwhile still embeds its KV row's token, and an id outside the
     vocabulary there is an out-of-bounds gather (on CUDA a device-side assert that kills the whole core)."""
     return tokens.clamp_min(0)
 

@@ -1,4 +1,4 @@
-"""core_main: the engine-core process around EngineCore. It takes token ids out of ring slots (SlotReader, one copy
+"""run_core: the engine-core process around EngineCore. It takes token ids out of ring slots (SlotReader, one copy
 to the device per slot), admits them between steps (Admission), steps the core, and sends finished sequences to the
 decoder workers and its stats to the parent.
 """
@@ -72,7 +72,7 @@ class SlotReader:
 MAX_BUSY_STARTS = 16
 
 
-def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue, dec_q: MsgQueue,
+def run_core(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue, dec_q: MsgQueue,
               events: MsgQueue, lifeline: Lifeline, number: int = 0, num_threads: int = 0) -> None:
     """One engine core's process; `number` tags its messages when there are several, `num_threads` (CPU only)
     shares the host's cores between several CPU engine cores instead of each taking them all."""
@@ -89,7 +89,7 @@ def core_main(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue
     # idle: no sequence to run, waiting for the ring; busy_starts: when work last resumed after idling, idle_since:
     # when the last sequence finished (both monotonic; engine-bench's window runs between them)
     stats = Stats(number)
-    admission = Admission(core, reader, inbox, events, stats, max_waiting=2 * core.scheduler.num_slots)
+    admission = Admission(core, reader, inbox, events, stats, max_waiting=2 * core.scheduler.num_rows)
     last_report = time.monotonic()
     trace = StepTrace(config.trace_dir, number) if config.trace_dir else None
     while lifeline.ok():

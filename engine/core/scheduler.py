@@ -1,8 +1,8 @@
-"""Scheduler: continuous batching over KV-cache slots.
+"""Scheduler: continuous batching over KV rows.
 
-A running sequence owns one slot until it finishes, then the slot is free at once. Waiting prompts are
-prefilled in chunks (a token budget) when enough slots are free, and join the decode batch, which is
-always "the first B slots" for a bucketed B, so decode shapes stay static for CUDA graphs.
+A running sequence owns one KV row until it finishes, then the row is free at once. Waiting prompts are
+prefilled in chunks (a token budget) when enough rows are free, and join the decode batch, which is
+always "the first B rows" for a bucketed B, so decode shapes stay static for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Sequence:
     steering: SteerPlan | None = None  # its steering resolved to SteeringTable rows; None: unsteered
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    slot: int = -1
+    row: int = -1  # its KV row while it runs
     num_scheduled: int = 0  # tokens sampled on the device, including one the host has not read yet
     error: str | None = None  # why it ended without a result (finish_reason "error"); the core words it
 
@@ -62,37 +62,37 @@ class Sequence:
 class ScheduledBatch:
     is_prefill: bool
     seqs: list[Sequence]  # prefill: the new sequences; decode: the running sequences that need a token
-    num_rows: int = 0  # decode: the bucketed slot count the step runs over
+    num_rows: int = 0  # decode: the bucketed KV-row count the step runs over
 
 
 def bucket(n: int, sizes: list[int]) -> int:
     return next(s for s in sizes if s >= n)
 
 
-def batch_sizes(num_slots: int) -> list[int]:
-    """Decode batch buckets: powers of two from 2 up to the slot count, and the slot count itself. None is 1 where
-    there are two slots or more: a one-token row is a shape the compiled layers would specialise, and compile, for."""
-    return sorted({min(2 ** i, num_slots) for i in range(1, num_slots.bit_length() + 1)})
+def batch_sizes(num_rows: int) -> list[int]:
+    """Decode batch buckets: powers of two from 2 up to the row count, and the row count itself. None is 1 where
+    there are two rows or more: a one-token row is a shape the compiled layers would specialise, and compile, for."""
+    return sorted({min(2 ** i, num_rows) for i in range(1, num_rows.bit_length() + 1)})
 
 
 class Scheduler:
-    """Admits waiting sequences into free slots and hands the runner one batch per step."""
+    """Admits waiting sequences into free KV rows and hands the runner one batch per step."""
 
-    def __init__(self, num_slots: int, max_prefill_tokens: int):
-        self.num_slots = num_slots
+    def __init__(self, num_rows: int, max_prefill_tokens: int):
+        self.num_rows = num_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
-        self._free = list(range(num_slots))  # a heap: the lowest free slot first keeps the batch compact
-        self.batch_sizes = batch_sizes(num_slots)
-        # Prefill once this many slots are free (or nothing runs): one prefill serves many new sequences.
-        self.refill_at = max(1, num_slots // 8)
+        self._free = list(range(num_rows))  # a heap: the lowest free row first keeps the batch compact
+        self.batch_sizes = batch_sizes(num_rows)
+        # Prefill once this many rows are free (or nothing runs): one prefill serves many new sequences.
+        self.refill_at = max(1, num_rows // 8)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def prefill_ready(self) -> bool:
-        """Whether the waiting sequences already fill a prefill: every free slot, or the prefill token budget."""
+        """Whether the waiting sequences already fill a prefill: every free row, or the prefill token budget."""
         if len(self.waiting) >= len(self._free):
             return True
         return sum(s.num_prompt_tokens for s in self.waiting) >= self.max_prefill_tokens
@@ -109,7 +109,7 @@ class Scheduler:
         active = [s for s in self.running.values() if s.needs_token]
         if not active:
             return None
-        return ScheduledBatch(False, active, bucket(max(s.slot for s in active) + 1, self.batch_sizes))
+        return ScheduledBatch(False, active, bucket(max(s.row for s in active) + 1, self.batch_sizes))
 
     def _admit(self) -> list[Sequence]:
         """Waiting sequences for one prefill, in arrival order, while their prompt tokens fit the budget together
@@ -122,20 +122,20 @@ class Scheduler:
             admitted.append(self.waiting.popleft())
             num_tokens += n
         for seq in admitted:
-            seq.slot = heapq.heappop(self._free)
-            self.running[seq.slot] = seq
+            seq.row = heapq.heappop(self._free)
+            self.running[seq.row] = seq
         return admitted
 
     def requeue(self, seqs: list[Sequence]) -> None:
         """Put admitted sequences back at the front of the queue (their prefill did not run)."""
         for seq in reversed(seqs):
-            del self.running[seq.slot]
-            heapq.heappush(self._free, seq.slot)
-            seq.slot = -1
+            del self.running[seq.row]
+            heapq.heappush(self._free, seq.row)
+            seq.row = -1
             self.waiting.appendleft(seq)
 
     def update(self, seqs: list[Sequence], tokens: list[int], eos_ids: set[int], stop_hit=None) -> list[Sequence]:
-        """Append each sequence's new token; free the slots of those that finished and return them.
+        """Append each sequence's new token; free the rows of those that finished and return them.
 
         A sequence that finished one step earlier (EOS seen late) was still computed; its token is dropped.
         `stop_hit(output_ids, stops)` says whether a stop string has appeared (the decoders cut the text there).
@@ -150,8 +150,8 @@ class Scheduler:
             if seq.finish_reason is None:
                 continue
             finished.append(seq)
-            del self.running[seq.slot]
-            heapq.heappush(self._free, seq.slot)
+            del self.running[seq.row]
+            heapq.heappush(self._free, seq.row)
         return finished
 
 

@@ -73,10 +73,11 @@ class SteeringTable:
     steers, those graphs already do it; eager forwards (prefill, CPU) run only the layers some request has steered.
     The graphs' other inputs: the table, preallocated and grown only by reallocation, which bumps `version` (the
     runner drops the steered graphs then), and the set of layers whose hook also does norm_match / normalize
-    (`graph_key`). The per-slot decode inputs are [num_layers, num_slots] device buffers written between steps.
+    (`graph_key`). The decode inputs per KV row (the KV-row buffers, of table rows) are [num_layers, num_kv_rows]
+    device buffers written between steps.
     """
 
-    def __init__(self, model, device, num_slots: int, capacity: int = 1024):
+    def __init__(self, model, device, num_kv_rows: int, capacity: int = 1024):
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.hidden_size = model.config.get_text_config().hidden_size
@@ -86,11 +87,11 @@ class SteeringTable:
         # what a plain row adds, cast once to the model's dtype (a float32 model adds the table itself)
         self.cast = self.table if dtype == torch.float32 else self.table.to(dtype)
         self.num_rows = 1  # row 0 stays zero: "no vector"
-        shape = (self.num_layers, num_slots)
-        self.slot_rows = torch.zeros(shape, dtype=torch.int64, device=device)  # row used at decode
-        self.slot_matched = torch.zeros(shape, dtype=torch.int64, device=device)  # row added times ||h||
-        self.slot_normalize = torch.zeros(shape, dtype=torch.bool, device=device)
-        self.num_slots = num_slots
+        shape = (self.num_layers, num_kv_rows)  # per (layer, KV row): the table rows its decode token gets
+        self.kv_plain = torch.zeros(shape, dtype=torch.int64, device=device)  # table row added at decode
+        self.kv_matched = torch.zeros(shape, dtype=torch.int64, device=device)  # table row added times ||h||
+        self.kv_normalize = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.num_kv_rows = num_kv_rows
         self.version = 0
         self.used: list[int] = []  # layers some request has steered (what eager forwards run), in first-use order
         self.norm_layers: set[int] = set()  # layers whose hook also does norm_match / normalize
@@ -98,7 +99,7 @@ class SteeringTable:
         self._files: dict[str, dict | RecordError] = {}  # path -> {layer or None: float32 array}
         # a spec's terms -> their _Prepared, least recent first
         self._prepared: OrderedDict[tuple[SteeringTerm, ...], _Prepared] = OrderedDict()
-        self._following: dict[int, tuple] = {}  # slot -> (sequence, its generated changes still ahead, last first)
+        self._following: dict[int, tuple] = {}  # KV row -> (sequence, its generated changes still ahead, last first)
         self._new_rows: list[tuple[int, np.ndarray]] = []  # (row, vector) not yet in the device table
         self.active: dict[int, tuple] = {}
         for layer in range(self.num_layers):
@@ -106,7 +107,7 @@ class SteeringTable:
             self.layers[layer].register_forward_hook(self._make_hook(layer), prepend=True)
 
     def graph_key(self, is_steered: bool) -> tuple | None:
-        """What a captured decode step's steering depends on besides the slot buffers: None for a step where no
+        """What a captured decode step's steering depends on besides the KV-row buffers: None for a step where no
         sequence is steered (no steering op is captured), else the table's version and the norm-aware layers."""
         return (self.version, tuple(sorted(self.norm_layers))) if is_steered else None
 
@@ -284,45 +285,45 @@ class SteeringTable:
         return torch.where(((matched != 0) | normalize)[..., None], out, steered)
 
     def assign(self, seqs) -> None:
-        """Set each admitted sequence's decode-time rows (those of generated position 0) in its slot, for every
-        layer some request has steered (`used`); `advance` follows those whose rows change later."""
+        """Set each admitted sequence's decode-time table rows (those of generated position 0) in its KV row,
+        for every layer some request has steered (`used`); `advance` follows those whose rows change later."""
         if not self.used:
             return
         updates = []
         for seq in seqs:
             plan = seq.steering
             first = plan.generated[0][1] if plan is not None else {}
-            updates += [(layer, seq.slot, first.get(layer, UNSTEERED)) for layer in self.used]
+            updates += [(layer, seq.row, first.get(layer, UNSTEERED)) for layer in self.used]
             if plan is not None and len(plan.generated) > 1:
-                self._following[seq.slot] = (seq, list(reversed(plan.generated[1:])))
+                self._following[seq.row] = (seq, list(reversed(plan.generated[1:])))
             else:
-                self._following.pop(seq.slot, None)
-        self._write_slots(updates)
+                self._following.pop(seq.row, None)
+        self._write_kv_rows(updates)
 
     def advance(self) -> None:
-        """Before a decode step: switch the rows of slots whose sequence reaches a generated-range bound. The step
-        consumes generated token num_scheduled - 1, which is generated position k. Uploads new table rows first."""
+        """Before a decode step: switch the table rows of KV rows whose sequence reaches a generated-range bound. The
+        step consumes generated token num_scheduled - 1, which is generated position k. Uploads new table rows first."""
         self._upload_rows()
         updates = []
-        for slot, (seq, changes) in list(self._following.items()):
+        for kv_row, (seq, changes) in list(self._following.items()):
             k = seq.num_scheduled - 1
             rows = None
             while changes and changes[-1][0] <= k:
                 rows = changes.pop()[1]
             if rows is not None:
-                updates += [(layer, slot, r) for layer, r in rows.items()]
+                updates += [(layer, kv_row, r) for layer, r in rows.items()]
             if not changes:
-                del self._following[slot]
+                del self._following[kv_row]
         if updates:
-            self._write_slots(updates)
+            self._write_kv_rows(updates)
 
-    def _write_slots(self, updates: list[tuple[int, int, LayerRows]]) -> None:
-        """Write (layer, slot, rows) into the decode buffers: one small copy, no host sync."""
-        host = torch.tensor([[layer, slot, *rows] for layer, slot, rows in updates], dtype=torch.int64)
-        layer, slot, plain, matched, normalize = to_device(host.T.contiguous(), torch.int64, self.device)
-        self.slot_rows.index_put_((layer, slot), plain)
-        self.slot_matched.index_put_((layer, slot), matched)
-        self.slot_normalize.index_put_((layer, slot), normalize != 0)
+    def _write_kv_rows(self, updates: list[tuple[int, int, LayerRows]]) -> None:
+        """Write (layer, KV row, table rows) into the KV-row buffers: one small copy, no host sync."""
+        host = torch.tensor([[layer, kv_row, *rows] for layer, kv_row, rows in updates], dtype=torch.int64)
+        layer, kv_row, plain, matched, normalize = to_device(host.T.contiguous(), torch.int64, self.device)
+        self.kv_plain.index_put_((layer, kv_row), plain)
+        self.kv_matched.index_put_((layer, kv_row), matched)
+        self.kv_normalize.index_put_((layer, kv_row), normalize != 0)
 
 
     def set_active(self, per_layer: dict) -> None:
@@ -335,7 +336,7 @@ class SteeringTable:
         the class doc), else those of the layers some request has steered."""
         if not is_steered:
             return {}
-        buffers = (self.slot_rows, self.slot_matched, self.slot_normalize)
+        buffers = (self.kv_plain, self.kv_matched, self.kv_normalize)
         layers = range(self.num_layers) if is_graph else self.used
         return {layer: tuple(b[layer, None, :num_rows] for b in buffers) for layer in layers}  # [1, B]: one row
 

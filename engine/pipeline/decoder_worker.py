@@ -44,7 +44,7 @@ def finalize(tok, items: list[FinishedSeq], return_tokens: bool) -> list[Result]
     return results
 
 
-def decoder_main(tokenizer_dir: str, cache_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue,
+def run_decoder_worker(tokenizer_dir: str, cache_dir: str, return_tokens: bool, inbox: MsgQueue, events: MsgQueue,
                  lifeline: Lifeline) -> None:
     """Decodes one engine core's finished sequences, and passes its other messages (ready, stats, errors) on: the
     core writes to no queue but its own, so a core killed mid-write leaves no shared queue locked or torn. The

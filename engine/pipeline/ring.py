@@ -3,7 +3,8 @@
 Slot life: FREE -> FILLING (a producer claimed it) -> READY (data complete, message sent) -> IN_USE (the
 core is reading it) -> FREE. A counting semaphore holds the number of FREE slots, so a full ring blocks
 producers; a lock makes claiming a slot atomic. Each slot records its producer's pid, so slots held by a
-producer that died mid-fill can be reclaimed.
+producer that died mid-fill can be reclaimed. Claiming a slot stamps it with a ticket, the ring's running count
+of claims, so a slot message names one fill of a slot and a stale message is recognised.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ log = logging.getLogger("engine")
 
 FREE, FILLING, READY, IN_USE = 0, 1, 2, 3
 MAGIC = 0x52494E47  # "RING"
-_HEADER = 8  # int64: magic, num_slots, slot_tokens, max_requests, next_seq
-_SLOT_FIELDS = 4  # int64 per slot: state, owner pid, seq, num_requests
+_HEADER = 8  # int64: magic, num_slots, slot_tokens, max_requests, next_ticket
+_SLOT_FIELDS = 4  # int64 per slot: state, owner pid, ticket, num_requests
 
 
 class RingError(RuntimeError):
@@ -80,16 +81,16 @@ class ShmRing:
             if len(free) == 0:
                 raise RingError("ring semaphore and slot states disagree: no FREE slot after acquire")
             slot = int(free[0])
-            seq = int(self.header[4])
-            self.header[4] = seq + 1
-            self.slots[slot] = [FILLING, os.getpid(), seq, 0]
+            ticket = int(self.header[4])
+            self.header[4] = ticket + 1
+            self.slots[slot] = [FILLING, os.getpid(), ticket, 0]
         return slot
 
     def fits(self, lengths: list[int]) -> bool:
         return len(lengths) <= self.max_requests and sum(lengths) <= self.slot_tokens
 
     def write(self, slot: int, entries: list[tuple[int, np.ndarray]]) -> int:
-        """Fill a claimed slot with (request index, token ids) pairs; mark it READY; return its seq."""
+        """Fill a claimed slot with (request index, token ids) pairs; mark it READY; return its ticket."""
         if self.slots[slot, 0] != FILLING or self.slots[slot, 1] != os.getpid():
             raise RingError(f"slot {slot} is not being filled by this process")
         if not self.fits([len(tokens) for _, tokens in entries]):
@@ -105,11 +106,12 @@ class ShmRing:
         return int(self.slots[slot, 2])
 
     # consumer side
-    def read(self, slot: int, seq: int) -> list[tuple[int, np.ndarray]]:
+    def read(self, slot: int, ticket: int) -> list[tuple[int, np.ndarray]]:
         """Zero-copy views of a READY slot's requests; the slot stays IN_USE until release()."""
-        state, _, slot_seq, count = (int(x) for x in self.slots[slot])
-        if state != READY or slot_seq != seq:
-            raise RingError(f"slot {slot} is in state {state} with seq {slot_seq}, expected READY with seq {seq}")
+        state, _, slot_ticket, count = (int(x) for x in self.slots[slot])
+        if state != READY or slot_ticket != ticket:
+            raise RingError(f"slot {slot} is in state {state} with ticket {slot_ticket}, "
+                            f"expected READY with ticket {ticket}")
         self.slots[slot, 0] = IN_USE
         return [(int(index), self.tokens[slot, off:off + n]) for index, off, n in self.meta[slot, :count]]
 
@@ -130,6 +132,19 @@ class ShmRing:
         for _ in reclaimed:
             self._free.release()
         return reclaimed
+
+    # what the parent's router may ask
+    def state(self, slot: int) -> int:
+        return int(self.slots[slot, 0])
+
+    def ticket(self, slot: int) -> int:
+        """The ticket the slot carries now (its last claim's)."""
+        return int(self.slots[slot, 2])
+
+    def is_held(self, slot: int, ticket: int) -> bool:
+        """The slot is READY or IN_USE and still carries `ticket`: that fill has not been given back yet."""
+        state, _, slot_ticket, _ = (int(x) for x in self.slots[slot])
+        return slot_ticket == ticket and state in (READY, IN_USE)
 
     def num_free(self) -> int:
         return int(np.count_nonzero(self.slots[:, 0] == FREE))

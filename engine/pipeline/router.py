@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from engine.messages import SlotFilled, Stats
 from engine.procs import MsgQueue
-from engine.pipeline.ring import IN_USE, READY, ShmRing
+from engine.pipeline.ring import ShmRing
 
 
 @dataclass(slots=True)
-class CoreLane:
-    """One engine-core process and what the parent knows of it."""
+class CoreHandle:
+    """A core handle: one engine-core process as the parent knows it."""
 
     number: int
     device: str
@@ -33,7 +33,7 @@ class CoreLane:
     name: str = ""  # the card, from the core's ready message
     is_alive: bool = True
     unfinished: set[int] = field(default_factory=set)  # request indices given to this core, not yet finished
-    slot_seqs: dict[int, int] = field(default_factory=dict)  # ring seq -> slot, for slots this core may hold
+    slot_tickets: dict[int, int] = field(default_factory=dict)  # ticket -> ring slot, for slots this core may hold
     stats: Stats | None = None  # the core's last cumulative counters (steps, idle_s)
     num_requests: int = 0
     num_tokens: int = 0
@@ -44,7 +44,7 @@ class CoreLane:
                 "num_requests": self.num_requests, "num_tokens": self.num_tokens}
 
 
-def lane_labels(devices: list[str]) -> list[str]:
+def core_labels(devices: list[str]) -> list[str]:
     """Progress labels: the device itself, unless a device repeats (cpu,cpu), then device#core."""
     if len(set(devices)) == len(devices):
         return list(devices)
@@ -54,11 +54,11 @@ def lane_labels(devices: list[str]) -> list[str]:
 class Router(threading.Thread):
     """Forwards slot messages from the tokenizer workers to the least-loaded live core (a parent thread)."""
 
-    def __init__(self, lanes: list[CoreLane], inbox: MsgQueue, ring: ShmRing):
+    def __init__(self, cores: list[CoreHandle], inbox: MsgQueue, ring: ShmRing):
         super().__init__(name="router", daemon=True)
-        self.lanes, self.inbox, self.ring = lanes, inbox, ring
+        self.cores, self.inbox, self.ring = cores, inbox, ring
         self.lock = threading.Lock()  # one assignment or one failure at a time, so none is lost between them
-        self.owner: dict[int, CoreLane] = {}
+        self.owner: dict[int, CoreHandle] = {}
         self.error: BaseException | None = None
         self._closing = threading.Event()
 
@@ -75,44 +75,43 @@ class Router(threading.Thread):
 
     def route(self, msg: SlotFilled) -> None:
         with self.lock:
-            live = [lane for lane in self.lanes if lane.is_alive]
+            live = [core for core in self.cores if core.is_alive]
             if not live:
                 return  # the engine is stopping with an error: every core has died
-            lane = min(live, key=lambda lane: len(lane.unfinished))
-            self._forget_released(lane)
-            lane.slot_seqs[msg.ticket] = msg.slot
+            core = min(live, key=lambda core: len(core.unfinished))
+            self._forget_released(core)
+            core.slot_tickets[msg.ticket] = msg.slot
             for request in msg.requests:
-                lane.unfinished.add(request.index)
-                self.owner[request.index] = lane
-            lane.inbox.put(msg)
+                core.unfinished.add(request.index)
+                self.owner[request.index] = core
+            core.inbox.put(msg)
 
-    def _forget_released(self, lane: CoreLane) -> None:
-        """Drop slots the core has given back (their seq moved on), so slot_seqs stays as small as the ring."""
-        slots = self.ring.slots
-        held = {int(slots[slot, 2]) for slot in set(lane.slot_seqs.values()) if slots[slot, 0] in (READY, IN_USE)}
-        lane.slot_seqs = {seq: slot for seq, slot in lane.slot_seqs.items() if seq in held}
+    def _forget_released(self, core: CoreHandle) -> None:
+        """Drop slots the core has given back (freed, or refilled under a later ticket), so slot_tickets stays as
+        small as the ring."""
+        core.slot_tickets = {ticket: slot for ticket, slot in core.slot_tickets.items()
+                             if self.ring.is_held(slot, ticket)}
 
-    def finished(self, index: int) -> CoreLane | None:
+    def finished(self, index: int) -> CoreHandle | None:
         """The core that ran request `index` (None for one that never reached a core)."""
         with self.lock:
-            lane = self.owner.pop(index, None)
-            if lane is not None:
-                lane.unfinished.discard(index)
-            return lane
+            core = self.owner.pop(index, None)
+            if core is not None:
+                core.unfinished.discard(index)
+            return core
 
-    def fail(self, lane: CoreLane) -> list[int]:
+    def fail(self, core: CoreHandle) -> list[int]:
         """Mark a core dead; free the ring slots it held; return its unfinished request indices."""
         with self.lock:
-            lane.is_alive = False
-            indices = sorted(lane.unfinished)
-            lane.unfinished = set()
+            core.is_alive = False
+            indices = sorted(core.unfinished)
+            core.unfinished = set()
             for index in indices:
                 self.owner.pop(index, None)
-            for seq, slot in lane.slot_seqs.items():
-                state, _, slot_seq, _ = (int(x) for x in self.ring.slots[slot])
-                if slot_seq == seq and state in (READY, IN_USE):
+            for ticket, slot in core.slot_tickets.items():
+                if self.ring.is_held(slot, ticket):
                     self.ring.release(slot)
-            lane.slot_seqs = {}
+            core.slot_tickets = {}
             return indices
 
     def check(self) -> None:

@@ -79,7 +79,7 @@ def fit_length(ids: list[int], max_new_tokens: int, max_model_len: int, truncate
     return ids[:1] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
 
 
-def tokenizer_main(tokenizer_dir: str, max_model_len: int, truncate: str, ring: ShmRing, inbox: MsgQueue,
+def run_tokenizer_worker(tokenizer_dir: str, max_model_len: int, truncate: str, ring: ShmRing, inbox: MsgQueue,
                    core_q: MsgQueue, events: MsgQueue, lifeline: Lifeline) -> None:
     is_checking = is_checking_imports()
     tok = load_tokenizer(tokenizer_dir)

@@ -1,4 +1,4 @@
-"""Decode attention over the slot KV cache for CUDA (Triton), split over the columns ("flash decoding").
+"""Decode attention over the KV cache's rows for CUDA (Triton), split over the columns ("flash decoding").
 
 Each program takes one (row, KV head, split): the G query heads that share the KV head attend together over the
 split's columns, up to the row's own length (no padding to the bucket, no mask tensor), with an online softmax.
@@ -139,31 +139,31 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 @triton.jit
-def _write_kv_kernel(k_cache_ptr, v_cache_ptr, key_ptr, value_ptr, slot_ptr, col_ptr,
-                     stride_cs, stride_ch, stride_cn, stride_kt, stride_kh, stride_vt, stride_vh, kv_heads,
+def _write_kv_kernel(k_cache_ptr, v_cache_ptr, key_ptr, value_ptr, row_ptr, col_ptr,
+                     stride_cr, stride_ch, stride_cn, stride_kt, stride_kh, stride_vt, stride_vh, kv_heads,
                      BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    slot, col = tl.load(slot_ptr + token), tl.load(col_ptr + token)
+    row, col = tl.load(row_ptr + token), tl.load(col_ptr + token)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HEAD_DIM)
     mask = (h < kv_heads)[:, None]
-    dst = slot * stride_cs + col * stride_cn + h[:, None] * stride_ch + d[None, :]
+    dst = row * stride_cr + col * stride_cn + h[:, None] * stride_ch + d[None, :]
     key = tl.load(key_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     value = tl.load(value_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     tl.store(k_cache_ptr + dst, key, mask=mask)
     tl.store(v_cache_ptr + dst, value, mask=mask)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, cols: torch.Tensor,
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
              key: torch.Tensor, value: torch.Tensor) -> None:
-    """k_cache[slots[t], :, cols[t]] = key[t] (and V), for key/value [N, KVH, D]: one launch for both caches where
+    """k_cache[rows[t], :, cols[t]] = key[t] (and V), for key/value [N, KVH, D]: one launch for both caches where
     two index_put calls took 4.3 us each for 512 decode rows (H100), mostly launch and indexing overhead."""
     tokens, kv_heads, dim = key.shape
     if key.stride(-1) != 1:
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
-    _write_kv_kernel[(tokens,)](k_cache, v_cache, key, value, slots, cols,
+    _write_kv_kernel[(tokens,)](k_cache, v_cache, key, value, rows, cols,
                                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                 key.stride(0), key.stride(1), value.stride(0), value.stride(1), kv_heads,
                                 BLOCK_H=triton.next_power_of_2(kv_heads), HEAD_DIM=dim, num_warps=1)
