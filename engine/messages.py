@@ -232,7 +232,7 @@ class Ready(Message):
 @message(Kind.STATS)
 @dataclass(slots=True)
 class Stats(Message):
-    """An engine core's cumulative counters (Engine.core_stats says what each means); `reply_to` answers a
+    """An engine core's cumulative counters (router.merged_stats says what each means); `reply_to` answers a
     StatsQuery, None for the core's own report every second."""
 
     core: int

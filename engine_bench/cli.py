@@ -16,7 +16,7 @@ import sys
 
 from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError
 from engine.models import ModelNotFound
-from engine_bench.config import RESULTS_FILE, SYSTEMS, BenchConfig, BenchError, csv_list
+from engine_bench.config import RESULTS_FILE, SYSTEMS, BenchConfig, BenchError, bench_engine, csv_list
 from engine_bench.e2e import run_e2e
 from engine_bench.runner import run_bench
 from engine_bench.workloads import WORKLOADS, WorkloadError
@@ -86,17 +86,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     # Engine settings left out keep BenchConfig's defaults here and engine-run's own under --e2e.
     given = {name: getattr(args, name) for name in ("max_num_seqs", "gpu_memory_fraction")
              if getattr(args, name) is not None}
+    engine = bench_engine(model=args.model, tokenizer=args.tokenizer, device=args.device, devices=args.devices,
+                          dtype=args.dtype, max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          trace=args.trace, **given)
     return BenchConfig(
-        model=args.model, tokenizer=args.tokenizer, device=args.device, devices=args.devices, dtype=args.dtype,
+        engine=engine, device=args.device,
         workloads=args.workload or ([] if args.input else ["short"]), input=args.input, systems=args.systems,
         num_prompts=args.num_prompts, naive_prompts=args.naive_prompts, batch_sizes=args.batch_sizes,
-        max_model_len=args.max_model_len, max_new_tokens=args.max_new_tokens, **given,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
         steering_layers=args.steering_layers, capture_layers=args.capture_layers,
         capture_positions=args.capture_positions,
-        trace=args.trace, is_e2e=args.e2e, engine_flags_given=list(given),
+        is_e2e=args.e2e, engine_flags_given=list(given),
     )
 
 

@@ -13,11 +13,27 @@ SYSTEMS = ("naive", "hf", "engine")
 NUM_WARMUP_PROMPTS = 2
 MAX_WARMUP_TOKENS = 8
 RESULTS_FILE = "benchmarks/RESULTS.md"
-# BenchConfig's engine settings, each named as the EngineConfig field it sets (SAMPLING_SETTINGS: as SamplingDefaults'
-# fields), handed on by name. They stay flat fields, with engine-bench's own defaults, because a report's "settings"
-# is BenchConfig.to_dict(); device, devices and trace follow rules of their own (engine_config).
+# The engine settings a report's flat "settings" (BenchConfig.to_dict) names, as the EngineConfig fields
+# (SAMPLING_SETTINGS: the SamplingDefaults fields) they are; devices and trace (trace_dir) are the engine's too.
 ENGINE_SETTINGS = ("model", "tokenizer", "dtype", "max_num_seqs", "max_model_len", "gpu_memory_fraction", "cache_dir")
 SAMPLING_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+
+
+def bench_engine(device: str = "auto", devices: list[str] | None = None, trace: str | None = None,
+                 **settings) -> EngineConfig:
+    """The engine engine-bench runs, from flat settings (ENGINE_SETTINGS, SAMPLING_SETTINGS): engine-bench's
+    defaults (random:gemma-2b, 256 sequences), every completion at its full length and token ids returned (the
+    systems are compared token for token); on `devices` (one core each) if given, else on `device`."""
+    unknown = set(settings) - set(ENGINE_SETTINGS) - set(SAMPLING_SETTINGS)
+    if unknown:
+        raise TypeError(f"bench_engine() got unknown settings: {', '.join(sorted(unknown))}")
+    engine = {"model": "random:gemma-2b", "max_num_seqs": 256, "gpu_memory_fraction": 0.9,
+              **{k: v for k, v in settings.items() if k in ENGINE_SETTINGS}}
+    sampling = {"max_new_tokens": 150, "temperature": 0.0,
+                **{k: v for k, v in settings.items() if k in SAMPLING_SETTINGS}}
+    devices = parse_devices(devices) if devices else []
+    return EngineConfig(**engine, device="auto" if devices else device, devices=devices,
+                        sampling=SamplingDefaults(**sampling, ignore_eos=True), return_tokens=True, trace_dir=trace)
 
 
 class BenchError(RuntimeError):
@@ -32,36 +48,23 @@ def csv_list(text: str) -> list[str]:
 class BenchConfig:
     """Everything one engine-bench invocation needs; validated once."""
 
-    model: str = "random:gemma-2b"
-    tokenizer: str | None = None
-    device: str = "auto"  # with devices: where the baselines run (default the first of them)
-    devices: list[str] = field(default_factory=list)  # several: the engine runs one core per device
-    dtype: str = "auto"
+    engine: EngineConfig = field(default_factory=bench_engine)  # the engine under test (bench_engine)
+    device: str = "auto"  # where the baselines run: the engine's device, or the first of its devices
     workloads: list[str] = field(default_factory=lambda: ["short"])
     input: str | None = None
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     num_prompts: int = 256
     naive_prompts: int = 8
     batch_sizes: list[int] = field(default_factory=lambda: [64, 128, 256])
-    max_num_seqs: int = 256
-    max_model_len: int | None = None  # the engine's; None: each workload's longest prompt + new tokens
-    gpu_memory_fraction: float = 0.9  # the engine's share of the card (KV cache sized to fit it)
-    max_new_tokens: int = 150  # for --input records without their own
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
     sample_hz: float = 20.0
     out: str = "bench-out"
     append_results: str | None = None
     is_saving_outputs: bool = False
     is_quiet: bool = False
-    cache_dir: str = ""
     steering_specs: list[int] = field(default_factory=list)  # one more engine row per count: that many distinct vectors
     steering_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
     capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
     capture_positions: str = "last_prompt"
-    trace: str | None = None  # a folder: the engine cores' loop timelines (engine.core.trace) and each run's window
     is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
     engine_flags_given: list[str] = field(default_factory=list)  # engine settings the user set: --e2e passes only these
 
@@ -74,7 +77,7 @@ class BenchConfig:
             if bad or not self.workloads:
                 raise ConfigError(f"--workload {','.join(self.workloads)}: use a comma list of {', '.join(WORKLOADS)}"
                                   " or --input FILE.jsonl")
-        for name in ("num_prompts", "naive_prompts", "max_num_seqs"):
+        for name in ("num_prompts", "naive_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -91,42 +94,49 @@ class BenchConfig:
         if min(self.capture_layers, default=0) < 0 or self.capture_positions not in CAPTURE_POSITIONS:
             raise ConfigError(f"--capture-layers {self.capture_layers} / --capture-positions {self.capture_positions}: "
                               f"give layer indices >= 0 and one of {', '.join(CAPTURE_POSITIONS)}")
-        self.devices = parse_devices(self.devices) if self.devices else []
-        if self.devices and self.device == "auto":
-            self.device = self.devices[0]
+        if self.device == "auto":
+            self.device = self.engine.devices[0] if self.engine.devices else self.engine.device
         if self.is_e2e:
             self._check_e2e()
         if self.sample_hz < 10:
             raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
-        self.cache_dir = self.engine_config().cache_dir  # EngineConfig checks device, dtype, sampling; fills cache_dir
 
     def _check_e2e(self) -> None:
         if not {"engine", "hf"} & set(self.systems):
             raise ConfigError(f"--e2e --systems {','.join(self.systems)}: whole commands are engine and hf (the naive "
                               "loop has no command of its own); name one of them")
-        if self.capture_layers or self.trace:
+        if self.capture_layers or self.engine.trace_dir:
             raise ConfigError("--e2e times whole commands, plain or steered; drop --capture-layers and --trace, or run "
                               "those without --e2e")
         if self.steering_specs and "engine" not in self.systems:
             raise ConfigError(f"--e2e --steering-specs runs engine-run steered, but --systems {','.join(self.systems)} "
                               "leaves engine-run out; add engine (the user's script has no steering)")
 
-    def sampling(self) -> SamplingDefaults:
-        """The SAMPLING_SETTINGS, every completion at its full length (the systems are compared token for token)."""
-        return SamplingDefaults(**{name: getattr(self, name) for name in SAMPLING_SETTINGS}, ignore_eos=True)
-
-    def engine_config(self) -> EngineConfig:
-        """The engine the bench runs: the ENGINE_SETTINGS and sampling(), on `devices` (one core each) if given, else
-        on `device`, returning token ids (to compare them), tracing into `trace` if given."""
-        return EngineConfig(**{name: getattr(self, name) for name in ENGINE_SETTINGS},
-                            device="auto" if self.devices else self.device, devices=self.devices,
-                            sampling=self.sampling(), return_tokens=True, trace_dir=self.trace)
+    def on_device(self, device: str) -> BenchConfig:
+        """The same config with `device` (resolved) for the baselines, and for the engine unless it has devices."""
+        engine = self.engine if self.engine.devices else dataclasses.replace(self.engine, device=device)
+        return dataclasses.replace(self, device=device, engine=engine)
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        return self.engine.sampling.temperature == 0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The flat settings a report keeps (and a child process gets): BenchConfig's own fields and the
+        ENGINE_SETTINGS / SAMPLING_SETTINGS, devices and trace of its engine; from_dict rebuilds the config."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "engine"}
+        engine, sampling = self.engine, self.engine.sampling
+        return {**{name: getattr(engine, name) for name in ENGINE_SETTINGS}, "devices": list(engine.devices),
+                **{name: getattr(sampling, name) for name in SAMPLING_SETTINGS}, "trace": engine.trace_dir,
+                **own}
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> BenchConfig:
+        """A config from flat settings (to_dict's form): the engine's names go to bench_engine, the rest are own."""
+        names = set(ENGINE_SETTINGS) | set(SAMPLING_SETTINGS) | {"devices", "trace"}
+        engine = bench_engine(devices=settings.get("devices"), trace=settings.get("trace"),
+                              device=settings.get("device", "auto"),
+                              **{k: v for k, v in settings.items() if k in names - {"devices", "trace"}})
+        return cls(engine=engine, **{k: v for k, v in settings.items() if k not in names})
 
 

@@ -12,7 +12,6 @@ over the same cache folders and prompts, each record steered by one of N random 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -49,7 +48,7 @@ STDERR_TAIL_CHARS = 3000
 
 
 def dtype_name(config: BenchConfig) -> str:
-    return str(resolve_dtype(config.dtype, config.device)).removeprefix("torch.")
+    return str(resolve_dtype(config.engine.dtype, config.device)).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------- the model directory both systems load
@@ -59,23 +58,24 @@ def model_dir(config: BenchConfig, source: ModelSource) -> Path:
     """A plain Hugging Face directory (config, weights, tokenizer) that both systems load as a user would: a local
     one as is; anything else (random:<preset>, a .gguf, the embedded model, or a --tokenizer of its own) is saved
     once under <out>/e2e-models, in a child process, and reused while it matches."""
-    if source.preset is None and config.tokenizer is None and Path(config.model).is_dir():
-        return Path(config.model)
-    mark = {"model": config.model, "tokenizer_dir": source.tokenizer_dir, "dtype": dtype_name(config)}
+    model = config.engine.model
+    if source.preset is None and config.engine.tokenizer is None and Path(model).is_dir():
+        return Path(model)
+    mark = {"model": model, "tokenizer_dir": source.tokenizer_dir, "dtype": dtype_name(config)}
     digest = hashlib.sha256(json.dumps(mark, sort_keys=True).encode()).hexdigest()[:8]
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(config.model).stem if config.model.endswith(".gguf") else config.model)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(model).stem if model.endswith(".gguf") else model)
     target = Path(config.out) / "e2e-models" / f"{slug.strip('-')}-{mark['dtype']}-{digest}"
     if _read_mark(target) == mark:
         return target
-    print(f"engine-bench: saving {config.model} as a Hugging Face directory in {target}", file=sys.stderr, flush=True)
+    print(f"engine-bench: saving {model} as a Hugging Face directory in {target}", file=sys.stderr, flush=True)
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         try:
             pool.submit(materialise, source.to_msg(), mark, config.device, str(target)).result()
         except BrokenProcessPool:
-            raise BenchError(f"saving {config.model} into {target}: the process died (out of memory?); give --model "
+            raise BenchError(f"saving {model} into {target}: the process died (out of memory?); give --model "
                              "a local Hugging Face directory instead") from None
         except OSError as exc:
-            raise BenchError(f"saving {config.model} into {target}: {exc}; free some space or give another --out") \
+            raise BenchError(f"saving {model} into {target}: {exc}; free some space or give another --out") \
                 from None
     return target
 
@@ -147,10 +147,11 @@ class Command:
 def write_prompts(workload: Workload, config: BenchConfig, path: Path, steering: list[dict] | None = None) -> None:
     """The workload as the JSONL a user would hand engine-run: prompt, length and sampling settings per record, and
     with steering specs given, record i's `steering` the (i % len)-th of them."""
+    sampling = config.engine.sampling
     with path.open("w", encoding="utf-8") as f:
         for i, p in enumerate(workload.prompts):
             record = {"id": p.id, "prompt": p.text, "max_new_tokens": p.max_new_tokens,
-                      "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+                      "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                       "ignore_eos": True}
             if steering:
                 record["steering"] = steering[i % len(steering)]
@@ -160,20 +161,22 @@ def write_prompts(workload: Workload, config: BenchConfig, path: Path, steering:
 def engine_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path) -> list[str]:
     """engine-run with its own defaults, except the engine settings the user gave engine-bench."""
     argv = [sys.executable, "-m", "engine.apps.run", "--input", str(prompts), "--output", str(folder / "results.jsonl"),
-            "--model", str(model), "--dtype", dtype_name(config), "--seed", str(config.seed), "--ignore-eos",
-            "--return-tokens", "--force", "--quiet", "--timings", str(folder / "timings.json")]
-    argv += ["--devices", ",".join(config.devices)] if config.devices else ["--device", config.device]
-    if config.max_model_len is not None:
-        argv += ["--max-model-len", str(config.max_model_len)]
+            "--model", str(model), "--dtype", dtype_name(config), "--seed", str(config.engine.sampling.seed),
+            "--ignore-eos", "--return-tokens", "--force", "--quiet", "--timings", str(folder / "timings.json")]
+    engine = config.engine
+    argv += ["--devices", ",".join(engine.devices)] if engine.devices else ["--device", config.device]
+    if engine.max_model_len is not None:
+        argv += ["--max-model-len", str(engine.max_model_len)]
     for name in config.engine_flags_given:
-        argv += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
+        argv += [f"--{name.replace('_', '-')}", str(getattr(engine, name))]
     return argv
 
 
 def script_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path, batch_size: int) -> list[str]:
     return [sys.executable, str(SCRIPT), "--input", str(prompts), "--output", str(folder / "results.jsonl"),
             "--model", str(model), "--batch-size", str(batch_size), "--dtype", dtype_name(config),
-            "--device", config.device, "--seed", str(config.seed), "--timings", str(folder / "timings.json")]
+            "--device", config.device, "--seed", str(config.engine.sampling.seed),
+            "--timings", str(folder / "timings.json")]
 
 
 def systems(config: BenchConfig) -> list[Command]:
@@ -268,7 +271,7 @@ def run_system(config: BenchConfig, command: Command, model: Path, prompts: Path
         run = run_command(label, argv, folder, cache_env(Path(config.out) / "e2e-cache" / command.cache_key, cache))
         outputs[label] = read_results(label, folder / "results.jsonl", workload)
         m = run_metrics(run, command.system, cache, batch, label, argv, outputs[label]["token_ids"], command.num_specs)
-        m.update(gpu_columns(gpu, run, m, max(1, len(config.devices)) if batch is None else 1))
+        m.update(gpu_columns(gpu, run, m, max(1, len(config.engine.devices)) if batch is None else 1))
         print(f"engine-bench: {workload.name} {label}: {m['wall_s']:.1f} s whole command, first result at "
               f"{m['time_to_first_result_s']:.1f} s, {m['output_tokens_per_s']:,.0f} output tok/s", file=sys.stderr,
               flush=True)
@@ -349,11 +352,11 @@ def run_e2e(config: BenchConfig, command: str) -> list[dict]:
     """Every workload of the config as whole commands; each workload's files are written as soon as it finishes."""
     from engine.models import load_tokenizer
 
-    config = dataclasses.replace(config, device=resolve_device(config.device))
-    source = resolve_model(config.model, config.tokenizer, config.cache_dir)
+    config = config.on_device(resolve_device(config.device))
+    source = resolve_model(config.engine.model, config.engine.tokenizer, config.engine.cache_dir)
     workloads = load_workloads(config, load_tokenizer(source.tokenizer_dir), source.max_position_embeddings)
     model = model_dir(config, source)
-    cards = config.devices or [config.device]
+    cards = config.engine.devices or [config.device]
     gpu = GpuMonitor(cards, config.sample_hz) if config.device.startswith("cuda") else None
     env = {"card": gpu.card(",".join(cards)) if gpu else cpu_card(), "versions": versions(),
            "host": {"cpu": cpu_name(), "num_cpus": psutil.cpu_count()}, "dtype": dtype_name(config)}

@@ -22,9 +22,10 @@ from engine_bench.workloads import Workload, WorkloadError, load_input, make_wor
 
 def load_workloads(config: BenchConfig, tok, max_positions: int) -> list[Workload]:
     if config.input is not None:
-        workloads = [load_input(config.input, tok, config.max_new_tokens, config.num_prompts)]
+        workloads = [load_input(config.input, tok, config.engine.sampling.max_new_tokens, config.num_prompts)]
     else:
-        workloads = [make_workload(name, tok, config.num_prompts, config.seed) for name in config.workloads]
+        seed = config.engine.sampling.seed
+        workloads = [make_workload(name, tok, config.num_prompts, seed) for name in config.workloads]
     for workload in workloads:
         for p in workload.prompts:
             if p.num_prompt_tokens + p.max_new_tokens > max_positions:
@@ -36,12 +37,14 @@ def load_workloads(config: BenchConfig, tok, max_positions: int) -> list[Workloa
 def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None, env: dict) -> tuple[dict, dict]:
     """All chosen systems on one workload -> (report, outputs by system)."""
     # The engine's KV cache is sized by max_model_len; the workload's own longest sequence is the fair size.
-    config = dataclasses.replace(config, max_model_len=config.max_model_len or workload.max_total_tokens)
+    engine = dataclasses.replace(config.engine, max_model_len=config.engine.max_model_len or workload.max_total_tokens)
+    config = dataclasses.replace(config, engine=engine)
     groups = [(main, name, config) for main, name, wanted in ((run_baselines, "naive/hf", {"naive", "hf"}),
                                                                (run_engine, "engine", {"engine"}))
               if wanted & set(config.systems)]
-    if len(config.devices) > 1 and "engine" in config.systems:  # the scaling ratio needs one card, same run
-        one_card = dataclasses.replace(config, devices=[], steering_specs=[], capture_layers=[])
+    if len(config.engine.devices) > 1 and "engine" in config.systems:  # the scaling ratio needs one card, same run
+        engine = dataclasses.replace(config.engine, devices=[], device=config.device)
+        one_card = dataclasses.replace(config, engine=engine, steering_specs=[], capture_layers=[])
         groups.insert(len(groups) - 1, (run_engine, "engine (one card)", one_card))
     done: list[dict] = []
     errors: list[dict] = []
@@ -75,14 +78,14 @@ def run_bench(config: BenchConfig) -> list[dict]:
     """Every workload of the config; each run's files are written as soon as it finishes."""
     from engine.models import load_tokenizer
 
-    config = dataclasses.replace(config, device=resolve_device(config.device))
-    source = resolve_model(config.model, config.tokenizer, config.cache_dir)
+    config = config.on_device(resolve_device(config.device))
+    source = resolve_model(config.engine.model, config.engine.tokenizer, config.engine.cache_dir)
     workloads = load_workloads(config, load_tokenizer(source.tokenizer_dir), source.max_position_embeddings)
-    cards = config.devices or [config.device]  # with --devices, the engine's cards (the baselines use the first)
+    cards = config.engine.devices or [config.device]  # with --devices, the engine's cards (the baselines use the first)
     gpu = GpuMonitor(cards, config.sample_hz) if config.device.startswith("cuda") else None
     env = {"card": gpu.card(",".join(cards)) if gpu else cpu_card(), "versions": versions(),
            "host": {"cpu": cpu_name(), "num_cpus": psutil.cpu_count()},
-           "dtype": str(resolve_dtype(config.dtype, config.device)).removeprefix("torch.")}
+           "dtype": str(resolve_dtype(config.engine.dtype, config.device)).removeprefix("torch.")}
     reports = []
     with gpu if gpu is not None else contextlib.nullcontext():
         for workload in workloads:

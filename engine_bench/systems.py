@@ -74,13 +74,13 @@ def run_baselines(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -
 
     from engine_bench.baselines import batched_loop, load_hf, naive_loop
 
-    config = BenchConfig(**config_msg)
+    config = BenchConfig.from_dict(config_msg)
     prompts = prompts_from_msg(prompts_msg)
     started = time.monotonic()
-    source = resolve_model(config.model, config.tokenizer, config.cache_dir)
-    model, tok, attn = load_hf(source, resolve_dtype(config.dtype, config.device), config.device)
+    source = resolve_model(config.engine.model, config.engine.tokenizer, config.engine.cache_dir)
+    model, tok, attn = load_hf(source, resolve_dtype(config.engine.dtype, config.device), config.device)
     load_s = time.monotonic() - started
-    sampling = config.sampling()
+    sampling = config.engine.sampling
     runs = []
     if "naive" in config.systems:
         runs.append(("naive", prompts[:config.naive_prompts], lambda ps, cb: naive_loop(model, tok, ps, sampling, cb)))
@@ -89,7 +89,7 @@ def run_baselines(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -
                  for b in config.batch_sizes]
     for system, subset, loop in runs:
         loop(_warmup(subset), lambda n: None)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(sampling.seed)
         reporter = PhaseReporter(events, system, len(subset))
         reporter.start()
         out = loop(subset, reporter.on_result)  # ends in .tolist(), so the device is done when it returns
@@ -114,10 +114,10 @@ def run_engine(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> N
     the core's idle time."""
     from engine.engine import Engine
 
-    config = BenchConfig(**config_msg)
+    config = BenchConfig.from_dict(config_msg)
     prompts = prompts_from_msg(prompts_msg)
-    base = "engine" if len(config.devices) < 2 else f"engine-{len(config.devices)}dev"
-    with Engine(config.engine_config()) as engine, tempfile.TemporaryDirectory() as folder:
+    base = "engine" if len(config.engine.devices) < 2 else f"engine-{len(config.engine.devices)}dev"
+    with Engine(config.engine) as engine, tempfile.TemporaryDirectory() as folder:
         runs = [(base, _engine_records(prompts))]
         layers = ",".join(map(str, config.steering_layers))
         for count in config.steering_specs:
@@ -130,9 +130,9 @@ def run_engine(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> N
                          [{**r, "capture": capture} for r in _engine_records(prompts)]))
         for system, records in runs:
             window = _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts,
-                                       max(1, len(config.devices)))
-            if config.trace:
-                with (Path(config.trace) / "runs.jsonl").open("a", encoding="utf-8") as f:
+                                       max(1, len(config.engine.devices)))
+            if config.engine.trace_dir:
+                with (Path(config.engine.trace_dir) / "runs.jsonl").open("a", encoding="utf-8") as f:
                     f.write(json.dumps({"system": system, "prompts": len(records), "first_work": window[0],
                                         "last_work": window[1]}) + "\n")
     events.put(ChildExit())
@@ -144,7 +144,7 @@ def random_steering_specs(source: ModelSource, config: BenchConfig, count: int, 
     import numpy as np
 
     hidden = hidden_size(source)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.engine.sampling.seed)
     specs = []
     for i in range(count):
         path = folder / f"v{i}.npy"

@@ -66,10 +66,10 @@ def test_input_file_errors_name_the_line(tokenizer, tmp_path):
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ConfigError, match=message):
-        BenchConfig(**bad)
+        BenchConfig.from_dict(bad)
 
 
-def test_engine_config_carries_the_bench_engine_settings_by_their_field_names(tmp_path):
+def test_the_bench_config_holds_its_engine_config_and_round_trips_its_flat_settings(tmp_path):
     import dataclasses
 
     from engine.config import EngineConfig, SamplingDefaults
@@ -81,12 +81,16 @@ def test_engine_config_carries_the_bench_engine_settings_by_their_field_names(tm
                   gpu_memory_fraction=0.5, cache_dir=str(tmp_path), max_new_tokens=9, temperature=0.5, top_p=0.75,
                   top_k=5, seed=11)
     assert set(values) == set(ENGINE_SETTINGS + SAMPLING_SETTINGS)
-    config = BenchConfig(device="cpu", trace=str(tmp_path), **values).engine_config()
+    bench_config = BenchConfig.from_dict({"device": "cpu", "trace": str(tmp_path), **values})
+    config = bench_config.engine
     assert {name: getattr(config, name) for name in ENGINE_SETTINGS} == {n: values[n] for n in ENGINE_SETTINGS}
     assert {name: getattr(config.sampling, name) for name in SAMPLING_SETTINGS} == {
         n: values[n] for n in SAMPLING_SETTINGS}
     assert config.sampling.ignore_eos and config.return_tokens and config.device == "cpu"
     assert config.trace_dir == str(tmp_path)
+    settings = bench_config.to_dict()  # a report's settings, and what a child process rebuilds its config from
+    assert {n: settings[n] for n in values} == values and settings["trace"] == str(tmp_path)
+    assert BenchConfig.from_dict(settings) == bench_config
 
 
 def _done(system: str, ids: list[list[int]], seconds: float) -> dict:
@@ -122,7 +126,7 @@ def test_a_failing_system_is_reported_and_the_others_kept(monkeypatch):
     workload = Workload("t", 0, [Prompt("p0", "x", 3, 2), Prompt("p1", "y", 3, 2)])
     env = {"card": cpu_card(), "host": {"num_cpus": 2}, "dtype": "float32",
            "versions": {"torch": "t", "transformers": "t", "engine": "e", "commit": None}}
-    report, _ = bench.run_workload(BenchConfig(device="cpu"), workload, None, env)
+    report, _ = bench.run_workload(BenchConfig.from_dict({"device": "cpu"}), workload, None, env)
     assert [m["system"] for m in report["systems"]] == ["naive"]
     assert report["errors"] == [{"systems": "engine", "error": "bench engine failed: CUDA out of memory"}]
     assert "**engine failed** and has no row" in markdown(report)

@@ -7,6 +7,6 @@
            ▼
     decoder_worker ×M (ids → text, stop cut; activation_messages) ─▶ writer (the output's one owner) ─▶ results
 
-Each stage runs in its own process (engine.procs starts them); engine.engine.Engine starts them in this order, cores
-first, and owns the queues between them.
+Each stage runs in its own process (engine.procs starts them); stages.Stages starts them in this order, cores
+first, and owns the queues between them; engine.engine.Engine feeds it requests and turns results into records.
 """

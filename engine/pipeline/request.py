@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from engine.messages import CoreRequest, Feed, TokenizeRequest, encode
+from engine.messages import CoreRequest, Feed, Result, TokenizeRequest, encode
 from engine.config import MAX_SEED, SamplingDefaults, check_sampling, check_seed, check_stop
 from engine.specs import (CaptureSpec, RecordError, SteeringSpec, is_finite, load_named_specs,  # noqa: F401 - re-exported
                           not_a_file, parse_capture, parse_steering, shown)
@@ -48,6 +48,22 @@ class Request:
         core = CoreRequest(self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
                            self.ignore_eos, self.stop, self.steering, self.capture)
         return TokenizeRequest(self.prompt, self.messages, core)
+
+    def result_record(self, result: Result) -> dict:
+        """The output record for this request's result: its id, completion and counts, the settings that made it,
+        then the input's pass-through fields."""
+        record = {"id": self.id, "completion": result.completion, "finish_reason": result.finish_reason,
+                  "num_prompt_tokens": result.num_prompt_tokens,
+                  "num_completion_tokens": result.num_completion_tokens, "seed": self.seed,
+                  "steering": None if self.steering is None else self.steering.to_record()}
+        if self.steering_name is not None:
+            record["steering_name"] = self.steering_name
+        if result.completion_token_ids is not None:
+            record["completion_token_ids"] = result.completion_token_ids
+        if self.digest is not None:
+            record["input_digest"] = self.digest
+        record.update(self.extra)
+        return record
 
     def check_wire(self) -> None:
         """RecordError naming the field if msgpack cannot carry the request (an integer outside 64 bits, say)."""

@@ -44,6 +44,42 @@ class CoreHandle:
                 "num_requests": self.num_requests, "num_tokens": self.num_tokens}
 
 
+def merged_stats(cores: list[CoreHandle]) -> dict:
+    """The cores' last cumulative counters: steps (all cores), idle_s (per core, averaged over cores),
+    busy_starts (monotonic times at which a core went from idle to work, recent ones, all cores, sorted) and
+    idle_since (when the last core to run out of work did so; None before any finished), graphs (decode graphs
+    captured, re-captured and the seconds spent, all cores: ModelRunner.graph_stats); on CUDA also the
+    largest core's torch_allocated_peak / torch_reserved_peak (bytes, since its start; None on CPU)."""
+    stats = [core.stats for core in cores if core.stats is not None]
+    ends = [s.idle_since for s in stats if s.idle_since is not None]
+    peaks = {key: max((getattr(s, key) for s in stats if getattr(s, key) is not None), default=None)
+             for key in ("torch_allocated_peak", "torch_reserved_peak")}
+    graphs = [s.graphs for s in stats if s.graphs is not None]
+    return {"steps": sum(s.steps for s in stats),
+            "graphs": {k: sum(g[k] for g in graphs) for k in ("captures", "recaptures", "capture_s")},
+            "idle_s": sum(s.idle_s for s in stats) / max(len(stats), 1),
+            "busy_starts": sorted(t for s in stats for t in s.busy_starts),
+            "idle_since": max(ends, default=None), **peaks}
+
+
+def throughput_stats(cores: list[CoreHandle], generate_s: float) -> dict:
+    """merged_stats, with per device (`devices`) its counts and tok/s over `generate_s`, and the totals."""
+    devices = [core.counts() for core in cores]
+    seconds = max(generate_s, 1e-9)
+    for entry in devices:
+        entry["tok_s"] = entry["num_tokens"] / seconds
+    num_tokens = sum(entry["num_tokens"] for entry in devices)
+    return {**merged_stats(cores), "num_tokens": num_tokens, "tok_s": num_tokens / seconds,
+            "generate_s": generate_s, "devices": devices}
+
+
+def core_handles(ctx, devices: list[str]) -> list[CoreHandle]:
+    """One handle per device, each with its inbox, fatal channel and decoder queue."""
+    return [CoreHandle(i, device, label, "engine core" if len(devices) == 1 else f"engine core {i}",
+                       MsgQueue(ctx), MsgQueue(ctx), MsgQueue(ctx))
+            for i, (device, label) in enumerate(zip(devices, core_labels(devices)))]
+
+
 def core_labels(devices: list[str]) -> list[str]:
     """Progress labels: the device itself, unless a device repeats (cpu,cpu), then device#core."""
     if len(set(devices)) == len(devices):
