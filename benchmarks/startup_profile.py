@@ -26,7 +26,7 @@ def main() -> None:
                    "made by engine-run is the one used")
     p.add_argument("--callees", action="append", default=[], metavar="REGEX",
                    help="also print what the functions matching REGEX spent their time in (repeatable), e.g. "
-                        "from_pretrained or _warm_compiled")
+                        "from_pretrained or warm_compiled")
     p.add_argument("--top", type=int, default=40, help="functions to print, by cumulative and by own time")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--no-profile", action="store_true", help="phases and the compiler's own times only, without "

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from engine import Engine
 from engine.core.attention import CONTEXT
 from engine.core.engine_core import EngineCore, is_device_error
-from engine.core.model_runner import CollapseCheck
+from engine.core.faults import CollapseCheck
 from engine.pipeline.request import RecordError
 from engine.core.sampler import NON_FINITE, Sampler, SamplingMetadata
 from engine.core.scheduler import Scheduler, Sequence

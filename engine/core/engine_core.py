@@ -6,32 +6,23 @@ runner, and returns finished sequences.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 
 from engine.core.activations import ActivationRecorder
+from engine.core.admission import Admission
 from engine.core.attention import unsupported_reason
-from engine.core.compile_cache import CompileCache, cache_key
 from engine.config import DEFAULT_NUM_SEQS, EngineConfig
 from engine.messages import CoreRequest
+from engine.core.faults import is_device_error, non_finite_error  # noqa: F401 - is_device_error: re-exported
 from engine.core.kv_cache import KVCache, plan_rows
-from engine.core.model_runner import ModelRunner, is_device_error  # noqa: F401 - is_device_error: re-exported
-from engine.models import (
-    ModelNotFound,
-    ModelSource,
-    effective_max_len,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    tokenizer_facts,
-)
-from engine.pipeline.request import RecordError
+from engine.core.model_runner import ModelRunner
+from engine.models import ModelNotFound, ModelSource, effective_max_len
 from engine.core.scheduler import Scheduler, Sequence
+from engine.core.startup import load_core_model, open_compile_cache
 from engine.core.steering import SteeringTable
 from engine.stops import StopScanner
 from engine.core.trace import Phases
@@ -41,39 +32,6 @@ log = logging.getLogger("engine")
 # Steering-table rows preallocated (distinct vectors before it grows): growing it re-captures the steered decode
 # graphs, so a GPU reserves many (4096 x hidden x 6 bytes: 50 MB at hidden 2048); a CPU has no graphs.
 STEERING_ROWS = {"gpu": 4096, "cpu": 1024}
-# Imported in a thread while the weights are copied to the device (copies that leave the GIL free): the compiler's
-# modules, ~1 s of a core's start-up on one GPU host, then cost nothing in front of the compile.
-COMPILER_MODULES = ("torch._inductor.async_compile", "torch._inductor.codecache", "torch._inductor.compile_fx")
-# What the compile would otherwise start on the core's path, started from the same thread: Inductor's compile
-# workers (each imports torch) and the hash of torch's sources that keys its caches (~45 MB read, 1.3 s cold).
-COMPILER_WARMUPS = ("maybe_warm_pool", "torch_key")
-
-
-def _preimport(modules: tuple[str, ...]) -> threading.Thread:
-    """Import `modules` in a started thread and run their COMPILER_WARMUPS; one that fails is imported or run again,
-    and fails, where used."""
-    def run() -> None:
-        for name in modules:
-            try:
-                module = importlib.import_module(name)
-            except ImportError as exc:
-                log.debug("importing %s ahead failed: %s", name, exc)
-                continue
-            for warmup in COMPILER_WARMUPS:
-                try:
-                    getattr(module, warmup, lambda: None)()
-                except Exception as exc:  # noqa: BLE001 - the compile runs it again where it is needed, and reports
-                    log.debug("%s.%s ahead failed: %s", name, warmup, exc)
-
-    thread = threading.Thread(target=run, name="preimport", daemon=True)
-    thread.start()
-    return thread
-
-
-def _as_set(value) -> set[int]:
-    if value is None:
-        return set()
-    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
 
 
 class EngineCore:
@@ -82,18 +40,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource):
         self.config = config
         self.phases = Phases()  # start-up, phase by phase (what engine-bench reports)
-        self.device = resolve_device(config.device)
-        if torch.device(self.device).index is not None:  # Triton kernels and CUDA graphs use the current device
-            torch.cuda.set_device(self.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        tok = tokenizer_facts(source.tokenizer_dir, config.cache_dir)
-        self.phases.done("tokenizer")
-        preimport = _preimport(COMPILER_MODULES) if self._is_compiling() else None
-        self.model = load_model(source, self.dtype, self.device, vocab_size=tok["vocab_size"])
-        if preimport is not None:
-            preimport.join()
-        self.phases.done("load")
-        self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | _as_set(tok["eos_token_id"])
+        self.device, self.dtype, self.model, self.eos_ids = load_core_model(config, source, self.phases)
         self.stops = StopScanner(source.tokenizer_dir)
         reason = unsupported_reason(self.model.config)
         if reason:
@@ -107,33 +54,19 @@ class EngineCore:
         table_rows = STEERING_ROWS["cpu" if self.device == "cpu" else "gpu"]
         self.steering = SteeringTable(self.model, self.device, kv_rows, capacity=table_rows)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, kv_rows, config.capture)
-        self.compile_cache = self._compile_cache()
+        self.compile_cache = open_compile_cache(config, self.model.config, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
                                   recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens,
                                   phases=self.phases, compile_cache=self.compile_cache)
         if self.compile_cache is not None:
             self.compile_cache.seal()
         self.scheduler = Scheduler(kv_rows, self.max_prefill_tokens)
+        self.admission = Admission(self.steering, self.recorder)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
         self._host_tokens = [torch.zeros(kv_rows, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
                              for _ in range(2)]
         self._flip = 0
         self.timing: dict = {}  # the last step's host timings (StepTrace)
-        self._is_unexpected_logged = False  # whether an admission error other than RecordError has been logged
-
-    def _compile_cache(self) -> CompileCache | None:
-        """The persistent compile cache, opened, when the decoder layers are compiled (EngineConfig.compile), else
-        None. It replaces any TORCHINDUCTOR_CACHE_DIR in this process: torch itself sets that variable once Inductor
-        has looked for its cache, so a value found here need not be the user's."""
-        if not self._is_compiling():
-            return None
-        cache = CompileCache(self.config.cache_dir, cache_key(self.model.config, self.dtype, self.device))
-        cache.open()
-        return cache
-
-    def _is_compiling(self) -> bool:
-        mode = self.config.compile
-        return mode == "on" or (mode == "auto" and not self.config.enforce_eager and self.device != "cpu")
 
     def close(self) -> None:
         """Record what this run compiled in the compile cache and let go of it."""
@@ -142,41 +75,8 @@ class EngineCore:
             self.compile_cache.release()
 
     def add(self, request: CoreRequest, prompt_ids: torch.Tensor) -> None:
-        """Queue one request, or raise RecordError and keep nothing of it: whatever goes wrong while admitting one
-        request (its steering or capture, an unreadable vector file) is that request's error, not the core's.
-        Errors that may leave the device unusable (out of memory, CUDA errors: `is_device_error`) propagate, so
-        the core dies of them loudly instead of running on a poisoned device."""
-        try:
-            self._add(request, prompt_ids)
-        except RecordError:
-            raise
-        except Exception as exc:  # a record is the unit of failure; device errors are re-raised below
-            if is_device_error(exc):
-                raise
-            self._log_unexpected(request, exc)
-            raise RecordError(f"could not admit this record: {type(exc).__name__}: {exc}") from exc
-
-    def _add(self, request: CoreRequest, prompt_ids: torch.Tensor) -> None:
-        # What resolve leaves behind if it fails half-way is shared by content, not owned by the request (cached
-        # vector files and specs, table rows, hooks on layers that add zero to unsteered rows), so it is harmless.
-        plan = self.steering.resolve(request.steering, int(prompt_ids.shape[0]))
-        seq = Sequence(
-            index=request.index, prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
-            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-            seed=request.seed, ignore_eos=request.ignore_eos, stop=request.stop, steering=plan,
-        )
-        # The capture is registered last, when nothing after it can fail, so a refused request leaves none behind
-        # (register itself checks every layer before it keeps anything).
-        self.recorder.register(seq.index, request.capture)
-        self.scheduler.add(seq)
-
-    def _log_unexpected(self, request: CoreRequest, exc: Exception) -> None:
-        """Log the first unexpected admission error with its traceback: an engine bug stays visible, once."""
-        if self._is_unexpected_logged:
-            return
-        self._is_unexpected_logged = True
-        log.warning("request %s could not be admitted (%s: %s); it becomes that record's error, and later such "
-                    "errors are not logged", request.index, type(exc).__name__, exc, exc_info=exc)
+        """Queue one request, or raise RecordError and keep nothing of it (Admission.add)."""
+        self.admission.add(request, prompt_ids, self.scheduler)
 
     @property
     def has_work(self) -> bool:
@@ -279,21 +179,3 @@ def _step_timing(batch, started: float) -> dict:
     size = sum(s.num_prompt_tokens for s in batch.seqs) if batch.is_prefill else batch.num_rows
     return {"step": "prefill" if batch.is_prefill else "decode", "size": size,
             "launch_ms": 1e3 * (time.perf_counter() - started)}
-
-
-def non_finite_error(seq: Sequence, dtype: torch.dtype) -> str:
-    """The error of a sequence that sampled NON_FINITE: what happened, where, and what to change.
-
-    The sentinel does not say which of the two failures it was (logits NaN or inf, or a final norm whose mean of
-    squares overflowed, which zeroes every logit), so the message names both: one cause, the residual stream's size."""
-    name = str(dtype).removeprefix("torch.")
-    # output_ids holds the good tokens; the failed one is the next, counted from 1 as a reader counts tokens
-    where = (f"the model's forward became non-finite at generated token {len(seq.output_ids) + 1}: the residual "
-             f"stream grew too large for {name}'s range (the logits became NaN or inf, or the norms' mean of "
-             f"squares overflowed and they collapsed to 0)")
-    if seq.steering is not None:
-        return (f"{where}; the steering pushed it there: use a smaller coef (or norm_match, which scales the vector "
-                f"to the residual's norm)")
-    fix = ("check the model's weights for NaN or inf" if dtype == torch.float32
-           else "run it in float32 (--dtype float32)")
-    return f"{where}; with no steering, the model itself overflowed on this prompt: {fix}"

@@ -84,7 +84,7 @@ class SamplingMetadata:
 class Sampler:
     """Turns last-position logits into next tokens, one row per request.
 
-    `is_norm_ok`: the runner's static flags (bool [max rows] on the device, see model_runner.CollapseCheck), which
+    `is_norm_ok`: the runner's static flags (bool [max rows] on the device, see faults.CollapseCheck), which
     each forward writes for its rows; logits [B, V] read rows [:B]. None: not checked (a model without a final norm,
     or logits that come from no forward)."""
 
