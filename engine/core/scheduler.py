@@ -17,7 +17,7 @@ import torch
 from engine.core.sampler import NON_FINITE
 
 if TYPE_CHECKING:
-    from engine.core.steering import SteerPlan
+    from engine.core.steering_plan import SteerPlan
 
 
 @dataclass(slots=True)
