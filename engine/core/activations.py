@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from engine.pipeline.activation_messages import trim_generated  # noqa: F401 - re-exported for existing importers
-from engine.storage.files import DiskLow, require_free  # noqa: F401 - re-exported for existing importers
 from engine.config import CaptureDefaults
 from engine.pipeline.request import RecordError
 from engine.specs import CaptureSpec

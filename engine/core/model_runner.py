@@ -68,11 +68,6 @@ class ModelRunner:
         return self.graphs.stats
 
     @property
-    def _graphs(self) -> dict:
-        """GraphKey -> its captured decode graph (DecodeGraphs.by_key; benchmarks/profile_step.py replays them)."""
-        return self.graphs.by_key
-
-    @property
     def tokens(self) -> torch.Tensor:
         """Each KV row's next decode input token (DecodeInputs.tokens)."""
         return self.inputs.tokens
