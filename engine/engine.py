@@ -195,7 +195,7 @@ def _devices_name(names: list[str]) -> str:
 def _with_tensors(outcome: Outcome) -> dict:
     if outcome.activations is None:
         return outcome.record
-    from engine.core.activations import tensors_of  # torch: not imported by the parent until activations arrive
+    from engine.storage.activations import tensors_of  # torch: not imported by the parent until activations arrive
 
     return {**outcome.record, "activations": tensors_of(outcome.activations)}
 

@@ -269,4 +269,4 @@ class Outcome:
     position: int
     record: dict
     is_error: bool
-    activations: dict | None = None  # captured activations as the core sent them (engine.core.activations.tensors_of)
+    activations: dict | None = None  # the captured activations as the core sent them (storage.activations.tensors_of)

@@ -19,8 +19,8 @@ import torch
 
 from conftest import PROMPTS, TINY, core_request, read_jsonl, tiny_config, write_jsonl
 from engine import Engine
-from engine.core.activation_store import INDEX_NAME, activations_dir
-from engine.core.activations import load, tensors_of, trim_generated
+from engine.pipeline.activation_messages import trim_generated
+from engine.storage.activations import INDEX_NAME, activations_dir, load, tensors_of
 from engine.config import CaptureDefaults, ConfigError
 from engine.core.engine_core import EngineCore
 from engine.messages import CoreRequest, Outcome

@@ -19,7 +19,7 @@ import torch
 ray = pytest.importorskip("ray", reason="the Ray path needs the [test] extra's ray")
 
 from conftest import PROMPTS, read_jsonl, write_jsonl
-from engine.core.activations import load
+from engine.storage.activations import load
 from engine.apps.run import run_main
 from engine.apps.cluster.cli import job_options, job_spec, ray_main, ray_parser
 from engine.apps.cluster.driver import ClusterJob

@@ -297,7 +297,7 @@ def test_run_then_extend_with_a_coefficient_and_a_model_runs_only_the_new_reques
     assert status["models"]["tiny"]["state"] == "done" and status["tok_per_s"] > 0
     assert "finished" in (tmp_path / "out" / "sweep.log").read_text()
     # The projection metric equals the captured activations projected by hand.
-    from engine.core.activations import load
+    from engine.storage.activations import load
     activations = load(tmp_path / "out" / "results.jsonl")
     v = np.load(tmp_path / "v.npy")
     unit = v / np.linalg.norm(v)
@@ -535,7 +535,7 @@ def test_a_disk_filling_mid_sweep_stops_it_cleanly_and_the_same_command_resumes(
     assert result.returncode == 0, result.stderr
     assert f"{56 - num_before} records" in result.stderr
     records = check_output(tmp_path, path)
-    from engine.core.activations import load
+    from engine.storage.activations import load
     assert sorted(load(results)) == sorted(r["id"] for r in records)
 
 

@@ -1,6 +1,5 @@
-"""Activations: the ActivationRecorder that captures hidden states inside the engine's own forwards, and `load` to
-read them back from the safetensors shards that the ActivationStore (engine.core.activation_store) writes beside the
-results.
+"""Activations: the ActivationRecorder that captures hidden states inside the engine's own forwards (the
+ActivationStore in engine.storage.activations writes them beside the results, and its `load` reads them back).
 
 What is captured is the output of decoder layer L: the residual stream after layer L, the tensor Hugging Face
 returns as hidden_states[L + 1] (for the last layer HF returns the final-normed state instead; the engine still
@@ -21,17 +20,14 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.pipeline.activation_messages import trim_generated  # noqa: F401 - re-exported for existing importers
 from engine.config import CaptureDefaults
 from engine.pipeline.request import RecordError
 from engine.specs import CaptureSpec
 from engine.models import decoder_layers
-from engine.storage.files import complete_records
 from engine.core.transfer import to_device
 
 
@@ -272,39 +268,3 @@ class DecodeCapture:
 def _numpy(host: torch.Tensor) -> np.ndarray:
     """A host tensor as numpy; bfloat16 (which numpy lacks) as its raw 16-bit words."""
     return (host.view(torch.int16) if host.dtype == torch.bfloat16 else host).numpy()
-
-
-# ---- messages between processes
-def tensors_of(message: dict) -> dict[int, torch.Tensor]:
-    """A message's activations as CPU tensors {layer: tensor}."""
-    dtype = getattr(torch, message["dtype"])
-    return {int(layer): torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data
-            else torch.empty(shape, dtype=dtype) for layer, (shape, data) in message["layers"].items()}
-
-
-# ---- on disk
-def _records(output: Path):
-    return (r for r in complete_records(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
-
-
-def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[str, dict[int, torch.Tensor]]:
-    """Activations of the result records of a results file: {id: {layer: tensor}}; `layers` and `ids` narrow it
-    (only those tensors are read from the shards)."""
-    from safetensors import safe_open
-
-    output = Path(output)
-    if not output.is_file():
-        raise FileNotFoundError(f"{output}: no such results file")
-    wanted = None if ids is None else set(ids)
-    by_shard: dict[str, list[tuple[str, list[int], list[str]]]] = defaultdict(list)
-    for record in _records(output):
-        pointer = record.get("activations")
-        if isinstance(pointer, dict) and (wanted is None or record["id"] in wanted):
-            by_shard[pointer["shard"]].append((record["id"], pointer["layers"], pointer["keys"]))
-    out: dict[str, dict[int, torch.Tensor]] = {}
-    for shard, entries in by_shard.items():
-        with safe_open(str(output.parent / shard), framework="pt") as f:
-            for record_id, record_layers, keys in entries:
-                out[record_id] = {layer: f.get_tensor(key) for layer, key in zip(record_layers, keys)
-                                  if layers is None or layer in layers}
-    return out

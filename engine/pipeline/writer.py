@@ -2,7 +2,7 @@
 
 Records are written as whole lines, flushed and fsynced in batches; a line cut short by a crash is
 removed on resume, so the output is always a file of complete JSON records. Result lines that point at
-activations wait until their shard is on disk (engine.core.activation_store.ActivationStore), and a shard is only
+activations wait until their shard is on disk (engine.storage.activations.ActivationStore), and a shard is only
 written while the disk keeps `min_free_gb` free besides it (DiskLow otherwise: its records run again on resume).
 The ids already done are kept in an IdIndex (on disk), so resuming a run of millions of records stays small.
 """
@@ -15,8 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.core.activation_store import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir
-from engine.core.activations import tensors_of
+from engine.storage.activations import FLUSH_SECONDS, MAX_SHARD_BYTES, ActivationStore, activations_dir, tensors_of
 from engine.storage.id_index import IdIndex
 from engine.messages import Outcome
 from engine.storage.files import (DiskLow, OutputWriteError, check_free_space, require_free,  # noqa: F401 - re-exported

@@ -127,7 +127,7 @@ def check_manifest(output: Path, manifest: dict, force: bool) -> None:
 
 
 def _set_aside(output: Path, why: str) -> None:
-    from engine.core.activation_store import activations_dir  # it imports torch; engine-run's checks need not
+    from engine.storage.activations import activations_dir  # it imports torch; engine-run's checks need not
 
     moved = move_aside([output, manifest_path(output), errors_path(output), activations_dir(output)])
     log.warning("%s: %s; moved the old files aside (%s)", output, why, ", ".join(p.name for p in moved))

@@ -1,12 +1,13 @@
-"""The ActivationStore: captured activations written as safetensors shards beside the results, durably, before the
-result lines that point at them (engine.core.activations captures them, and its `load` reads them back).
-"""
+"""Captured activations on disk: the ActivationStore writes them as safetensors shards beside the results, durably,
+before the result lines that point at them (engine.core.activations captures them); `load` reads them back, and
+`tensors_of` turns the core's message into tensors."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -123,3 +124,39 @@ class ActivationStore:
 def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """About the size of a safetensors header: 8 bytes, then a JSON entry (key, dtype, shape, offsets) per tensor."""
     return 8 + sum(len(key.encode()) + 96 for key in tensors)
+
+
+# ---- messages between processes
+def tensors_of(message: dict) -> dict[int, torch.Tensor]:
+    """A message's activations as CPU tensors {layer: tensor}."""
+    dtype = getattr(torch, message["dtype"])
+    return {int(layer): torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data
+            else torch.empty(shape, dtype=dtype) for layer, (shape, data) in message["layers"].items()}
+
+
+# ---- on disk
+def _records(output: Path):
+    return (r for r in complete_records(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
+
+
+def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[str, dict[int, torch.Tensor]]:
+    """Activations of the result records of a results file: {id: {layer: tensor}}; `layers` and `ids` narrow it
+    (only those tensors are read from the shards)."""
+    from safetensors import safe_open
+
+    output = Path(output)
+    if not output.is_file():
+        raise FileNotFoundError(f"{output}: no such results file")
+    wanted = None if ids is None else set(ids)
+    by_shard: dict[str, list[tuple[str, list[int], list[str]]]] = defaultdict(list)
+    for record in _records(output):
+        pointer = record.get("activations")
+        if isinstance(pointer, dict) and (wanted is None or record["id"] in wanted):
+            by_shard[pointer["shard"]].append((record["id"], pointer["layers"], pointer["keys"]))
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for shard, entries in by_shard.items():
+        with safe_open(str(output.parent / shard), framework="pt") as f:
+            for record_id, record_layers, keys in entries:
+                out[record_id] = {layer: f.get_tensor(key) for layer, key in zip(record_layers, keys)
+                                  if layers is None or layer in layers}
+    return out
