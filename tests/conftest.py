@@ -1,20 +1,14 @@
-"""Shared fixtures: tiny random models for speed, the embedded Gemma 3 270M for the slow real checks."""
+"""Shared fixtures: tiny random models for speed, the embedded Gemma 3 270M for the slow real checks (the helpers
+the tests import are in tests/support)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine.config import EngineConfig, SamplingDefaults
-from engine.messages import CoreRequest
-from engine.specs import parse_capture, parse_steering
-from engine.models import load_model, resolve_model
-from engine.models import load_hf_tokenizer
-
-TINY = "random:tiny"
+from engine.config import EngineConfig
+from engine.models import load_hf_tokenizer, load_model, resolve_model
+from support import TINY
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,25 +20,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def core_request(index: int, steering=None, capture=None, **settings) -> CoreRequest:
-    """A request as the engine core receives it: greedy, ignore_eos, 6 new tokens and seed = index unless given;
-    steering and capture in their record form (parsed as the reader parses records) or typed."""
-    defaults = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": index, "ignore_eos": True,
-                "stop": []}
-    if isinstance(steering, (dict, list)):
-        steering = parse_steering(steering)
-    if isinstance(capture, dict):
-        capture = parse_capture(capture, None)
-    return CoreRequest(index=index, **{**defaults, **settings}, steering=steering, capture=capture)
-
-
-def tiny_config(**overrides) -> EngineConfig:
-    sampling = overrides.pop("sampling", SamplingDefaults(max_new_tokens=8, ignore_eos=True))
-    base = dict(model=TINY, device="cpu", max_num_seqs=4, return_tokens=True, sampling=sampling)
-    base.update(overrides)
-    return EngineConfig(**base)
-
-
 @pytest.fixture(scope="session")
 def tiny_source():
     return resolve_model(TINY, None, EngineConfig().cache_dir)
@@ -53,7 +28,7 @@ def tiny_source():
 @pytest.fixture(scope="session")
 def tokenizer(tiny_source):
     """transformers' tokenizer of the tiny model: the reference the tests compare against (the engine's own,
-    engine.tokenizer.RustTokenizer, equals it: tests/test_tokenizer.py)."""
+    engine.tokenizer.RustTokenizer, equals it: tests/pipeline/test_tokenizer.py)."""
     return load_hf_tokenizer(tiny_source.tokenizer_dir)
 
 
@@ -61,27 +36,3 @@ def tokenizer(tiny_source):
 def tiny_model(tiny_source, tokenizer):
     """The exact model the engine builds for random:tiny (seeded), for HF reference runs."""
     return load_model(tiny_source, torch.float32, "cpu", vocab_size=len(tokenizer))
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived a dragon who",
-    "Hi",
-    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
-    "The quick brown fox jumps over",
-    "In 1969, astronauts",
-    "def fibonacci(n):",
-]

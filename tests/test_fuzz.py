@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import PROMPTS, read_jsonl
+from support import PROMPTS, read_jsonl
 from engine.storage.output import errors_path
 from test_cli import TINY_ARGS, engine_run
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPTS, read_jsonl, write_jsonl
+from support import PROMPTS, read_jsonl, write_jsonl
 from engine.pipeline.request import record_digest
 from engine.storage.output import ErrorLog, errors_path
 from test_cli import ROOT, TINY_ARGS, engine_run, start_run, wait_for_records

@@ -87,7 +87,7 @@ def activation_reserve(model_config, max_num_seqs: int, max_prefill_tokens: int)
     Per prefill token: the MLP's three [tokens, intermediate] tensors and a few [tokens, hidden] ones, plus one
     [tokens, intermediate] tensor per layer. That last term is measured, not explained yet: on an H100 the card's
     peak use over 20,000 prompts at Gemma-2B shapes grew 33.3 -> 47.9 GiB from 8,192 to 32,768 prefill tokens,
-    0.61 MiB a token, where 18 layers x 16,384 x 2 bytes is 0.56 MiB (tests/test_kv_cache.py)."""
+    0.61 MiB a token, where 18 layers x 16,384 x 2 bytes is 0.56 MiB (tests/core/test_kv_cache.py)."""
     c = model_config.get_text_config()
     logits = max_num_seqs * c.vocab_size * 4 * 4  # fp32 logits, noise and sampler temporaries
     prefill = max_prefill_tokens * (c.intermediate_size * (3 + c.num_hidden_layers) + c.hidden_size * 8) * 2

@@ -146,7 +146,7 @@ def _is_finite_rows(logits: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
     """bool [B]: whether each row's largest logit is finite (no NaN, no +inf, not all -inf), read from B values.
 
     argmax ranks NaN above every number (ATen's argmax and max share one comparator, GreaterOrNan in
-    SharedReduceOps.h, on CPU and CUDA, in every float dtype; tests/test_core_faults.py checks it on CPU), so a row
+    SharedReduceOps.h, on CPU and CUDA, in every float dtype; tests/core/test_core_faults.py checks it on CPU), so a row
     holding a NaN has a NaN at its argmax, a row holding +inf has +inf there, and a row of -inf only has -inf there:
     the value at the argmax the sampler takes anyway tells all three apart from a usable row (one with some -inf,
     as top-k masking makes, is usable). No second pass over [B, V] and no host sync; it runs after the decode

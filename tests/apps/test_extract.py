@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, TINY, tiny_config, write_jsonl
+from support import PROMPTS, TINY, tiny_config, write_jsonl
 
 import engine.apps.extract.directions as directions_module
 import engine.apps.extract.output as output_module
@@ -23,7 +23,7 @@ from engine.apps.extract.pairs import capture_pairs, read_pairs
 from engine.apps.extract.spec import CONCEPT_FIX, METHODS, DegenerateLayer, ExtractError, parse_layers
 from engine.vectors import load_vectors
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "examples" / "pairs.jsonl"
 TINY_ARGS = ["--model", TINY, "--device", "cpu", "--max-num-seqs", "8"]
 

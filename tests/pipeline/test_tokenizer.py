@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from engine.tokenizer import FORCED_CLASS_MODEL_TYPES, RustTokenizer, TokenizerUnsupported, _gemma_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Don't stop: it's 3.14, isn't it?", "héllo wörld ünïcode",
           "def f(x):\n    return x * 2", "日本語のテキスト", "emoji 🎉 party", "a  b   c\t\td"] * 20
 TEXTS = ["Hello world", "", " ", "   leading and trailing   ", "a  b   c\n\n\td\r\n", "<bos>hi<eos>", "x<eos>y",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, tiny_config
+from support import PROMPTS, tiny_config
 from engine import Engine
 from engine_bench.cli import bench_main
 from engine.apps.run import throughput
@@ -25,7 +25,7 @@ from engine.apps.sweep.fields import SweepError
 from engine.apps.sweep.spec import load_sweep
 from test_sweep import engine_sweep, make_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KILL_NEW_TOKENS = 40
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, core_request, tiny_config
+from support import PROMPTS, core_request, tiny_config
 from numpy.lib import format as npy_format
 from safetensors.torch import save_file
 

@@ -24,7 +24,7 @@ from engine.storage.files import (
     write_atomic,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_write_atomic_writes_bytes_and_streamed_chunks_that_read_the_old_file(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROMPTS, tiny_config
+from support import PROMPTS, tiny_config
 from engine import Engine
 from engine.core.compile_cache import MANIFEST, CompileCache
 from engine.config import SamplingDefaults

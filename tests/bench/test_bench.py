@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import read_jsonl, write_jsonl
+from support import read_jsonl, write_jsonl
 from engine_bench import monitor
 from engine_bench import runner as bench
 from engine_bench.cli import bench_main

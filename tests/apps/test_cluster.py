@@ -18,7 +18,7 @@ import torch
 
 ray = pytest.importorskip("ray", reason="the Ray path needs the [test] extra's ray")
 
-from conftest import PROMPTS, read_jsonl, write_jsonl
+from support import PROMPTS, read_jsonl, write_jsonl
 from engine.storage.activations import load
 from engine.apps.run import run_main
 from engine.apps.cluster.cli import job_options, job_spec, ray_main, ray_parser
@@ -28,7 +28,7 @@ from engine.apps.sweep.plan import Plan
 from engine.apps.sweep.spec import load_sweep
 from engine.pipeline.writer import ManifestMismatch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["--model", "random:tiny", "--device", "cpu", "--max-num-seqs", "2", "--max-new-tokens", "12",
          "--ignore-eos", "--capture-layers", "1", "--return-tokens", "--quiet"]
 

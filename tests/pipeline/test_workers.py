@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROMPTS, tiny_config
+from support import PROMPTS, tiny_config
 
 from engine import Engine, EngineError
 from engine.config import CaptureDefaults
 from engine.procs import CHECK_IMPORTS_ENV, check_light_imports
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_spawned_tokenizer_and_decoder_workers_import_neither_torch_nor_transformers(monkeypatch):

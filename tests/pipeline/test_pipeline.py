@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import PROMPTS, tiny_config
+from support import PROMPTS, tiny_config
 from engine import Engine
-from reference import hf_greedy
+from support.reference import hf_greedy
 
 MAX_NEW = 10
 

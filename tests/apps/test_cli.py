@@ -14,9 +14,9 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import PROMPTS, read_jsonl, write_jsonl
+from support import PROMPTS, read_jsonl, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = ["--model", "random:tiny", "--device", "cpu", "--quiet", "--max-new-tokens", "6"]
 
 

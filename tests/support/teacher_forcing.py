@@ -6,7 +6,7 @@ import torch
 
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Scheduler
-from conftest import core_request
+from support import core_request
 
 
 def engine_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import PROMPTS, core_request, tiny_config
+from support import PROMPTS, core_request, tiny_config
 
 pytestmark = pytest.mark.gpu
 GPU_MODEL = os.environ.get("ENGINE_GPU_TEST_MODEL", "random:tiny")
@@ -188,7 +188,7 @@ def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
 
     from engine.models import load_model, resolve_model
     from engine.models import load_hf_tokenizer
-    from teacher_forcing import engine_logits, hf_logits
+    from support.teacher_forcing import engine_logits, hf_logits
 
     core = _core()
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, TINY, core_request, read_jsonl, tiny_config, write_jsonl
+from support import PROMPTS, TINY, core_request, read_jsonl, tiny_config, write_jsonl
 from engine import Engine
 from engine.pipeline.activation_messages import trim_generated
 from engine.storage.activations import INDEX_NAME, activations_dir, load, tensors_of
@@ -25,9 +25,9 @@ from engine.config import CaptureDefaults, ConfigError
 from engine.core.engine_core import EngineCore
 from engine.messages import CoreRequest, Outcome
 from engine.pipeline.writer import JsonlWriter
-from reference import steered_sequence
+from support.reference import steered_sequence
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODES = ("last_prompt", "mean_prompt", "all_prompt", "generated")
 LAYERS = [1, 2]  # the tiny model has 4; HF's hidden_states for the last layer is after the final norm
 STEER_LAYER, COEF = 1, 3.0

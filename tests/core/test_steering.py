@@ -91,7 +91,7 @@ def test_each_bad_vector_is_a_clear_error(tmp_path, make, fragment):
 
 @pytest.fixture(scope="module")
 def forced(tiny_source, tokenizer):
-    from conftest import tiny_config
+    from support import tiny_config
     from engine.core.engine_core import EngineCore
 
     return forced_case(EngineCore(tiny_config(), tiny_source), tokenizer)
@@ -100,8 +100,8 @@ def forced(tiny_source, tokenizer):
 def forced_case(core, tokenizer) -> tuple:
     """The core (4 KV rows), the 10 sequences every run teacher-forces (mixed prompt and generated lengths, so KV rows
     refill), and their logits with no steering at all, taken before any hook exists."""
-    from conftest import PROMPTS
-    from teacher_forcing import forced_logits
+    from support import PROMPTS
+    from support.teacher_forcing import forced_logits
 
     gen = torch.Generator().manual_seed(5)
     prompts = [tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids for i in range(10)]
@@ -132,8 +132,8 @@ def normalised(spec):
 def check_against_hooks(forced, model, specs: list, tolerance: float = 1e-4) -> list[torch.Tensor]:
     """Teacher-forced engine logits of request i under specs[i] equal a plain HF forward with steered_sequence's
     hooks; unsteered requests are bit-identical to the run with no steering."""
-    from reference import steered_sequence
-    from teacher_forcing import forced_logits, hf_logits
+    from support.reference import steered_sequence
+    from support.teacher_forcing import forced_logits, hf_logits
 
     core, sequences, lens, plain = forced
     got = forced_logits(core, sequences, lens, [normalised(spec) for spec in specs])
@@ -214,7 +214,7 @@ def test_norm_match_needs_a_nonzero_vector(forced, tmp_path):
 
 
 def test_pipeline_records_state_the_normalised_spec_and_match_the_core(forced, tokenizer, vectors):
-    from conftest import PROMPTS, core_request, tiny_config
+    from support import PROMPTS, core_request, tiny_config
     from engine import Engine
 
     a, b = vectors
@@ -241,7 +241,7 @@ def test_ranges_and_norms_inside_cuda_graphs(vectors):
     the norm-aware hooks are captured after the re-capture they trigger."""
     import os
 
-    from conftest import tiny_config
+    from support import tiny_config
     from engine.core.engine_core import EngineCore
     from engine.models import load_model, resolve_model
     from engine.models import load_hf_tokenizer

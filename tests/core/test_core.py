@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, core_request, tiny_config
+from support import PROMPTS, core_request, tiny_config
 from engine import Engine
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Scheduler
 from engine.messages import CoreRequest, FinishedSeq
-from reference import hf_greedy, steered
+from support.reference import hf_greedy, steered
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_a_one_token_prompt_alone_is_padded_and_still_equals_hf(core, tokenizer,
 
 
 def test_teacher_forced_logits_equal_hf_forward_at_every_position(core, tokenizer, tiny_model):
-    from teacher_forcing import engine_logits, hf_logits
+    from support.teacher_forcing import engine_logits, hf_logits
 
     gen = torch.Generator().manual_seed(3)
     prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]  # the fixture core has 4 KV rows

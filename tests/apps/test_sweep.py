@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_jsonl, write_jsonl
+from support import read_jsonl, write_jsonl
 
 from engine.pipeline.request import derive_seed
 from engine.apps.sweep.fields import SweepError
@@ -23,7 +23,7 @@ from engine.apps.sweep.plan import Plan
 from engine.apps.sweep.spec import load_sweep
 from engine.apps.sweep.report import write_report
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SWEEP = """\
 output = "out"
