@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -238,6 +240,10 @@ def _resume_index(source: Path, output: Path, force: bool):
 
 def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, done, args, wall: float,
               timings: RunTimings) -> int:
+    if config.capture.layers and len(os.sched_getaffinity(0)) > 2:
+        # Captured activations reach the writer as tensors: import torch (~2 s) while the engine starts, where
+        # spare cores hide it (on two it would slow the core's own imports).
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     with Engine(config) as engine:
         timings.mark("engine_ready")
         writer = JsonlWriter(output, manifest, args.ordered, min_free_gb=args.min_free_gb, done=done)
