@@ -126,3 +126,14 @@ def test_import_cycles_through_function_local_imports_are_only_the_known_ones():
         cycles.add(frozenset(cycle))
         graph[cycle[-2]] = graph[cycle[-2]] - {cycle[-1]}  # cut the cycle's last edge, look for the next
     assert cycles == KNOWN_CYCLES
+
+
+def test_engine_runs_parent_imports_neither_torch_nor_transformers():
+    """The parent (the command, its writer, the engine's stages) runs beside the engine core's start-up; importing
+    torch there (~2 s of CPU) slows the core's own imports on a machine with few cores. torch comes in only with
+    activations (engine.storage.activations imports it where it makes tensors)."""
+    code = ("import sys, engine.apps.run, engine.pipeline.writer, engine.storage.output; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

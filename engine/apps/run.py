@@ -21,6 +21,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.models import ModelNotFound
 from engine.engine import Engine, EngineError
 from engine.pipeline.reader import read_requests
+from engine.pipeline.writer import JsonlWriter
 from engine.procs import stop_signals
 from engine.specs import not_a_file
 from engine.storage.files import DiskLow, OutputWriteError, check_free_space, write_atomic
@@ -239,14 +240,12 @@ def _resume_index(source: Path, output: Path, force: bool):
 
 def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, done, args, wall: float,
               timings: RunTimings) -> int:
-    # The writer's module imports torch (its activation store): ~2 s, done while the engine starts, not after.
-    threading.Thread(target=importlib.import_module, args=("engine.pipeline.writer",), daemon=True).start()
+    if config.capture.layers and len(os.sched_getaffinity(0)) > 2:
+        # Captured activations reach the writer as tensors: import torch (~2 s) while the engine starts, where
+        # spare cores hide it (on two it would slow the core's own imports).
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     with Engine(config) as engine:
         timings.mark("engine_ready")
-        from engine.pipeline.writer import (
-            JsonlWriter,  # here: its activation store imports torch, now beside the core's start
-        )
-
         writer = JsonlWriter(output, manifest, args.ordered, min_free_gb=args.min_free_gb, done=done)
         progress = Progress(max(_count_lines(source) - len(done), 0), not args.quiet)
         stop = lambda signum, frame: engine.interrupt()  # noqa: E731 - stop admitting, then flush below

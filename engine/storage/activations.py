@@ -9,11 +9,13 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.storage.id_index import IdIndex
 from engine.storage.files import commit_file, complete_records, require_free, write_atomic
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a writer without activations never needs it
+    import torch
 
 MAX_SHARD_BYTES = 512 << 20
 FLUSH_SECONDS = 30.0
@@ -129,6 +131,8 @@ def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
 # ---- messages between processes
 def tensors_of(message: dict) -> dict[int, torch.Tensor]:
     """A message's activations as CPU tensors {layer: tensor}."""
+    import torch
+
     dtype = getattr(torch, message["dtype"])
     return {int(layer): torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data
             else torch.empty(shape, dtype=dtype) for layer, (shape, data) in message["layers"].items()}

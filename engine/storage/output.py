@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from engine.storage.activations import activations_dir
 from engine.storage.id_index import IdIndex
 from engine.pipeline.request import RecordError, decode_line, record_digest, record_id
 from engine.storage.files import (
@@ -127,8 +128,6 @@ def check_manifest(output: Path, manifest: dict, force: bool) -> None:
 
 
 def _set_aside(output: Path, why: str) -> None:
-    from engine.storage.activations import activations_dir  # it imports torch; engine-run's checks need not
-
     moved = move_aside([output, manifest_path(output), errors_path(output), activations_dir(output)])
     log.warning("%s: %s; moved the old files aside (%s)", output, why, ", ".join(p.name for p in moved))
 

@@ -125,7 +125,9 @@ def running_actor(job: ClusterJob) -> dict | None:
 
 
 def test_stopped_job_resumes_and_a_killed_actor_part_finishes_elsewhere(local_ray, background, tmp_path):
-    source = prompts_file(tmp_path, 24)
+    # Enough records that the resumed run is still generating when the test looks for an actor to kill: with 24,
+    # a first run that got far left the second too little to catch mid-part.
+    source = prompts_file(tmp_path, 60)
     expected, expected_activations = reference(source, tmp_path)
     out = tmp_path / "job"
 

@@ -1,9 +1,13 @@
 """The KV cache's memory plan: the prefill budget gives way before the cache's KV rows do."""
 
 from functools import partial
+from pathlib import Path
 
+import pytest
+import torch
 from transformers import GemmaConfig
 
+from engine.core import kv_cache
 from engine.core.kv_cache import AUTO_PREFILL_TOKENS, MIN_AUTO_PREFILL_TOKENS, activation_reserve, fit_prefill
 
 GIB = 1 << 30
@@ -52,3 +56,33 @@ def test_half_an_80gb_card_keeps_all_512_kv_rows_of_2110_tokens_with_a_smaller_p
     prefill = fit_prefill(budget, per_row, 512, partial(activation_reserve, GEMMA_2B, 512), None)
     assert prefill < AUTO_PREFILL_TOKENS
     assert budget - activation_reserve(GEMMA_2B, 512, prefill) >= 512 * per_row
+
+
+def _huge_kib(address: int) -> int:
+    """AnonHugePages (KiB) of this process's mapping that holds `address`."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        span = line.split()[0]
+        if "-" in span and all(c in "0123456789abcdef-" for c in span):
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                for detail in lines[i + 1:]:
+                    if detail.startswith("AnonHugePages:"):
+                        return int(detail.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_cpu_cache_is_touched_in_small_pages_not_huge_ones():
+    """numpy asks for huge pages on large arrays; a KV row's first writes would then zero 2 MiB each."""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[madvise]" not in mode.read_text():
+        pytest.skip("transparent huge pages are not in madvise mode here: numpy's advice changes nothing")
+    import numpy as np
+
+    def huge_kib_after_writes(array: torch.Tensor) -> int:
+        array[:, 0] = 1.0  # one write per MiB, as a prefill writes a few columns per head
+        return _huge_kib(array.data_ptr() + array.numel() * 2)
+
+    if huge_kib_after_writes(torch.from_numpy(np.zeros((64, 1 << 18), dtype=np.float32))) == 0:
+        pytest.skip("this numpy or kernel gives a plain np.zeros no huge pages either")
+    assert huge_kib_after_writes(kv_cache._zeros((64, 1 << 18), torch.float32, "cpu")) == 0
