@@ -13,7 +13,7 @@ import torch
 
 from support import PROMPTS, read_jsonl
 from engine.storage.output import errors_path
-from test_cli import TINY_ARGS, engine_run
+from support.processes import TINY_ARGS, engine_run
 
 NUM_RECORDS = 300
 FIELDS = ("id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from support import PROMPTS, read_jsonl, write_jsonl
 from engine.pipeline.request import record_digest
 from engine.storage.output import ErrorLog, errors_path
-from test_cli import ROOT, TINY_ARGS, engine_run, start_run, wait_for_records
+from support import ROOT
+from support.processes import TINY_ARGS, engine_run, start_run, wait_for_records
 
 HIDDEN = 64  # random:tiny
 

@@ -5,38 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from support import PROMPTS, read_jsonl, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY_ARGS = ["--model", "random:tiny", "--device", "cpu", "--quiet", "--max-new-tokens", "6"]
-
-
-def engine_run(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.apps.run", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def start_run(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.apps.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_records(path: Path, count: int, proc: subprocess.Popen, timeout=240) -> None:
-    deadline = time.monotonic() + timeout
-    while len(read_jsonl(path)) < count:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no output in time"
-        time.sleep(0.2)
-
+from support import PROMPTS, ROOT, read_jsonl, write_jsonl
+from support.processes import TINY_ARGS, engine_run, start_run, wait_for_records
 
 def test_bad_input_is_reported_per_line_and_the_rest_completes(tmp_path):
     vector = tmp_path / "v.npy"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import read_jsonl, write_jsonl
+from support import ROOT, read_jsonl, write_jsonl
+from support.processes import disk_taken, engine_sweep, make_sweep, wait_until
 
 from engine.pipeline.request import derive_seed
 from engine.apps.sweep.fields import SweepError
@@ -22,51 +23,6 @@ from engine.apps.sweep.outdir import ERRORS, RESULTS, prepare_directory
 from engine.apps.sweep.plan import Plan
 from engine.apps.sweep.spec import load_sweep
 from engine.apps.sweep.report import write_report
-
-ROOT = Path(__file__).resolve().parents[2]
-
-SWEEP = """\
-output = "out"
-seed = 5
-samples = 2
-models = [{{model = "random:tiny", label = "tiny"}}]
-prompts = ["prompts.jsonl"]
-
-[vectors]
-v = "v.npy"
-
-[grid]
-vectors = ["v"]
-layers = [1, [0, 2]]
-coefs = {coefs}
-baseline = true
-
-[generation]
-max_new_tokens = {max_new_tokens}
-temperature = 0.9
-ignore_eos = true
-
-[engine]
-device = "cpu"
-max_num_seqs = {max_num_seqs}
-{extra}"""
-
-
-def make_sweep(folder: Path, coefs="[0, 4]", max_num_seqs=4, extra="", num_prompts=2, max_new_tokens=4) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "v.npy", np.random.default_rng(0).standard_normal(64).astype(np.float32))
-    prompts = [{"id": "hello", "prompt": "Hello there", "topic": "greeting"}, {"prompt": "The capital of France is"},
-               {"id": "story", "prompt": "Once upon a time", "seed": 99}, {"id": "digits", "prompt": "1 2 3 4"}]
-    write_jsonl(folder / "prompts.jsonl", prompts[:num_prompts])
-    path = folder / "sweep.toml"
-    path.write_text(SWEEP.format(coefs=coefs, max_num_seqs=max_num_seqs, extra=extra, max_new_tokens=max_new_tokens))
-    return path
-
-
-def engine_sweep(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.apps.sweep.cli", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
 
 def plan_ids(path: Path) -> dict[str, int]:
     plan = Plan(load_sweep(path))
@@ -509,11 +465,11 @@ def test_logprob_metric_scores_the_completion_under_the_unsteered_model(tmp_path
 def test_a_disk_filling_mid_sweep_stops_it_cleanly_and_the_same_command_resumes(tmp_path):
     import shutil
 
-    from test_activations import disk_taken, wait_until
-
     if shutil.disk_usage(tmp_path).free < 4e9:
         pytest.skip("needs 4 GB free disk to take 0.5 GB of it")
-    path = make_sweep(tmp_path, coefs="[0, 2, 4]", max_num_seqs=2, num_prompts=4,  # 56 requests
+    # 56 requests of 16 tokens: long enough that the sweep is still generating when the disk fills (with 4 tokens
+    # a fast start could finish them all before the next shard found the disk low).
+    path = make_sweep(tmp_path, coefs="[0, 2, 4]", max_num_seqs=2, num_prompts=4, max_new_tokens=16,
                       extra='\n[capture]\nlayers = [1]\npositions = "generated"\n')
     # The limit leaves 256 MB of today's free space; taking 512 MB once records are done puts the disk below it.
     text = path.read_text()
@@ -534,7 +490,7 @@ def test_a_disk_filling_mid_sweep_stops_it_cleanly_and_the_same_command_resumes(
     result = engine_sweep(path)
     assert result.returncode == 0, result.stderr
     assert f"{56 - num_before} records" in result.stderr
-    records = check_output(tmp_path, path)
+    records = check_output(tmp_path, path, max_new_tokens=16)
     from engine.storage.activations import load
     assert sorted(load(results)) == sorted(r["id"] for r in records)
 

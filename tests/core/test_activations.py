@@ -8,9 +8,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from engine.core.engine_core import EngineCore
 from engine.messages import CoreRequest, Outcome
 from engine.pipeline.writer import JsonlWriter
 from support.reference import steered_sequence
+from support.processes import disk_taken, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("last_prompt", "mean_prompt", "all_prompt", "generated")
@@ -365,30 +364,8 @@ def test_engine_run_refuses_to_start_on_a_low_disk_and_checks_the_option(tmp_pat
     assert result.returncode == 2 and "'-1': give the gigabytes to keep free as a number >= 0" in result.stderr
 
 
-@contextmanager
-def disk_taken(folder: Path, num_bytes: int):
-    """Take num_bytes of the file system with a real, allocated file, as another program filling the disk would."""
-    path = folder / "filler.bin"
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, num_bytes)
-        yield path
-    finally:
-        os.close(fd)
-        path.unlink()
-
-
 def count_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
-
-
-def wait_until(condition, proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Poll `condition` while `proc` runs; fail if it ends first or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)
 
 
 def test_engine_run_stops_cleanly_when_the_disk_fills_before_a_shard_and_the_same_command_resumes(tmp_path):

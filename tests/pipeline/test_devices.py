@@ -23,7 +23,7 @@ from engine.config import ConfigError, EngineConfig, parse_devices
 from engine.engine import EngineError
 from engine.apps.sweep.fields import SweepError
 from engine.apps.sweep.spec import load_sweep
-from test_sweep import engine_sweep, make_sweep
+from support.processes import engine_sweep, make_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 KILL_NEW_TOKENS = 40
