@@ -77,6 +77,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="time whole commands instead: engine-run, and the batched HF loop as a user's script at each "
                         "batch size, each a fresh process from start to exit, on empty caches (cold) and again (warm); "
                         "with --steering-specs, engine-run steered too (warm), against its plain warm run")
+    p.add_argument("--keep-alive", action="store_true",
+                   help="with --e2e, engine-run --keep-alive too: once starting its resident engine (caches warm), "
+                        "then again with that engine loaded (its rows: cache warm, then loaded)")
     return p
 
 
@@ -98,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
         steering_layers=args.steering_layers, capture_layers=args.capture_layers,
         capture_positions=args.capture_positions,
-        is_e2e=args.e2e, engine_flags_given=list(given),
+        is_e2e=args.e2e, is_keep_alive=args.keep_alive, engine_flags_given=list(given),
     )
 
 

@@ -66,6 +66,7 @@ class BenchConfig:
     capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
     capture_positions: str = "last_prompt"
     is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
+    is_keep_alive: bool = False  # --e2e: engine-run --keep-alive too, starting its resident engine, then with it loaded
     engine_flags_given: list[str] = field(default_factory=list)  # engine settings the user set: --e2e passes only these
 
     def __post_init__(self) -> None:
@@ -108,6 +109,9 @@ class BenchConfig:
         if self.capture_layers or self.engine.trace_dir:
             raise ConfigError("--e2e times whole commands, plain or steered; drop --capture-layers and --trace, or run "
                               "those without --e2e")
+        if self.is_keep_alive and "engine" not in self.systems:
+            raise ConfigError(f"--e2e --keep-alive runs engine-run with a resident engine, but --systems "
+                              f"{','.join(self.systems)} leaves engine-run out; add engine")
         if self.steering_specs and "engine" not in self.systems:
             raise ConfigError(f"--e2e --steering-specs runs engine-run steered, but --systems {','.join(self.systems)} "
                               "leaves engine-run out; add engine (the user's script has no steering)")

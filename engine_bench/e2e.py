@@ -41,6 +41,8 @@ from engine_bench.workloads import Workload
 
 SCRIPT = Path(__file__).with_name("user_script.py")
 CACHE_STATES = ("cold", "warm")
+KEEP_ALIVE = "10m"  # the kept-alive rows' --keep-alive: longer than any gap between their two runs
+STOP_TIMEOUT_S = 120
 CACHE_VARS = {"ENGINE_CACHE_DIR": "engine", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
               "CUDA_CACHE_PATH": "cuda"}
 MODEL_MARK = "bench-model.json"  # written last into a materialised model directory: it is complete
@@ -113,17 +115,18 @@ def materialise(source_msg: dict, mark: dict, device: str, target: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One system as the command a user runs: engine-run (plain, or steered by num_specs distinct vectors, prompt i
-    by vector i % num_specs) or the script at one batch size."""
+    """One system as the command a user runs: engine-run (plain, steered by num_specs distinct vectors, prompt i
+    by vector i % num_specs, or with --keep-alive: is_resident) or the script at one batch size."""
 
     system: str  # the program: engine-run | hf-script
     batch_size: int | None = None
     num_specs: int | None = None
+    is_resident: bool = False
 
     @property
     def name(self) -> str:
         """Its rows' system."""
-        return row_system(self.system, self.num_specs)
+        return row_system(self.system, self.num_specs) + (" kept-alive" if self.is_resident else "")
 
     @property
     def key(self) -> str:
@@ -132,12 +135,16 @@ class Command:
 
     @property
     def cache_key(self) -> str:
-        """Its cache folders' name: a steered engine-run shares the plain one's, so it finds its compile artefacts."""
+        """Its cache folders' name: a steered or kept-alive engine-run shares the plain one's, so it finds its
+        compile artefacts."""
         return self.system if self.batch_size is None else self.key
 
     @property
     def caches(self) -> tuple[str, ...]:
-        """Steered: warm only, right after the plain warm run (what a user's next, steered job meets)."""
+        """Steered: warm only, right after the plain warm run (what a user's next, steered job meets). Kept-alive:
+        warm (it starts the resident engine), then loaded (the next run finds it)."""
+        if self.is_resident:
+            return ("warm", "loaded")
         return CACHE_STATES if self.num_specs is None else ("warm",)
 
     def label(self, cache: str) -> str:
@@ -158,8 +165,9 @@ def write_prompts(workload: Workload, config: BenchConfig, path: Path, steering:
             f.write(json.dumps(record) + "\n")
 
 
-def engine_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path) -> list[str]:
-    """engine-run with its own defaults, except the engine settings the user gave engine-bench."""
+def engine_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path, is_resident: bool = False) -> list[str]:
+    """engine-run with its own defaults, except the engine settings the user gave engine-bench (and --keep-alive
+    for the kept-alive rows)."""
     argv = [sys.executable, "-m", "engine.apps.run", "--input", str(prompts), "--output", str(folder / "results.jsonl"),
             "--model", str(model), "--dtype", dtype_name(config), "--seed", str(config.engine.sampling.seed),
             "--ignore-eos", "--return-tokens", "--force", "--quiet", "--timings", str(folder / "timings.json")]
@@ -169,7 +177,7 @@ def engine_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path) -
         argv += ["--max-model-len", str(engine.max_model_len)]
     for name in config.engine_flags_given:
         argv += [f"--{name.replace('_', '-')}", str(getattr(engine, name))]
-    return argv
+    return argv + (["--keep-alive", KEEP_ALIVE] if is_resident else [])
 
 
 def script_argv(config: BenchConfig, model: Path, prompts: Path, folder: Path, batch_size: int) -> list[str]:
@@ -184,6 +192,7 @@ def systems(config: BenchConfig) -> list[Command]:
     at each batch size (it has no steering)."""
     out = [Command("engine-run")] if "engine" in config.systems else []
     out += [Command("engine-run", num_specs=n) for n in dict.fromkeys(config.steering_specs) if out]
+    out += [Command("engine-run", is_resident=True)] if out and config.is_keep_alive else []
     return out + ([Command("hf-script", b) for b in config.batch_sizes] if "hf" in config.systems else [])
 
 
@@ -262,21 +271,38 @@ def run_system(config: BenchConfig, command: Command, model: Path, prompts: Path
                workload: Workload, gpu: GpuMonitor | None) -> tuple[list[dict], dict[str, dict]]:
     """One command at each of its cache states (cold, then warm): (metrics per run, completions per run label)."""
     metrics, outputs = [], {}
-    batch = command.batch_size
-    for cache in command.caches:
-        label = command.label(cache)
-        folder = run_dir / f"{command.key}-{cache}"
-        argv = (engine_argv(config, model, prompts, folder) if batch is None
-                else script_argv(config, model, prompts, folder, batch))
-        run = run_command(label, argv, folder, cache_env(Path(config.out) / "e2e-cache" / command.cache_key, cache))
-        outputs[label] = read_results(label, folder / "results.jsonl", workload)
-        m = run_metrics(run, command.system, cache, batch, label, argv, outputs[label]["token_ids"], command.num_specs)
-        m.update(gpu_columns(gpu, run, m, max(1, len(config.engine.devices)) if batch is None else 1))
-        print(f"engine-bench: {workload.name} {label}: {m['wall_s']:.1f} s whole command, first result at "
-              f"{m['time_to_first_result_s']:.1f} s, {m['output_tokens_per_s']:,.0f} output tok/s", file=sys.stderr,
-              flush=True)
-        metrics.append(m)
+    root = Path(config.out) / "e2e-cache" / command.cache_key
+    try:
+        for cache in command.caches:
+            metrics.append(_run_once(config, command, cache, model, prompts, run_dir, workload, gpu, root, outputs))
+    finally:
+        if command.is_resident:  # its resident engine holds the device: end it before the next system
+            stop_resident(cache_env(root, "warm"))
     return metrics, outputs
+
+
+def _run_once(config: BenchConfig, command: Command, cache: str, model: Path, prompts: Path, run_dir: Path,
+              workload: Workload, gpu: GpuMonitor | None, root: Path, outputs: dict) -> dict:
+    batch = command.batch_size
+    label = command.label(cache)
+    folder = run_dir / f"{command.key}-{cache}"
+    argv = (engine_argv(config, model, prompts, folder, command.is_resident) if batch is None
+            else script_argv(config, model, prompts, folder, batch))
+    run = run_command(label, argv, folder, cache_env(root, cache))
+    outputs[label] = read_results(label, folder / "results.jsonl", workload)
+    m = run_metrics(run, command.system, cache, batch, label, argv, outputs[label]["token_ids"], command.num_specs,
+                command.name)
+    m.update(gpu_columns(gpu, run, m, max(1, len(config.engine.devices)) if batch is None else 1))
+    print(f"engine-bench: {workload.name} {label}: {m['wall_s']:.1f} s whole command, first result at "
+          f"{m['time_to_first_result_s']:.1f} s, {m['output_tokens_per_s']:,.0f} output tok/s", file=sys.stderr,
+          flush=True)
+    return m
+
+
+def stop_resident(env: dict[str, str]) -> None:
+    """End the resident engine of a cache root's folders (none running: nothing to do)."""
+    subprocess.run([sys.executable, "-m", "engine.apps.resident", "stop"], env=env, capture_output=True,
+                   timeout=STOP_TIMEOUT_S, check=False)
 
 
 def gpu_columns(gpu: GpuMonitor | None, run: dict, m: dict, num_cards: int) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.apps.flags import add_engine_args, add_engine_flag, config_from_args
+from engine.apps.resident.channel import ResidentError, parse_duration
+from engine.apps.resident.client import ResidentEngine, open_resident
 from engine.config import ConfigError, EngineConfig
 from engine.models import ModelNotFound
 from engine.engine import Engine, EngineError
@@ -43,6 +45,10 @@ def run_parser() -> argparse.ArgumentParser:
                    help="disk space to keep free: checked before starting and before each activation shard; when low, "
                         "the run stops cleanly and the same command resumes it (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--keep-alive", type=_duration, default=os.environ.get("ENGINE_KEEP_ALIVE", "0"),
+                   metavar="DURATION", help="keep the engine loaded for DURATION after the run (600, 10m, 1h; "
+                   "default 0: off, or $ENGINE_KEEP_ALIVE): the next engine-run with the same engine settings from "
+                   "the same folder uses it and starts at once; `python -m engine.apps.resident stop` ends it")
     p.add_argument("--timings", metavar="PATH", help="write JSON wall-clock stamps (process start, engine ready, first "
                    "and last result, exit) and the engine cores' start-up phases to PATH (engine-bench --e2e reads it)")
     add_engine_args(p)
@@ -57,6 +63,13 @@ def _gigabytes(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: give the gigabytes to keep free as a number >= 0, e.g. 1 or 0.5")
     return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def input_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -131,6 +144,13 @@ def _died(engine: Engine) -> str:
     return f"; {num} engine core{'s' * (num != 1)} died, the others ran their requests" if num else ""
 
 
+def _resident(engine) -> str:
+    """The summary's note of a resident engine: its pid, and whether this run started it."""
+    if not isinstance(engine, ResidentEngine):
+        return ""
+    return f"; resident engine pid {engine.pid} ({'started' if engine.was_started else 'already loaded'})"
+
+
 @contextmanager
 def interrupt_on_signals():
     """From a command's first line, SIGINT and SIGTERM raise KeyboardInterrupt (start-up stops, children are ended,
@@ -159,7 +179,7 @@ def _run_main(argv: list[str] | None) -> int:
     except (ConfigError, ModelNotFound, OutputError) as exc:
         print(f"engine-run: {exc}", file=sys.stderr)
         return EXIT_FATAL
-    except EngineError as exc:
+    except (EngineError, ResidentError) as exc:
         print(f"engine-run: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except DiskLow as exc:
@@ -244,7 +264,7 @@ def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, 
         # Captured activations reach the writer as tensors: import torch (~2 s) while the engine starts, where
         # spare cores hide it (on two it would slow the core's own imports).
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
-    with Engine(config) as engine:
+    with (open_resident(config, args.keep_alive) if args.keep_alive else Engine(config)) as engine:
         timings.mark("engine_ready")
         writer = JsonlWriter(output, manifest, args.ordered, min_free_gb=args.min_free_gb, done=done)
         progress = Progress(max(_count_lines(source) - len(done), 0), not args.quiet)
@@ -270,7 +290,7 @@ def _generate(config: EngineConfig, source: Path, output: Path, manifest: dict, 
         f"engine-run: {writer.num_results} records, {writer.num_errors} errors, {writer.num_tokens} tokens in "
         f"{elapsed:.1f} s ({throughput(writer.num_tokens, engine.device_counts(), elapsed)}); start-up "
         f"{engine.startup_s:.1f} s, wall {time.perf_counter() - wall:.1f} s; {engine.device} {engine.dtype}; "
-        f"skipped {len(done)} done" + _died(engine) + ("; interrupted" if interrupted else ""),
+        f"skipped {len(done)} done" + _resident(engine) + _died(engine) + ("; interrupted" if interrupted else ""),
         file=sys.stderr,
     )
     if writer.num_errors:

@@ -9,6 +9,7 @@ get a second row (scaled by the residual's norm at the hook), and the LayerRows 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -122,9 +123,10 @@ class SteeringResolver:
 
     def __init__(self, vectors: VectorTable, num_layers: int, hidden_size: int, on_steer):
         self.vectors, self.num_layers, self.hidden_size, self.on_steer = vectors, num_layers, hidden_size, on_steer
-        self._files: dict[str, dict | RecordError] = {}  # path -> {layer or None: float32 array}
-        # a spec's terms -> their _Prepared, least recent first
-        self._prepared: OrderedDict[tuple[SteeringTerm, ...], _Prepared] = OrderedDict()
+        # path -> (its file's stamp, {layer or None: float32 array} or the error reading it gave)
+        self._files: dict[str, tuple[tuple | None, dict | RecordError]] = {}
+        # a spec's terms and their files' stamps -> their _Prepared, least recent first
+        self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
 
     def resolve(self, spec: SteeringSpec | None, num_prompt_tokens: int) -> SteerPlan | None:
         """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply.
@@ -156,17 +158,19 @@ class SteeringResolver:
 
     def _prepare(self, terms: tuple[SteeringTerm, ...]) -> _Prepared:
         """The spec's vectors and hooks, once per distinct spec (the most recent MAX_PREPARED_SPECS are kept). The
-        terms are the key: a list of one term and the term given alone share their entry."""
-        prepared = self._prepared.get(terms)
+        terms are the key, with their files' stamps (a file written again is read again: a resident engine outlives
+        one run's files); a list of one term and the term given alone share their entry."""
+        key = (terms, tuple(file_stamp(term.vector) for term in terms))
+        prepared = self._prepared.get(key)
         if prepared is not None:
-            self._prepared.move_to_end(terms)
+            self._prepared.move_to_end(key)
             return prepared
         added = [self._term_vectors(term) for term in terms]
         for term in terms:
             for layer in term.layers:
                 self.on_steer(layer, term.normalize or term.norm_match)
         prepared = _Prepared(terms, added, sorted({layer for vectors in added for layer in vectors}))
-        self._prepared[terms] = prepared
+        self._prepared[key] = prepared
         if len(self._prepared) > MAX_PREPARED_SPECS:
             self._prepared.popitem(last=False)
         return prepared
@@ -218,16 +222,26 @@ class SteeringResolver:
         return out
 
     def _file(self, path: str) -> dict:
-        if path not in self._files:
+        stamp = file_stamp(path)
+        if path not in self._files or self._files[path][0] != stamp:
             try:
                 vectors = load_vectors(path, self.num_layers, self.hidden_size)
-                self._files[path] = {layer: v.numpy() for layer, v in vectors.items()}
+                self._files[path] = stamp, {layer: v.numpy() for layer, v in vectors.items()}
             except RecordError as exc:
-                self._files[path] = exc
-        entry = self._files[path]
+                self._files[path] = stamp, exc
+        entry = self._files[path][1]
         if isinstance(entry, RecordError):
             raise entry
         return entry
+
+
+def file_stamp(path: str) -> tuple | None:
+    """A file's identity and version (inode, size, mtime); None when it cannot be read (its loading says why)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _spans(positions: str | Ranges, num_prompt_tokens: int) -> tuple[list, list]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -326,21 +327,23 @@ def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
 
 
 E2E_LABELS = ["engine-run cold", "engine-run warm", "engine-run steered-1 warm", "engine-run steered-2 warm",
-              "hf-script b2 cold", "hf-script b2 warm", "hf-script b4 cold", "hf-script b4 warm"]
+              "engine-run kept-alive warm", "engine-run kept-alive loaded", "hf-script b2 cold", "hf-script b2 warm",
+              "hf-script b4 cold", "hf-script b4 warm"]
 
 
 @pytest.fixture(scope="module")
 def e2e_run(tokenizer, tmp_path_factory):
     """engine-run and the user's script (batches of 2 and 4) as whole commands on CPU, cold and warm, and engine-run
-    steered by 1 and by 2 vectors (warm); unequal new-token counts, few of them, since process start-ups are what
+    steered by 1 and by 2 vectors (warm), and with --keep-alive (starting its resident engine, then finding it);
+    unequal new-token counts, few of them, since process start-ups are what
     this measures."""
     folder = tmp_path_factory.mktemp("e2e")
     source, results, rows = input_and_results(folder, tokenizer, "short")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # the children inherit it: one thread each on a 2-core runner
         code = bench_main(["--e2e", "--model", "random:tiny", "--device", "cpu", "--input", str(source),
-                           "--batch-sizes", "2,4", "--steering-specs", "1,2", "--steering-layers", "1", "--out",
-                           str(folder / "out"), "--append-results", str(results), "--quiet"])
+                           "--batch-sizes", "2,4", "--steering-specs", "1,2", "--steering-layers", "1", "--keep-alive",
+                           "--out", str(folder / "out"), "--append-results", str(results), "--quiet"])
     assert code == 0
     return folder, json.loads(next((folder / "out").glob("prompts-e2e-*.json")).read_text())
 
@@ -356,7 +359,7 @@ def test_e2e_runs_each_system_cold_and_warm_and_times_its_phases(e2e_run):
         assert m["exit_code"] == 0 and m["launch_s"] >= 0
         assert 0 < m["time_to_first_result_s"] < m["wall_s"]
         assert sum(v or 0 for v in m["phases_s"].values()) == pytest.approx(m["wall_s"], abs=0.05)
-        assert m["phases_s"]["generation"] > 0 and m["phases_s"]["load"] > 0
+        assert m["phases_s"]["generation"] > 0 and (m["phases_s"]["load"] > 0) == (m["cache"] != "loaded")
         assert m["num_output_tokens"] == sum(NEW_TOKENS) and m["output_tokens_per_s"] > 0
         assert m["gpu_util_mean_pct"] is None and m["gpu_util_generation_pct"] is None
         if m["num_steering_specs"] is None:
@@ -404,6 +407,25 @@ def test_e2e_steered_engine_runs_share_the_warm_cache_and_are_compared_with_it(e
         assert [len(completions[count][r["id"]]) for r in records] == NEW_TOKENS
     assert completions[1] != _completions(run_dir / "engine-run-warm")  # the vectors really were applied
     assert not (Path(report["settings"]["out"]) / "e2e-cache" / "engine-run-steered-1").exists()  # the plain cache
+
+
+def test_e2e_kept_alive_rows_run_in_one_resident_engine_which_ends_after_them(e2e_run):
+    report = e2e_run[1]
+    runs = {m["label"]: m for m in report["runs"]}
+    started, loaded = runs["engine-run kept-alive warm"], runs["engine-run kept-alive loaded"]
+    assert started["system"] == loaded["system"] == "engine-run kept-alive" and "--keep-alive" in loaded["command"]
+    run_dir = Path(report["run_dir"])
+    pid = re.search(r"resident engine pid (\d+) \(started\)",
+                    (run_dir / "engine-run-kept-alive-warm" / "stderr.log").read_text()).group(1)
+    assert f"resident engine pid {pid} (already loaded)" in (run_dir / "engine-run-kept-alive-loaded" /
+                                                            "stderr.log").read_text()
+    assert loaded["core_phases"] == {} and started["core_phases"]["0"]["load"] > 0
+    assert loaded["vs_engine_run"] == pytest.approx(loaded["wall_s"] / runs["engine-run warm"]["wall_s"])
+    env = {**os.environ, "ENGINE_CACHE_DIR": str(Path(report["settings"]["out"]) / "e2e-cache" / "engine-run" /
+                                                 "engine")}
+    status = subprocess.run([sys.executable, "-m", "engine.apps.resident", "status"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert "no resident engine for" in status.stderr, status.stderr  # the bench ended it
 
 
 def test_e2e_writes_json_table_chart_and_results(e2e_run):
