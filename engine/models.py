@@ -36,12 +36,41 @@ PRESETS: dict[str, dict] = {
         "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
     },
+    # Gemma 2's soft-capping at caps its random weights' scores reach (initializer_range), and a window that short
+    # prompts outgrow: what the tests compare with transformers' own Gemma 2.
+    "tiny-gemma2": {
+        "model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+        "sliding_window": 8, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0, "initializer_range": 0.2, "hidden_activation": "gelu_pytorch_tanh",
+    },
     "gemma-2b": {
         "model_type": "gemma", "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18,
         "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 8192,
         "hidden_activation": "gelu_pytorch_tanh",
     },
+    # The text shapes of the released checkpoints (Gemma 2 2B; Gemma 3 1B and 4B's language model), random weights:
+    # Gemma 2 with its attention and final-logit soft-capping, sliding and global layers alternating.
+    "gemma2-2b": {
+        "model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+        "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+    },
+    "gemma3-1b": {
+        "model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 32768,
+        "sliding_window": 512, "query_pre_attn_scalar": 256,
+    },
+    "gemma3-4b": {
+        "model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+        "sliding_window": 1024, "query_pre_attn_scalar": 256,
+    },
 }
+
+
+EAGER_BUILT = ("gemma2",)  # model types whose transformers classes refuse attn_implementation="sdpa"
 
 
 class ModelNotFound(ValueError):
@@ -338,14 +367,24 @@ def load_model(source: ModelSource, dtype, device: str, vocab_size: int):
         config = random_config(source.preset, vocab_size)
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_build_attention(config))
     else:
         # device_map: each tensor is read from the file straight onto the device, not into host memory first
-        model = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=dtype, attn_implementation="sdpa",
-                                                     device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=dtype, device_map=device,
+                                                     attn_implementation=_build_attention(source.weights_dir))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _build_attention(config_or_dir) -> str:
+    """The attention the model is built with ("sdpa"; "eager" for the models transformers builds with nothing
+    else, Gemma 2 among them): the engine's own attention replaces it before any forward, so either builds the
+    same weights."""
+    from transformers import AutoConfig
+
+    config = config_or_dir if not isinstance(config_or_dir, str) else AutoConfig.from_pretrained(config_or_dir)
+    return "eager" if config.get_text_config().model_type in EAGER_BUILT else "sdpa"
 
 
 def decoder_layers(model):

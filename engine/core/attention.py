@@ -27,6 +27,7 @@ log = logging.getLogger("engine")
 NAME = "engine"
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 CACHE_BUFFERS = ("engine_k_cache", "engine_v_cache")  # bind_cache's buffer names on an attention module
+CAPPED_BLOCK = 1024  # queries per block of a soft-capped prefill
 
 
 @dataclass(slots=True)
@@ -48,16 +49,15 @@ CONTEXT = ForwardContext()
 def unsupported_reason(model_config) -> str | None:
     """Why the engine's attention cannot run this model exactly, or None."""
     c = model_config.get_text_config()
-    if getattr(c, "attn_logit_softcapping", None):
-        return (f"{c.model_type}: attention logit soft-capping ({c.attn_logit_softcapping}) is not supported by the "
-                f"engine's attention yet")
     if getattr(c, "use_bidirectional_attention", False):
         return f"{c.model_type}: bidirectional attention is not a causal LM"
     return None
 
 
-def engine_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+def engine_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None,
+                     **kwargs):
     """HF attention-interface entry: query [B, H, T, D], key/value [B, KVH, T, D] -> ([B, T, H, D], None).
+    `softcap` (Gemma 2's attn_logit_softcapping): scores become softcap * tanh(scores / softcap) before the softmax.
 
     Inside a compiled decoder layer it is one opaque op (engine::attention) over the layer's cache tensors, which
     bind_cache made buffers of the attention module: no graph break, so a layer is one graph, not four, and the
@@ -65,35 +65,36 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, sl
     k_cache = getattr(module, CACHE_BUFFERS[0], None)
     if k_cache is not None and torch.compiler.is_compiling():
         v_cache = getattr(module, CACHE_BUFFERS[1])
-        return torch.ops.engine.attention(query, key, value, k_cache, v_cache, sliding_window or 0, scaling), None
-    return _eager_attention(module, query, key, value, scaling, sliding_window)
+        return torch.ops.engine.attention(query, key, value, k_cache, v_cache, sliding_window or 0, scaling,
+                                          softcap or 0.0), None
+    return _eager_attention(module, query, key, value, scaling, sliding_window, softcap)
 
 
 @torch.compiler.disable  # a compiled layer whose module has no bound cache calls it eagerly (a graph break)
-def _eager_attention(module, query, key, value, scaling, sliding_window):
+def _eager_attention(module, query, key, value, scaling, sliding_window, softcap):
     layer = module.layer_idx
     return _attend(query, key, value, CONTEXT.cache.k[layer], CONTEXT.cache.v[layer], sliding_window or None,
-                   scaling), None
+                   scaling, softcap or None), None
 
 
-def _attend(query, key, value, k_cache, v_cache, window, scaling):
+def _attend(query, key, value, k_cache, v_cache, window, scaling, softcap=None):
     ctx = CONTEXT
     if ctx.is_prefill:
-        return _prefill(query, key, value, k_cache, v_cache, ctx, window, scaling)
-    return _decode(query, key, value, k_cache, v_cache, ctx, window, scaling)
+        return _prefill(query, key, value, k_cache, v_cache, ctx, window, scaling, softcap)
+    return _decode(query, key, value, k_cache, v_cache, ctx, window, scaling, softcap)
 
 
 @torch.library.custom_op("engine::attention", mutates_args=())
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, window: int, scaling: float | None) -> torch.Tensor:
+                  v_cache: torch.Tensor, window: int, scaling: float | None, softcap: float) -> torch.Tensor:
     """The engine's attention as compiled layers see it. It writes the step's K/V into the caches, which no other
     op of a layer's graph reads, so declaring no mutation cannot reorder anything that matters (and keeps
-    functionalization from copying the caches)."""
-    return _attend(query, key, value, k_cache, v_cache, window or None, scaling).contiguous()
+    functionalization from copying the caches). softcap 0: none."""
+    return _attend(query, key, value, k_cache, v_cache, window or None, scaling, softcap or None).contiguous()
 
 
 @_attention_op.register_fake
-def _(query, key, value, k_cache, v_cache, window, scaling):
+def _(query, key, value, k_cache, v_cache, window, scaling, softcap):
     batch, heads, tokens, dim = query.shape
     return query.new_empty(batch, tokens, heads, dim)
 
@@ -109,10 +110,14 @@ def bind_cache(model, cache: KVCache) -> None:
         attn.register_buffer(CACHE_BUFFERS[1], cache.v[attn.layer_idx], persistent=False)
 
 
-def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
+def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling, softcap=None):
     """query [1, H, N, D], key/value [1, KVH, N, D]: the prompts packed end to end -> [1, N, H, D]."""
     keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [N, KVH, D]
     _write_kv(k_cache, v_cache, ctx.rows, ctx.write_pos, keys, values)
+    if softcap is not None:  # no fused kernel here soft-caps: the scores are computed, capped and softmaxed
+        out = torch.cat([_capped_causal(query[:, :, a:a + n], key[:, :, a:a + n], value[:, :, a:a + n], window,
+                                        scaling, softcap) for a, n in ctx.spans], dim=2)
+        return out.transpose(1, 2)
     varlen = VarlenKernel.get(query, window)
     if varlen is not None:
         longest = max(length for _, length in ctx.spans)
@@ -133,6 +138,31 @@ def _causal(query, key, value, window, scaling):
     idx = torch.arange(n, device=query.device)
     mask = (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < window)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+
+
+def _capped_causal(query, key, value, window, scaling, softcap: float):
+    """Causal attention of one prompt [1, H, n, D] with soft-capped scores, as Gemma 2's eager attention computes
+    it (scores in the model's dtype scaled, capped, masked, softmaxed in float32), in blocks of CAPPED_BLOCK queries
+    so the scores of a long prompt never exceed [H, CAPPED_BLOCK, n]."""
+    key, value = _expand_kv(key, value, query.shape[1] // key.shape[1], dim=1)
+    n = query.shape[2]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    cols = torch.arange(n, device=query.device)
+    out = []
+    for start in range(0, n, CAPPED_BLOCK):
+        q = query[:, :, start:start + CAPPED_BLOCK]
+        scores = _softcapped(torch.matmul(q, key.transpose(2, 3)) * scale, softcap)
+        rows = cols[start:start + q.shape[2], None]
+        visible = cols[None, :] <= rows
+        if window is not None:
+            visible &= rows - cols[None, :] < window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), value))
+    return torch.cat(out, dim=2)
+
+
+def _softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    return torch.tanh(scores / softcap) * softcap
 
 
 def _prefill_backends() -> list:
@@ -242,7 +272,7 @@ class TritonKernels:
         return cls._module
 
 
-def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling):
+def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, scaling, softcap=None):
     """query [1, H, B, D], key/value [1, KVH, B, D]: one token of each of the first B KV rows, packed in one row as a
     prefill's prompts are (so decode runs the compiled layers' one graph) -> [1, B, H, D]."""
     query = query[0].transpose(0, 1)[:, :, None]  # [B, H, 1, D]
@@ -252,13 +282,20 @@ def _decode(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, sc
     kernel = TritonKernels.get(query)
     if kernel is not None:
         scale = dim ** -0.5 if scaling is None else scaling
-        out = kernel.decode_attention(query, k_cache, v_cache, ctx.positions, ctx.read_len, scale, window)
+        out = kernel.decode_attention(query, k_cache, v_cache, ctx.positions, ctx.read_len, scale, window,
+                                      softcap=softcap)
         return out.view(1, batch, heads, dim)
     keys = k_cache[:batch, :, :ctx.read_len]
     values = v_cache[:batch, :, :ctx.read_len]
     # The query heads of one KV head become that head's "query positions": no K/V expansion for GQA/MQA.
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[window], scale=scaling)
+    if softcap is not None:
+        scale = dim ** -0.5 if scaling is None else scaling
+        scores = _softcapped(torch.matmul(q, keys.transpose(2, 3)) * scale, softcap)
+        scores = scores.masked_fill(~ctx.masks[window], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype), values)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[window], scale=scaling)
     return out.reshape(1, batch, heads, dim)
 
 

@@ -65,6 +65,35 @@ def test_decode_kernel_matches_the_math_backend(heads, kv_heads, dim, window):
             assert err < 2e-2, (batch, read_len, tuning, err)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,window", [(8, 4, 256, None), (8, 4, 256, 40), (4, 2, 16, None)])
+def test_decode_kernel_soft_caps_as_the_math_reference(heads, kv_heads, dim, window):
+    """Gemma 2's attention: scores soft-capped (cap * tanh(s / cap)) before the softmax, against the same
+    computed in float32 with an explicit mask; the queries scaled so the cap changes the result."""
+    from engine.core.attention import decode_masks
+    from engine.core.kernels.attention import decode_attention
+
+    torch.manual_seed(0)
+    rows, max_len, cap = 64, 600, 20.0
+    k_cache = torch.randn(rows, kv_heads, max_len + 1, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    for batch, read_len in ((1, 128), (5, 512), (64, 600)):
+        positions = torch.randint(0, read_len, (batch,), device="cuda")
+        positions[0] = read_len - 1
+        query = (torch.randn(batch, heads, 1, dim, device="cuda") * 4).bfloat16()
+        keys = k_cache[:batch, :, :read_len].repeat_interleave(heads // kv_heads, 1).float()
+        values = v_cache[:batch, :, :read_len].repeat_interleave(heads // kv_heads, 1).float()
+        scores = query.float() @ keys.transpose(2, 3) * dim ** -0.5
+        mask = decode_masks(positions, read_len, {window})[window]
+        want = torch.softmax((torch.tanh(scores / cap) * cap).masked_fill(~mask, float("-inf")), -1) @ values
+        uncapped = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ values
+        assert (want - uncapped).abs().max() > 0.1  # the cap matters here
+        for tuning in (None, {"target": 1}):
+            got = decode_attention(query, k_cache, v_cache, positions, read_len, dim ** -0.5, window, tuning,
+                                   softcap=cap)
+            err = (got.float() - want.transpose(1, 2)).abs().max().item()
+            assert err < 2e-2, (batch, read_len, tuning, err)
+
+
 @pytest.mark.parametrize("kv_heads,dim", [(1, 256), (2, 64), (8, 128)])
 def test_kv_write_kernel_equals_index_put(kv_heads, dim):
     from engine.core.kernels.attention import write_kv
@@ -82,11 +111,11 @@ def test_kv_write_kernel_equals_index_put(kv_heads, dim):
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
-def _core(**overrides):
+def _core(model: str = GPU_MODEL, **overrides):
     from engine.core.engine_core import EngineCore
     from engine.models import resolve_model
 
-    config = tiny_config(model=GPU_MODEL, tokenizer=GPU_TOKENIZER, device="cuda", dtype="bfloat16", max_num_seqs=16,
+    config = tiny_config(model=model, tokenizer=GPU_TOKENIZER, device="cuda", dtype="bfloat16", max_num_seqs=16,
                          **overrides)
     return EngineCore(config, resolve_model(config.model, config.tokenizer, config.cache_dir))
 
@@ -133,11 +162,15 @@ def _tokenizer_dir(core) -> str:
     return resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir).tokenizer_dir
 
 
-def test_greedy_agrees_with_hf_generate_until_a_near_tie():
+MODELS = [GPU_MODEL, "random:tiny-gemma2"]  # Gemma 2: soft-capped attention (Triton decode, capped prefill)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_greedy_agrees_with_hf_generate_until_a_near_tie(model):
     from engine.models import load_model, resolve_model
     from engine.models import load_hf_tokenizer
 
-    core = _core()
+    core = _core(model)
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
     tok = load_hf_tokenizer(source.tokenizer_dir)
     ids = [tok(p).input_ids for p in PROMPTS]
@@ -183,14 +216,15 @@ def test_steering_added_after_capture_recaptures(tmp_path):
     assert steered != plain
 
 
-def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
+@pytest.mark.parametrize("model", MODELS)
+def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(model, capsys):
     import random
 
     from engine.models import load_model, resolve_model
     from engine.models import load_hf_tokenizer
     from support.teacher_forcing import engine_logits, hf_logits
 
-    core = _core()
+    core = _core(model)
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
     tok = load_hf_tokenizer(source.tokenizer_dir)
     ref = load_model(source, torch.bfloat16, "cuda", len(tok))
@@ -206,7 +240,8 @@ def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(capsys):
             expected = hf_logits(ref, ids, len(prompt))
             worst = max(worst, ((logits - expected).abs().max() / expected.abs().max()).item())
     with capsys.disabled():
-        print(f"\nteacher-forced logits, 200 prompts x 9 positions, bf16: largest relative error {worst:.4f}")
+        print(f"\n{model}: teacher-forced logits, 200 prompts x 9 positions, bf16: largest relative error "
+              f"{worst:.4f}")
     assert worst < 0.05
 
 

@@ -23,8 +23,9 @@ NO_WINDOW = 1 << 30
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, out_ptr,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh,
-                         scale, window, split_len, num_splits, group,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr):
+                         scale, window, split_len, num_splits, group, softcap,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+                         SOFTCAP: tl.constexpr):
     row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_kv = tl.num_programs(1)
     g = tl.arange(0, BLOCK_G)
@@ -47,6 +48,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, out_ptr,
         offs = base + cols[:, None] * stride_kn + d[None, :]
         k = tl.load(k_ptr + offs, mask=inside[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        if SOFTCAP:  # Gemma 2: softcap * tanh(scores / softcap), tanh(x) = 2 / (1 + exp(-2x)) - 1
+            scores = softcap * (2.0 / (1.0 + tl.exp(-2.0 * scores / softcap)) - 1.0)
         scores = tl.where(inside[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp(m - m_new)
@@ -107,9 +110,11 @@ def supports(query: torch.Tensor) -> bool:
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     read_len: int, scale: float, window: int | None, tuning: dict | None = None) -> torch.Tensor:
+                     read_len: int, scale: float, window: int | None, tuning: dict | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """query [B, H, 1, D]; caches [S, KVH, max_len + 1, D]; row b attends columns [0, positions[b]] (within the
-    window) -> [B, 1, H, D]. Static shapes for a given (B, read_len), so it is captured in CUDA graphs.
+    window) -> [B, 1, H, D]. Static shapes for a given (B, read_len), so it is captured in CUDA graphs. `softcap`:
+    scores are soft-capped (softcap * tanh(scores / softcap)) before the softmax.
     `tuning` (block_n, num_warps, num_stages, target) overrides the defaults, for benchmarks/decode_kernel.py."""
     t = {**DEFAULT_TUNING, **(tuning or {})}
     batch, heads, _, dim = query.shape
@@ -129,8 +134,8 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, positions, acc, ml, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(2),
-        scale, window or NO_WINDOW, split_len, splits, group,
-        BLOCK_G=block_g, BLOCK_N=t["block_n"], HEAD_DIM=dim, DIRECT=direct,
+        scale, window or NO_WINDOW, split_len, splits, group, float(softcap or 1.0),
+        BLOCK_G=block_g, BLOCK_N=t["block_n"], HEAD_DIM=dim, DIRECT=direct, SOFTCAP=bool(softcap),
         num_warps=t["num_warps"], num_stages=t["num_stages"])
     if not direct:
         _merge_splits_kernel[(batch, kv_heads)](acc, ml, out, out.stride(0), out.stride(2), splits, group,
