@@ -10,6 +10,7 @@ code on a [1, tokens, hidden] row, so the compiled layers have one graph for bot
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ log = logging.getLogger("engine")
 NAME = "engine"
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 CACHE_BUFFERS = ("engine_k_cache", "engine_v_cache")  # bind_cache's buffer names on an attention module
-CAPPED_BLOCK = 1024  # queries per block of a soft-capped prefill
+CAPPED_BLOCK = 2048  # queries per block of a soft-capped prefill
 
 
 @dataclass(slots=True)
@@ -115,9 +116,7 @@ def _prefill(query, key, value, k_cache, v_cache, ctx: ForwardContext, window, s
     keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [N, KVH, D]
     _write_kv(k_cache, v_cache, ctx.rows, ctx.write_pos, keys, values)
     if softcap is not None:  # no fused kernel here soft-caps: the scores are computed, capped and softmaxed
-        out = torch.cat([_capped_causal(query[:, :, a:a + n], key[:, :, a:a + n], value[:, :, a:a + n], window,
-                                        scaling, softcap) for a, n in ctx.spans], dim=2)
-        return out.transpose(1, 2)
+        return _capped_packed(query, key, value, ctx, window, scaling, softcap).transpose(1, 2)
     varlen = VarlenKernel.get(query, window)
     if varlen is not None:
         longest = max(length for _, length in ctx.spans)
@@ -140,24 +139,29 @@ def _causal(query, key, value, window, scaling):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
 
 
-def _capped_causal(query, key, value, window, scaling, softcap: float):
-    """Causal attention of one prompt [1, H, n, D] with soft-capped scores, as Gemma 2's eager attention computes
-    it (scores in the model's dtype scaled, capped, masked, softmaxed in float32), in blocks of CAPPED_BLOCK queries
-    so the scores of a long prompt never exceed [H, CAPPED_BLOCK, n]."""
+def _capped_packed(query, key, value, ctx: ForwardContext, window, scaling, softcap: float):
+    """Attention with soft-capped scores over the packed prompts, query [1, H, N, D], key/value [1, KVH, N, D] ->
+    [1, H, N, D], as Gemma 2's eager attention computes it (scores in the model's dtype scaled, capped, masked,
+    softmaxed in float32). In blocks of CAPPED_BLOCK queries, each against the keys from the start of its first
+    query's prompt (a block's scores never exceed [H, CAPPED_BLOCK, block + that prompt]), masked to each token's
+    own prompt, causally, within the window: a few launches per layer however many prompts the row packs."""
     key, value = _expand_kv(key, value, query.shape[1] // key.shape[1], dim=1)
     n = query.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    cols = torch.arange(n, device=query.device)
+    starts = [start for start, _ in ctx.spans]
+    idx = torch.arange(n, dtype=torch.int32, device=query.device)
+    prompt = torch.searchsorted(ctx.cu_lens[1:].to(torch.int32), idx, right=True)  # each token's prompt
     out = []
-    for start in range(0, n, CAPPED_BLOCK):
-        q = query[:, :, start:start + CAPPED_BLOCK]
-        scores = _softcapped(torch.matmul(q, key.transpose(2, 3)) * scale, softcap)
-        rows = cols[start:start + q.shape[2], None]
-        visible = cols[None, :] <= rows
+    for a in range(0, n, CAPPED_BLOCK):
+        b = min(a + CAPPED_BLOCK, n)
+        k0 = starts[bisect.bisect_right(starts, a) - 1]
+        scores = _softcapped(torch.matmul(query[:, :, a:b], key[:, :, k0:b].transpose(2, 3)) * scale, softcap)
+        rows, cols = idx[a:b, None], idx[None, k0:b]
+        visible = (prompt[a:b, None] == prompt[None, k0:b]) & (cols <= rows)
         if window is not None:
-            visible &= rows - cols[None, :] < window
+            visible &= rows - cols < window
         scores = scores.masked_fill(~visible, float("-inf"))
-        out.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), value))
+        out.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype), value[:, :, k0:b]))
     return torch.cat(out, dim=2)
 
 
