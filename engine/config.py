@@ -193,8 +193,9 @@ class SteeringDefaults:
 
     vector: str | None = knob(None, flag="--steer", metavar="FILE",
                               help="vector file: .safetensors, .pt, .npy or a .gguf control vector")
+    # empty: the layers the vector file names (layer.<L>, a control vector's direction.<L>, rows of a 2-D array)
     layers: list[int] = knob(factory=list, flag="--steer-layer", type=parse_layer_flag, metavar="L[,L2..]",
-                             help="decoder layer(s) whose output is steered")
+                             help="decoder layer(s) whose output is steered (default: the layers the file names)")
     coef: float = knob(1.0, flag="--steer-coef")
     # or ranges, as a record's term takes them: {"generated": [0, 20]}
     positions: str | dict = knob("all", flag="--steer-positions", type=parse_steer_positions_flag,
@@ -205,8 +206,6 @@ class SteeringDefaults:
     def __post_init__(self) -> None:
         if self.vector is None:
             return
-        if not self.layers:
-            raise ConfigError("--steer needs --steer-layer (e.g. --steer-layer 6 or 4,6,8)")
         problem = not_a_file(self.vector)
         if problem:
             raise ConfigError(f"--steer {self.vector}: {problem}")
@@ -214,12 +213,33 @@ class SteeringDefaults:
             self.positions = self.spec().to_record()["positions"]
         except RecordError as exc:
             raise ConfigError(str(exc).replace("--steer.coef", "--steer-coef")
-                              .replace("--steer.positions", "--steer-positions")) from None
+                              .replace("--steer.positions", "--steer-positions")
+                              .replace("--steer.layers", "--steer-layer")) from None
+        if not self.layers:
+            self._check_file_layers()
+
+    def _check_file_layers(self) -> None:
+        """Without --steer-layer the file must name its layers; what can be known without the model is checked now
+        (its header: safetensors, GGUF, .npy), the layers against the model in the engine core, as a record's."""
+        from engine.vectors import named_layers  # numpy and the format's reader, no torch (but for a .pt)
+
+        try:
+            layers = named_layers(self.vector)
+        except RecordError as exc:
+            raise ConfigError(f"--steer {self.vector}: {str(exc).removeprefix(f'steering vector {self.vector}: ')}") \
+                from None
+        if layers is None:
+            raise ConfigError(f"--steer {self.vector}: one vector with no layer named; give the layers to steer with "
+                              f"--steer-layer (e.g. --steer-layer 6 or 4,6,8)")
 
     def as_record(self) -> dict | None:
+        """The job-wide steering as a record's term; without `layers` when --steer-layer is not given (the file's)."""
         if self.vector is None:
             return None
-        return {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": self.positions}
+        record = {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": self.positions}
+        if not self.layers:
+            del record["layers"]
+        return record
 
     def spec(self) -> SteeringSpec | None:
         """The job-wide steering as a record's default: one term, or None for unsteered."""

@@ -173,6 +173,8 @@ class FinishedSeq:
     num_prompt_tokens: int
     stop: list[str]
     activations: dict | None = None  # engine.pipeline.activation_messages describes it
+    # per steering term, the layers it steered, when a term left them to its vector file; else None
+    steering_layers: list[list[int]] | None = None
 
 
 @message(Kind.FINISHED)
@@ -203,6 +205,7 @@ class Result(Message):
     num_completion_tokens: int
     completion_token_ids: list[int] | None = None  # with return_tokens
     activations: dict | None = None
+    steering_layers: list[list[int]] | None = None  # FinishedSeq.steering_layers
 
 
 @message(Kind.RECORD_FAILED)

@@ -77,6 +77,12 @@ PRESETS: dict[str, dict] = {
 
 
 EAGER_BUILT = ("gemma2",)  # model types whose transformers classes refuse attn_implementation="sdpa"
+# The Hugging Face model types (config.json's "model_type") the engine runs: decoder-only causal LMs whose decoder
+# layers are model.model.layers (model.model.language_model.layers in Gemma 3's multimodal checkpoints) and whose
+# attention goes through transformers' attention interface. tests/core/test_families.py runs each of them against
+# transformers' generate; any other model type is refused in one line before a process starts.
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "llama", "mistral", "olmo2", "phi3", "qwen2",
+                         "qwen3", "qwen3_moe")
 
 
 class ModelNotFound(ValueError):
@@ -160,10 +166,27 @@ def embedded_tokenizer_dir(cache_dir: str) -> str:
     return str(_prepare_gguf_tokenizer(gguf, Path(cache_dir) / "tokenizers" / key))
 
 
-def _max_positions(weights_dir: Path) -> int:
-    config = json.loads((weights_dir / "config.json").read_text())
-    config = config.get("text_config", config)
-    return int(config.get("max_position_embeddings") or 2048)
+def _checked_source(spec: str, weights_dir: Path, tokenizer_dir: str) -> ModelSource:
+    """The ModelSource of a local HF directory whose config.json names a model type the engine runs, else
+    ModelNotFound saying which type it is and which ones the engine runs."""
+    config_path = weights_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelNotFound(f"--model {spec}: cannot read {config_path} ({exc}); give a Hugging Face model directory "
+                            "with a valid config.json") from None
+    if not isinstance(config, dict):
+        raise ModelNotFound(f"--model {spec}: {config_path} holds no JSON object; give a Hugging Face model directory")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        classes = config.get("architectures")
+        named = f"model_type {model_type!r}" if model_type else "a config.json with no model_type"
+        if isinstance(classes, list) and classes:
+            named += f" ({', '.join(map(str, classes))})"
+        raise ModelNotFound(f"--model {spec}: {named}: an architecture the engine does not run; it runs the model "
+                            f"types {', '.join(SUPPORTED_MODEL_TYPES)}: use a model of one of them")
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    return ModelSource(spec, str(weights_dir), None, tokenizer_dir, int(text.get("max_position_embeddings") or 2048))
 
 
 def _tokenizer_dir(tokenizer: str | None, fallback: str) -> str:
@@ -200,12 +223,11 @@ def resolve_model(spec: str, tokenizer: str | None, cache_dir: str) -> ModelSour
                 f"--model {spec}: not found; looked for a local Hugging Face directory with config.json, "
                 f"a .gguf file, '{EMBEDDED}', or {RANDOM_PREFIX}<preset> ({', '.join(PRESETS)})"
             )
-        tok = _tokenizer_dir(tokenizer, str(path))
-        return ModelSource(spec, str(path), None, tok, _max_positions(path))
+        return _checked_source(spec, path, _tokenizer_dir(tokenizer, str(path)))
     models = Path(cache_dir) / "models" / key
     weights = _prepare_gguf_weights(gguf, models / "weights")
     tok = _tokenizer_dir(tokenizer, "") or str(_prepare_gguf_tokenizer(gguf, Path(cache_dir) / "tokenizers" / key))
-    return ModelSource(spec, str(weights), None, tok, _max_positions(weights))
+    return _checked_source(spec, weights, tok)
 
 
 DEFAULT_MAX_MODEL_LEN = 4096

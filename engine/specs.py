@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 STEER_POSITIONS = ("prompt", "generated", "all")
@@ -47,11 +47,21 @@ class Ranges:
         return cls(**{kind: tuple((start, end) for start, end in value[kind]) for kind in RANGE_KINDS if kind in value})
 
 
+FILE_LAYERS: tuple[int, ...] = ()  # a term's layers left out: the layers its vector file names
+
+
 @dataclass(frozen=True, slots=True)
 class SteeringTerm:
     """One normalised term: `vector` (a file path) added at `layers` (sorted, distinct) times `coef`, at
     `positions` ("prompt", "generated", "all" or Ranges); norm_match scales the vector to the residual's norm,
-    normalize rescales the steered residual to the norm it had before steering."""
+    normalize rescales the steered residual to the norm it had before steering.
+
+    `layers` FILE_LAYERS (empty): the layers the vector file names (`layer.<L>`, a GGUF's `direction.<L>`, the rows
+    of a 2-D array), resolved where the file is read (the engine core; a file of one unnamed vector is then that
+    record's error). Such a term is stated back by to_record() as it was given, without `layers`: that is the form
+    it crosses processes and keys caches in, and from_record(to_record()) is the same term. A result record states
+    the layers the core resolved instead (with_layers, from the core's answer): a researcher reading the output
+    wants the layers that were steered, and the file may be written again with other layers later."""
 
     vector: str
     layers: tuple[int, ...]
@@ -60,17 +70,29 @@ class SteeringTerm:
     normalize: bool = False
     norm_match: bool = False
 
+    @property
+    def is_file_layers(self) -> bool:
+        """Whether the term steers the layers its vector file names (its layers were left out)."""
+        return not self.layers
+
+    def with_layers(self, layers) -> SteeringTerm:
+        """This term at `layers` (sorted, distinct): a term of the file's layers once they are known."""
+        return replace(self, layers=tuple(sorted(set(layers))))
+
     def to_record(self) -> dict:
-        """{vector, layers, coef, positions[, normalize][, norm_match]}: the flags appear (as true) only when set."""
+        """{vector[, layers], coef, positions[, normalize][, norm_match]}: `layers` left out for the file's layers,
+        as it was given; the flags appear (as true) only when set."""
         positions = self.positions if isinstance(self.positions, str) else self.positions.to_record()
         record = {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": positions}
+        if self.is_file_layers:
+            del record["layers"]
         record.update({name: True for name in NORM_FLAGS if getattr(self, name)})
         return record
 
     @classmethod
     def from_record(cls, value: dict) -> SteeringTerm:
         positions = value["positions"]
-        return cls(value["vector"], tuple(value["layers"]), float(value["coef"]),
+        return cls(value["vector"], tuple(value.get("layers", FILE_LAYERS)), float(value["coef"]),
                    positions if isinstance(positions, str) else Ranges.from_record(positions),
                    bool(value.get("normalize", False)), bool(value.get("norm_match", False)))
 
@@ -87,6 +109,19 @@ class SteeringSpec:
         if not self.terms or (not self.is_list and len(self.terms) != 1):
             raise ValueError(f"a SteeringSpec holds one term, or one or more with is_list=True; got "
                              f"{len(self.terms)} term(s) with is_list={self.is_list}")
+
+    @property
+    def is_file_layers(self) -> bool:
+        """Whether a term of it steers the layers its vector file names."""
+        return any(term.is_file_layers for term in self.terms)
+
+    def with_layers(self, term_layers) -> SteeringSpec:
+        """The spec with each term at its entry of `term_layers` (one layer list per term, as the engine core
+        resolved them): how a result record states a spec whose terms left their layers to the file."""
+        if len(term_layers) != len(self.terms):
+            raise ValueError(f"with_layers: {len(term_layers)} layer lists for {len(self.terms)} term(s)")
+        return SteeringSpec(tuple(term.with_layers(layers) for term, layers in zip(self.terms, term_layers)),
+                            self.is_list)
 
     def to_record(self) -> dict | list[dict]:
         """A term's dict (one term given as an object) or a list of them."""
@@ -147,7 +182,8 @@ def parse_steering(value, where: str = "field 'steering'") -> SteeringSpec | Non
     """A steering spec as a record gives it -> a SteeringSpec of normalised terms (a list of terms, or one term
     object); None means unsteered. RecordError names the bad field.
 
-    A term is {vector, layer(s), coef (default 1), positions (default "all")[, normalize][, norm_match]}.
+    A term is {vector, layer(s) (default: the layers the file names), coef (default 1), positions (default
+    "all")[, normalize][, norm_match]}.
     positions: "prompt", "generated", "all", or ranges {"prompt": R, "generated": R} (either key or both), R being
     one [start, end) or a list of them; end null (or left out) runs to the end (see Ranges).
     """
@@ -172,12 +208,13 @@ def _parse_term(value, where: str) -> SteeringTerm:
     vector = value.get("vector")
     if not isinstance(vector, str) or not vector:
         raise RecordError(f"{where}.vector must be a path to a .safetensors, .pt, .npy or .gguf (control vector) file")
-    layers = value.get("layers", value.get("layer"))
+    layers = value.get("layers", value.get("layer", list(FILE_LAYERS)))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if not isinstance(layers, list) or not layers \
+    if not isinstance(layers, list) or (not layers and ("layers" in value or "layer" in value)) \
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-        raise RecordError(f"{where}.layers must be a layer index or a non-empty list of them, got {json.dumps(layers)}")
+        raise RecordError(f"{where}.layers must be a layer index or a non-empty list of them, or left out to steer "
+                          f"the layers the vector file names; got {shown(layers)}")
     coef = value.get("coef", 1.0)
     if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not is_finite(coef):
         raise RecordError(f"{where}.coef must be a finite number, got {shown(coef)}")
@@ -268,8 +305,9 @@ def parse_capture(value, default: CaptureSpec | None) -> CaptureSpec | None:
 
 
 def load_named_specs(path: str) -> dict[str, SteeringSpec]:
-    """A TOML file of named steering specs: `[name]` tables with vector/layers/coef/positions, or with
-    `terms = [{...}, ...]`; records then say `"steering": "name"`. ValueError names the bad entry."""
+    """A TOML file of named steering specs: `[name]` tables with vector/layers/coef/positions (layers left out: the
+    file's), or with `terms = [{...}, ...]`; records then say `"steering": "name"`. ValueError names the bad
+    entry."""
     import tomllib
 
     try:

@@ -132,3 +132,65 @@ def test_requests_send_their_specs_in_record_form_and_the_core_gets_them_typed()
     assert received.core == core and received.core.steering == spec
     unsteered = parse_record({"prompt": "a"}, 0, 1, SamplingDefaults(), None).to_wire().core
     assert unsteered.wire()[-2:] == [None, None]
+
+
+def test_a_term_without_layers_takes_its_files_and_crosses_the_wire_as_given():
+    spec = parse_steering({"vector": "v.gguf", "coef": 4})
+    [term] = spec.terms
+    assert term == SteeringTerm("v.gguf", (), 4.0, "all") and term.is_file_layers and spec.is_file_layers
+    assert spec.to_record() == {"vector": "v.gguf", "coef": 4.0, "positions": "all"}  # no layers: as it was given
+    wire = msgpack.unpackb(msgpack.packb(spec.to_record(), use_bin_type=True), raw=False)
+    assert SteeringSpec.from_record(wire) == spec
+    given = parse_steering({"vector": "v.gguf", "coef": 4, "layers": [3, 1]})
+    assert not given.is_file_layers and len({spec, given}) == 2  # hashable, and not the same spec as given layers
+    assert spec.with_layers([[3, 1]]) == given  # what the result record states, once the core read the file
+    mixed = parse_steering([{"vector": "a.npy", "layers": 2}, {"vector": "b.safetensors", "coef": -1}])
+    assert [t.layers for t in mixed.terms] == [(2,), ()] and mixed.is_file_layers
+    assert mixed.with_layers([[2], [0, 5]]).to_record()[1]["layers"] == [0, 5]
+
+
+def test_a_named_spec_and_the_run_default_may_leave_their_layers_to_the_file(tmp_path):
+    from engine.vectors import save_vectors
+    import torch
+
+    path = tmp_path / "specs.toml"
+    path.write_text('[file]\nvector = "v.gguf"\ncoef = 4\n\n[mix]\nterms = [{vector = "a.npy", layers = 2}, '
+                    '{vector = "v.gguf"}]\n')
+    named = load_named_specs(str(path))
+    assert named["file"] == SteeringSpec((SteeringTerm("v.gguf", (), 4.0, "all"),), False)
+    assert [t.layers for t in named["mix"].terms] == [(2,), ()]
+    vector = str(tmp_path / "v.gguf")
+    save_vectors(vector, {1: torch.ones(4), 3: torch.ones(4)})
+    steering = SteeringDefaults(vector=vector, coef=2)  # --steer v.gguf without --steer-layer
+    assert steering.as_record() == {"vector": vector, "coef": 2, "positions": "all"}
+    assert steering.spec() == SteeringSpec((SteeringTerm(vector, (), 2.0, "all"),), False)
+
+
+def test_a_result_states_the_layers_the_core_steered_for_a_term_that_left_them_out():
+    from engine.messages import Result
+
+    request = parse_record({"prompt": "a", "steering": [{"vector": "v.gguf", "coef": 4}, {"vector": "w.npy",
+                                                                                           "layers": [0]}]},
+                           0, 1, SamplingDefaults(), None)
+    record = request.result_record(Result(0, "x", "length", 2, 1, steering_layers=[[1, 3], [0]]))
+    assert record["steering"] == [{"vector": "v.gguf", "layers": [1, 3], "coef": 4.0, "positions": "all"},
+                                  {"vector": "w.npy", "layers": [0], "coef": 1.0, "positions": "all"}]
+    assert request.steering.terms[0].layers == ()  # the request itself keeps the spec as given
+
+
+def test_steer_without_steer_layer_is_checked_before_start_up_from_the_file_alone(tmp_path):
+    import numpy as np
+
+    from engine.config import ConfigError
+
+    one = tmp_path / "one.npy"
+    np.save(one, np.ones(64, np.float32))
+    with pytest.raises(ConfigError) as info:
+        SteeringDefaults(vector=str(one))
+    assert str(info.value) == (f"--steer {one}: one vector with no layer named; give the layers to steer with "
+                               f"--steer-layer (e.g. --steer-layer 6 or 4,6,8)")
+    assert SteeringDefaults(vector=str(one), layers=[2]).spec().terms[0].layers == (2,)  # layers given: as before
+    broken = tmp_path / "v.safetensors"
+    broken.write_bytes(b"\xff" * 16)
+    with pytest.raises(ConfigError, match=rf"^--steer {broken}: cannot read it as a .safetensors file"):
+        SteeringDefaults(vector=str(broken))

@@ -173,9 +173,12 @@ def _use_engine_attention(model) -> set:
     model.config._attn_implementation = attention.NAME
     text = model.config.get_text_config()
     text._attn_implementation = attention.NAME
-    layer_types = getattr(text, "layer_types", None) or []
-    windows = {getattr(text, "sliding_window", None)} if "sliding_attention" in layer_types else set()
-    return windows | {None}
+    layer_types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    # With layer_types (Gemma 2/3, Qwen2/3) the window holds only where a layer is "sliding_attention"; without
+    # them (Mistral, Mixtral, Phi-3, Qwen3-MoE) every layer passes config.sliding_window to the attention when set.
+    is_sliding = "sliding_attention" in layer_types if layer_types else window is not None
+    return ({window} if is_sliding and window else set()) | {None}
 
 
 def _feedable(tokens: torch.Tensor) -> torch.Tensor:

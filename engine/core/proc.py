@@ -28,8 +28,12 @@ log = logging.getLogger("engine")
 
 
 def finished_seq(seq: Sequence, activations: dict | None = None) -> FinishedSeq:
+    """What the decoders get of a finished sequence, with the layers its steering's terms steered when some term
+    took them from its vector file (the result record states them)."""
+    term_layers = None if seq.steering is None else seq.steering.term_layers
     return FinishedSeq(seq.index, np.asarray(seq.output_ids, dtype=np.int32).tobytes(), seq.finish_reason,
-                       seq.num_prompt_tokens, seq.stop, activations)
+                       seq.num_prompt_tokens, seq.stop, activations,
+                       None if term_layers is None else [list(layers) for layers in term_layers])
 
 
 class SlotReader:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.specs import Ranges, RecordError, SteeringSpec, SteeringTerm
-from engine.vectors import load_vectors
+from engine.vectors import load_vectors, unnamed_layers_error
 from engine.core.transfer import to_device
 
 
@@ -44,6 +44,9 @@ class SteerPlan:
 
     prompt: tuple  # (start, end, {layer: LayerRows}): prompt tokens [start, end) get these rows
     generated: tuple  # (k, {layer: LayerRows}): from generated position k on; the first has k = 0
+    # per term, the layers it steers, when a term took its vector file's layers (the result record states them);
+    # None when every term gave its own
+    term_layers: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +58,7 @@ class _Prepared:
     terms: tuple[SteeringTerm, ...]
     added: list[dict]  # per term: {layer: float32 array it adds there}
     layers: list[int]
+    term_layers: tuple[tuple[int, ...], ...] | None  # SteerPlan.term_layers
     rows: dict = field(default_factory=dict)  # covering term indices -> {layer: LayerRows}
 
 
@@ -154,7 +158,7 @@ class SteeringResolver:
         for k, _, covering in _pieces([g for _, g in spans], None):
             if not generated or rows(covering) != generated[-1][1]:
                 generated.append((k, rows(covering)))
-        return SteerPlan(tuple(prompt), tuple(generated))
+        return SteerPlan(tuple(prompt), tuple(generated), prepared.term_layers)
 
     def _prepare(self, terms: tuple[SteeringTerm, ...]) -> _Prepared:
         """The spec's vectors and hooks, once per distinct spec (the most recent MAX_PREPARED_SPECS are kept). The
@@ -166,27 +170,33 @@ class SteeringResolver:
             self._prepared.move_to_end(key)
             return prepared
         added = [self._term_vectors(term) for term in terms]
-        for term in terms:
-            for layer in term.layers:
+        for term, vectors in zip(terms, added):  # the layers each term steers: its own, or its file's
+            for layer in vectors:
                 self.on_steer(layer, term.normalize or term.norm_match)
-        prepared = _Prepared(terms, added, sorted({layer for vectors in added for layer in vectors}))
+        term_layers = tuple(tuple(vectors) for vectors in added) if any(t.is_file_layers for t in terms) else None
+        prepared = _Prepared(terms, added, sorted({layer for vectors in added for layer in vectors}), term_layers)
         self._prepared[key] = prepared
         if len(self._prepared) > MAX_PREPARED_SPECS:
             self._prepared.popitem(last=False)
         return prepared
 
     def _term_vectors(self, term: SteeringTerm) -> dict[int, np.ndarray]:
-        """{layer: what the term adds there}: coef * v, or for norm_match coef * v / ||v|| (times ||h|| later)."""
+        """{layer: what the term adds there}, in layer order: coef * v, or for norm_match coef * v / ||v|| (times
+        ||h|| later). A term without layers steers every layer its file names (load_vectors checked them against
+        the model); a file of one unnamed vector then has none to steer, and says to give them."""
         bad = [layer for layer in term.layers if not 0 <= layer < self.num_layers]
         if bad:
             raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
         vectors = self._file(term.vector)
-        missing = [layer for layer in term.layers if layer not in vectors and None not in vectors]
+        layers = term.layers or tuple(sorted(layer for layer in vectors if layer is not None))
+        if not layers:
+            raise unnamed_layers_error(term.vector)
+        missing = [layer for layer in layers if layer not in vectors and None not in vectors]
         if missing:
             raise RecordError(f"steering vector {term.vector}: no vector for layer(s) {missing} "
                               f"(it has layer.{sorted(vectors)})")
         added, scaled = {}, {}  # scaled: one product per source vector (a file's one vector serves every layer)
-        for layer in term.layers:
+        for layer in layers:
             vector = vectors.get(layer, vectors.get(None))
             if id(vector) in scaled:
                 added[layer] = scaled[id(vector)]

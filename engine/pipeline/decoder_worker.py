@@ -40,7 +40,7 @@ def finalize(tok, items: list[FinishedSeq], return_tokens: bool) -> list[Result]
             ids, reason = ids[:count], "stop"
         activations = trim_generated(item.activations, len(ids)) if item.activations is not None else None
         results.append(Result(item.index, text, reason, item.num_prompt_tokens, len(ids),
-                              ids if return_tokens else None, activations))
+                              ids if return_tokens else None, activations, item.steering_layers))
     return results
 
 

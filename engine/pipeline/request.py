@@ -51,11 +51,15 @@ class Request:
 
     def result_record(self, result: Result) -> dict:
         """The output record for this request's result: its id, completion and counts, the settings that made it,
-        then the input's pass-through fields."""
+        then the input's pass-through fields. Its `steering` names the layers each term steered, those of its
+        vector file where the record left them out (as the engine core read them: SteeringTerm says why)."""
+        steering = self.steering
+        if steering is not None and result.steering_layers is not None:
+            steering = steering.with_layers(result.steering_layers)
         record = {"id": self.id, "completion": result.completion, "finish_reason": result.finish_reason,
                   "num_prompt_tokens": result.num_prompt_tokens,
                   "num_completion_tokens": result.num_completion_tokens, "seed": self.seed,
-                  "steering": None if self.steering is None else self.steering.to_record()}
+                  "steering": None if steering is None else steering.to_record()}
         if self.steering_name is not None:
             record["steering_name"] = self.steering_name
         if result.completion_token_ids is not None:

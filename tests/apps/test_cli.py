@@ -182,3 +182,54 @@ def test_steer_positions_flag_takes_ranges_as_a_record_does(tmp_path):
     bad = engine_run("--input", str(path), "--output", str(tmp_path / "bad.jsonl"), "--steer", str(vector),
                      "--steer-layer", "1", "--steer-positions", '{"generated": [-2, 3]}', *TINY_ARGS)
     assert bad.returncode != 0 and "--steer-positions.generated" in bad.stderr and "cannot be negative" in bad.stderr
+
+
+def test_steer_without_layers_applies_the_layers_the_file_names(tmp_path, tiny_model, tokenizer):
+    """A record's term without layers, a named spec without layers and --steer FILE without --steer-layer steer the
+    layers the file names (layer.<L>, a control vector's direction.<L>): exactly the tokens of the same spec with
+    layers [1, 3] given, which equal HF forward hooks; the records state the layers steered. A file of one unnamed
+    vector is that record's error (exit 3), and as --steer without --steer-layer it is refused at start-up."""
+    import torch
+
+    from engine.vectors import save_vectors
+    from support.reference import hf_greedy
+
+    gen = torch.Generator().manual_seed(3)
+    vectors = {1: torch.randn(64, generator=gen) * 3, 3: torch.randn(64, generator=gen) * 3}
+    st, gg, one = (str(tmp_path / name) for name in ("v.safetensors", "v.gguf", "one.npy"))
+    save_vectors(st, vectors)
+    save_vectors(gg, vectors)
+    np.save(one, vectors[1].numpy())
+    specs = tmp_path / "specs.toml"
+    specs.write_text(f'[file]\nvector = "{st}"\ncoef = 4.0\n')
+    prompt = PROMPTS[1]
+    steer = {"plain": None, "file-st": {"vector": st, "coef": 4},
+             "given-st": {"vector": st, "layers": [1, 3], "coef": 4}, "file-gguf": {"vector": gg, "coef": 4},
+             "given-gguf": {"vector": gg, "layers": [3, 1], "coef": 4},
+             "layer-1": {"vector": st, "layers": [1], "coef": 4}, "one": {"vector": one, "coef": 4}}
+    records = [{"id": name, "prompt": prompt, "steering": spec} for name, spec in steer.items()]
+    records += [{"id": "named", "prompt": prompt, "steering": "file"}, {"id": "flag", "prompt": prompt}]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    result = engine_run("--input", str(path), "--output", str(out), "--steer", gg, "--steer-coef", "4",
+                        "--steering-specs", str(specs), "--return-tokens", "--ignore-eos", *TINY_ARGS)
+    assert result.returncode == 3, result.stderr
+    by_id = {r["id"]: r for r in read_jsonl(out)}
+    assert sorted(by_id) == sorted((set(steer) | {"named", "flag"}) - {"one"})
+    tokens = {name: r["completion_token_ids"] for name, r in by_id.items()}
+    for name in ("file-st", "named", "given-gguf", "file-gguf", "flag"):
+        assert tokens[name] == tokens["given-st"], name
+        assert by_id[name]["steering"]["layers"] == [1, 3], name  # the layers steered, as a researcher reads them
+    assert by_id["file-st"]["steering"] == by_id["given-st"]["steering"]
+    expected = hf_greedy(tiny_model, tokenizer(prompt).input_ids, 6, by_id["given-st"]["steering"])
+    assert tokens["given-st"] == expected
+    assert len({tuple(tokens["given-st"]), tuple(tokens["plain"]), tuple(tokens["layer-1"])}) == 3  # both layers count
+    [error] = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert error["id"] == "one" and error["error"] == (
+        f"steering vector {one}: one vector with no layer named; give the layers to steer (\"layers\": [6] in a "
+        f"record, --steer-layer 6)")
+    refused = engine_run("--input", str(path), "--output", str(tmp_path / "refused.jsonl"), "--steer", one,
+                         *TINY_ARGS)
+    assert refused.returncode == 1 and not (tmp_path / "refused.jsonl").exists()
+    assert refused.stderr.strip() == (f"engine-run: --steer {one}: one vector with no layer named; give the layers to "
+                                      f"steer with --steer-layer (e.g. --steer-layer 6 or 4,6,8)")

@@ -167,6 +167,28 @@ def test_every_grid_point_goes_through_the_record_parser(tmp_path, monkeypatch):
     assert {"grid.coefs[0]", "grid.coefs[1]", "grid point v@L1*0.0", "grid point v@L1*4.0"} <= set(seen)
 
 
+def test_a_grid_without_layers_steers_each_vector_at_the_layers_its_file_names(tmp_path):
+    """grid.layers left out: each vector's point steers the layers its file names, read from its header, so the
+    point keys, the records' steering and the report name them; a file of one unnamed vector is refused by name."""
+    import torch
+    from engine.vectors import save_vectors
+
+    path = make_sweep(tmp_path)
+    save_vectors(str(tmp_path / "w.safetensors"), {1: torch.ones(64), 3: -torch.ones(64)})
+    save_vectors(str(tmp_path / "g.gguf"), {2: torch.ones(64)})
+    text = path.read_text().replace('v = "v.npy"', 'v = "v.npy"\nw = "w.safetensors"\ng = "g.gguf"')
+    path.write_text(text.replace('vectors = ["v"]\nlayers = [1, [0, 2]]', 'vectors = ["w", "g"]'))
+    plan = Plan(load_sweep(path))
+    assert [p.key for p in plan.points] == ["none", "w@L1,3*0.0", "w@L1,3*4.0", "g@L2*0.0", "g@L2*4.0"]
+    record = next(r for _, r in plan.requests(plan.config.models[0]) if r["sweep"]["point"] == "w@L1,3*4.0")
+    assert record["steering"]["layers"] == [1, 3] and record["sweep"]["layers"] == [1, 3]
+    path.write_text(text.replace('vectors = ["v"]\nlayers = [1, [0, 2]]', 'vectors = ["w", "v"]'))
+    with pytest.raises(SweepError) as info:
+        load_sweep(path)
+    assert str(info.value) == (f"{path}: grid.layers is missing, and vector 'v' ({tmp_path / 'v.npy'}) is one vector "
+                               "with no layer named; give the layers to steer, e.g. layers = [6]")
+
+
 # ---------------------------------------------------------------- the output directory
 def sweep_main_in_process(path: Path, *args, capsys) -> tuple[int, str]:
     from engine.apps.sweep.cli import sweep_main

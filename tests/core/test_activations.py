@@ -23,7 +23,7 @@ from engine.config import CaptureDefaults, ConfigError
 from engine.core.engine_core import EngineCore
 from engine.messages import CoreRequest, Outcome
 from engine.pipeline.writer import JsonlWriter
-from support.reference import steered_sequence
+from support.reference import expected_capture, hf_states
 from support.processes import disk_taken, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,21 +41,6 @@ def vector(tmp_path_factory):
 
 def request(i: int, positions: str, steering=None, layers=LAYERS) -> CoreRequest:
     return core_request(i, steering, {"layers": layers, "positions": positions}, max_new_tokens=3 + (i * 3) % 7)
-
-
-def hf_states(model, ids: list[int], spec, num_prompt: int) -> tuple[torch.Tensor, ...]:
-    """HF hidden states (on the CPU) of one forward over a whole sequence, steered by plain forward hooks."""
-    device = next(model.parameters()).device
-    with steered_sequence(model, spec, num_prompt), torch.no_grad():
-        states = model(torch.tensor([ids], device=device), output_hidden_states=True).hidden_states
-    return tuple(h.cpu() for h in states)
-
-
-def expected(states, layer: int, positions: str, num_prompt: int, num_new: int) -> torch.Tensor:
-    """The reference value: hidden_states[L + 1] of a forward over prompt + completion, reduced as documented."""
-    h = states[layer + 1][0]
-    return {"last_prompt": h[num_prompt - 1], "mean_prompt": h[:num_prompt].mean(0), "all_prompt": h[:num_prompt],
-            "generated": h[num_prompt:num_prompt + num_new - 1]}[positions]
 
 
 def run_core(core, tokenizer, specs: list) -> tuple[dict, dict]:
@@ -139,7 +124,7 @@ def test_bfloat16_capture_on_the_gpu_reports_its_error(gpu_parts, vector):
         prompt_ids, spec_i = tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, specs_of(vector)[i % 3]
         states = hf_states(model, prompt_ids + seq.output_ids, spec_i, len(prompt_ids))
         for layer, value in captured[i].items():
-            want = expected(states, layer, MODES[i // len(PROMPTS)], len(prompt_ids), len(seq.output_ids))
+            want = expected_capture(states, layer, MODES[i // len(PROMPTS)], len(prompt_ids), len(seq.output_ids))
             worst = max(worst, ((value.float() - want).norm() / want.norm()).item())
     print(f"\nbf16 capture vs HF fp32 forward: largest relative error {worst:.4f}")
     assert worst < 0.05
@@ -156,11 +141,11 @@ def check_against_hf(done, captured, tokenizer, model, specs, is_before_steering
         for layer, value in captured[i].items():
             # before steering, the steered layer's own output is the unsteered one (nothing upstream is steered)
             source = unsteered if is_before_steering and layer == STEER_LAYER else states
-            want = expected(source, layer, mode, len(prompt_ids), len(seq.output_ids))
+            want = expected_capture(source, layer, mode, len(prompt_ids), len(seq.output_ids))
             assert value.shape == want.shape, (i, mode, layer)
             torch.testing.assert_close(value, want, rtol=tol, atol=tol)
-            moved += spec_i is not None and not torch.allclose(value, expected(unsteered, layer, mode, len(prompt_ids),
-                                                                                len(seq.output_ids)))
+            plain = expected_capture(unsteered, layer, mode, len(prompt_ids), len(seq.output_ids))
+            moved += spec_i is not None and not torch.allclose(value, plain)
     assert moved > 0  # steering changed captured values, so the comparison above is not vacuous
 
 
@@ -175,7 +160,7 @@ def test_a_new_steered_layer_after_capture_hooks_keeps_the_order(tiny_source, to
     seq = core.generate([request(1, "generated", spec)], [ids])[1]
     got = tensors_of(core.recorder.pop(1))
     states = hf_states(tiny_model, ids + seq.output_ids, {**spec, "layers": [1]}, len(ids))  # layer 2 before its own
-    torch.testing.assert_close(got[2], expected(states, 2, "generated", len(ids), len(seq.output_ids)),
+    torch.testing.assert_close(got[2], expected_capture(states, 2, "generated", len(ids), len(seq.output_ids)),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -222,7 +207,7 @@ def test_pipeline_records_carry_activations_with_per_record_overrides(tiny_sourc
     for rid, layer, mode in (("r0", 2, "mean_prompt"), ("r2", 1, "generated"), ("r3", 2, "last_prompt")):
         ids = tokenizer(PROMPTS[int(rid[1])]).input_ids
         states = hf_states(tiny_model, ids + got[rid]["completion_token_ids"], None, len(ids))
-        want = expected(states, layer, mode, len(ids), len(got[rid]["completion_token_ids"]))
+        want = expected_capture(states, layer, mode, len(ids), len(got[rid]["completion_token_ids"]))
         torch.testing.assert_close(got[rid]["activations"][layer], want, rtol=1e-5, atol=1e-5)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.pipeline.request import RecordError, parse_steering
-from engine.vectors import load_vectors, save_vectors
+from engine.vectors import load_vectors, named_layers, save_vectors
 
 LAYERS, HIDDEN = 6, 8
 
@@ -84,6 +84,67 @@ def test_each_bad_vector_is_a_clear_error(tmp_path, make, fragment):
     with pytest.raises(RecordError) as info:
         load_vectors(make(tmp_path), LAYERS, HIDDEN)
     assert fragment in str(info.value)
+
+
+def files_of_every_kind(folder) -> dict[str, tuple[int, ...] | None]:
+    """Vector files of each layout, with the layers each names (None: one vector with no layer named)."""
+    for suffix in (".safetensors", ".pt", ".gguf"):
+        save_vectors(str(folder / f"v{suffix}"), per_layer())
+    save_file({"layer.2": torch.ones(HIDDEN)}, str(folder / "one-layer.safetensors"))
+    v = torch.linspace(-1, 1, HIDDEN)
+    np.save(folder / "v.npy", v.numpy())
+    torch.save(v, folder / "one.pt")
+    save_file({"anything": v}, str(folder / "one.safetensors"))
+    np.save(folder / "rows.npy", np.stack([v.numpy() * i for i in range(LAYERS)]))
+    save_file({"rows": torch.stack([v * i for i in range(LAYERS)])}, str(folder / "rows.safetensors"))
+    return {"v.safetensors": (1, 3, 5), "v.pt": (1, 3, 5), "v.gguf": (1, 3, 5), "one-layer.safetensors": (2,),
+            "v.npy": None, "one.pt": None, "one.safetensors": None, "rows.npy": tuple(range(LAYERS)),
+            "rows.safetensors": tuple(range(LAYERS))}
+
+
+def test_named_layers_are_the_layers_load_vectors_keys(tmp_path):
+    for name, layers in files_of_every_kind(tmp_path).items():
+        path = str(tmp_path / name)
+        loaded = load_vectors(path, LAYERS, HIDDEN)
+        assert named_layers(path) == layers == (None if None in loaded else tuple(sorted(loaded))), name
+
+
+def test_named_layers_reads_headers_in_a_process_without_torch(tmp_path):
+    """engine-run's parent checks --steer FILE without --steer-layer, and it never imports torch."""
+    import subprocess
+    import sys
+
+    from support import ROOT
+
+    files_of_every_kind(tmp_path)
+    paths = [str(tmp_path / name) for name in ("v.safetensors", "v.gguf", "v.npy", "rows.npy")]
+    code = "import sys; from engine.vectors import named_layers; print([named_layers(p) for p in sys.argv[1:]], " \
+           "'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, *paths], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[(1, 3, 5), (1, 3, 5), None, (0, 1, 2, 3, 4, 5)] False"
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: str(d / "missing.gguf"), "no such file"),
+    (lambda d: (d / "v.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"not json") and str(d / "v.safetensors"),
+     "cannot read it as a .safetensors file"),
+    (lambda d: (d / "v.npy").write_bytes(b"not numpy") and str(d / "v.npy"), "cannot read it as a .npy file"),
+    (lambda d: save_file({"a": torch.ones(HIDDEN), "b": torch.ones(HIDDEN)}, str(d / "k.safetensors"))
+     or str(d / "k.safetensors"), "key 'a'; a file of several tensors names them layer.<L>"),
+    (lambda d: bad_gguf(d / "model.gguf"), "not a control vector"),
+    (lambda d: np.save(d / "c.npy", np.ones((2, 2, HIDDEN), np.float32)) or str(d / "c.npy"), "shape (2, 2, 8)"),
+])
+def test_named_layers_of_a_bad_file_is_a_clear_error(tmp_path, make, fragment):
+    path = make(tmp_path)
+    with pytest.raises(RecordError) as info:
+        named_layers(path)
+    assert str(info.value).startswith(f"steering vector {path}: ") and fragment in str(info.value)
+
+
+def test_a_2d_array_with_other_than_one_row_per_layer_is_refused_by_its_rows(tmp_path):
+    np.save(tmp_path / "rows.npy", np.ones((LAYERS - 1, HIDDEN), np.float32))
+    with pytest.raises(RecordError, match=r"a 2-D array of 5 row\(s\); an array of one row per layer needs 6"):
+        load_vectors(str(tmp_path / "rows.npy"), LAYERS, HIDDEN)
 
 
 # ---- positions, normalize, norm_match: the engine under continuous batching against plain forward hooks
@@ -233,6 +294,71 @@ def test_pipeline_records_state_the_normalised_spec_and_match_the_core(forced, t
          "normalize": True},
         {"vector": b, "layers": [2], "coef": 0.5, "positions": {"generated": [[2, None]]}, "norm_match": True},
     ] and got[1]["steering"] is None
+
+
+# ---- a term without layers: the layers its vector file names
+
+
+@pytest.fixture(scope="module")
+def layer_files(tmp_path_factory) -> dict[str, str]:
+    """Distinct vectors at layers 1 and 3 of the tiny model (4 layers, hidden size 64), as .safetensors (`layer.<L>`)
+    and as a GGUF control vector (`direction.<L>`); and one unnamed 1-D vector as .npy."""
+    folder, gen = tmp_path_factory.mktemp("layer-files"), torch.Generator().manual_seed(7)
+    vectors = {1: torch.randn(64, generator=gen) * 2, 3: torch.randn(64, generator=gen) * 2}
+    paths = {"safetensors": str(folder / "v.safetensors"), "gguf": str(folder / "v.gguf"), "npy": str(folder / "v.npy")}
+    save_vectors(paths["safetensors"], vectors)
+    save_vectors(paths["gguf"], vectors, model_hint="gemma3")
+    np.save(paths["npy"], vectors[1].numpy())
+    return paths
+
+
+def file_layer_specs(files: dict[str, str], layers) -> list:
+    """Specs over the two per-layer files, each term with `layers` given, or (None) left to the file."""
+    given = {} if layers is None else {"layers": layers}
+    st, gg = files["safetensors"], files["gguf"]
+    return [{"vector": st, "coef": 3.0, **given}, None,
+            {"vector": gg, "coef": -2.0, "positions": {"generated": [1, None]}, **given},
+            [{"vector": gg, "coef": 1.5, "positions": "prompt", **given}, term(files["npy"], [2], coef=1.0)],
+            {"vector": st, "coef": 0.5, "norm_match": True, **given}, None,
+            {"vector": gg, "coef": 2.0, "positions": {"prompt": [-2, None]}, "normalize": True, **given},
+            None, {"vector": st, "coef": 4.0, "positions": "generated", **given}, None]
+
+
+def test_a_term_without_layers_steers_the_layers_its_file_names(forced, tiny_model, layer_files):
+    """Teacher-forced logits of each spec with its layers left to the file are the very bits of the same spec with
+    layers [1, 3] given, and those equal plain HF forward hooks adding each layer's vector of the file."""
+    from support.teacher_forcing import forced_logits
+
+    core, sequences, lens, plain = forced
+    given = check_against_hooks(forced, tiny_model, file_layer_specs(layer_files, [1, 3]))
+    by_file = forced_logits(core, sequences, lens, [normalised(s) for s in file_layer_specs(layer_files, None)])
+    assert all(torch.equal(a, b) for a, b in zip(by_file, given))
+    assert all(not torch.equal(given[i], plain[i]) for i in (0, 2, 3, 4, 6, 8))  # the steering moved every one
+
+
+def test_a_file_of_one_unnamed_vector_needs_layers(forced, layer_files):
+    path = layer_files["npy"]
+    with pytest.raises(RecordError) as info:
+        forced[0].steering.resolve(parse_steering({"vector": path, "coef": 4}), 5)
+    assert str(info.value) == (f"steering vector {path}: one vector with no layer named; give the layers to steer "
+                               f"(\"layers\": [6] in a record, --steer-layer 6)")
+
+
+def test_the_file_layers_are_hooked_checked_against_the_model_and_reported(layer_files, tmp_path):
+    """on_steer (the hooks, and whether they are norm-aware) gets the file's layers; a layer the model lacks is the
+    record's error; the plan carries the layers each term steered when one left them to its file."""
+    from engine.core.steering_plan import SteeringResolver, VectorTable
+
+    marked = []
+    resolver = SteeringResolver(VectorTable(64, "cpu", 4, torch.float32), 4, 64,
+                                lambda layer, uses_norm: marked.append((layer, uses_norm)))
+    spec = parse_steering([{"vector": layer_files["gguf"], "norm_match": True}, term(layer_files["npy"], [2])])
+    assert resolver.resolve(spec, 5).term_layers == ((1, 3), (2,))
+    assert marked == [(1, True), (3, True), (2, False)]
+    assert resolver.resolve(parse_steering(term(layer_files["gguf"], [1, 3])), 5).term_layers is None
+    save_vectors(str(tmp_path / "deep.gguf"), {1: torch.ones(64), 7: torch.ones(64)})
+    with pytest.raises(RecordError, match=r"\(layer.7\): layer 7 is out of range; the model has layers 0..3"):
+        resolver.resolve(parse_steering({"vector": str(tmp_path / "deep.gguf")}), 5)
 
 
 @pytest.mark.gpu

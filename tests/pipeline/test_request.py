@@ -50,7 +50,8 @@ def test_record_fields_override_defaults():
     ({"prompt": "a", "steering": "v.pt"}, "not a named spec"),
     ({"prompt": "a", "steering": 3}, "must be an object"),
     ({"prompt": "a", "steering": []}, "empty list"),
-    ({"prompt": "a", "steering": {"vector": "v.pt"}}, ".layers"),
+    ({"prompt": "a", "steering": {"vector": "v.pt", "layers": []}}, ".layers must be a layer index"),
+    ({"prompt": "a", "steering": {"vector": "v.pt", "layer": None}}, "or left out to steer the layers the vector"),
     ({"prompt": "a", "steering": {"vector": "v.pt", "layers": [1], "positions": "middle"}}, ".positions"),
     ({"prompt": "a", "steering": {"vector": "v.pt", "layers": 1, "coef": "big"}}, ".coef"),
     ({"prompt": "a", "steering": {"vector": "v.pt", "layers": 1, "coef": 1e39}}, "beyond float32's range"),
@@ -100,7 +101,7 @@ def test_named_specs_resolve_and_unknown_names_are_errors(tmp_path):
 
 @pytest.mark.parametrize("text, fragment", [
     ("[a\nvector=1", "cannot read it"),
-    ('[a]\nvector = "v.npy"\n', "[a].layers"),
+    ('[a]\nvector = "v.npy"\nlayers = []\n', "[a].layers"),
     ('a = 3\n', "[a] must be a table"),
     ('[b]\nvector = "v.npy"\nlayers = [1]\npositions = "end"\n', "[b].positions"),
 ])

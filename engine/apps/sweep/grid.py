@@ -10,7 +10,9 @@ from engine.apps.sweep.fields import SweepError
 
 @dataclass(slots=True)
 class Grid:
-    """The axes; every combination is a grid point. `layers` items are layer sets (one layer is [L])."""
+    """The axes; every combination is a grid point. `layers` items are layer sets (one layer is [L]); `layers`
+    empty (left out of the file): each vector at the one layer set its file names, `file_layers` (read by
+    load_sweep), so the points, their keys and the report name the layers steered."""
 
     vectors: list[str]
     layers: list[list[int]]
@@ -19,6 +21,11 @@ class Grid:
     normalize: list[bool] = field(default_factory=lambda: [False])
     norm_match: list[bool] = field(default_factory=lambda: [False])
     baseline: bool = False
+    file_layers: dict[str, list[int]] = field(default_factory=dict)  # vector name -> the layers its file names
+
+    def layer_sets(self, vector: str) -> list[list[int]]:
+        """The layer sets `vector` is steered at: the grid's, or the one its file names."""
+        return self.layers or [self.file_layers[vector]]
 
 
 @dataclass(slots=True)
@@ -62,9 +69,10 @@ def grid_points(grid: Grid) -> list[GridPoint]:
     import itertools
 
     points = [GridPoint(BASELINE, None, [], None)] if grid.baseline else []
-    for combo in itertools.product(grid.vectors, grid.layers, grid.coefs, grid.positions, grid.normalize,
-                                   grid.norm_match):
-        points.append(GridPoint(point_key(*combo), *combo))
+    for vector in grid.vectors:
+        for combo in itertools.product([vector], grid.layer_sets(vector), grid.coefs, grid.positions, grid.normalize,
+                                       grid.norm_match):
+            points.append(GridPoint(point_key(*combo), *combo))
     seen = set()
     for point in points:
         if point.key in seen:

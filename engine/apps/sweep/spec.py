@@ -198,8 +198,29 @@ def _build(table: dict, path: Path, output: str | None) -> SweepConfig:
         config.sampling()
     except ConfigError as exc:
         raise SweepError(str(exc)) from None  # it names the seed
+    if not config.grid.layers:
+        config.grid.file_layers = _file_layers(config)
     _check_points(config)
     return config
+
+
+def _file_layers(config: SweepConfig) -> dict[str, list[int]]:
+    """grid.layers left out: the layers each grid vector's file names, read from its header (checked against each
+    model when it runs, as a record's); SweepError for a file of one vector with no layer named, or unreadable."""
+    from engine.vectors import named_layers
+
+    layers = {}
+    for i, name in enumerate(config.grid.vectors):
+        path = config.vectors[name]
+        try:
+            named = named_layers(path)
+        except RecordError as exc:
+            raise SweepError(f"grid.vectors[{i}] {name!r}: {exc}") from None
+        if named is None:
+            raise SweepError(f"grid.layers is missing, and vector {name!r} ({path}) is one vector with no layer "
+                             f"named; give the layers to steer, e.g. layers = [6]")
+        layers[name] = list(named)
+    return layers
 
 
 def _check_points(config: SweepConfig) -> None:
@@ -289,11 +310,8 @@ def _grid(table: dict) -> Grid:
     if not vectors and not baseline:
         raise SweepError("grid.vectors is missing; name vectors from [vectors], or set grid.baseline = true for an "
                          "unsteered run")
-    if vectors:
-        for key in ("layers", "coefs"):
-            if key not in axes:
-                example = "[6]" if key == "layers" else "[0, 4, 8]"
-                raise SweepError(f"grid.{key} is missing; give a list, e.g. {key} = {example}")
+    if vectors and "coefs" not in axes:
+        raise SweepError("grid.coefs is missing; give a list, e.g. coefs = [0, 4, 8]")
     grid = Grid(vectors=vectors,
                 layers=[_layer_set(v, f"grid.layers[{i}]") for i, v in enumerate(axes.get("layers", []))],
                 coefs=[_coef(v, f"grid.coefs[{i}]") for i, v in enumerate(axes.get("coefs", []))], baseline=baseline)
