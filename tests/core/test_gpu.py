@@ -218,6 +218,9 @@ def test_steering_added_after_capture_recaptures(tmp_path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(model, capsys):
+    """The engine's bf16 logits against transformers' float32 forward (the exact answer): within 5% of the largest
+    logit, or no further than 1.25x transformers' own bf16 forward is from it, for a model whose random weights
+    make bf16 itself that far off (tiny-gemma2's large initializer_range: HF bf16 is ~0.056 from fp32 on a CPU)."""
     import random
 
     from engine.models import load_model, resolve_model
@@ -227,22 +230,24 @@ def test_teacher_forced_logits_match_hf_in_bf16_on_200_prompts(model, capsys):
     core = _core(model)
     source = resolve_model(core.config.model, core.config.tokenizer, core.config.cache_dir)
     tok = load_hf_tokenizer(source.tokenizer_dir)
-    ref = load_model(source, torch.bfloat16, "cuda", len(tok))
+    exact, half = (load_model(source, dtype, "cuda", len(tok)) for dtype in (torch.float32, torch.bfloat16))
     rng = random.Random(0)
     words = "the a river mountain light question answer model token steering vector layer night city".split()
     prompts = [tok(" ".join(rng.choice(words) for _ in range(rng.randint(3, 60)))).input_ids for _ in range(200)]
     sequences = [p + [rng.randrange(5, 50_000) for _ in range(8)] for p in prompts]
-    worst = 0.0
+    worst = worst_hf = 0.0
+    relative = lambda got, want: ((got - want).abs().max() / want.abs().max()).item()  # noqa: E731
     for start in range(0, 200, core.cache.num_rows):
         chunk = slice(start, start + core.cache.num_rows)
         got = engine_logits(core, sequences[chunk], [len(p) for p in prompts[chunk]])
         for ids, prompt, logits in zip(sequences[chunk], prompts[chunk], got):
-            expected = hf_logits(ref, ids, len(prompt))
-            worst = max(worst, ((logits - expected).abs().max() / expected.abs().max()).item())
+            expected = hf_logits(exact, ids, len(prompt))
+            worst = max(worst, relative(logits, expected))
+            worst_hf = max(worst_hf, relative(hf_logits(half, ids, len(prompt)), expected))
     with capsys.disabled():
-        print(f"\n{model}: teacher-forced logits, 200 prompts x 9 positions, bf16: largest relative error "
-              f"{worst:.4f}")
-    assert worst < 0.05
+        print(f"\n{model}: teacher-forced logits, 200 prompts x 9 positions, largest relative error against HF "
+              f"float32: engine bf16 {worst:.4f}, HF bf16 {worst_hf:.4f}")
+    assert worst < max(0.05, 1.25 * worst_hf)
 
 
 def test_a_broken_forward_ends_only_its_request_inside_the_graphs(tmp_path):
