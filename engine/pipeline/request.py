@@ -186,6 +186,12 @@ def _messages(obj: dict) -> list:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     )
     if not ok:
+        for i, m in enumerate(messages if isinstance(messages, list) else []):
+            parts = m.get("content") if isinstance(m, dict) else None
+            if isinstance(parts, list) and any(isinstance(x, dict) and x.get("type") != "text" for x in parts):
+                kinds = sorted({str(x.get("type")) for x in parts if isinstance(x, dict) and x.get("type") != "text"})
+                raise RecordError(f"messages[{i}] holds {', '.join(kinds)} content; the engine runs text only (a "
+                                  f"multimodal checkpoint runs its language model): give each content as a string")
         raise RecordError("field 'messages' must be a non-empty list of {\"role\": str, \"content\": str} objects")
     return messages
 

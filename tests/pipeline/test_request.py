@@ -47,6 +47,8 @@ def test_record_fields_override_defaults():
     ({"prompt": "a", "stop": [""]}, "field 'stop'"),
     ({"messages": []}, "field 'messages'"),
     ({"messages": [{"role": "user"}]}, "field 'messages'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "?"}]}]},
+     "messages[0] holds image content; the engine runs text only"),
     ({"prompt": "a", "steering": "v.pt"}, "not a named spec"),
     ({"prompt": "a", "steering": 3}, "must be an object"),
     ({"prompt": "a", "steering": []}, "empty list"),
