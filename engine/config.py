@@ -24,7 +24,12 @@ def default_cache_dir() -> str:
     return os.environ.get("ENGINE_CACHE_DIR") or str(Path.home() / ".cache" / "steer-engine")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error whose message is whole for the user (the bad value and what to do): a stage that fails with one
+    reports its message alone, never a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A setting a user gave is invalid; the message names it and the fix."""
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import UserError
 from engine.storage.files import write_atomic
 from engine.tokenizer import RustTokenizer, TokenizerUnsupported
 
@@ -85,7 +86,7 @@ SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "llama", "m
                          "qwen3", "qwen3_moe")
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(UserError, ValueError):
     """The --model value names nothing loadable; the message says what was looked for."""
 
 

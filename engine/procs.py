@@ -16,6 +16,7 @@ import threading
 import traceback
 
 from engine.bytecode import use_bytecode_cache
+from engine.config import UserError
 from engine.messages import Fatal, Message, Stop, decode, encode
 
 log = logging.getLogger("engine")
@@ -106,8 +107,11 @@ def run_child(stage: str, events: MsgQueue, target, *args) -> None:
         target(*args)
         _exit_now()
     except Exception as exc:  # noqa: BLE001 - reported to the parent as this stage's fatal error
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        tb = traceback.format_exc(limit=-3)
+        if isinstance(exc, UserError):  # its message says what to do; a traceback would only bury it
+            detail, tb = str(exc), ""
+        else:
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            tb = traceback.format_exc(limit=-3)
         try:
             events.put(Fatal(stage, detail, tb), timeout=5)
         except queue.Full:

@@ -15,12 +15,14 @@ import numpy as np
 import psutil
 import torch
 
+from engine.config import UserError
+
 log = logging.getLogger("engine")
 
 CPU_MEMORY_SHARE = 0.25  # of available RAM, on CPU runs (a laptop must stay usable)
 
 
-class CacheTooSmall(ValueError):
+class CacheTooSmall(UserError, ValueError):
     """Not even one sequence of max_model_len fits; the message says which setting to lower."""
 
 

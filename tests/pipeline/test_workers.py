@@ -229,3 +229,24 @@ def test_the_installed_distributions_are_read_from_a_record_that_follows_the_ins
     with distributions_from(str(tmp_path / "cache")):
         assert importlib.metadata.packages_distributions() == {"computed": ["again"]}
     assert len(list((tmp_path / "cache" / "python-distributions").iterdir())) == 2 and record.exists()
+
+
+def test_a_stage_failing_with_a_user_error_reports_its_message_and_no_traceback(tmp_path):
+    """A bad model directory found in a stage (as a core finds an unrunnable model) reaches the parent as its one
+    line; any other exception keeps the traceback that helps to fix it."""
+    import multiprocessing
+
+    from engine.messages import Fatal
+    from engine.models import resolve_model
+    from engine.procs import MsgQueue, start
+
+    ctx = multiprocessing.get_context("spawn")
+    events = MsgQueue(ctx)
+    missing = tmp_path / "no-model"
+    start(ctx, "probe", events, resolve_model, str(missing), None, str(tmp_path)).join(60)
+    fatal = events.get(timeout=10)
+    assert isinstance(fatal, Fatal) and fatal.traceback == "", fatal
+    assert fatal.error.startswith(f"--model {missing}") and "\n" not in fatal.error, fatal.error
+    start(ctx, "probe", events, int, "not a number").join(60)
+    fatal = events.get(timeout=10)
+    assert fatal.error.startswith("ValueError: invalid literal") and "Traceback" in fatal.traceback, fatal
