@@ -357,7 +357,9 @@ def test_e2e_runs_each_system_cold_and_warm_and_times_its_phases(e2e_run):
         ready = stamps["engine_ready" if m["program"] == "engine-run" else "load_done"]
         assert 0 < stamps["imports_done"] <= ready <= stamps["first_result"] <= stamps["last_result"] <= stamps["exit"]
         assert m["exit_code"] == 0 and m["launch_s"] >= 0
-        assert 0 < m["time_to_first_result_s"] < m["wall_s"]
+        # The process start is read from /proc in clock ticks: a first result at the very end of a command (the
+        # kept-alive run, which has no engine to stop after it) may read up to a tick past the command's end.
+        assert 0 < m["time_to_first_result_s"] < m["wall_s"] + 1 / os.sysconf("SC_CLK_TCK")
         assert sum(v or 0 for v in m["phases_s"].values()) == pytest.approx(m["wall_s"], abs=0.05)
         assert m["phases_s"]["generation"] > 0 and (m["phases_s"]["load"] > 0) == (m["cache"] != "loaded")
         assert m["num_output_tokens"] == sum(NEW_TOKENS) and m["output_tokens_per_s"] > 0
