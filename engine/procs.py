@@ -205,6 +205,17 @@ class ByName:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def is_pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts: it exists, it is just not ours to signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def stop_signals(handler):
     """Inside the block, SIGINT and SIGTERM call `handler(signum, frame)` (a command's drain: stop taking work,

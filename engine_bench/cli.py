@@ -71,6 +71,10 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="also run the engine capturing activations at these layers, to measure the overhead")
     p.add_argument("--capture-positions", default="last_prompt", help=f"what that run captures: "
                    f"{', '.join(CAPTURE_POSITIONS)}")
+    p.add_argument("--also-model", action="append", default=[], metavar="MODEL",
+                   help="also run the engine on MODEL in the same run, with the same tokenizer and prompts "
+                        "(repeatable): e.g. random:gemma2-2b-uncapped, random:gemma2-2b's weights with soft-capping "
+                        "off, for what capping costs")
     p.add_argument("--trace", metavar="DIR", help="write the engine cores' loop timelines (core<N>.jsonl: admission, "
                    "launch and wait per step, GC pauses) and each engine run's window (runs.jsonl) to DIR")
     p.add_argument("--e2e", action="store_true",
@@ -100,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
         steering_layers=args.steering_layers, capture_layers=args.capture_layers,
-        capture_positions=args.capture_positions,
+        capture_positions=args.capture_positions, also_models=args.also_model,
         is_e2e=args.e2e, is_keep_alive=args.keep_alive, engine_flags_given=list(given),
     )
 

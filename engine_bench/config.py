@@ -65,6 +65,8 @@ class BenchConfig:
     steering_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
     capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
     capture_positions: str = "last_prompt"
+    also_models: list[str] = field(default_factory=list)  # one more engine row per model, same run and tokenizer
+    engine_label: str = "engine"  # the engine rows' system name (an also_models row names its model)
     is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
     is_keep_alive: bool = False  # --e2e: engine-run --keep-alive too, starting its resident engine, then with it loaded
     engine_flags_given: list[str] = field(default_factory=list)  # engine settings the user set: --e2e passes only these
@@ -106,9 +108,9 @@ class BenchConfig:
         if not {"engine", "hf"} & set(self.systems):
             raise ConfigError(f"--e2e --systems {','.join(self.systems)}: whole commands are engine and hf (the naive "
                               "loop has no command of its own); name one of them")
-        if self.capture_layers or self.engine.trace_dir:
-            raise ConfigError("--e2e times whole commands, plain or steered; drop --capture-layers and --trace, or run "
-                              "those without --e2e")
+        if self.capture_layers or self.engine.trace_dir or self.also_models:
+            raise ConfigError("--e2e times whole commands, plain or steered; drop --capture-layers, --also-model and "
+                              "--trace, or run those without --e2e")
         if self.is_keep_alive and "engine" not in self.systems:
             raise ConfigError(f"--e2e --keep-alive runs engine-run with a resident engine, but --systems "
                               f"{','.join(self.systems)} leaves engine-run out; add engine")

@@ -116,7 +116,7 @@ def run_engine(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> N
 
     config = BenchConfig.from_dict(config_msg)
     prompts = prompts_from_msg(prompts_msg)
-    base = "engine" if len(config.engine.devices) < 2 else f"engine-{len(config.engine.devices)}dev"
+    base = config.engine_label if len(config.engine.devices) < 2 else f"engine-{len(config.engine.devices)}dev"
     with Engine(config.engine) as engine, tempfile.TemporaryDirectory() as folder:
         runs = [(base, _engine_records(prompts))]
         layers = ",".join(map(str, config.steering_layers))

@@ -39,6 +39,7 @@ class ForwardContext:
     write_pos: torch.Tensor | None = None  # prefill: [N] column of each token; decode: [B] (trash for idle KV rows)
     spans: list = field(default_factory=list)  # prefill: (start, length) of each prompt in the packed row
     cu_lens: torch.Tensor | None = None  # prefill: int32 [P + 1] prompt boundaries (the varlen kernel's cu_seqlens)
+    prompt_of: torch.Tensor | None = None  # prefill: [N] index of each packed token's prompt
     masks: dict = field(default_factory=dict)  # decode: window (None = full) -> bool mask for SDPA
     read_len: int = 0  # decode: how many cache columns to attend over (a bucket >= every length)
     positions: torch.Tensor | None = None  # decode: [B] position of each row's token (its length - 1)
@@ -149,8 +150,8 @@ def _capped_packed(query, key, value, ctx: ForwardContext, window, scaling, soft
     n = query.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     starts = [start for start, _ in ctx.spans]
-    idx = torch.arange(n, dtype=torch.int32, device=query.device)
-    prompt = torch.searchsorted(ctx.cu_lens[1:].to(torch.int32), idx, right=True)  # each token's prompt
+    idx = torch.arange(n, device=query.device)
+    prompt = ctx.prompt_of
     out = []
     for a in range(0, n, CAPPED_BLOCK):
         b = min(a + CAPPED_BLOCK, n)

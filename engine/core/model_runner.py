@@ -105,7 +105,7 @@ class ModelRunner:
         CONTEXT.cache, CONTEXT.is_prefill = self.cache, True
         CONTEXT.rows, CONTEXT.write_pos = kv_rows, columns
         CONTEXT.spans = list(zip(starts[:-1].tolist(), lengths))
-        CONTEXT.cu_lens = to_device(starts, torch.int32, self.device)
+        CONTEXT.cu_lens, CONTEXT.prompt_of = to_device(starts, torch.int32, self.device), owner
         self.steering.set_active(self.steering.prefill_inputs(seqs, starts))
         self.recorder.start_prefill(seqs, starts, owner)
         last = to_device(starts[1:] - 1, torch.int64, self.device)

@@ -15,6 +15,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from engine.procs import is_pid_alive
+
 log = logging.getLogger("engine")
 
 FREE, FILLING, READY, IN_USE = 0, 1, 2, 3
@@ -126,7 +128,7 @@ class ShmRing:
         reclaimed = []
         with self._lock:
             for slot in np.flatnonzero(self.slots[:, 0] == FILLING):
-                if not _alive(int(self.slots[slot, 1])):
+                if not is_pid_alive(int(self.slots[slot, 1])):
                     self.slots[slot] = [FREE, 0, -1, 0]
                     reclaimed.append(int(slot))
         for _ in reclaimed:
@@ -181,12 +183,3 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     except TypeError:
         return shared_memory.SharedMemory(name=name)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

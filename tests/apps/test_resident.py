@@ -19,6 +19,7 @@ import torch
 
 from support import PROMPTS, ROOT, read_jsonl, write_jsonl
 from support.processes import wait_for_records
+from engine.procs import is_pid_alive
 from engine.storage.activations import load
 
 FLAGS = ["--model", "random:tiny", "--device", "cpu", "--max-new-tokens", "6", "--ignore-eos", "--return-tokens",
@@ -55,17 +56,9 @@ def resident_pid(stderr: str, how: str) -> int:
     return int(found.group(1))
 
 
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def wait_gone(pid: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while is_alive(pid):
+    while is_pid_alive(pid):
         assert time.monotonic() < deadline, f"resident engine {pid} still runs"
         time.sleep(0.1)
 
@@ -121,12 +114,12 @@ def test_a_kept_alive_engine_serves_the_next_run_and_gives_what_a_fresh_engine_g
     assert other.returncode == 0, other.stderr
     assert "ending the resident engine of other settings" in other.stderr
     new_pid = resident_pid(other.stderr, "started")
-    assert new_pid != pid and not is_alive(pid)
+    assert new_pid != pid and not is_pid_alive(pid)
     status = resident(env, "status")
     assert f"resident engine pid {new_pid}: random:tiny on cpu float32" in status.stderr, status.stderr
     stopped = resident(env, "stop")
     assert stopped.returncode == 0 and f"resident engine pid {new_pid} ended" in stopped.stderr, stopped.stderr
-    assert not is_alive(new_pid)
+    assert not is_pid_alive(new_pid)
     assert "no resident engine for" in resident(env, "status").stderr
 
 
@@ -135,12 +128,18 @@ def long_job(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "long.jsonl", rows)
 
 
-def test_a_resident_engine_killed_mid_run_fails_the_run_in_one_line_and_the_same_command_resumes(tmp_path, env):
-    source, out = long_job(tmp_path), tmp_path / "out.jsonl"
-    command = ["--input", source, "--output", out, "--keep-alive", "120", *FLAGS]
+def start_long_job(tmp_path: Path, env: dict) -> tuple[list, Path, subprocess.Popen, int]:
+    """A 24-record job on a kept-alive engine, once its first record is written: (its command, its output, the
+    running engine-run, the resident engine's pid)."""
+    out = tmp_path / "out.jsonl"
+    command = ["--input", long_job(tmp_path), "--output", out, "--keep-alive", "120", *FLAGS]
     proc = start_run(env, *command)
     wait_for_records(out, 1, proc)
-    pid = int(re.search(r"pid (\d+)", resident(env, "status").stderr).group(1))
+    return command, out, proc, int(re.search(r"pid (\d+)", resident(env, "status").stderr).group(1))
+
+
+def test_a_resident_engine_killed_mid_run_fails_the_run_in_one_line_and_the_same_command_resumes(tmp_path, env):
+    command, out, proc, pid = start_long_job(tmp_path, env)
     os.kill(pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
@@ -155,11 +154,7 @@ def test_a_resident_engine_killed_mid_run_fails_the_run_in_one_line_and_the_same
 
 
 def test_an_interrupted_run_ends_its_resident_engine_and_resumes(tmp_path, env):
-    source, out = long_job(tmp_path), tmp_path / "out.jsonl"
-    command = ["--input", source, "--output", out, "--keep-alive", "120", *FLAGS]
-    proc = start_run(env, *command)
-    wait_for_records(out, 1, proc)
-    pid = int(re.search(r"pid (\d+)", resident(env, "status").stderr).group(1))
+    command, out, proc, pid = start_long_job(tmp_path, env)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in stderr, stderr

@@ -300,19 +300,21 @@ def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
     code = bench_main(["--model", "random:tiny", "--device", "cpu", "--workload", "short", "--systems", "engine",
                        "--num-prompts", "3", "--steering-specs", "3", "--steering-layers", "1,3", "--max-num-seqs", "4",
                        "--capture-layers", "0,2", "--out", str(tmp_path), "--save-outputs", "--quiet",
-                       "--trace", str(tmp_path / "trace")])
+                       "--trace", str(tmp_path / "trace"), "--also-model", "random:tiny"])
     assert code == 0
     outputs = read_jsonl(next(tmp_path.glob("*-outputs.jsonl")))
     by_system: dict[str, dict[str, list[int]]] = {}
     for record in outputs:
         by_system.setdefault(record["system"], {})[record["id"]] = record["completion_token_ids"]
-    assert list(by_system) == ["engine", "engine+steer3@L1,3", "engine+capture@L0,2:last_prompt"]
-    plain, steered, captured = by_system.values()
+    assert list(by_system) == ["engine", "engine+steer3@L1,3", "engine+capture@L0,2:last_prompt",
+                               "engine (random:tiny)"]
+    plain, steered, captured, again = by_system.values()
     assert captured == plain  # capturing changes nothing it generates
+    assert again == plain  # --also-model: the same model in its own engine, a row of its own
     assert [len(v) for v in steered.values()] == [len(v) for v in plain.values()] == [150] * 3
     assert steered != plain  # the vectors really were applied
     runs = read_jsonl(tmp_path / "trace" / "runs.jsonl")
-    assert [r["system"] for r in runs] == list(by_system)
+    assert [r["system"] for r in runs] == list(by_system)[:3]  # the --also-model engine writes no trace
     timeline = read_jsonl(tmp_path / "trace" / "core0.jsonl")
     steps = [e for e in timeline if "step" in e]
     assert sum(e["admitted"] for e in steps) >= 3 * 3  # each run's prompts (and the warm-ups) were admitted

@@ -44,6 +44,7 @@ def run_packed(device: str, dtype, heads: int, kv_heads: int, window, softcap=No
     CONTEXT.write_pos = torch.cat([torch.arange(n) for n in LENGTHS]).to(device)
     CONTEXT.spans = list(zip(starts[:-1], LENGTHS))
     CONTEXT.cu_lens = torch.tensor(starts, dtype=torch.int32, device=device)
+    CONTEXT.prompt_of = torch.tensor([i for i, n in enumerate(LENGTHS) for _ in range(n)], device=device)
     module = types.SimpleNamespace(layer_idx=0)
     out, _ = engine_attention(module, query, key, value, None, scaling=dim ** -0.5, sliding_window=window,
                               softcap=softcap)

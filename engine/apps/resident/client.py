@@ -7,7 +7,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.engine import EngineError
 from engine.messages import Outcome
 from engine.models import ModelNotFound
+from engine.procs import is_pid_alive
 
 log = logging.getLogger("engine")
 FEED_BATCH = 32
@@ -169,21 +169,12 @@ def _answer(conn, config: EngineConfig) -> dict:
 
 def wait_gone(pid: int) -> None:
     deadline = time.monotonic() + STOP_WAIT_S
-    while _is_alive(pid):
+    while is_pid_alive(pid):
         if time.monotonic() > deadline:
             raise ResidentError(f"the resident engine (pid {pid}) did not end in {STOP_WAIT_S:.0f} s; end it "
                                 f"(kill {pid}) and run again")
         time.sleep(0.05)
 
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start(config: EngineConfig, key: str, keep_alive: float) -> dict:

@@ -11,6 +11,7 @@ an engine core (a fresh engine then starts whole)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -171,6 +172,8 @@ def _read_items(engine: Engine, conn, items: queue.Queue, lost: threading.Event)
 
 
 def _put(items: queue.Queue, value, engine: Engine, force: bool = False) -> None:
+    """Put `value` in the bounded queue, waiting while the engine takes items. An interrupted engine takes no
+    more: a batch is then dropped, and END (force) replaces what is still queued."""
     while True:
         try:
             items.put(value, timeout=0.5)
@@ -179,15 +182,9 @@ def _put(items: queue.Queue, value, engine: Engine, force: bool = False) -> None
             if engine.is_interrupted and not force:
                 return
             if engine.is_interrupted:
-                _drain(items)
-
-
-def _drain(items: queue.Queue) -> None:
-    try:
-        while True:
-            items.get_nowait()
-    except queue.Empty:
-        pass
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        items.get_nowait()
 
 
 def _items(items: queue.Queue):
