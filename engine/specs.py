@@ -20,6 +20,8 @@ MAX_COEF = float(3.4028234663852886e38)  # float32's largest: a coefficient beyo
 RANGE_KINDS = ("prompt", "generated")
 RANGE_EXAMPLE = '{"prompt": [-1, null]} (the last prompt token) or {"generated": [0, 20]}'
 NORM_FLAGS = ("normalize", "norm_match")
+OPS = ("add", "clamp", "sae")  # a term's op; add (the default) is stated back without it
+ALL_LAYERS = "all"
 
 
 class RecordError(ValueError):
@@ -51,6 +53,25 @@ FILE_LAYERS: tuple[int, ...] = ()  # a term's layers left out: the layers its ve
 
 
 @dataclass(frozen=True, slots=True)
+class Gate:
+    """A term's `when`: the term applies only at tokens whose residual after `layer` (before that layer's own
+    interventions) projects onto `vector` above `threshold` (is_above) or below it, in the same forward."""
+
+    vector: str
+    layer: int
+    threshold: float
+    is_above: bool = True
+
+    def to_record(self) -> dict:
+        return {"vector": self.vector, "layer": self.layer, "above" if self.is_above else "below": self.threshold}
+
+    @classmethod
+    def from_record(cls, value: dict) -> Gate:
+        is_above = "above" in value
+        return cls(value["vector"], int(value["layer"]), float(value["above" if is_above else "below"]), is_above)
+
+
+@dataclass(frozen=True, slots=True)
 class SteeringTerm:
     """One normalised term: `vector` (a file path) added at `layers` (sorted, distinct) times `coef`, at
     `positions` ("prompt", "generated", "all" or Ranges); norm_match scales the vector to the residual's norm,
@@ -63,17 +84,29 @@ class SteeringTerm:
     the layers the core resolved instead (with_layers, from the core's answer): a researcher reading the output
     wants the layers that were steered, and the file may be written again with other layers later."""
 
-    vector: str
+    vector: str  # the direction's file; for op sae, the SAE's path
     layers: tuple[int, ...]
     coef: float
     positions: str | Ranges
     normalize: bool = False
     norm_match: bool = False
+    op: str = "add"  # one of OPS
+    is_all_layers: bool = False  # "layers": "all" (resolved to every layer where the model is known)
+    features: tuple[int, ...] = ()  # op sae: the features it sets or shifts
+    value: float | None = None  # op clamp: the projection it sets; op sae: the activation it sets (else coef shifts)
+    bounds: tuple[float | None, float | None] | None = None  # op clamp "range": [lo, hi], either end open (None)
+    when: Gate | None = None
 
     @property
     def is_file_layers(self) -> bool:
-        """Whether the term steers the layers its vector file names (its layers were left out)."""
-        return not self.layers
+        """Whether the term steers the layers its vector file names (its layers were left out; for an SAE, the
+        layer its config names)."""
+        return not self.layers and not self.is_all_layers
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files the term reads: its vector (or SAE) and its gate's probe."""
+        return (self.vector,) if self.when is None else (self.vector, self.when.vector)
 
     def with_layers(self, layers) -> SteeringTerm:
         """This term at `layers` (sorted, distinct): a term of the file's layers once they are known."""
@@ -83,18 +116,35 @@ class SteeringTerm:
         """{vector[, layers], coef, positions[, normalize][, norm_match]}: `layers` left out for the file's layers,
         as it was given; the flags appear (as true) only when set."""
         positions = self.positions if isinstance(self.positions, str) else self.positions.to_record()
-        record = {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": positions}
+        record = {} if self.op == "add" else {"op": self.op}
+        record[("sae" if self.op == "sae" else "vector")] = self.vector
+        if self.op == "sae":
+            record["feature"] = list(self.features)
+        record.update({"layers": ALL_LAYERS if self.is_all_layers else list(self.layers)})
         if self.is_file_layers:
             del record["layers"]
+        if self.value is not None:
+            record["value"] = self.value
+        elif self.bounds is not None:
+            record["range"] = list(self.bounds)
+        elif self.op != "clamp":
+            record["coef"] = self.coef
+        record["positions"] = positions
         record.update({name: True for name in NORM_FLAGS if getattr(self, name)})
+        if self.when is not None:
+            record["when"] = self.when.to_record()
         return record
 
     @classmethod
     def from_record(cls, value: dict) -> SteeringTerm:
-        positions = value["positions"]
-        return cls(value["vector"], tuple(value.get("layers", FILE_LAYERS)), float(value["coef"]),
-                   positions if isinstance(positions, str) else Ranges.from_record(positions),
-                   bool(value.get("normalize", False)), bool(value.get("norm_match", False)))
+        positions, op, layers = value["positions"], value.get("op", "add"), value.get("layers", FILE_LAYERS)
+        bounds = value.get("range")
+        return cls(value["sae" if op == "sae" else "vector"], () if layers == ALL_LAYERS else tuple(layers),
+                   float(value.get("coef", 1.0)), positions if isinstance(positions, str) else
+                   Ranges.from_record(positions), bool(value.get("normalize", False)),
+                   bool(value.get("norm_match", False)), op, layers == ALL_LAYERS, tuple(value.get("feature", ())),
+                   value.get("value"), None if bounds is None else tuple(bounds),
+                   None if value.get("when") is None else Gate.from_record(value["when"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,38 +246,128 @@ def parse_steering(value, where: str = "field 'steering'") -> SteeringSpec | Non
     return SteeringSpec((_parse_term(value, where),), False)
 
 
+TERM_KEYS = {  # per op, the keys a term may have besides op, positions and when
+    "add": {"vector", "layer", "layers", "coef", *NORM_FLAGS},
+    "clamp": {"vector", "layer", "layers", "value", "range"},
+    "sae": {"sae", "feature", "layer", "layers", "value", "coef"},
+}
+TERM_EXAMPLE = {
+    "add": '{"vector": "v.safetensors", "layers": [6], "coef": 4}',
+    "clamp": '{"op": "clamp", "vector": "v.npy", "layers": [6], "value": 0} (or "range": [lo, hi])',
+    "sae": '{"op": "sae", "sae": "layer_6/params.npz", "feature": 123, "value": 8} (or "coef": 4)',
+}
+
+
 def _parse_term(value, where: str) -> SteeringTerm:
     if not isinstance(value, dict):
-        raise RecordError(f"{where} must be an object like "
-                          "{\"vector\": \"v.safetensors\", \"layers\": [6], \"coef\": 4}, "
-                          f"a list of such terms, or null")
-    unknown = set(value) - {"vector", "layer", "layers", "coef", "positions", *NORM_FLAGS}
+        raise RecordError(f"{where} must be an object like {TERM_EXAMPLE['add']}, a list of such terms, or null")
+    op = value.get("op", "add")
+    if op not in OPS:
+        raise RecordError(f"{where}.op is {shown(op)}; use one of {', '.join(OPS)} (add when left out)")
+    unknown = set(value) - TERM_KEYS[op] - {"op", "positions", "when"}
     if unknown:
-        raise RecordError(f"{where} has unknown key(s) {sorted(unknown)}; use vector, layers, coef, positions, "
-                          f"normalize, norm_match")
-    vector = value.get("vector")
+        raise RecordError(f"{where} has unknown key(s) {sorted(unknown)} for op {op}; it takes "
+                          f"{', '.join(sorted(TERM_KEYS[op] - {'layer'}))}, positions, when: e.g. {TERM_EXAMPLE[op]}")
+    path_key = "sae" if op == "sae" else "vector"
+    vector = value.get(path_key)
     if not isinstance(vector, str) or not vector:
-        raise RecordError(f"{where}.vector must be a path to a .safetensors, .pt, .npy or .gguf (control vector) file")
-    layers = value.get("layers", value.get("layer", list(FILE_LAYERS)))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, list) or (not layers and ("layers" in value or "layer" in value)) \
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-        raise RecordError(f"{where}.layers must be a layer index or a non-empty list of them, or left out to steer "
-                          f"the layers the vector file names; got {shown(layers)}")
-    coef = value.get("coef", 1.0)
-    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not is_finite(coef):
-        raise RecordError(f"{where}.coef must be a finite number, got {shown(coef)}")
-    if abs(coef) > MAX_COEF:
-        raise RecordError(f"{where}.coef is {float(coef):g}, beyond float32's range (|coef| <= 3.4e38) in which "
-                          f"steering is applied; use a smaller coefficient")
+        raise RecordError(f"{where}.{path_key} must be a path to " + (
+            "an SAE (params.npz, a folder of params.safetensors + config.json, a SAELens folder, or a .pt)"
+            if op == "sae" else "a .safetensors, .pt, .npy or .gguf (control vector) file"))
+    layers, is_all = _parse_layers(value, where, op)
+    coef = _number(value, "coef", where, 1.0)
     positions = parse_positions(value.get("positions", "all"), f"{where}.positions")
     flags = {}
     for name in NORM_FLAGS:
         flags[name] = value.get(name, False)
         if not isinstance(flags[name], bool):
             raise RecordError(f"{where}.{name} is {shown(flags[name])}; use true or false")
-    return SteeringTerm(vector, tuple(sorted(set(layers))), float(coef), positions, **flags)
+    features, target, bounds = (), None, None
+    if op == "clamp":
+        target, bounds = _clamp_target(value, where)
+    elif op == "sae":
+        features = _features(value.get("feature"), where)
+        if ("value" in value) == ("coef" in value):
+            raise RecordError(f"{where}: give value (set the feature's activation to it) or coef (add coef times its "
+                              f"decoder row), one of them")
+        target = _number(value, "value", where, None)
+    when = _parse_gate(value["when"], f"{where}.when", layers) if value.get("when") is not None else None
+    return SteeringTerm(vector, layers, coef, positions, **flags, op=op, is_all_layers=is_all, features=features,
+                        value=target, bounds=bounds, when=when)
+
+
+def _parse_layers(value: dict, where: str, op: str) -> tuple[tuple[int, ...], bool]:
+    """A term's layers (sorted, distinct; empty: the file's) and whether they are "all"."""
+    layers = value.get("layers", value.get("layer", list(FILE_LAYERS)))
+    if layers == ALL_LAYERS:
+        return FILE_LAYERS, True
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, list) or (not layers and ("layers" in value or "layer" in value)) \
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise RecordError(f"{where}.layers must be a layer index, a non-empty list of them, \"all\""
+                          + (", or left out for the layer the SAE's config names" if op == "sae" else
+                             ", or left out to steer the layers the vector file names") + f"; got {shown(layers)}")
+    return tuple(sorted(set(layers))), False
+
+
+def _number(value: dict, name: str, where: str, default):
+    """value[name] as a finite float within float32's range (default when left out)."""
+    number = value.get(name, default)
+    if number is default:
+        return number
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not is_finite(number):
+        raise RecordError(f"{where}.{name} must be a finite number, got {shown(number)}")
+    if abs(number) > MAX_COEF:
+        raise RecordError(f"{where}.{name} is {float(number):g}, beyond float32's range (|{name}| <= 3.4e38) in which "
+                          f"steering is applied; use a smaller {name}")
+    return float(number)
+
+
+def _clamp_target(value: dict, where: str) -> tuple[float | None, tuple | None]:
+    """A clamp's value, or its range [lo, hi] (either end null: open)."""
+    if ("value" in value) == ("range" in value):
+        raise RecordError(f"{where}: a clamp takes value (set the projection to it) or range [lo, hi] (clip it), "
+                          f"one of them")
+    if "value" in value:
+        return _number(value, "value", where, None), None
+    bounds = value["range"]
+    if not isinstance(bounds, list) or len(bounds) != 2 or bounds == [None, None]:
+        raise RecordError(f"{where}.range is {shown(bounds)}; give [lo, hi], either end null for open, e.g. [null, 2]")
+    lo, hi = (None if b is None else _number({"range": b}, "range", where, None) for b in bounds)
+    if lo is not None and hi is not None and lo > hi:
+        raise RecordError(f"{where}.range is {shown(bounds)}; lo must not be above hi, e.g. {shown([hi, lo])}")
+    return None, (lo, hi)
+
+
+def _features(value, where: str) -> tuple[int, ...]:
+    """An SAE term's feature index or list of them (distinct, in order given)."""
+    features = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(features, list) or not features or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in features):
+        raise RecordError(f"{where}.feature must be a feature index >= 0 or a non-empty list of them, got "
+                          f"{shown(value)}")
+    return tuple(dict.fromkeys(features))
+
+
+def _parse_gate(value, where: str, layers: tuple[int, ...]) -> Gate:
+    """A term's `when`: {"vector": PROBE, "layer": L, "above": t} (or "below"); L at or before the term's layers."""
+    example = '{"vector": "probe.npy", "layer": 4, "above": 0.5}'
+    if not isinstance(value, dict) or set(value) - {"vector", "layer", "above", "below"}:
+        raise RecordError(f"{where} is {shown(value)}; give {example} (or \"below\": t)")
+    vector, layer = value.get("vector"), value.get("layer")
+    if not isinstance(vector, str) or not vector:
+        raise RecordError(f"{where}.vector must be the path of the probe vector, as in {example}")
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise RecordError(f"{where}.layer must be a layer index >= 0, got {shown(layer)}")
+    if ("above" in value) == ("below" in value):
+        raise RecordError(f"{where}: give above or below (the threshold on the projection), one of them")
+    is_above = "above" in value
+    threshold = _number(value, "above" if is_above else "below", where, None)
+    if layers and layer > layers[0]:
+        raise RecordError(f"{where}.layer is {layer}, after the term's first layer {layers[0]}: a gate is read in the "
+                          f"same forward, so its layer must be at or before the layers it gates")
+    return Gate(vector, layer, threshold, is_above)
 
 
 def shown(value) -> str:

@@ -14,11 +14,14 @@ gathered row).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
 from engine.models import decoder_layers
 from engine.specs import SteeringSpec
+from engine.core.interventions import MAX_GATES, OpTable, apply_ops
 from engine.core.steering_plan import UNSTEERED, LayerRows, SteeringResolver, SteerPlan, VectorTable
 from engine.core.transfer import to_device
 
@@ -43,11 +46,14 @@ class SteeringTable:
         self.hidden_size = model.config.get_text_config().hidden_size
         self.device = torch.device(device)
         self.vectors = VectorTable(self.hidden_size, device, capacity, next(model.parameters()).dtype)
+        self.ops = OpTable(device)
         self.kv_buffers = KVRowBuffers(self.num_layers, num_kv_rows, device)
         self.num_kv_rows = num_kv_rows
         self.used: list[int] = []  # layers some request has steered (what eager forwards run), in first-use order
         self.norm_layers: set[int] = set()  # layers whose hook also does norm_match / normalize
-        self.resolver = SteeringResolver(self.vectors, self.num_layers, self.hidden_size, self.mark_steered)
+        self.has_ops = False  # whether some request has used a clamp, an SAE value or a gate (the hooks apply ops)
+        self.resolver = SteeringResolver(self.vectors, self.ops, self.num_layers, self.hidden_size,
+                                         self.mark_steered)
         self.active: dict[int, tuple] = {}
         for layer in range(self.num_layers):
             # prepend: runs before transformers' own output-capture hooks, so captured states include steering.
@@ -55,25 +61,28 @@ class SteeringTable:
 
     @property
     def version(self) -> int:
-        """The vector table's reallocation count: the steered graphs read the table it had when they were captured."""
-        return self.vectors.version
+        """The vector and op tables' reallocation count: the steered graphs read the tables as they were captured."""
+        return self.vectors.version + self.ops.version
 
     def graph_key(self, is_steered: bool) -> tuple | None:
         """What a captured decode step's steering depends on besides the KV-row buffers: None for a step where no
-        sequence is steered (no steering op is captured), else the table's version and the norm-aware layers."""
-        return (self.vectors.version, tuple(sorted(self.norm_layers))) if is_steered else None
+        sequence is steered (no steering op is captured), else the tables' version, the norm-aware layers and
+        whether the hooks apply ops (a new key, captured on first use: no graph is captured again)."""
+        return (self.version, (tuple(sorted(self.norm_layers)), self.has_ops)) if is_steered else None
 
     def resolve(self, spec: SteeringSpec | None, num_prompt_tokens: int) -> SteerPlan | None:
         """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply (the
         resolver's `resolve`; it marks the layers the spec steers)."""
         return self.resolver.resolve(spec, num_prompt_tokens)
 
-    def mark_steered(self, layer: int, uses_norm: bool) -> None:
-        """Mark `layer` steered (its hook already exists), and norm-aware if a term there needs it."""
+    def mark_steered(self, layer: int, uses_norm: bool, uses_ops: bool = False) -> None:
+        """Mark `layer` steered (its hook already exists), norm-aware if a term there needs it, and the hooks
+        op-applying once any term uses ops."""
         if layer not in self.used:
             self.used.append(layer)
         if uses_norm:
             self.norm_layers.add(layer)
+        self.has_ops = self.has_ops or uses_ops
 
     def _make_hook(self, layer: int):
         def hook(module, args, output):
@@ -83,9 +92,11 @@ class SteeringTable:
             hidden = output[0] if isinstance(output, tuple) else output
             vectors = self.vectors
             rows = vectors.cast if vectors.cast.dtype == hidden.dtype else vectors.table
-            steered = hidden + rows[inputs[0]].to(hidden.dtype)  # row 0 is zero: unsteered tokens get +0
+            base = hidden if inputs.ops is None else apply_ops(hidden, inputs.ops, self.ops, vectors.table,
+                                                                inputs.gates)
+            steered = base + rows[inputs.plain].to(hidden.dtype)  # row 0 is zero: unsteered tokens get +0
             if layer in self.norm_layers:
-                steered = self._norm_terms(hidden, steered, *inputs[1:])
+                steered = self._norm_terms(hidden, steered, inputs.matched, inputs.normalize)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return hook
@@ -107,6 +118,7 @@ class SteeringTable:
         """Before a decode step: upload new table rows, then switch the table rows of KV rows whose sequence reaches
         a generated-range bound (KVRowBuffers.advance)."""
         self.vectors.upload_rows()
+        self.ops.upload_rows()
         self.kv_buffers.advance()
 
     def set_active(self, per_layer: dict) -> None:
@@ -120,34 +132,57 @@ class SteeringTable:
         if not is_steered:
             return {}
         kv = self.kv_buffers
-        buffers = (kv.plain, kv.matched, kv.normalize)
+        gates = kv.gates[None, :num_rows] if self.has_ops else None
         layers = range(self.num_layers) if is_graph else self.used
-        return {layer: tuple(b[layer, None, :num_rows] for b in buffers) for layer in layers}  # [1, B]: one row
+        return {layer: LayerInputs(kv.plain[layer, None, :num_rows], kv.matched[layer, None, :num_rows],  # [1, B]
+                                   kv.normalize[layer, None, :num_rows],
+                                   kv.ops[layer, None, :num_rows] if self.has_ops else None, gates)
+                for layer in layers}
 
     def prefill_inputs(self, seqs, starts) -> dict:
-        """Per steered layer (`used`): (row, norm-matched row, normalize), each [1, N], for a packed prefill: prompt
-        token i of sequence j sits at column starts[j] + i; {} when no sequence is steered. Uploads new table rows
-        first.
+        """Per steered layer (`used`): its LayerInputs, each [1, N], for a packed prefill: prompt token i of sequence
+        j sits at column starts[j] + i; {} when no sequence is steered. Uploads new table rows first.
 
-        Built as runs of equal rows: [kinds, layers] values per run and one np.repeat, not a slice per sequence,
+        Built as runs of equal rows: [fields, layers] values per run and one np.repeat, not a slice per sequence,
         piece and layer (a 256-prompt prefill would be ~800 slice writes)."""
         self.vectors.upload_rows()
+        self.ops.upload_rows()
         if not self.used or all(seq.steering is None for seq in seqs):
             return {}
-        kinds = 3 if self.norm_layers else 1  # plain, matched, normalize; the last two only for norm-aware hooks
-        unsteered = np.zeros((kinds, len(self.used)), dtype=np.int64)
+        # the LayerRows fields the hooks read: plain; matched and normalize for norm-aware hooks; ops
+        fields = [0, *((1, 2) if self.norm_layers else ()), *((3,) if self.has_ops else ())]
+        unsteered = np.zeros((len(fields), len(self.used)), dtype=np.int64)
         values, lengths, at = [], [], 0
         for seq, offset in zip(seqs, starts):
             for start, end, rows in seq.steering.prompt if seq.steering is not None else ():
-                values += [unsteered, np.array([rows.get(layer, UNSTEERED)[:kinds] for layer in self.used]).T]
+                layer_rows = np.array([rows.get(layer, UNSTEERED) for layer in self.used], dtype=np.int64)
+                values += [unsteered, layer_rows[:, fields].T]
                 lengths += [offset + start - at, end - start]
                 at = offset + end
         values.append(unsteered)
         lengths.append(int(starts[-1]) - at)
-        host = np.repeat(np.stack(values, axis=-1), lengths, axis=-1)[:, :, None]  # [kinds, layers, 1, N]
+        host = np.repeat(np.stack(values, axis=-1), lengths, axis=-1)[:, :, None]  # [fields, layers, 1, N]
         device = to_device(torch.from_numpy(host), torch.int64, self.device)
-        norm_inputs = (device[1], device[2] != 0) if kinds == 3 else ()
-        return {layer: (device[0][j], *(x[j] for x in norm_inputs)) for j, layer in enumerate(self.used)}
+        got = dict(zip(fields, device))
+        gates = None
+        if self.has_ops:  # this forward's gates, column 0 "always"
+            gates = torch.zeros(1, host.shape[-1], 1 + MAX_GATES, dtype=torch.float32, device=self.device)
+            gates[..., 0] = 1.0
+        return {layer: LayerInputs(got[0][j], *((got[1][j], got[2][j] != 0) if 1 in got else (None, None)),
+                                   got[3][j] if 3 in got else None, gates)
+                for j, layer in enumerate(self.used)}
+
+
+class LayerInputs(NamedTuple):
+    """One steered layer's per-token inputs in a forward, each [1, T]: the LayerRows fields as tensors (matched and
+    normalize only for norm-aware layers, ops once any request uses them) and the forward's gate state
+    [1, T, 1 + MAX_GATES]."""
+
+    plain: torch.Tensor
+    matched: torch.Tensor | None = None
+    normalize: torch.Tensor | None = None
+    ops: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
 
 
 class KVRowBuffers:
@@ -161,6 +196,9 @@ class KVRowBuffers:
         self.plain = torch.zeros(shape, dtype=torch.int64, device=device)  # table row added at decode
         self.matched = torch.zeros(shape, dtype=torch.int64, device=device)  # table row added times ||h||
         self.normalize = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.ops = torch.zeros(shape, dtype=torch.int64, device=device)  # OpTable row applied at decode
+        self.gates = torch.zeros(num_kv_rows, 1 + MAX_GATES, dtype=torch.float32, device=device)  # a step's gates
+        self.gates[:, 0] = 1.0  # gate 0: "always"
         self._following: dict[int, tuple] = {}  # KV row -> (sequence, its generated changes still ahead, last first)
 
     def assign(self, seqs, used: list[int]) -> None:
@@ -199,7 +237,8 @@ class KVRowBuffers:
     def _write(self, updates: list[tuple[int, int, LayerRows]]) -> None:
         """Write (layer, KV row, table rows) into the KV-row buffers: one small copy, no host sync."""
         host = torch.tensor([[layer, kv_row, *rows] for layer, kv_row, rows in updates], dtype=torch.int64)
-        layer, kv_row, plain, matched, normalize = to_device(host.T.contiguous(), torch.int64, self.device)
+        layer, kv_row, plain, matched, normalize, ops = to_device(host.T.contiguous(), torch.int64, self.device)
         self.plain.index_put_((layer, kv_row), plain)
         self.matched.index_put_((layer, kv_row), matched)
         self.normalize.index_put_((layer, kv_row), normalize != 0)
+        self.ops.index_put_((layer, kv_row), ops)

@@ -9,6 +9,7 @@ get a second row (scaled by the residual's norm at the hook), and the LayerRows 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,16 +20,19 @@ import torch
 
 from engine.specs import Ranges, RecordError, SteeringSpec, SteeringTerm
 from engine.vectors import load_vectors, unnamed_layers_error
+from engine.core.interventions import MAX_GATES, MAX_SLOTS, GateRead, OpTable, Slot
 from engine.core.transfer import to_device
 
 
 class LayerRows(NamedTuple):
     """What a token gets at one layer: a table row added as is, a row added times the residual's norm
-    (norm_match terms), and whether the result is rescaled to the residual's norm (normalize)."""
+    (norm_match terms), whether the result is rescaled to the residual's norm (normalize), and its row of gates and
+    projection slots in the OpTable (engine.core.interventions; 0: none), applied before the additions."""
 
     plain: int = 0
     matched: int = 0
     normalize: bool = False
+    ops: int = 0
 
 
 UNSTEERED = LayerRows()
@@ -49,6 +53,29 @@ class SteerPlan:
     term_layers: tuple[tuple[int, ...], ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SlotVectors:
+    """A projection slot before its vectors have table rows (see engine.core.interventions.Slot); a None: zero."""
+
+    a: np.ndarray | None
+    b: np.ndarray
+    bias: float = 0.0
+    theta: float = -math.inf
+    lo: float = -math.inf
+    hi: float = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class GateVectors:
+    """A request's gate (1..MAX_GATES): read at `layer`, `probe` against the threshold, above (sign 1) or below."""
+
+    index: int
+    layer: int
+    probe: np.ndarray
+    threshold: float
+    sign: float
+
+
 @dataclass(slots=True)
 class _Prepared:
     """What a spec's terms need whatever the prompt: their vectors per layer and, per set of covering terms, the
@@ -56,7 +83,9 @@ class _Prepared:
     vector arithmetic."""
 
     terms: tuple[SteeringTerm, ...]
-    added: list[dict]  # per term: {layer: float32 array it adds there}
+    added: list[dict]  # per term: {layer: float32 array it adds there} (ungated add terms, SAE coef terms)
+    slots: list[dict]  # per term: {layer: [SlotVectors]} (clamps, SAE values, gated additions)
+    gates: list  # per term: its GateVectors, or None
     layers: list[int]
     term_layers: tuple[tuple[int, ...], ...] | None  # SteerPlan.term_layers
     rows: dict = field(default_factory=dict)  # covering term indices -> {layer: LayerRows}
@@ -122,21 +151,24 @@ class VectorTable:
 
 
 class SteeringResolver:
-    """Resolves steering specs to SteerPlans of VectorTable rows; keeps each vector file and each distinct spec's
-    prepared vectors, and tells `on_steer(layer, uses_norm)` which layers a spec steers."""
+    """Resolves steering specs to SteerPlans of VectorTable and OpTable rows; keeps each vector and SAE file and each
+    distinct spec's prepared vectors, and tells `on_steer(layer, uses_norm, uses_ops)` which layers a spec
+    steers."""
 
-    def __init__(self, vectors: VectorTable, num_layers: int, hidden_size: int, on_steer):
-        self.vectors, self.num_layers, self.hidden_size, self.on_steer = vectors, num_layers, hidden_size, on_steer
-        # path -> (its file's stamp, {layer or None: float32 array} or the error reading it gave)
-        self._files: dict[str, tuple[tuple | None, dict | RecordError]] = {}
+    def __init__(self, vectors: VectorTable, ops: OpTable, num_layers: int, hidden_size: int, on_steer):
+        self.vectors, self.ops, self.on_steer = vectors, ops, on_steer
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+        # path -> (its file's stamp, {layer or None: float32 array} or an Sae, or the error reading it gave)
+        self._files: dict[str, tuple[tuple | None, object]] = {}
         # a spec's terms and their files' stamps -> their _Prepared, least recent first
         self._prepared: OrderedDict[tuple, _Prepared] = OrderedDict()
 
     def resolve(self, spec: SteeringSpec | None, num_prompt_tokens: int) -> SteerPlan | None:
         """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply.
 
-        The terms covering a token are summed per layer (coefficients included) into one table row (two with
-        norm_match), so any number of terms costs one gather-add per steered layer.
+        The additions covering a token are summed per layer (coefficients included) into one table row (two with
+        norm_match), so any number of them costs one gather-add per steered layer; clamps, SAE values and gated
+        terms take a projection slot each, gates a read each, in one OpTable row per layer.
         """
         if spec is None:
             return None
@@ -149,8 +181,7 @@ class SteeringResolver:
 
         def rows(covering: tuple) -> dict[int, LayerRows]:
             if covering not in prepared.rows:
-                prepared.rows[covering] = self._layer_rows([(terms[i], prepared.added[i]) for i in covering],
-                                                           prepared.layers)
+                prepared.rows[covering] = self._layer_rows(prepared, covering)
             return prepared.rows[covering]
 
         prompt = [(a, b, rows(c)) for a, b, c in _pieces([p for p, _ in spans], num_prompt_tokens) if c]
@@ -164,85 +195,189 @@ class SteeringResolver:
         """The spec's vectors and hooks, once per distinct spec (the most recent MAX_PREPARED_SPECS are kept). The
         terms are the key, with their files' stamps (a file written again is read again: a resident engine outlives
         one run's files); a list of one term and the term given alone share their entry."""
-        key = (terms, tuple(file_stamp(term.vector) for term in terms))
+        key = (terms, tuple(file_stamp(path) for term in terms for path in term.paths))
         prepared = self._prepared.get(key)
         if prepared is not None:
             self._prepared.move_to_end(key)
             return prepared
-        added = [self._term_vectors(term) for term in terms]
-        for term, vectors in zip(terms, added):  # the layers each term steers: its own, or its file's
-            for layer in vectors:
-                self.on_steer(layer, term.normalize or term.norm_match)
-        term_layers = tuple(tuple(vectors) for vectors in added) if any(t.is_file_layers for t in terms) else None
-        prepared = _Prepared(terms, added, sorted({layer for vectors in added for layer in vectors}), term_layers)
+        gate_index: dict = {}
+        added, slots, gates, term_layers, marks = [], [], [], [], []
+        for term in terms:
+            layers = self._term_layers(term)
+            gate = None if term.when is None else self._gate(term, layers, gate_index)
+            effects = self._term_effects(term, layers)
+            is_addition = not isinstance(next(iter(effects.values())), list)
+            if is_addition and gate is None:
+                added.append(effects)
+                slots.append({})
+            else:  # a gated addition takes a slot: x += gate * v
+                added.append({})
+                slots.append({layer: [SlotVectors(None, v, lo=1.0, hi=1.0)] for layer, v in effects.items()}
+                             if is_addition else effects)
+            gates.append(gate)
+            term_layers.append(layers)
+            marks += [(layer, term.normalize or term.norm_match, not is_addition or gate is not None)
+                      for layer in (*layers, *(() if gate is None else (gate.layer,)))]
+        for mark in marks:  # once every term has resolved: a spec that fails marks nothing
+            self.on_steer(*mark)
+        touched = {layer for layers in term_layers for layer in layers} | {g.layer for g in gates if g is not None}
+        is_named = any(t.is_file_layers or t.is_all_layers for t in terms)
+        prepared = _Prepared(terms, added, slots, gates, sorted(touched), tuple(term_layers) if is_named else None)
         self._prepared[key] = prepared
         if len(self._prepared) > MAX_PREPARED_SPECS:
             self._prepared.popitem(last=False)
         return prepared
 
-    def _term_vectors(self, term: SteeringTerm) -> dict[int, np.ndarray]:
-        """{layer: what the term adds there}, in layer order: coef * v, or for norm_match coef * v / ||v|| (times
-        ||h|| later). A term without layers steers every layer its file names (load_vectors checked them against
-        the model); a file of one unnamed vector then has none to steer, and says to give them."""
+    def _term_layers(self, term: SteeringTerm) -> tuple[int, ...]:
+        """The layers a term acts at: its own, every layer ("all"), the layer its SAE reads, or its file's."""
         bad = [layer for layer in term.layers if not 0 <= layer < self.num_layers]
         if bad:
             raise RecordError(f"steering layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
-        vectors = self._file(term.vector)
-        layers = term.layers or tuple(sorted(layer for layer in vectors if layer is not None))
+        if term.is_all_layers:
+            return tuple(range(self.num_layers))
+        if term.op == "sae":
+            if len(term.layers) > 1:
+                raise RecordError(f"an SAE term acts at the one layer its SAE reads; got layers {list(term.layers)}")
+            from engine.saes import sae_layer_or_error
+
+            return (sae_layer_or_error(self._sae(term.vector), term.layers[0] if term.layers else None),)
+        if term.layers:
+            return term.layers
+        layers = tuple(sorted(layer for layer in self._file(term.vector) if layer is not None))
         if not layers:
             raise unnamed_layers_error(term.vector)
-        missing = [layer for layer in layers if layer not in vectors and None not in vectors]
-        if missing:
-            raise RecordError(f"steering vector {term.vector}: no vector for layer(s) {missing} "
-                              f"(it has layer.{sorted(vectors)})")
-        added, scaled = {}, {}  # scaled: one product per source vector (a file's one vector serves every layer)
-        for layer in layers:
-            vector = vectors.get(layer, vectors.get(None))
-            if id(vector) in scaled:
-                added[layer] = scaled[id(vector)]
-                continue
-            source = vector
-            if term.norm_match:
-                direction = torch.from_numpy(vector)
-                norm = direction.norm()
-                if norm == 0:
-                    raise RecordError(f"steering vector {term.vector}: zero at layer {layer}; norm_match needs a "
-                                      f"non-zero direction (or drop norm_match)")
-                vector = (direction / norm).numpy()
-            added[layer] = scaled[id(source)] = np.float32(term.coef) * vector  # float32, as torch does it
-        return added
+        return layers
 
-    def _layer_rows(self, covering: list[tuple[SteeringTerm, dict]], layers: list[int]) -> dict[int, LayerRows]:
-        """The rows of tokens covered by these (term, vectors): sums per layer; normalize if any term says so."""
+    def _gate(self, term: SteeringTerm, layers: tuple[int, ...], gate_index: dict) -> GateVectors:
+        """The term's gate, numbered within the spec (one number per distinct gate, at most MAX_GATES)."""
+        gate = term.when
+        if not 0 <= gate.layer < self.num_layers:
+            raise RecordError(f"when.layer {gate.layer} out of range; the model has layers 0..{self.num_layers - 1}")
+        if gate.layer > layers[0]:
+            raise RecordError(f"when.layer is {gate.layer}, after the term's first layer {layers[0]}: a gate is read "
+                              f"in the same forward, so its layer must be at or before the layers it gates")
+        if term.norm_match or term.normalize:
+            raise RecordError("a gated term (when) cannot use norm_match or normalize; scale its vector instead")
+        if gate not in gate_index:
+            if len(gate_index) == MAX_GATES:
+                raise RecordError(f"a request's terms use more than {MAX_GATES} distinct gates (when); share one")
+            probe = self._vector_at(gate.vector, gate.layer)
+            gate_index[gate] = GateVectors(len(gate_index) + 1, gate.layer, probe, gate.threshold,
+                                           1.0 if gate.is_above else -1.0)
+        return gate_index[gate]
+
+    def _term_effects(self, term: SteeringTerm, layers: tuple[int, ...]) -> dict:
+        """{layer: what the term adds there} (add, SAE coef), or {layer: [SlotVectors]} (clamp, SAE value)."""
+        if term.op == "sae":
+            return {layers[0]: sae_effect(self._sae(term.vector), term)}
+        effects, done = {}, {}  # done: one product per source vector (a file's one vector serves every layer)
+        for layer in layers:
+            vector = self._vector_at(term.vector, layer)
+            if id(vector) not in done:
+                done[id(vector)] = self._effect(term, vector, layer)
+            effects[layer] = done[id(vector)]
+        return effects
+
+    def _effect(self, term: SteeringTerm, vector: np.ndarray, layer: int):
+        """coef * v, for norm_match coef * v / ||v|| (times ||h|| later); a clamp's slot on v / ||v||."""
+        if term.op == "add" and not term.norm_match:
+            return np.float32(term.coef) * vector  # float32, as torch does it
+        direction = torch.from_numpy(vector)
+        norm = direction.norm()
+        if norm == 0:
+            raise RecordError(f"steering vector {term.vector}: zero at layer {layer}; "
+                              + ("norm_match needs a non-zero direction (or drop norm_match)" if term.op == "add"
+                                 else "a clamp needs a non-zero direction"))
+        unit = (direction / norm).numpy()
+        if term.op == "add":
+            return np.float32(term.coef) * unit
+        lo, hi = (term.value, term.value) if term.value is not None else term.bounds
+        return [SlotVectors(unit, unit, lo=-math.inf if lo is None else lo, hi=math.inf if hi is None else hi)]
+
+    def _vector_at(self, path: str, layer: int) -> np.ndarray:
+        vectors = self._file(path)
+        if layer not in vectors and None not in vectors:
+            raise RecordError(f"steering vector {path}: no vector for layer {layer} (it has layer.{sorted(vectors)})")
+        return vectors.get(layer, vectors.get(None))
+
+    def _layer_rows(self, prepared: _Prepared, covering: tuple) -> dict[int, LayerRows]:
+        """The rows of tokens covered by these terms: per layer the additions summed, normalize if any term says
+        so, and the op row of their slots (in term order) and of the gates read there."""
         # rows: by array identity, so a vector shared by several layers is hashed once; each entry keeps its array
         # alive, so a later temporary cannot reuse the id
         out, rows = {}, {}
-        for layer in layers:
+
+        def row(v):
+            if v is None:
+                return 0
+            if id(v) not in rows:
+                rows[id(v)] = (self.vectors.row(v), v)
+            return rows[id(v)][0]
+
+        gates = {g.index: g for g in (prepared.gates[i] for i in covering) if g is not None}
+        for layer in prepared.layers:
             sums: list = [None, None]  # plain, norm-matched
-            normalize = False
-            for term, vectors in covering:
-                if layer in vectors:
-                    i = int(term.norm_match)
-                    sums[i] = vectors[layer] if sums[i] is None else sums[i] + vectors[layer]
+            normalize, slots = False, []
+            for i in covering:
+                term, gate = prepared.terms[i], prepared.gates[i]
+                if layer in prepared.added[i]:
+                    k = int(term.norm_match)
+                    v = prepared.added[i][layer]
+                    sums[k] = v if sums[k] is None else sums[k] + v
                     normalize = normalize or term.normalize
-            for v in sums:
-                if v is not None and id(v) not in rows:
-                    rows[id(v)] = (self.vectors.row(v), v)
-            out[layer] = LayerRows(*(0 if v is None else rows[id(v)][0] for v in sums), normalize)
+                slots += [Slot(row(v.a), row(v.b), v.bias, v.theta, v.lo, v.hi, 0 if gate is None else gate.index)
+                          for v in prepared.slots[i].get(layer, ())]
+            if len(slots) > MAX_SLOTS:
+                raise RecordError(f"at layer {layer} this request has {len(slots)} clamps, SAE features and gated "
+                                  f"terms over one token; at most {MAX_SLOTS} fit")
+            reads = tuple(GateRead(g.index, row(g.probe), g.threshold, g.sign) for g in gates.values()
+                          if g.layer == layer)
+            ops = self.ops.row(tuple(slots), reads) if slots or reads else 0
+            out[layer] = LayerRows(*(row(v) for v in sums), normalize, ops)
         return out
 
     def _file(self, path: str) -> dict:
+        return self._cached(path, lambda: {layer: v.numpy() for layer, v in
+                                           load_vectors(path, self.num_layers, self.hidden_size).items()})
+
+    def _sae(self, path: str):
+        from engine.saes import load_sae
+
+        return self._cached(path, lambda: load_sae(path, self.num_layers, self.hidden_size))
+
+    def _cached(self, path: str, load):
+        """What load() reads from `path`, read again when the file's stamp changes; its RecordError likewise."""
         stamp = file_stamp(path)
         if path not in self._files or self._files[path][0] != stamp:
             try:
-                vectors = load_vectors(path, self.num_layers, self.hidden_size)
-                self._files[path] = stamp, {layer: v.numpy() for layer, v in vectors.items()}
+                self._files[path] = stamp, load()
             except RecordError as exc:
                 self._files[path] = stamp, exc
         entry = self._files[path][1]
         if isinstance(entry, RecordError):
             raise entry
         return entry
+
+
+def sae_effect(sae, term: SteeringTerm):
+    """An SAE term's effect at its layer: coef * the features' decoder rows summed (an addition), or a slot per
+    feature setting its activation to `value` (its encoder column and bias, threshold, decoder row)."""
+    bad = [i for i in term.features if i >= sae.d_sae]
+    if bad:
+        raise RecordError(f"SAE {term.vector}: feature(s) {bad} out of range; it has features 0..{sae.d_sae - 1}")
+    features = list(term.features)
+    if term.value is None:
+        return np.float32(term.coef) * sae.w_dec[features].sum(axis=0, dtype=np.float32)
+    if sae.activation == "topk":
+        raise RecordError(f"SAE {term.vector}: a TopK SAE's feature activation depends on every feature, so \"value\" "
+                          f"cannot set one here yet; use \"coef\" to add its decoder row")
+    slots = []
+    for i in features:
+        column = np.ascontiguousarray(sae.w_enc[:, i])
+        bias = float(sae.b_enc[i]) - (float(sae.b_dec @ column) if sae.is_b_dec_subtracted else 0.0)
+        theta = float(sae.threshold[i]) if sae.activation == "jumprelu" else 0.0
+        slots.append(SlotVectors(column, np.ascontiguousarray(sae.w_dec[i]), bias, theta, term.value, term.value))
+    return slots
 
 
 def file_stamp(path: str) -> tuple | None:

@@ -153,23 +153,10 @@ def test_a_2d_array_with_other_than_one_row_per_layer_is_refused_by_its_rows(tmp
 @pytest.fixture(scope="module")
 def forced(tiny_source, tokenizer):
     from support import tiny_config
+    from support.teacher_forcing import forced_case
     from engine.core.engine_core import EngineCore
 
     return forced_case(EngineCore(tiny_config(), tiny_source), tokenizer)
-
-
-def forced_case(core, tokenizer) -> tuple:
-    """The core (4 KV rows), the 10 sequences every run teacher-forces (mixed prompt and generated lengths, so KV rows
-    refill), and their logits with no steering at all, taken before any hook exists."""
-    from support import PROMPTS
-    from support.teacher_forcing import forced_logits
-
-    gen = torch.Generator().manual_seed(5)
-    prompts = [tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids for i in range(10)]
-    sequences = [ids + torch.randint(5, 50_000, (3 + 5 * i % 9,), generator=gen).tolist()
-                 for i, ids in enumerate(prompts)]
-    lens = [len(p) for p in prompts]
-    return core, sequences, lens, forced_logits(core, sequences, lens, [None] * len(sequences))
 
 
 @pytest.fixture(scope="module")
@@ -347,11 +334,12 @@ def test_a_file_of_one_unnamed_vector_needs_layers(forced, layer_files):
 def test_the_file_layers_are_hooked_checked_against_the_model_and_reported(layer_files, tmp_path):
     """on_steer (the hooks, and whether they are norm-aware) gets the file's layers; a layer the model lacks is the
     record's error; the plan carries the layers each term steered when one left them to its file."""
+    from engine.core.interventions import OpTable
     from engine.core.steering_plan import SteeringResolver, VectorTable
 
     marked = []
-    resolver = SteeringResolver(VectorTable(64, "cpu", 4, torch.float32), 4, 64,
-                                lambda layer, uses_norm: marked.append((layer, uses_norm)))
+    resolver = SteeringResolver(VectorTable(64, "cpu", 4, torch.float32), OpTable("cpu"), 4, 64,
+                                lambda layer, uses_norm, uses_ops: marked.append((layer, uses_norm)))
     spec = parse_steering([{"vector": layer_files["gguf"], "norm_match": True}, term(layer_files["npy"], [2])])
     assert resolver.resolve(spec, 5).term_layers == ((1, 3), (2,))
     assert marked == [(1, True), (3, True), (2, False)]
@@ -368,6 +356,7 @@ def test_ranges_and_norms_inside_cuda_graphs(vectors):
     import os
 
     from support import tiny_config
+    from support.teacher_forcing import forced_case
     from engine.core.engine_core import EngineCore
     from engine.models import load_model, resolve_model
     from engine.models import load_hf_tokenizer

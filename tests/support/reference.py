@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from functools import partial
 
@@ -70,8 +71,9 @@ def position_mask(positions, prompt_len: int, total_len: int) -> torch.Tensor:
     else:
         ranges = positions
     for kind, spans in ranges.items():
-        for start, end in spans:
-            mask[kinds[kind][start:end]] = True
+        spans = spans if all(isinstance(span, list) for span in spans) else [spans]  # one range, or a list of them
+        for span in spans:
+            mask[kinds[kind][slice(*span) if len(span) == 2 else slice(span[0], None)]] = True
     return mask
 
 
@@ -135,3 +137,88 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, spec=None) -> l
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=0)
     return out[0, x.shape[1]:].tolist()
+
+
+@contextmanager
+def intervened_sequence(model, spec, prompt_len: int, saes: dict | None = None):
+    """Every op by plain forward hooks over a whole sequence in one forward, written from the documented rules, not
+    from the engine's code. At each layer: the gates read there (h . probe against the threshold, before this
+    layer's interventions), then clamp, SAE-value and gated terms one after another in term order, then the
+    ungated additions (add terms, SAE coef terms) summed, with norm_match / normalize as steered_sequence does them.
+    `saes`: SAE path -> {"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "layer", "sub_b_dec"} as the test wrote it."""
+    terms = [] if spec is None else spec if isinstance(spec, list) else [spec]
+    saes = saes or {}
+    num_layers = len(decoder_layers(model))
+    gates: dict[str, torch.Tensor] = {}
+
+    def layers_of(term) -> list[int]:
+        if term.get("layers") == "all":
+            return list(range(num_layers))
+        if term.get("op") == "sae" and "layers" not in term:
+            return [saes[term["sae"]]["layer"]]
+        return list(term["layers"])
+
+    def gate_of(term, h_len):
+        when = term.get("when")
+        return torch.ones(h_len, dtype=torch.bool) if when is None else gates[json.dumps(when, sort_keys=True)]
+
+    def hook(module, args, output, layer):
+        hidden = output[0] if isinstance(output, tuple) else output
+        h = hidden[0].float()
+        n = h.shape[0]
+        for term in terms:
+            when = term.get("when")
+            if when is not None and when["layer"] == layer:
+                projection = h @ vector_of(when["vector"], layer).float()
+                gates[json.dumps(when, sort_keys=True)] = (projection > when["above"] if "above" in when
+                                                            else projection < when["below"])
+        x = h
+        additions = []
+        for term in terms:
+            if layer not in layers_of(term):
+                continue
+            on = position_mask(term.get("positions", "all"), prompt_len, n) & gate_of(term, n)
+            op = term.get("op", "add")
+            if op == "clamp":
+                u = vector_of(term["vector"], layer).float()
+                u = u / u.norm()
+                projection = x @ u
+                lo, hi = (term["value"], term["value"]) if "value" in term else term["range"]
+                target = projection.clamp(min=lo, max=hi)
+                x = x + torch.where(on, target - projection, 0.0)[:, None] * u
+            elif op == "sae" and "value" in term:
+                sae = saes[term["sae"]]
+                features = term["feature"] if isinstance(term["feature"], list) else [term["feature"]]
+                for i in features:
+                    inputs = x - torch.from_numpy(sae["b_dec"]) if sae["sub_b_dec"] else x
+                    pre = inputs @ torch.from_numpy(sae["W_enc"][:, i]) + float(sae["b_enc"][i])
+                    theta = float(sae["threshold"][i]) if sae.get("threshold") is not None else 0.0
+                    f = torch.where(pre > theta, pre, 0.0)
+                    x = x + torch.where(on, term["value"] - f, 0.0)[:, None] * torch.from_numpy(sae["W_dec"][i])
+            else:
+                if op == "sae":
+                    features = term["feature"] if isinstance(term["feature"], list) else [term["feature"]]
+                    v = torch.from_numpy(saes[term["sae"]]["W_dec"][features].sum(0))
+                else:
+                    v = vector_of(term["vector"], layer).float()
+                if "when" in term:
+                    x = x + torch.where(on[:, None], term.get("coef", 1.0) * v, 0.0)
+                else:
+                    additions.append((on, term, v))
+        norm = h.norm(dim=-1, keepdim=True)  # norm_match and normalize: the residual before this layer's steering
+        out, normalize = x, torch.zeros(n, dtype=torch.bool)
+        for on, term, v in additions:
+            added = term.get("coef", 1.0) * (norm * v / v.norm() if term.get("norm_match") else v)
+            out = torch.where(on[:, None], out + added, out)
+            normalize |= on & term.get("normalize", False)
+        out = torch.where(normalize[:, None], out * norm / out.norm(dim=-1, keepdim=True), out)
+        steered = out[None].to(hidden.dtype)
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+    handles = [layer_module.register_forward_hook(partial(hook, layer=layer), prepend=True)
+               for layer, layer_module in enumerate(decoder_layers(model))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

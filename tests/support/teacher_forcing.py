@@ -77,3 +77,16 @@ def forced_logits(core: EngineCore, sequences: list[list[int]], prompt_lens: lis
         core.runner.sampler = sampler
     return [torch.stack([teacher.logits[i, step] for step in range(len(ids) - n)])
             for i, (ids, n) in enumerate(zip(sequences, prompt_lens))]
+
+
+def forced_case(core, tokenizer) -> tuple:
+    """The core (4 KV rows), the 10 sequences every run teacher-forces (mixed prompt and generated lengths, so KV rows
+    refill), and their logits with no steering at all, taken before any hook exists."""
+    from support import PROMPTS
+
+    gen = torch.Generator().manual_seed(5)
+    prompts = [tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids for i in range(10)]
+    sequences = [ids + torch.randint(5, 50_000, (3 + 5 * i % 9,), generator=gen).tolist()
+                 for i, ids in enumerate(prompts)]
+    lens = [len(p) for p in prompts]
+    return core, sequences, lens, forced_logits(core, sequences, lens, [None] * len(sequences))

@@ -1,0 +1,143 @@
+"""Interventions beyond adding, inside the steering hooks: projection slots (clamp, SAE features, gated terms) and
+the per-token gates that switch terms on, as rows of one device table (the OpTable) that a token's op row indexes.
+
+At a layer's output a token's op row gives, in this order:
+1. gates: up to MAX_GATES probes read here, each `h . probe` against a threshold, stored per token for this and
+   later layers of the same forward (gate 0 is "always");
+2. slots: up to MAX_SLOTS projection ops, applied in turn, each
+       p = x . a + bias;  f = p * (p > theta);  x += gate * (clip(f, lo, hi) - f) * b
+   which is a clamp (a = b = the unit direction, theta = -inf: the projection set to lo = hi, or clipped into
+   [lo, hi]), an SAE feature set to a value (a = its encoder column, bias its encoder bias, theta its JumpReLU
+   threshold or 0 for ReLU, b its decoder row, lo = hi = the value: only the delta is added, never the SAE's
+   reconstruction error), or a gated addition (a = 0, lo = hi = 1: x += gate * b).
+Then the additions (engine.core.steering) follow. An unused slot or gate has zero rows and open bounds, so it adds
+exactly zero: tokens without ops are left bit for bit as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.core.transfer import to_device
+
+MAX_SLOTS = 4  # projection ops (clamps, SAE features, gated terms) covering one token at one layer
+MAX_GATES = 2  # distinct gates (`when`) of one request
+# Column layout of a row: ints [slot a, slot b, slot gate] * MAX_SLOTS, then a probe row per gate; floats [bias,
+# theta, lo, hi] * MAX_SLOTS, then (threshold, sign) per gate (sign +1 above, -1 below, 0: no gate read here).
+NUM_INTS = 3 * MAX_SLOTS + MAX_GATES
+NUM_FLOATS = 4 * MAX_SLOTS + 2 * MAX_GATES
+OPEN = (0.0, -math.inf, -math.inf, math.inf)  # an unused slot's floats: no bias, no threshold, no bounds
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One projection op at one layer, with its vectors as table rows (0: zero) and its gate (0: always)."""
+
+    a: int
+    b: int
+    bias: float = 0.0
+    theta: float = -math.inf
+    lo: float = -math.inf
+    hi: float = math.inf
+    gate: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GateRead:
+    """A gate read at one layer: gate `index` (1..MAX_GATES) passes where h . table[probe] is above (sign 1) or
+    below (sign -1) the threshold."""
+
+    index: int
+    probe: int
+    threshold: float
+    sign: float
+
+
+class OpTable:
+    """The device table of op rows ([C, NUM_INTS] int64 and [C, NUM_FLOATS] float32; row 0: no ops), shared by
+    content, grown by reallocation (which bumps `version`: the steered graphs read the old tensors)."""
+
+    def __init__(self, device, capacity: int = 256):
+        self.device = torch.device(device)
+        self.ints = torch.zeros(capacity, NUM_INTS, dtype=torch.int64, device=device)
+        self.floats = torch.zeros(capacity, NUM_FLOATS, dtype=torch.float32, device=device)
+        self.floats[0] = torch.tensor(_floats((), ()), dtype=torch.float32)
+        self.num_rows = 1
+        self.version = 0
+        self._rows: dict[bytes, int] = {_key(*_encode((), ())): 0}
+        self._new_rows: list[tuple[int, list, list]] = []
+
+    def row(self, slots: tuple[Slot, ...], gates: tuple[GateRead, ...]) -> int:
+        """The row holding these slots and gate reads (0 when there are none)."""
+        ints, floats = _encode(slots, gates)
+        key = _key(ints, floats)
+        if key not in self._rows:
+            if self.num_rows == self.ints.shape[0]:
+                self.upload_rows()
+                self.ints = torch.cat([self.ints, torch.zeros_like(self.ints)])
+                self.floats = torch.cat([self.floats, torch.zeros_like(self.floats)])
+                self.version += 1
+            self._new_rows.append((self.num_rows, ints, floats))
+            self._rows[key] = self.num_rows
+            self.num_rows += 1
+        return self._rows[key]
+
+    def upload_rows(self) -> None:
+        """Copy the rows added since the last forward into the device tables, in one copy each."""
+        if not self._new_rows:
+            return
+        rows = to_device([r for r, _, _ in self._new_rows], torch.int64, self.device)
+        self.ints.index_copy_(0, rows, to_device([i for _, i, _ in self._new_rows], torch.int64, self.device))
+        self.floats.index_copy_(0, rows, to_device([f for _, _, f in self._new_rows], torch.float32, self.device))
+        self._new_rows = []
+
+
+def _encode(slots: tuple[Slot, ...], gates: tuple[GateRead, ...]) -> tuple[list, list]:
+    ints = [0] * NUM_INTS
+    for s, slot in enumerate(slots):
+        ints[3 * s:3 * s + 3] = slot.a, slot.b, slot.gate
+    for gate in gates:
+        ints[3 * MAX_SLOTS + gate.index - 1] = gate.probe
+    return ints, _floats(slots, gates)
+
+
+def _floats(slots, gates) -> list:
+    floats = list(OPEN) * MAX_SLOTS + [0.0] * (2 * MAX_GATES)
+    for s, slot in enumerate(slots):
+        floats[4 * s:4 * s + 4] = slot.bias, slot.theta, slot.lo, slot.hi
+    for gate in gates:
+        at = 4 * MAX_SLOTS + 2 * (gate.index - 1)
+        floats[at:at + 2] = gate.threshold, gate.sign
+    return floats
+
+
+def _key(ints: list, floats: list) -> bytes:
+    return hashlib.blake2b(np.array(ints, dtype=np.int64).tobytes() + np.array(floats, dtype=np.float64).tobytes(),
+                           digest_size=16).digest()
+
+
+def apply_ops(hidden: torch.Tensor, op_rows: torch.Tensor, ops: OpTable, table: torch.Tensor,
+              gate_state: torch.Tensor) -> torch.Tensor:
+    """The residual [1, T, H] after this layer's gates and slots (float32 math, the model's dtype out); op_rows
+    [1, T] index `ops`, whose vector columns index `table` (float32 rows); gate_state [1, T, 1 + MAX_GATES] holds
+    the gates of this forward (column 0 is 1: "always"), written here where a row reads one."""
+    ints, floats = ops.ints[op_rows], ops.floats[op_rows]  # [1, T, NUM_INTS], [1, T, NUM_FLOATS]
+    x = hidden.float()
+    for g in range(MAX_GATES):
+        at = 4 * MAX_SLOTS + 2 * g
+        threshold, sign = floats[..., at], floats[..., at + 1]
+        projection = (x * table[ints[..., 3 * MAX_SLOTS + g]]).sum(-1)
+        passed = ((projection - threshold) * sign > 0).float()
+        gate_state[..., g + 1] = torch.where(sign != 0, passed, gate_state[..., g + 1])
+    for s in range(MAX_SLOTS):
+        bias, theta, lo, hi = (floats[..., 4 * s + k] for k in range(4))
+        p = (x * table[ints[..., 3 * s]]).sum(-1) + bias
+        f = p * (p > theta)
+        on = gate_state.gather(-1, ints[..., 3 * s + 2, None])[..., 0]
+        x = x + (on * (torch.clamp(f, lo, hi) - f))[..., None] * table[ints[..., 3 * s + 1]]
+    return x.to(hidden.dtype)

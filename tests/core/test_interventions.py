@@ -1,0 +1,195 @@
+"""Interventions beyond adding (clamp, SAE features, gates), per request and mixed in one batch with unsteered and
+`add` rows under KV-row refill: the engine's teacher-forced logits against plain forward hooks written from the
+documented rules (support.reference.intervened_sequence); unsteered requests bit-identical to no steering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.pipeline.request import RecordError, parse_steering
+
+HIDDEN, D_SAE = 64, 48
+
+
+@pytest.fixture(scope="module")
+def forced(tiny_source, tokenizer):
+    from support import tiny_config
+    from support.teacher_forcing import forced_case
+    from engine.core.engine_core import EngineCore
+
+    return forced_case(EngineCore(tiny_config(), tiny_source), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    """Directions u and w, a probe, and two Gemma-Scope-style SAEs (JumpReLU at layer 2; ReLU with b_dec subtracted
+    at layer 1, SAELens style), with their arrays for the reference."""
+    folder, rng = tmp_path_factory.mktemp("directions"), np.random.default_rng(7)
+    paths = {name: str(folder / f"{name}.npy") for name in ("u", "w", "probe")}
+    for name, path in paths.items():
+        np.save(path, rng.standard_normal(HIDDEN).astype(np.float32) * (3 if name != "probe" else 1))
+    saes = {}
+    for name, layer in (("jump", 2), ("relu", 1)):
+        arrays = {"W_enc": rng.standard_normal((HIDDEN, D_SAE)).astype(np.float32) / 4,
+                  "W_dec": rng.standard_normal((D_SAE, HIDDEN)).astype(np.float32),
+                  "b_enc": rng.standard_normal(D_SAE).astype(np.float32),
+                  "b_dec": rng.standard_normal(HIDDEN).astype(np.float32)}
+        if name == "jump":
+            arrays["threshold"] = np.abs(rng.standard_normal(D_SAE)).astype(np.float32)
+            path = folder / f"layer_{layer}" / "width_48" / "params.npz"
+            path.parent.mkdir(parents=True)
+            np.savez(path, **arrays)
+        else:
+            path = folder / "relu-sae"
+            write_saelens(path, arrays, f"blocks.{layer}.hook_resid_post")
+        saes[str(path)] = {**arrays, "threshold": arrays.get("threshold"), "layer": layer, "sub_b_dec": name == "relu"}
+    paths["jump"], paths["relu"] = list(saes)
+    paths["saes"] = saes
+    return paths
+
+
+def write_saelens(folder, arrays: dict, hook: str) -> None:
+    import json
+
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    save_file(arrays, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({
+        "d_in": HIDDEN, "d_sae": D_SAE, "architecture": "standard", "activation_fn_str": "relu", "hook_name": hook,
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "dtype": "float32"}))
+
+
+def check(forced, model, specs: list, saes: dict, tolerance: float = 1e-4) -> list[torch.Tensor]:
+    """Teacher-forced engine logits of request i under specs[i] equal a plain HF forward with intervened_sequence's
+    hooks; unsteered requests are bit-identical to the run with no steering."""
+    from support.reference import intervened_sequence
+    from support.teacher_forcing import forced_logits, hf_logits
+
+    core, sequences, lens, plain = forced
+    got = forced_logits(core, sequences, lens, [None if s is None else parse_steering(s) for s in specs])
+    for i, spec in enumerate(specs):
+        if spec is None:
+            assert torch.equal(got[i], plain[i]), i
+            continue
+        with intervened_sequence(model, spec, lens[i], saes):
+            expected = hf_logits(model, sequences[i], lens[i])[:-1].cpu()
+        torch.testing.assert_close(got[i], expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"request {i}: {m}")
+        assert not torch.equal(got[i], plain[i]), f"request {i}: the intervention changed nothing"
+    return got
+
+
+def add(path, layers, **extra) -> dict:
+    return {"vector": path, "layers": layers, "coef": 2.0, **extra}
+
+
+def test_clamps_sae_features_and_gates_mixed_with_add_and_unsteered_rows(forced, tiny_model, files):
+    u, w, probe, jump, relu = (files[k] for k in ("u", "w", "probe", "jump", "relu"))
+    gate_above = {"vector": probe, "layer": 1, "above": 0.0}
+    specs = [
+        {"op": "clamp", "vector": u, "layers": [1, 3], "value": 0.0},  # the projection on u removed at 1 and 3
+        None,
+        {"op": "clamp", "vector": w, "layers": [2], "range": [None, -1.0], "positions": "generated"},
+        add(u, [2]),
+        [{"op": "clamp", "vector": u, "layers": [2], "range": [-0.5, 0.5]}, add(w, [2, 3], positions="prompt")],
+        {"op": "sae", "sae": jump, "feature": [3, 17], "value": 6.0},  # its layer (2) from the path
+        {"op": "sae", "sae": relu, "feature": 5, "coef": 3.0, "positions": {"prompt": [-2, None]}},
+        {"op": "sae", "sae": relu, "feature": 9, "value": 0.0, "layers": [1]},
+        [add(w, [2], when=gate_above), add(u, [3], coef=-1.0, when={**gate_above, "above": 0.5})],
+        [{"op": "clamp", "vector": u, "layers": [3], "value": 4.0, "when": {"vector": probe, "layer": 2,
+                                                                         "below": 0.0}},
+         add(w, [1], positions="generated")],
+    ]
+    check(forced, tiny_model, specs, files["saes"])
+
+
+def test_a_value_clamp_sets_the_projection_read_back_by_capture(forced, files, tiny_source, tokenizer, tmp_path):
+    """Clamping the projection on u to 0 at every layer: capture reads h . u = 0 at every layer's output."""
+    from support import PROMPTS, tiny_config
+    from engine.core.engine_core import EngineCore
+
+    u = np.load(files["u"])
+    unit = u / np.linalg.norm(u)
+    core = EngineCore(tiny_config(), tiny_source)
+    spec = parse_steering({"op": "clamp", "vector": files["u"], "layers": "all", "value": 0.0})
+    states = capture_all_layers(core, tokenizer(PROMPTS[0]).input_ids, spec, tmp_path)
+    assert np.abs(states @ unit).max() < 1e-4, np.abs(states @ unit).max()
+    plain = capture_all_layers(core, tokenizer(PROMPTS[0]).input_ids, None, tmp_path)
+    assert np.abs(plain @ unit).max() > 0.1  # without the clamp the direction is there
+
+
+def capture_all_layers(core, prompt_ids, spec, folder) -> np.ndarray:
+    """[layers, tokens, H]: the residual after each layer at every prompt token, captured by the engine (the last
+    layer's too: capture reads the decoder layer's output, before the final norm)."""
+    from support import core_request
+    from engine.storage.activations import tensors_of
+
+    layers = list(range(core.steering.num_layers))
+    core.generate([core_request(0, spec, {"layers": layers, "positions": "all_prompt"}, max_new_tokens=1)],
+                  [prompt_ids])
+    captured = tensors_of(core.recorder.pop(0))
+    return np.stack([captured[layer].float().numpy() for layer in layers])
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ({"op": "erase", "vector": "v.npy"}, "op is \"erase\"; use one of add, clamp, sae"),
+    ({"op": "clamp", "vector": "v.npy", "layers": [1]}, "a clamp takes value"),
+    ({"op": "clamp", "vector": "v.npy", "layers": [1], "value": 0, "range": [0, 1]}, "a clamp takes value"),
+    ({"op": "clamp", "vector": "v.npy", "layers": [1], "range": [2, 1]}, "lo must not be above hi"),
+    ({"op": "clamp", "vector": "v.npy", "layers": [1], "range": [None, None]}, "either end null"),
+    ({"op": "clamp", "vector": "v.npy", "layers": [1], "value": 0, "coef": 2}, "unknown key(s) ['coef'] for op clamp"),
+    ({"op": "sae", "sae": "s.npz", "feature": 1}, "give value"),
+    ({"op": "sae", "sae": "s.npz", "feature": -1, "value": 1}, "feature must be a feature index >= 0"),
+    ({"op": "sae", "vector": "s.npz", "feature": 1, "value": 1}, "unknown key(s) ['vector'] for op sae"),
+    ({"vector": "v.npy", "layers": [1], "when": {"vector": "p.npy", "layer": 3, "above": 0}},
+     "when.layer is 3, after the term's first layer 1"),
+    ({"vector": "v.npy", "layers": [1], "when": {"vector": "p.npy", "layer": 0}}, "give above or below"),
+    ({"vector": "v.npy", "layers": [1], "when": {"vector": "p.npy", "layer": 0, "above": 0, "below": 1}},
+     "give above or below"),
+])
+def test_bad_op_terms_are_clear_record_errors(spec, fragment):
+    with pytest.raises(RecordError) as info:
+        parse_steering(spec)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_op_terms_that_cannot_apply_to_the_model_are_that_records_error(forced, files, tmp_path):
+    core = forced[0]
+    jump, probe, u = files["jump"], files["probe"], files["u"]
+    np.save(tmp_path / "zero.npy", np.zeros(HIDDEN, np.float32))
+    cases = [
+        ({"op": "sae", "sae": jump, "feature": D_SAE, "value": 1.0}, f"feature(s) [{D_SAE}] out of range"),
+        ({"op": "sae", "sae": jump, "feature": 1, "value": 1.0, "layers": [1, 2]}, "acts at the one layer"),
+        ({"op": "clamp", "vector": str(tmp_path / "zero.npy"), "layers": [1], "value": 1.0}, "non-zero direction"),
+        ({"vector": u, "layers": "all", "when": {"vector": probe, "layer": 9, "above": 0}},
+         "when.layer 9 out of range"),
+        ({"op": "sae", "sae": jump, "feature": 1, "value": 1.0, "when": {"vector": probe, "layer": 3, "above": 0}},
+         "when.layer is 3, after the term's first layer 2"),  # the SAE's layer, known once it is read
+        ({"vector": u, "layers": [2], "norm_match": True, "when": {"vector": probe, "layer": 1, "above": 0}},
+         "cannot use norm_match"),
+        ([{"vector": u, "layers": [2], "when": {"vector": probe, "layer": 1, "above": t}} for t in (0, 1, 2)],
+         "more than 2 distinct gates"),
+        ([{"op": "clamp", "vector": u, "layers": [2], "value": float(v)} for v in range(5)], "at most 4 fit"),
+    ]
+    for spec, fragment in cases:
+        with pytest.raises(RecordError) as info:
+            core.steering.resolve(parse_steering(spec), 5)
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_records_state_op_terms_as_given():
+    spec = [{"op": "clamp", "vector": "v.npy", "layers": "all", "range": [None, 2.0]},
+            {"op": "sae", "sae": "s.npz", "feature": [4, 2], "value": 3.0, "positions": "generated"},
+            {"vector": "w.npy", "layers": [1], "coef": 2.0, "when": {"vector": "p.npy", "layer": 0, "below": -1.0}}]
+    record = parse_steering(spec).to_record()
+    assert record == [
+        {"op": "clamp", "vector": "v.npy", "layers": "all", "range": [None, 2.0], "positions": "all"},
+        {"op": "sae", "sae": "s.npz", "feature": [4, 2], "value": 3.0, "positions": "generated"},
+        {"vector": "w.npy", "layers": [1], "coef": 2.0, "positions": "all",
+         "when": {"vector": "p.npy", "layer": 0, "below": -1.0}}]
+    assert parse_steering(record).to_record() == record
+    from engine.specs import SteeringSpec
+
+    assert SteeringSpec.from_record(record) == parse_steering(spec)
