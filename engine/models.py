@@ -416,6 +416,14 @@ def _build_attention(config_or_dir) -> str:
     return "eager" if config.get_text_config().model_type in EAGER_BUILT else "sdpa"
 
 
+def residual_writes(layer) -> tuple:
+    """The modules of a decoder layer whose outputs are added into the residual stream: its attention and MLP, or,
+    where the family normalises their outputs before adding them (Gemma 2 and 3, OLMo 2: post-norms), those norms."""
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return layer.post_attention_layernorm, layer.post_feedforward_layernorm
+    return layer.self_attn, layer.mlp
+
+
 def decoder_layers(model):
     """The model's list of decoder layers, a torch.nn.ModuleList (`model.model.layers` for Gemma, Llama, Qwen,
     Mistral; `model.model.language_model.layers` in a multimodal wrapper)."""

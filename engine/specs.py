@@ -20,7 +20,7 @@ MAX_COEF = float(3.4028234663852886e38)  # float32's largest: a coefficient beyo
 RANGE_KINDS = ("prompt", "generated")
 RANGE_EXAMPLE = '{"prompt": [-1, null]} (the last prompt token) or {"generated": [0, 20]}'
 NORM_FLAGS = ("normalize", "norm_match")
-OPS = ("add", "clamp", "sae")  # a term's op; add (the default) is stated back without it
+OPS = ("add", "ablate", "clamp", "sae")  # a term's op; add (the default) is stated back without it
 ALL_LAYERS = "all"
 
 
@@ -248,11 +248,13 @@ def parse_steering(value, where: str = "field 'steering'") -> SteeringSpec | Non
 
 TERM_KEYS = {  # per op, the keys a term may have besides op, positions and when
     "add": {"vector", "layer", "layers", "coef", *NORM_FLAGS},
+    "ablate": {"vector", "layer", "layers", "coef"},
     "clamp": {"vector", "layer", "layers", "value", "range"},
     "sae": {"sae", "feature", "layer", "layers", "value", "coef"},
 }
 TERM_EXAMPLE = {
     "add": '{"vector": "v.safetensors", "layers": [6], "coef": 4}',
+    "ablate": '{"op": "ablate", "vector": "refusal.npy", "layers": "all"} ("coef": the fraction removed, default 1)',
     "clamp": '{"op": "clamp", "vector": "v.npy", "layers": [6], "value": 0} (or "range": [lo, hi])',
     "sae": '{"op": "sae", "sae": "layer_6/params.npz", "feature": 123, "value": 8} (or "coef": 4)',
 }
@@ -291,7 +293,7 @@ def _parse_term(value, where: str) -> SteeringTerm:
             raise RecordError(f"{where}: give value (set the feature's activation to it) or coef (add coef times its "
                               f"decoder row), one of them")
         target = _number(value, "value", where, None)
-    when = _parse_gate(value["when"], f"{where}.when", layers) if value.get("when") is not None else None
+    when = _parse_gate(value["when"], f"{where}.when", layers, op) if value.get("when") is not None else None
     return SteeringTerm(vector, layers, coef, positions, **flags, op=op, is_all_layers=is_all, features=features,
                         value=target, bounds=bounds, when=when)
 
@@ -350,8 +352,9 @@ def _features(value, where: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(features))
 
 
-def _parse_gate(value, where: str, layers: tuple[int, ...]) -> Gate:
-    """A term's `when`: {"vector": PROBE, "layer": L, "above": t} (or "below"); L at or before the term's layers."""
+def _parse_gate(value, where: str, layers: tuple[int, ...], op: str = "add") -> Gate:
+    """A term's `when`: {"vector": PROBE, "layer": L, "above": t} (or "below"); L at or before the term's layers
+    (before them for ablate, which acts inside its layers)."""
     example = '{"vector": "probe.npy", "layer": 4, "above": 0.5}'
     if not isinstance(value, dict) or set(value) - {"vector", "layer", "above", "below"}:
         raise RecordError(f"{where} is {shown(value)}; give {example} (or \"below\": t)")
@@ -364,10 +367,20 @@ def _parse_gate(value, where: str, layers: tuple[int, ...]) -> Gate:
         raise RecordError(f"{where}: give above or below (the threshold on the projection), one of them")
     is_above = "above" in value
     threshold = _number(value, "above" if is_above else "below", where, None)
-    if layers and layer > layers[0]:
-        raise RecordError(f"{where}.layer is {layer}, after the term's first layer {layers[0]}: a gate is read in the "
-                          f"same forward, so its layer must be at or before the layers it gates")
+    if layers:
+        gate_order_check(layer, layers[0], op, where)
     return Gate(vector, layer, threshold, is_above)
+
+
+def gate_order_check(gate_layer: int, first: int, op: str, where: str) -> None:
+    """RecordError unless a gate read at gate_layer's output comes before the gated term acts at layer `first`: at
+    or before it, and strictly before for ablate (which acts at the layer's writes, inside it)."""
+    if gate_layer > first or (op == "ablate" and gate_layer == first):
+        raise RecordError(f"{where}.layer is {gate_layer}, " + (
+            f"after the term's first layer {first}: a gate is read in the same forward, so its layer must be at or "
+            "before the layers it gates" if gate_layer > first else
+            f"the ablated layer {first} itself: ablation acts at the layer's writes, before its output is read; "
+            "gate it by an earlier layer"))
 
 
 def shown(value) -> str:

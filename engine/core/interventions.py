@@ -10,8 +10,13 @@ At a layer's output a token's op row gives, in this order:
    [lo, hi]), an SAE feature set to a value (a = its encoder column, bias its encoder bias, theta its JumpReLU
    threshold or 0 for ReLU, b its decoder row, lo = hi = the value: only the delta is added, never the SAE's
    reconstruction error), or a gated addition (a = 0, lo = hi = 1: x += gate * b).
-Then the additions (engine.core.steering) follow. An unused slot or gate has zero rows and open bounds, so it adds
-exactly zero: tokens without ops are left bit for bit as they were.
+Then the additions (engine.core.steering) follow. Before all of it, inside the layer, a row's ablations (up to
+MAX_ABLATIONS directions) act at every write into the residual stream: each covered layer's attention and MLP
+outputs (after the post-norms of the families that have them) and, for layer 0, the embeddings, each write w made
+    w -= gate * coef * (w . d) d
+for each unit direction d in turn (`ablate_write`, a custom op the compiled layers call, so one graph serves every
+layer). An unused slot, gate or ablation has zero rows and open bounds, so it changes exactly nothing: tokens without
+ops are left bit for bit as they were.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from engine.core.transfer import to_device
 
 MAX_SLOTS = 4  # projection ops (clamps, SAE features, gated terms) covering one token at one layer
 MAX_GATES = 2  # distinct gates (`when`) of one request
-# Column layout of a row: ints [slot a, slot b, slot gate] * MAX_SLOTS, then a probe row per gate; floats [bias,
-# theta, lo, hi] * MAX_SLOTS, then (threshold, sign) per gate (sign +1 above, -1 below, 0: no gate read here).
-NUM_INTS = 3 * MAX_SLOTS + MAX_GATES
-NUM_FLOATS = 4 * MAX_SLOTS + 2 * MAX_GATES
+MAX_ABLATIONS = 2  # directions ablated at one layer's writes for one token
+# Column layout of a row: ints [slot a, slot b, slot gate] * MAX_SLOTS, then a probe row per gate, then [direction,
+# gate] per ablation; floats [bias, theta, lo, hi] * MAX_SLOTS, then (threshold, sign) per gate (sign +1 above, -1
+# below, 0: no gate read here), then coef per ablation.
+GATE_INTS, ABLATE_INTS = 3 * MAX_SLOTS, 3 * MAX_SLOTS + MAX_GATES
+GATE_FLOATS, ABLATE_FLOATS = 4 * MAX_SLOTS, 4 * MAX_SLOTS + 2 * MAX_GATES
+NUM_INTS = ABLATE_INTS + 2 * MAX_ABLATIONS
+NUM_FLOATS = ABLATE_FLOATS + MAX_ABLATIONS
 OPEN = (0.0, -math.inf, -math.inf, math.inf)  # an unused slot's floats: no bias, no threshold, no bounds
 
 
@@ -44,6 +53,15 @@ class Slot:
     theta: float = -math.inf
     lo: float = -math.inf
     hi: float = math.inf
+    gate: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ablation:
+    """One direction ablated at a layer's writes: its unit vector's table row, the fraction removed, its gate."""
+
+    direction: int
+    coef: float = 1.0
     gate: int = 0
 
 
@@ -66,15 +84,15 @@ class OpTable:
         self.device = torch.device(device)
         self.ints = torch.zeros(capacity, NUM_INTS, dtype=torch.int64, device=device)
         self.floats = torch.zeros(capacity, NUM_FLOATS, dtype=torch.float32, device=device)
-        self.floats[0] = torch.tensor(_floats((), ()), dtype=torch.float32)
+        self.floats[0] = torch.tensor(_floats((), (), ()), dtype=torch.float32)
         self.num_rows = 1
         self.version = 0
-        self._rows: dict[bytes, int] = {_key(*_encode((), ())): 0}
+        self._rows: dict[bytes, int] = {_key(*_encode((), (), ())): 0}
         self._new_rows: list[tuple[int, list, list]] = []
 
-    def row(self, slots: tuple[Slot, ...], gates: tuple[GateRead, ...]) -> int:
-        """The row holding these slots and gate reads (0 when there are none)."""
-        ints, floats = _encode(slots, gates)
+    def row(self, slots: tuple[Slot, ...], gates: tuple[GateRead, ...], ablations: tuple[Ablation, ...] = ()) -> int:
+        """The row holding these slots, gate reads and ablations (0 when there are none)."""
+        ints, floats = _encode(slots, gates, ablations)
         key = _key(ints, floats)
         if key not in self._rows:
             if self.num_rows == self.ints.shape[0]:
@@ -97,22 +115,26 @@ class OpTable:
         self._new_rows = []
 
 
-def _encode(slots: tuple[Slot, ...], gates: tuple[GateRead, ...]) -> tuple[list, list]:
+def _encode(slots: tuple[Slot, ...], gates: tuple[GateRead, ...], ablations: tuple[Ablation, ...]) -> tuple:
     ints = [0] * NUM_INTS
     for s, slot in enumerate(slots):
         ints[3 * s:3 * s + 3] = slot.a, slot.b, slot.gate
     for gate in gates:
-        ints[3 * MAX_SLOTS + gate.index - 1] = gate.probe
-    return ints, _floats(slots, gates)
+        ints[GATE_INTS + gate.index - 1] = gate.probe
+    for k, ablation in enumerate(ablations):
+        ints[ABLATE_INTS + 2 * k:ABLATE_INTS + 2 * k + 2] = ablation.direction, ablation.gate
+    return ints, _floats(slots, gates, ablations)
 
 
-def _floats(slots, gates) -> list:
-    floats = list(OPEN) * MAX_SLOTS + [0.0] * (2 * MAX_GATES)
+def _floats(slots, gates, ablations) -> list:
+    floats = list(OPEN) * MAX_SLOTS + [0.0] * (2 * MAX_GATES + MAX_ABLATIONS)
     for s, slot in enumerate(slots):
         floats[4 * s:4 * s + 4] = slot.bias, slot.theta, slot.lo, slot.hi
     for gate in gates:
-        at = 4 * MAX_SLOTS + 2 * (gate.index - 1)
+        at = GATE_FLOATS + 2 * (gate.index - 1)
         floats[at:at + 2] = gate.threshold, gate.sign
+    for k, ablation in enumerate(ablations):
+        floats[ABLATE_FLOATS + k] = ablation.coef
     return floats
 
 
@@ -129,9 +151,9 @@ def apply_ops(hidden: torch.Tensor, op_rows: torch.Tensor, ops: OpTable, table: 
     ints, floats = ops.ints[op_rows], ops.floats[op_rows]  # [1, T, NUM_INTS], [1, T, NUM_FLOATS]
     x = hidden.float()
     for g in range(MAX_GATES):
-        at = 4 * MAX_SLOTS + 2 * g
+        at = GATE_FLOATS + 2 * g
         threshold, sign = floats[..., at], floats[..., at + 1]
-        projection = (x * table[ints[..., 3 * MAX_SLOTS + g]]).sum(-1)
+        projection = (x * table[ints[..., GATE_INTS + g]]).sum(-1)
         passed = ((projection - threshold) * sign > 0).float()
         gate_state[..., g + 1] = torch.where(sign != 0, passed, gate_state[..., g + 1])
     for s in range(MAX_SLOTS):
@@ -141,3 +163,39 @@ def apply_ops(hidden: torch.Tensor, op_rows: torch.Tensor, ops: OpTable, table: 
         on = gate_state.gather(-1, ints[..., 3 * s + 2, None])[..., 0]
         x = x + (on * (torch.clamp(f, lo, hi) - f))[..., None] * table[ints[..., 3 * s + 1]]
     return x.to(hidden.dtype)
+
+
+def ablate(write: torch.Tensor, op_rows: torch.Tensor, ops: OpTable, table: torch.Tensor,
+           gate_state: torch.Tensor) -> None:
+    """Remove the rows' ablated directions from one write into the residual stream [1, T, H], in place (float32
+    math; a token with no ablation gets `- 0`, which leaves it bit for bit)."""
+    ints = ops.ints[op_rows][..., ABLATE_INTS:]  # [1, T, 2 * MAX_ABLATIONS]
+    coefs = ops.floats[op_rows][..., ABLATE_FLOATS:]  # [1, T, MAX_ABLATIONS]
+    x = write.float()
+    for k in range(MAX_ABLATIONS):
+        direction = table[ints[..., 2 * k]]
+        on = gate_state.gather(-1, ints[..., 2 * k + 1, None])[..., 0]
+        x = x - (on * coefs[..., k] * (x * direction).sum(-1))[..., None] * direction
+    write.copy_(x.to(write.dtype))
+
+
+# The steering tables whose layers' write hooks call ablate_write: id -> table (engine.core.steering registers it;
+# more than one in a process where tests build several engines).
+ABLATING: dict[int, object] = {}
+
+
+@torch.library.custom_op("engine::ablate_write", mutates_args=("write",))
+def ablate_write(write: torch.Tensor, where: torch.Tensor) -> None:
+    """Ablate the current forward's directions from `write` in place; `where` is the write's module's CPU buffer
+    [table id, layer]. Opaque to torch.compile, so the one compiled graph of every decoder layer calls it with that
+    layer's buffer (a Python int would be a constant, and a graph per layer), and it reads the forward's op rows when
+    it runs (in a captured decode graph: the static KV-row buffers)."""
+    table_id, layer = where.tolist()
+    table = ABLATING.get(table_id)
+    if table is not None:
+        table.ablate_write(write, layer)
+
+
+@ablate_write.register_fake
+def _(write: torch.Tensor, where: torch.Tensor) -> None:
+    return None

@@ -19,9 +19,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from engine.models import decoder_layers
+from engine.models import decoder_layers, residual_writes
 from engine.specs import SteeringSpec
-from engine.core.interventions import MAX_GATES, OpTable, apply_ops
+from engine.core.interventions import ABLATING, MAX_GATES, OpTable, ablate, ablate_write, apply_ops
 from engine.core.steering_plan import UNSTEERED, LayerRows, SteeringResolver, SteerPlan, VectorTable
 from engine.core.transfer import to_device
 
@@ -52,12 +52,21 @@ class SteeringTable:
         self.used: list[int] = []  # layers some request has steered (what eager forwards run), in first-use order
         self.norm_layers: set[int] = set()  # layers whose hook also does norm_match / normalize
         self.has_ops = False  # whether some request has used a clamp, an SAE value or a gate (the hooks apply ops)
+        self.has_ablate = False  # whether some request has ablated a direction (the write hooks ablate)
         self.resolver = SteeringResolver(self.vectors, self.ops, self.num_layers, self.hidden_size,
                                          self.mark_steered)
         self.active: dict[int, tuple] = {}
         for layer in range(self.num_layers):
             # prepend: runs before transformers' own output-capture hooks, so captured states include steering.
             self.layers[layer].register_forward_hook(self._make_hook(layer), prepend=True)
+        # Every residual write calls the ablate_write op through one shared hook, with its module's [table, layer]
+        # buffer: the hooks run inside the compiled layers, which then stay one graph for every layer.
+        ABLATING[id(self)] = self
+        embeddings = model.get_input_embeddings()
+        for layer, module in [(0, embeddings), *((layer, module) for layer in range(self.num_layers)
+                                                 for module in residual_writes(self.layers[layer]))]:
+            module.register_buffer("engine_write", torch.tensor([id(self), layer]), persistent=False)
+            module.register_forward_hook(_ablate_hook)
 
     @property
     def version(self) -> int:
@@ -67,22 +76,30 @@ class SteeringTable:
     def graph_key(self, is_steered: bool) -> tuple | None:
         """What a captured decode step's steering depends on besides the KV-row buffers: None for a step where no
         sequence is steered (no steering op is captured), else the tables' version, the norm-aware layers and
-        whether the hooks apply ops (a new key, captured on first use: no graph is captured again)."""
-        return (self.version, (tuple(sorted(self.norm_layers)), self.has_ops)) if is_steered else None
+        whether the hooks apply ops and ablations (a new key, captured on first use: no graph is captured again)."""
+        return (self.version, (tuple(sorted(self.norm_layers)), self.has_ops, self.has_ablate)) if is_steered else None
 
     def resolve(self, spec: SteeringSpec | None, num_prompt_tokens: int) -> SteerPlan | None:
         """A request's steering spec -> its SteerPlan (None: unsteered); RecordError if it cannot apply (the
         resolver's `resolve`; it marks the layers the spec steers)."""
         return self.resolver.resolve(spec, num_prompt_tokens)
 
-    def mark_steered(self, layer: int, uses_norm: bool, uses_ops: bool = False) -> None:
-        """Mark `layer` steered (its hook already exists), norm-aware if a term there needs it, and the hooks
-        op-applying once any term uses ops."""
+    def mark_steered(self, layer: int, uses_norm: bool, uses_ops: bool = False, uses_ablate: bool = False) -> None:
+        """Mark `layer` steered (its hook already exists), norm-aware if a term there needs it, the hooks
+        op-applying once any term uses ops, and the write hooks ablating once any term ablates."""
         if layer not in self.used:
             self.used.append(layer)
         if uses_norm:
             self.norm_layers.add(layer)
-        self.has_ops = self.has_ops or uses_ops
+        self.has_ops = self.has_ops or uses_ops or uses_ablate
+        self.has_ablate = self.has_ablate or uses_ablate
+
+    def ablate_write(self, write: torch.Tensor, layer: int) -> None:
+        """A write into the residual stream at `layer` (the embeddings count as layer 0's): its tokens' ablated
+        directions removed in place (engine.core.interventions.ablate), when some request has ablated."""
+        inputs = self.active.get(layer)
+        if self.has_ablate and inputs is not None and inputs.ops is not None:
+            ablate(write, inputs.ops, self.ops, self.vectors.table, inputs.gates)
 
     def _make_hook(self, layer: int):
         def hook(module, args, output):
@@ -171,6 +188,12 @@ class SteeringTable:
         return {layer: LayerInputs(got[0][j], *((got[1][j], got[2][j] != 0) if 1 in got else (None, None)),
                                    got[3][j] if 3 in got else None, gates)
                 for j, layer in enumerate(self.used)}
+
+
+def _ablate_hook(module, args, output) -> None:
+    """The forward hook of every residual write (one function, so a compiled layer's graph does not depend on which
+    layer it is): the write's ablations, in place, through the ablate_write op."""
+    ablate_write(output[0] if isinstance(output, tuple) else output, module.engine_write)
 
 
 class LayerInputs(NamedTuple):

@@ -18,9 +18,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from engine.specs import Ranges, RecordError, SteeringSpec, SteeringTerm
+from engine.specs import Ranges, RecordError, SteeringSpec, SteeringTerm, gate_order_check
 from engine.vectors import load_vectors, unnamed_layers_error
-from engine.core.interventions import MAX_GATES, MAX_SLOTS, GateRead, OpTable, Slot
+from engine.core.interventions import MAX_ABLATIONS, MAX_GATES, MAX_SLOTS, Ablation, GateRead, OpTable, Slot
 from engine.core.transfer import to_device
 
 
@@ -85,6 +85,7 @@ class _Prepared:
     terms: tuple[SteeringTerm, ...]
     added: list[dict]  # per term: {layer: float32 array it adds there} (ungated add terms, SAE coef terms)
     slots: list[dict]  # per term: {layer: [SlotVectors]} (clamps, SAE values, gated additions)
+    ablations: list[dict]  # per term: {layer: (unit direction, coef)} (ablate terms)
     gates: list  # per term: its GateVectors, or None
     layers: list[int]
     term_layers: tuple[tuple[int, ...], ...] | None  # SteerPlan.term_layers
@@ -152,7 +153,7 @@ class VectorTable:
 
 class SteeringResolver:
     """Resolves steering specs to SteerPlans of VectorTable and OpTable rows; keeps each vector and SAE file and each
-    distinct spec's prepared vectors, and tells `on_steer(layer, uses_norm, uses_ops)` which layers a spec
+    distinct spec's prepared vectors, and tells `on_steer(layer, uses_norm, uses_ops, uses_ablate)` which layers a spec
     steers."""
 
     def __init__(self, vectors: VectorTable, ops: OpTable, num_layers: int, hidden_size: int, on_steer):
@@ -201,28 +202,29 @@ class SteeringResolver:
             self._prepared.move_to_end(key)
             return prepared
         gate_index: dict = {}
-        added, slots, gates, term_layers, marks = [], [], [], [], []
+        added, slots, ablations, gates, term_layers, marks = [], [], [], [], [], []
         for term in terms:
             layers = self._term_layers(term)
             gate = None if term.when is None else self._gate(term, layers, gate_index)
             effects = self._term_effects(term, layers)
-            is_addition = not isinstance(next(iter(effects.values())), list)
-            if is_addition and gate is None:
-                added.append(effects)
+            is_addition = term.op != "ablate" and not isinstance(next(iter(effects.values())), list)
+            added.append(effects if is_addition and gate is None else {})
+            ablations.append(effects if term.op == "ablate" else {})
+            if term.op == "ablate" or (is_addition and gate is None):
                 slots.append({})
             else:  # a gated addition takes a slot: x += gate * v
-                added.append({})
                 slots.append({layer: [SlotVectors(None, v, lo=1.0, hi=1.0)] for layer, v in effects.items()}
                              if is_addition else effects)
             gates.append(gate)
             term_layers.append(layers)
-            marks += [(layer, term.normalize or term.norm_match, not is_addition or gate is not None)
-                      for layer in (*layers, *(() if gate is None else (gate.layer,)))]
+            marks += [(layer, term.normalize or term.norm_match, not is_addition or gate is not None,
+                       term.op == "ablate") for layer in (*layers, *(() if gate is None else (gate.layer,)))]
         for mark in marks:  # once every term has resolved: a spec that fails marks nothing
             self.on_steer(*mark)
         touched = {layer for layers in term_layers for layer in layers} | {g.layer for g in gates if g is not None}
         is_named = any(t.is_file_layers or t.is_all_layers for t in terms)
-        prepared = _Prepared(terms, added, slots, gates, sorted(touched), tuple(term_layers) if is_named else None)
+        prepared = _Prepared(terms, added, slots, ablations, gates, sorted(touched),
+                             tuple(term_layers) if is_named else None)
         self._prepared[key] = prepared
         if len(self._prepared) > MAX_PREPARED_SPECS:
             self._prepared.popitem(last=False)
@@ -253,9 +255,7 @@ class SteeringResolver:
         gate = term.when
         if not 0 <= gate.layer < self.num_layers:
             raise RecordError(f"when.layer {gate.layer} out of range; the model has layers 0..{self.num_layers - 1}")
-        if gate.layer > layers[0]:
-            raise RecordError(f"when.layer is {gate.layer}, after the term's first layer {layers[0]}: a gate is read "
-                              f"in the same forward, so its layer must be at or before the layers it gates")
+        gate_order_check(gate.layer, layers[0], term.op, "when")
         if term.norm_match or term.normalize:
             raise RecordError("a gated term (when) cannot use norm_match or normalize; scale its vector instead")
         if gate not in gate_index:
@@ -279,7 +279,8 @@ class SteeringResolver:
         return effects
 
     def _effect(self, term: SteeringTerm, vector: np.ndarray, layer: int):
-        """coef * v, for norm_match coef * v / ||v|| (times ||h|| later); a clamp's slot on v / ||v||."""
+        """coef * v, for norm_match coef * v / ||v|| (times ||h|| later); a clamp's slot on v / ||v||; an ablation's
+        (v / ||v||, coef)."""
         if term.op == "add" and not term.norm_match:
             return np.float32(term.coef) * vector  # float32, as torch does it
         direction = torch.from_numpy(vector)
@@ -287,10 +288,13 @@ class SteeringResolver:
         if norm == 0:
             raise RecordError(f"steering vector {term.vector}: zero at layer {layer}; "
                               + ("norm_match needs a non-zero direction (or drop norm_match)" if term.op == "add"
-                                 else "a clamp needs a non-zero direction"))
+                                 else f"{'an ablation' if term.op == 'ablate' else 'a clamp'} needs a non-zero "
+                                      "direction"))
         unit = (direction / norm).numpy()
         if term.op == "add":
             return np.float32(term.coef) * unit
+        if term.op == "ablate":
+            return unit, term.coef
         lo, hi = (term.value, term.value) if term.value is not None else term.bounds
         return [SlotVectors(unit, unit, lo=-math.inf if lo is None else lo, hi=math.inf if hi is None else hi)]
 
@@ -317,7 +321,7 @@ class SteeringResolver:
         gates = {g.index: g for g in (prepared.gates[i] for i in covering) if g is not None}
         for layer in prepared.layers:
             sums: list = [None, None]  # plain, norm-matched
-            normalize, slots = False, []
+            normalize, slots, ablations = False, [], []
             for i in covering:
                 term, gate = prepared.terms[i], prepared.gates[i]
                 if layer in prepared.added[i]:
@@ -327,12 +331,19 @@ class SteeringResolver:
                     normalize = normalize or term.normalize
                 slots += [Slot(row(v.a), row(v.b), v.bias, v.theta, v.lo, v.hi, 0 if gate is None else gate.index)
                           for v in prepared.slots[i].get(layer, ())]
+                if layer in prepared.ablations[i]:
+                    unit, coef = prepared.ablations[i][layer]
+                    ablations.append(Ablation(row(unit), coef, 0 if gate is None else gate.index))
             if len(slots) > MAX_SLOTS:
                 raise RecordError(f"at layer {layer} this request has {len(slots)} clamps, SAE features and gated "
                                   f"terms over one token; at most {MAX_SLOTS} fit")
+            if len(ablations) > MAX_ABLATIONS:
+                raise RecordError(f"at layer {layer} this request ablates {len(ablations)} directions over one token; "
+                                  f"at most {MAX_ABLATIONS} fit (combine them into fewer terms, or ablate at other "
+                                  "layers)")
             reads = tuple(GateRead(g.index, row(g.probe), g.threshold, g.sign) for g in gates.values()
                           if g.layer == layer)
-            ops = self.ops.row(tuple(slots), reads) if slots or reads else 0
+            ops = self.ops.row(tuple(slots), reads, tuple(ablations)) if slots or reads or ablations else 0
             out[layer] = LayerRows(*(row(v) for v in sums), normalize, ops)
         return out
 

@@ -105,6 +105,56 @@ def test_clamps_sae_features_and_gates_mixed_with_add_and_unsteered_rows(forced,
     check(forced, tiny_model, specs, files["saes"])
 
 
+def test_ablation_mixed_with_clamps_additions_and_unsteered_rows(forced, tiny_model, files):
+    """Ablation at every residual write (embeddings, attention and MLP post-norms on this Gemma-3-shaped model), its
+    coef, positions and gates, mixed in one batch with clamps, additions and unsteered rows under KV-row refill."""
+    u, w, probe = (files[k] for k in ("u", "w", "probe"))
+    specs = [
+        {"op": "ablate", "vector": u, "layers": "all"},
+        None,
+        [{"op": "ablate", "vector": w, "layers": [0, 2], "coef": 0.5}, add(u, [3])],
+        {"op": "ablate", "vector": u, "layers": [1, 3], "positions": "generated"},
+        add(w, [2]),
+        [{"op": "ablate", "vector": u, "layers": [2, 3], "when": {"vector": probe, "layer": 1, "above": 0.0}},
+         {"op": "clamp", "vector": w, "layers": [3], "value": 1.0}],
+        {"op": "ablate", "vector": w, "layers": "all", "positions": {"prompt": [-3, None], "generated": [2]}},
+        [{"op": "ablate", "vector": u, "layers": [1]}, {"op": "ablate", "vector": w, "layers": [1]}],
+        {"op": "ablate", "vector": u, "layers": [3], "when": {"vector": probe, "layer": 0, "below": 0.0}},
+        None,
+    ]
+    check(forced, tiny_model, specs, {})
+
+
+def test_ablation_on_all_layers_leaves_no_projection_at_any_layer(forced, files, tmp_path):
+    """After ablating u on every layer, capture reads h . u = 0 at the output of every layer (the residual is the sum
+    of writes, each made orthogonal to u); unablated, the direction is there."""
+    core, sequences, lens, _ = forced
+    prompt_ids = sequences[0][:lens[0]]
+    u = np.load(files["u"])
+    unit = u / np.linalg.norm(u)
+    spec = parse_steering({"op": "ablate", "vector": files["u"], "layers": "all"})
+    states = capture_all_layers(core, prompt_ids, spec, tmp_path)
+    assert np.abs(states @ unit).max() < 1e-4, np.abs(states @ unit).max()
+    plain = capture_all_layers(core, prompt_ids, None, tmp_path)
+    assert np.abs(plain @ unit).max() > 0.1
+
+
+def test_ablation_reaches_every_write_of_a_family_without_post_norms(tmp_path, tokenizer):
+    """Llama-shaped layers (attention and MLP outputs added as they are): ablating on all layers leaves h . u = 0."""
+    from support import PROMPTS, tiny_config
+    from engine.config import EngineConfig
+    from engine.core.engine_core import EngineCore
+    from engine.models import resolve_model
+
+    core = EngineCore(tiny_config(model="random:tiny-llama"), resolve_model("random:tiny-llama", None,
+                                                                            EngineConfig().cache_dir))
+    u = np.random.default_rng(3).standard_normal(core.steering.hidden_size).astype(np.float32)
+    np.save(tmp_path / "u.npy", u)
+    spec = parse_steering({"op": "ablate", "vector": str(tmp_path / "u.npy"), "layers": "all"})
+    states = capture_all_layers(core, tokenizer(PROMPTS[1]).input_ids, spec, tmp_path)
+    assert np.abs(states @ (u / np.linalg.norm(u))).max() < 1e-4
+
+
 def test_a_value_clamp_sets_the_projection_read_back_by_capture(forced, files, tiny_source, tokenizer, tmp_path):
     """Clamping the projection on u to 0 at every layer: capture reads h . u = 0 at every layer's output."""
     from support import PROMPTS, tiny_config
@@ -134,7 +184,10 @@ def capture_all_layers(core, prompt_ids, spec, folder) -> np.ndarray:
 
 
 @pytest.mark.parametrize("spec, fragment", [
-    ({"op": "erase", "vector": "v.npy"}, "op is \"erase\"; use one of add, clamp, sae"),
+    ({"op": "erase", "vector": "v.npy"}, "op is \"erase\"; use one of add, ablate, clamp, sae"),
+    ({"op": "ablate", "vector": "v.npy", "layers": [2], "value": 0}, "unknown key(s) ['value'] for op ablate"),
+    ({"op": "ablate", "vector": "v.npy", "layers": [2], "when": {"vector": "p.npy", "layer": 2, "above": 0}},
+     "the ablated layer 2 itself"),
     ({"op": "clamp", "vector": "v.npy", "layers": [1]}, "a clamp takes value"),
     ({"op": "clamp", "vector": "v.npy", "layers": [1], "value": 0, "range": [0, 1]}, "a clamp takes value"),
     ({"op": "clamp", "vector": "v.npy", "layers": [1], "range": [2, 1]}, "lo must not be above hi"),
@@ -172,6 +225,10 @@ def test_op_terms_that_cannot_apply_to_the_model_are_that_records_error(forced, 
         ([{"vector": u, "layers": [2], "when": {"vector": probe, "layer": 1, "above": t}} for t in (0, 1, 2)],
          "more than 2 distinct gates"),
         ([{"op": "clamp", "vector": u, "layers": [2], "value": float(v)} for v in range(5)], "at most 4 fit"),
+        ({"op": "ablate", "vector": str(tmp_path / "zero.npy"), "layers": [1]}, "an ablation needs a non-zero"),
+        ([{"op": "ablate", "vector": p, "layers": [1]} for p in (u, probe, files["w"])], "ablates 3 directions"),
+        ({"op": "ablate", "vector": u, "layers": "all", "when": {"vector": probe, "layer": 0, "above": 0}},
+         "the ablated layer 0 itself"),
     ]
     for spec, fragment in cases:
         with pytest.raises(RecordError) as info:

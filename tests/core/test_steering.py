@@ -339,7 +339,7 @@ def test_the_file_layers_are_hooked_checked_against_the_model_and_reported(layer
 
     marked = []
     resolver = SteeringResolver(VectorTable(64, "cpu", 4, torch.float32), OpTable("cpu"), 4, 64,
-                                lambda layer, uses_norm, uses_ops: marked.append((layer, uses_norm)))
+                                lambda layer, uses_norm, uses_ops, uses_ablate: marked.append((layer, uses_norm)))
     spec = parse_steering([{"vector": layer_files["gguf"], "norm_match": True}, term(layer_files["npy"], [2])])
     assert resolver.resolve(spec, 5).term_layers == ((1, 3), (2,))
     assert marked == [(1, True), (3, True), (2, False)]

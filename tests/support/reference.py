@@ -145,6 +145,7 @@ def intervened_sequence(model, spec, prompt_len: int, saes: dict | None = None):
     from the engine's code. At each layer: the gates read there (h . probe against the threshold, before this
     layer's interventions), then clamp, SAE-value and gated terms one after another in term order, then the
     ungated additions (add terms, SAE coef terms) summed, with norm_match / normalize as steered_sequence does them.
+    Ablate terms act earlier, at each write into the residual stream of their layers (the embeddings for layer 0).
     `saes`: SAE path -> {"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "layer", "sub_b_dec"} as the test wrote it."""
     terms = [] if spec is None else spec if isinstance(spec, list) else [spec]
     saes = saes or {}
@@ -175,7 +176,7 @@ def intervened_sequence(model, spec, prompt_len: int, saes: dict | None = None):
         x = h
         additions = []
         for term in terms:
-            if layer not in layers_of(term):
+            if layer not in layers_of(term) or term.get("op") == "ablate":  # ablation: at the writes (write_hook)
                 continue
             on = position_mask(term.get("positions", "all"), prompt_len, n) & gate_of(term, n)
             op = term.get("op", "add")
@@ -215,8 +216,30 @@ def intervened_sequence(model, spec, prompt_len: int, saes: dict | None = None):
         steered = out[None].to(hidden.dtype)
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
+    def write_hook(module, args, output, layer):
+        """Ablation at one write into the residual stream: w -= coef * (w . u) u per covering ablate term."""
+        write = output[0] if isinstance(output, tuple) else output
+        w = write[0].float()
+        for term in terms:
+            if term.get("op") != "ablate" or layer not in layers_of(term):
+                continue
+            u = vector_of(term["vector"], layer).float()
+            u = u / u.norm()
+            on = position_mask(term.get("positions", "all"), prompt_len, w.shape[0]) & gate_of(term, w.shape[0])
+            w = w - torch.where(on, term.get("coef", 1.0) * (w @ u), 0.0)[:, None] * u
+        out = w[None].to(write.dtype)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
     handles = [layer_module.register_forward_hook(partial(hook, layer=layer), prepend=True)
                for layer, layer_module in enumerate(decoder_layers(model))]
+    if any(term.get("op") == "ablate" for term in terms):
+        handles.append(model.get_input_embeddings().register_forward_hook(partial(write_hook, layer=0)))
+        for layer, layer_module in enumerate(decoder_layers(model)):
+            # the writes: attention and MLP outputs, or their post-norms where the family has them (Gemma 2 and 3)
+            post_norms = model.config.get_text_config().model_type in ("gemma2", "gemma3_text", "olmo2")
+            writes = (layer_module.post_attention_layernorm, layer_module.post_feedforward_layernorm) if post_norms \
+                else (layer_module.self_attn, layer_module.mlp)
+            handles += [w.register_forward_hook(partial(write_hook, layer=layer)) for w in writes]
     try:
         yield
     finally:
