@@ -188,19 +188,29 @@ class SteeringSpec:
 
 @dataclass(frozen=True, slots=True)
 class CaptureSpec:
-    """What a request captures: hidden states after `layers` (sorted, distinct, >= 0) at `positions` (one of
-    CAPTURE_POSITIONS)."""
+    """What a request captures: hidden states after `layers` (sorted, distinct, >= 0; may be empty with an SAE) at
+    `positions` (one of CAPTURE_POSITIONS), and with `sae` the `top_k` largest feature activations of that SAE at the
+    same positions, with their indices, at `sae_layer` (None: the layer the SAE's files name)."""
 
     layers: tuple[int, ...]
     positions: str
+    sae: str | None = None
+    top_k: int = 0
+    sae_layer: int | None = None
 
     def to_record(self) -> dict:
-        return {"layers": list(self.layers), "positions": self.positions}
+        record = {"layers": list(self.layers), "positions": self.positions}
+        if self.sae is not None:
+            record.update({"sae": self.sae, "top_k": self.top_k})
+            if self.sae_layer is not None:
+                record["layer"] = self.sae_layer
+        return record
 
     @classmethod
     def from_record(cls, value: dict) -> CaptureSpec:
         """The spec of to_record()'s form, trusted: it was checked when parsed."""
-        return cls(tuple(value["layers"]), value["positions"])
+        return cls(tuple(value["layers"]), value["positions"], value.get("sae"), value.get("top_k", 0),
+                   value.get("layer"))
 
 
 def not_a_file(path: str | Path) -> str | None:
@@ -435,18 +445,34 @@ def _parse_range(value, where: str, kind: str) -> Span:
     return start, end
 
 
+CAPTURE_EXAMPLE = '{"layers": [4, 8], "positions": "last_prompt"} (positions optional)'
+SAE_CAPTURE_EXAMPLE = '{"sae": "layer_6/params.npz", "top_k": 32, "positions": "generated"}'
+DEFAULT_SAE_TOP_K = 32
+MAX_SAE_TOP_K = 4096
+
+
 def parse_capture(value, default: CaptureSpec | None) -> CaptureSpec | None:
     """A record's `capture` field -> a CaptureSpec (missing keys from the run's capture, `default`), or None for
     `false`/`null`."""
     if value is None or value is False:
         return None
-    if not isinstance(value, dict) or set(value) - {"layers", "positions"}:
-        raise RecordError(f"field 'capture' is {json.dumps(value)[:80]}; give {{\"layers\": [4, 8], \"positions\": "
-                          f"\"last_prompt\"}} (positions optional), or false for none")
-    layers = value.get("layers", None if default is None else list(default.layers))
+    if not isinstance(value, dict) or set(value) - {"layers", "positions", "sae", "top_k", "layer"}:
+        raise RecordError(f"field 'capture' is {json.dumps(value)[:80]}; give {CAPTURE_EXAMPLE}, with an SAE "
+                          f"{SAE_CAPTURE_EXAMPLE}, or false for none")
+    sae = value.get("sae")
+    if "sae" in value and (not isinstance(sae, str) or not sae):
+        raise RecordError(f"field 'capture.sae' is {shown(sae)}; give the path of an SAE (params.npz, a folder of "
+                          "params.safetensors + config.json, a SAELens folder, or a .pt)")
+    if sae is None and ("top_k" in value or "layer" in value):
+        raise RecordError(f"field 'capture' gives {'top_k' if 'top_k' in value else 'layer'} without an SAE; "
+                          f"top_k and layer go with \"sae\": {SAE_CAPTURE_EXAMPLE}")
+    fallback = () if sae is not None and "layers" not in value else None if default is None else list(default.layers)
+    layers = value.get("layers", fallback)
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if not isinstance(layers, list) or not layers or not all(
+    if layers == () or (sae is not None and layers == []):
+        layers = []
+    elif not isinstance(layers, list) or not layers or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
         raise RecordError(f"field 'capture.layers' is {json.dumps(layers)}; give a layer index >= 0 or a non-empty "
                           "list")
@@ -454,7 +480,15 @@ def parse_capture(value, default: CaptureSpec | None) -> CaptureSpec | None:
     if positions not in CAPTURE_POSITIONS:
         raise RecordError(f"field 'capture.positions' is {json.dumps(positions)}; use one of "
                           f"{', '.join(CAPTURE_POSITIONS)}")
-    return CaptureSpec(tuple(sorted(set(layers))), positions)
+    top_k, sae_layer = value.get("top_k", DEFAULT_SAE_TOP_K), value.get("layer")
+    if sae is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_SAE_TOP_K:
+            raise RecordError(f"field 'capture.top_k' is {shown(top_k)}; give an integer 1..{MAX_SAE_TOP_K}, the "
+                              "number of largest feature activations kept per position")
+        if sae_layer is not None and (isinstance(sae_layer, bool) or not isinstance(sae_layer, int) or sae_layer < 0):
+            raise RecordError(f"field 'capture.layer' is {shown(sae_layer)}; give the layer index >= 0 whose output "
+                              "the SAE reads, or leave it out for the layer its files name")
+    return CaptureSpec(tuple(sorted(set(layers))), positions, sae, top_k if sae is not None else 0, sae_layer)
 
 
 def load_named_specs(path: str) -> dict[str, SteeringSpec]:

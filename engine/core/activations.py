@@ -12,6 +12,10 @@ Positions, per request:
                        *consumes* token k (and samples token k + 1), as a forward over prompt + completion gives
                        it, and as steering counts `generated` positions. The last of the N completion tokens is
                        never fed back, so it has no row; the residual that produced token 0 is last_prompt.
+With an SAE (`capture.sae`), the same positions of the SAE's layer are also encoded on the device, in the step that
+captured them (engine.core.sae_capture), and kept as the top_k largest feature activations per position (values in
+the capture dtype, largest first) and their feature indices (int32): [top_k] for the one-row modes, [T, top_k] /
+[N-1, top_k] for the others (mean_prompt encodes the mean residual).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from engine.config import CaptureDefaults
 from engine.pipeline.request import RecordError
 from engine.specs import CaptureSpec
 from engine.models import decoder_layers
+from engine.core.sae_capture import SaeEncoder
 from engine.core.transfer import to_device
 
 
@@ -40,6 +45,10 @@ class _Capture:
     columns: list[tuple[int, int]] = field(default_factory=list)  # generated: (layer, column of the decode buffer)
     prompt: dict[int, np.ndarray] = field(default_factory=dict)  # prompt modes: layer -> [H] or [T, H]
     rows: list[np.ndarray] = field(default_factory=list)  # generated: one [layers, H] per consumed token
+    sae: SaeEncoder | None = None  # with an SAE: its encoder, the layer it reads, and how many features are kept
+    sae_layer: int = -1
+    top_k: int = 0
+    features: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (values, indices) per step or prefill
 
 
 class ActivationRecorder:
@@ -65,6 +74,7 @@ class ActivationRecorder:
         self.prefill = PrefillCapture(self.device, self.dtype)
         self.decode = DecodeCapture(num_kv_rows, self.num_layers, self.hidden_size, self.dtype, self.device)
         self._active: dict[int, partial] = {}  # layer -> what the hook does in the running forward
+        self._encoders: dict[int, SaeEncoder] = {}  # id(Sae) -> its encoder on the device (the Sae kept inside)
         for index, layer in enumerate(self.layers):
             handle = layer.register_forward_hook(self._make_hook(index))
             if self.is_before_steering:  # ahead of the steering hooks (which the SteeringTable registered first)
@@ -79,9 +89,32 @@ class ActivationRecorder:
         if bad:
             raise RecordError(f"capture layer(s) {bad} out of range; the model has layers 0..{self.num_layers - 1}")
         capture = _Capture(list(spec.layers), spec.positions)
+        if spec.sae is not None:
+            capture.sae, capture.top_k = self._encoder(spec), spec.top_k
+            capture.sae_layer = self._sae_layer(spec, capture.sae)
         if capture.positions == "generated":
             capture.columns = [(layer, self.decode.column(layer)) for layer in capture.layers]
+            if capture.sae is not None:
+                self.decode.column(capture.sae_layer)  # written by eager decode steps too
         self.requests[index] = capture
+
+    def _encoder(self, spec: CaptureSpec) -> SaeEncoder:
+        """The device encoder of the capture's SAE (read through the steering resolver's file cache)."""
+        sae = self.steering.resolver.sae(spec.sae)
+        if spec.top_k > sae.d_sae:
+            raise RecordError(f"capture.top_k is {spec.top_k}, but SAE {spec.sae} has {sae.d_sae} features")
+        if id(sae) not in self._encoders:
+            self._encoders = {key: e for key, e in self._encoders.items() if e.sae.path != sae.path}  # a rewritten file
+            self._encoders[id(sae)] = SaeEncoder(sae, self.device)
+        return self._encoders[id(sae)]
+
+    def _sae_layer(self, spec: CaptureSpec, encoder: SaeEncoder) -> int:
+        from engine.saes import sae_layer_or_error
+
+        layer = sae_layer_or_error(encoder.sae, spec.sae_layer)
+        if not 0 <= layer < self.num_layers:
+            raise RecordError(f"capture.layer {layer} out of range; the model has layers 0..{self.num_layers - 1}")
+        return layer
 
     def pop(self, index: int) -> dict | None:
         """A finished request's activations as a message: {positions, dtype, is_before_steering,
@@ -93,8 +126,21 @@ class ActivationRecorder:
         if capture.positions == "generated":
             rows = np.stack(capture.rows, axis=1) if capture.rows else self._empty_rows(len(capture.layers))
             arrays = dict(zip(capture.layers, rows))
-        return {"positions": capture.positions, "dtype": self.dtype_name, "is_before_steering": self.is_before_steering,
-                "layers": {layer: [list(a.shape), a.tobytes()] for layer, a in arrays.items()}}
+        message = {"positions": capture.positions, "dtype": self.dtype_name,
+                   "is_before_steering": self.is_before_steering,
+                   "layers": {layer: [list(a.shape), a.tobytes()] for layer, a in arrays.items()}}
+        if capture.sae is not None:
+            message["sae"] = {capture.sae_layer: self._features(capture)}
+        return message
+
+    def _features(self, capture: _Capture) -> dict:
+        """The SAE features' message: values and indices, each [shape, raw bytes]."""
+        if capture.positions == "generated":
+            empty = (_numpy(torch.empty(0, capture.top_k, dtype=self.dtype)), np.empty((0, capture.top_k), np.int32))
+            values, indices = (np.stack(part) for part in zip(*capture.features)) if capture.features else empty
+        else:
+            values, indices = capture.features[0]
+        return {"values": [list(values.shape), values.tobytes()], "indices": [list(indices.shape), indices.tobytes()]}
 
     def _empty_rows(self, num_layers: int) -> np.ndarray:
         return _numpy(torch.empty(num_layers, 0, self.hidden_size, dtype=self.dtype))
@@ -138,7 +184,29 @@ class ActivationRecorder:
             return self.prefill.stage()
         if not any(self._generated(s.index) for s in batch.seqs):
             return None
-        return self.decode.stage(batch.num_rows), None
+        return self.decode.stage(batch.num_rows), None, self._stage_features(batch)
+
+    def _stage_features(self, batch) -> list:
+        """A decode step's SAE features, per encoder and layer: the KV rows of the sequences that capture them
+        encoded on the device (top-k of the largest top_k asked), copied to pinned host memory (no wait)."""
+        groups: dict[tuple, list] = defaultdict(list)
+        for seq in batch.seqs:
+            capture = self.requests.get(seq.index)
+            if capture is not None and capture.sae is not None and capture.positions == "generated":
+                groups[id(capture.sae), capture.sae_layer].append((seq, capture))
+        staged = []
+        for (_, layer), members in groups.items():
+            rows = to_device([seq.row for seq, _ in members], torch.int64, self.device)
+            encoder = members[0][1].sae
+            values, indices = encoder.top(self.decode.buffer[:, layer].index_select(0, rows),
+                                          max(capture.top_k for _, capture in members))
+            pin = self.device.type == "cuda"
+            host = (torch.empty(values.shape, dtype=self.dtype, pin_memory=pin),
+                    torch.empty(indices.shape, dtype=torch.int32, pin_memory=pin))
+            host[0].copy_(values.to(self.dtype), non_blocking=True)
+            host[1].copy_(indices, non_blocking=True)
+            staged.append(([seq.index for seq, _ in members], host))
+        return staged
 
     def _generated(self, index: int) -> bool:
         capture = self.requests.get(index)
@@ -148,15 +216,24 @@ class ActivationRecorder:
         """After the step's copy is done: hand each live sequence its values (before its new token is appended)."""
         if staged is None:
             return
-        host, shapes = staged
+        host, shapes, extra = staged
         values = _numpy(host)
         if shapes is not None:
-            self.prefill.collect(values, shapes, self.requests)
+            self.prefill.collect(values, shapes, self.requests, None if extra is None else extra.numpy())
             return
+        live = set()
         for seq in batch.seqs:  # a sequence that already ended (EOS read late) gets nothing, as it gets no token
             capture = self.requests.get(seq.index)
-            if seq.finish_reason is None and capture is not None and capture.columns:
-                capture.rows.append(values[seq.row, [column for _, column in capture.columns]])
+            if seq.finish_reason is None and capture is not None:
+                live.add(seq.index)
+                if capture.columns:
+                    capture.rows.append(values[seq.row, [column for _, column in capture.columns]])
+        for indices, (host_values, host_indices) in extra:
+            features, feature_ids = _numpy(host_values), host_indices.numpy()
+            for i, index in enumerate(indices):
+                if index in live:
+                    capture = self.requests[index]
+                    capture.features.append((features[i, :capture.top_k].copy(), feature_ids[i, :capture.top_k].copy()))
 
 
 class PrefillCapture:
@@ -166,65 +243,97 @@ class PrefillCapture:
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self._pending: list[tuple[int, int, torch.Tensor]] = []  # the last prefill's (index, layer, device tensor)
+        self._features: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # its SAE (index, values, indices)
 
     def start(self, seqs, starts, owner: torch.Tensor, requests: dict[int, _Capture]) -> dict[int, partial] | None:
         """What the hooks do in a packed prefill (see ActivationRecorder.start_prefill): layer -> its reduction;
         None when no sequence captures prompt positions."""
-        self._pending = []
-        by_layer: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
+        self._pending, self._features = [], []
+        by_layer: dict[int, list[tuple[int, int, str, SaeEncoder | None]]] = defaultdict(list)
         for j, seq in enumerate(seqs):
             capture = requests.get(seq.index)
             if capture is None or capture.positions == "generated":  # generated rows come from the decode steps
                 continue
             for layer in capture.layers:
-                by_layer[layer].append((j, seq.index, capture.positions))
+                by_layer[layer].append((j, seq.index, capture.positions, None))
+            if capture.sae is not None:
+                by_layer[capture.sae_layer].append((j, seq.index, capture.positions, capture))
         if not by_layer:
             return None
         spans = (starts, owner, len(seqs))
         return {layer: partial(self._reduce, layer, items, spans) for layer, items in by_layer.items()}
 
     def _reduce(self, layer: int, items: list, spans: tuple, hidden: torch.Tensor) -> None:
+        """The layer's output reduced per item (index, mode): the row(s) kept as they are, or SAE-encoded."""
         starts, owner, num_seqs = spans
         tokens = hidden[0]
-        last = [(j, index) for j, index, mode in items if mode == "last_prompt"]
+        last = [(j, item) for j, *item in items if item[1] == "last_prompt"]
         if last:
             self._keep(layer, last, tokens[to_device([starts[j + 1] - 1 for j, _ in last], torch.int64, self.device)])
-        mean = [(j, index) for j, index, mode in items if mode == "mean_prompt"]
+        mean = [(j, item) for j, *item in items if item[1] == "mean_prompt"]
         if mean:  # every prompt's sum in one index_add, then the wanted ones
             sums = torch.zeros(num_seqs, tokens.shape[-1], dtype=torch.float32, device=tokens.device)
             sums.index_add_(0, owner, tokens.float())
             count = to_device([starts[j + 1] - starts[j] for j, _ in mean], torch.float32, self.device)
             self._keep(layer, mean, sums[self._rows(mean)] / count[:, None])
-        for j, index, mode in items:
+        for j, index, mode, capture in items:
             if mode == "all_prompt":
-                self._pending.append((index, layer, tokens[starts[j]:starts[j + 1]].to(self.dtype)))
+                values = tokens[starts[j]:starts[j + 1]]
+                if capture is None:
+                    self._pending.append((index, layer, values.to(self.dtype)))
+                else:
+                    self._encode(index, capture, values)
 
-    def _rows(self, items: list[tuple[int, int]]) -> torch.Tensor:
+    def _rows(self, items: list) -> torch.Tensor:
         return to_device([row for row, _ in items], torch.int64, self.device)
 
-    def _keep(self, layer: int, items: list[tuple[int, int]], values: torch.Tensor) -> None:
-        values = values.to(self.dtype)
-        self._pending += [(index, layer, values[i]) for i, (_, index) in enumerate(items)]
+    def _keep(self, layer: int, items: list, values: torch.Tensor) -> None:
+        """One row per item: kept (a hidden-state capture) or encoded (an SAE's, its item's capture given)."""
+        for i, (_, (index, _, capture)) in enumerate(items):
+            if capture is None:
+                self._pending.append((index, layer, values[i].to(self.dtype)))
+            else:
+                self._encode(index, capture, values[i:i + 1], squeeze=True)
+
+    def _encode(self, index: int, capture: _Capture, rows: torch.Tensor, squeeze: bool = False) -> None:
+        values, indices = capture.sae.top(rows, capture.top_k)
+        if squeeze:
+            values, indices = values[0], indices[0]
+        self._features.append((index, values.to(self.dtype), indices))
 
     def stage(self) -> tuple | None:
         """Start the copy of the last prefill's captures into pinned host memory (no wait): (host, their
-        (index, layer, shape)); None if none."""
+        (index, layer, shape), the SAE features' int32 indices host copy); None if none. SAE values travel in the
+        capture dtype with the hidden states, under layer None."""
         pending, self._pending = self._pending, []
+        features, self._features = self._features, []
+        pending += [(index, None, values) for index, values, _ in features]
         if not pending:
             return None
         flat = torch.cat([t.reshape(-1) for _, _, t in pending])
         host = torch.empty(flat.shape, dtype=self.dtype, pin_memory=flat.is_cuda)
         host.copy_(flat, non_blocking=True)
-        return host, [(index, layer, tuple(t.shape)) for index, layer, t in pending]
+        indices = None
+        if features:
+            ints = torch.cat([i.reshape(-1) for _, _, i in features])
+            indices = torch.empty(ints.shape, dtype=torch.int32, pin_memory=ints.is_cuda)
+            indices.copy_(ints, non_blocking=True)
+        return host, [(index, layer, tuple(t.shape)) for index, layer, t in pending], indices
 
-    def collect(self, flat: np.ndarray, shapes: list, requests: dict[int, _Capture]) -> None:
-        """Hand each request its prompt values from the staged copy (`flat`, read as numpy)."""
-        offset = 0
+    def collect(self, flat: np.ndarray, shapes: list, requests: dict[int, _Capture],
+                indices: np.ndarray | None) -> None:
+        """Hand each request its prompt values from the staged copy (`flat`, read as numpy), and its SAE features
+        (values under layer None, their indices from `indices` in the same order)."""
+        offset, at = 0, 0
         for index, layer, shape in shapes:
             size = math.prod(shape)
             value = flat[offset:offset + size].reshape(shape).copy()
             offset += size
-            requests[index].prompt[layer] = value
+            if layer is not None:
+                requests[index].prompt[layer] = value
+            else:
+                requests[index].features.append((value, indices[at:at + size].reshape(shape).copy()))
+                at += size
 
 
 class DecodeCapture:

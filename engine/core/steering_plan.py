@@ -242,7 +242,7 @@ class SteeringResolver:
                 raise RecordError(f"an SAE term acts at the one layer its SAE reads; got layers {list(term.layers)}")
             from engine.saes import sae_layer_or_error
 
-            return (sae_layer_or_error(self._sae(term.vector), term.layers[0] if term.layers else None),)
+            return (sae_layer_or_error(self.sae(term.vector), term.layers[0] if term.layers else None),)
         if term.layers:
             return term.layers
         layers = tuple(sorted(layer for layer in self._file(term.vector) if layer is not None))
@@ -269,7 +269,7 @@ class SteeringResolver:
     def _term_effects(self, term: SteeringTerm, layers: tuple[int, ...]) -> dict:
         """{layer: what the term adds there} (add, SAE coef), or {layer: [SlotVectors]} (clamp, SAE value)."""
         if term.op == "sae":
-            return {layers[0]: sae_effect(self._sae(term.vector), term)}
+            return {layers[0]: sae_effect(self.sae(term.vector), term)}
         effects, done = {}, {}  # done: one product per source vector (a file's one vector serves every layer)
         for layer in layers:
             vector = self._vector_at(term.vector, layer)
@@ -351,7 +351,7 @@ class SteeringResolver:
         return self._cached(path, lambda: {layer: v.numpy() for layer, v in
                                            load_vectors(path, self.num_layers, self.hidden_size).items()})
 
-    def _sae(self, path: str):
+    def sae(self, path: str):
         from engine.saes import load_sae
 
         return self._cached(path, lambda: load_sae(path, self.num_layers, self.hidden_size))

@@ -29,8 +29,9 @@ def activations_dir(output: Path) -> Path:
 
 
 class ActivationStore:
-    """Safetensors shards `<results stem>.activations/00000.safetensors` (keys `<id>/layer.<L>`) and
-    `index.jsonl` (one line per request: id, shard, keys, positions, dtype, is_before_steering).
+    """Safetensors shards `<results stem>.activations/00000.safetensors` (keys `<id>/layer.<L>`, and with SAE
+    capture `<id>/sae.<L>.values` and `<id>/sae.<L>.indices`) and `index.jsonl` (one line per request: id, shard,
+    keys, layers, positions, dtype, is_before_steering).
 
     Durability: a shard is written to `*.tmp`, fsynced and renamed, then its index lines are fsynced, and only
     then may the result lines that point at it be written (`flush` returns, the writer writes them). So a result
@@ -69,17 +70,22 @@ class ActivationStore:
         numbers = [int(p.stem) for p in self.folder.glob("*.safetensors") if p.stem.isdigit()]
         return max(numbers, default=-1) + 1
 
-    def add(self, record_id: str, message: dict, tensors: dict[int, torch.Tensor]) -> dict:
-        """Buffer one request's tensors for the current shard; the pointer its result record carries."""
+    def add(self, record_id: str, message: dict, tensors: dict[int | str, torch.Tensor]) -> dict:
+        """Buffer one request's tensors (tensors_of's) for the current shard; the pointer its result record carries:
+        `keys` in the shard, one per `layers` entry, then the SAE features' under `sae_keys`."""
         shard = f"{self.folder.name}/{self._next:05d}.safetensors"
+        layers = sorted(name for name in tensors if isinstance(name, int))
+        names = [*layers, *sorted(name for name in tensors if isinstance(name, str))]
         keys = []
-        for layer, tensor in sorted(tensors.items()):
-            key = f"{record_id}/layer.{layer}"
-            self._tensors[key] = tensor.contiguous()
-            self._bytes += tensor.numel() * tensor.element_size()
+        for name in names:
+            key = f"{record_id}/layer.{name}" if isinstance(name, int) else f"{record_id}/{name}"
+            self._tensors[key] = tensors[name].contiguous()
+            self._bytes += tensors[name].numel() * tensors[name].element_size()
             keys.append(key)
-        pointer = {"shard": shard, "keys": keys, "layers": sorted(tensors), "positions": message["positions"],
+        pointer = {"shard": shard, "keys": keys[:len(layers)], "layers": layers, "positions": message["positions"],
                    "dtype": message["dtype"], "is_before_steering": message["is_before_steering"]}
+        if len(keys) > len(layers):
+            pointer["sae_keys"] = keys[len(layers):]
         self._entries.append({"id": record_id, **pointer})
         self._since = self._since or time.monotonic()
         return pointer
@@ -129,13 +135,22 @@ def _header_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 # ---- messages between processes
-def tensors_of(message: dict) -> dict[int, torch.Tensor]:
-    """A message's activations as CPU tensors {layer: tensor}."""
+def tensors_of(message: dict) -> dict[int | str, torch.Tensor]:
+    """A message's activations as CPU tensors {layer: tensor}, with SAE capture also {"sae.<L>.values": [.., top_k]
+    in the capture dtype, "sae.<L>.indices": int32}."""
     import torch
 
     dtype = getattr(torch, message["dtype"])
-    return {int(layer): torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data
-            else torch.empty(shape, dtype=dtype) for layer, (shape, data) in message["layers"].items()}
+
+    def tensor(shape, data, kind):
+        return torch.frombuffer(bytearray(data), dtype=kind).reshape(shape) if data else torch.empty(shape, dtype=kind)
+
+    out: dict[int | str, torch.Tensor] = {int(layer): tensor(shape, data, dtype)
+                                          for layer, (shape, data) in message["layers"].items()}
+    for layer, parts in message.get("sae", {}).items():
+        out[f"sae.{int(layer)}.values"] = tensor(*parts["values"], dtype)
+        out[f"sae.{int(layer)}.indices"] = tensor(*parts["indices"], torch.int32)
+    return out
 
 
 # ---- on disk
@@ -143,9 +158,10 @@ def _records(output: Path):
     return (r for r in complete_records(output) if isinstance(r, dict) and isinstance(r.get("id"), str))
 
 
-def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[str, dict[int, torch.Tensor]]:
-    """Activations of the result records of a results file: {id: {layer: tensor}}; `layers` and `ids` narrow it
-    (only those tensors are read from the shards)."""
+def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[str, dict[int | str, torch.Tensor]]:
+    """Activations of the result records of a results file: {id: {layer: tensor}}, with SAE capture also
+    {"sae.<L>.values": tensor, "sae.<L>.indices": int32 tensor}; `layers` and `ids` narrow it (only those tensors
+    are read from the shards; `layers` narrows the SAE features by their layer too)."""
     from safetensors import safe_open
 
     output = Path(output)
@@ -156,11 +172,17 @@ def load(output: str | Path, layers: list[int] | None = None, ids=None) -> dict[
     for record in _records(output):
         pointer = record.get("activations")
         if isinstance(pointer, dict) and (wanted is None or record["id"] in wanted):
-            by_shard[pointer["shard"]].append((record["id"], pointer["layers"], pointer["keys"]))
-    out: dict[str, dict[int, torch.Tensor]] = {}
+            names = [*pointer["layers"], *(key.rsplit("/", 1)[1] for key in pointer.get("sae_keys", ()))]
+            by_shard[pointer["shard"]].append((record["id"], names, [*pointer["keys"], *pointer.get("sae_keys", ())]))
+    out: dict[str, dict[int | str, torch.Tensor]] = {}
     for shard, entries in by_shard.items():
         with safe_open(str(output.parent / shard), framework="pt") as f:
-            for record_id, record_layers, keys in entries:
-                out[record_id] = {layer: f.get_tensor(key) for layer, key in zip(record_layers, keys)
-                                  if layers is None or layer in layers}
+            for record_id, names, keys in entries:
+                out[record_id] = {name: f.get_tensor(key) for name, key in zip(names, keys)
+                                  if layers is None or _layer_of(name) in layers}
     return out
+
+
+def _layer_of(name: int | str) -> int:
+    """The layer of a loaded tensor's name: L, or "sae.<L>.values" / "sae.<L>.indices"."""
+    return name if isinstance(name, int) else int(name.split(".")[1])

@@ -250,3 +250,78 @@ def test_records_state_op_terms_as_given():
     from engine.specs import SteeringSpec
 
     assert SteeringSpec.from_record(record) == parse_steering(spec)
+
+
+def numpy_top(sae: dict, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """An SAE's top-k features of residuals x [n, H], from its arrays as the test wrote them."""
+    inputs = x - sae["b_dec"] if sae["sub_b_dec"] else x
+    pre = inputs @ sae["W_enc"] + sae["b_enc"]
+    f = np.where(pre > sae["threshold"], pre, 0.0) if sae.get("threshold") is not None else np.maximum(pre, 0.0)
+    order = np.argsort(-f, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(f, order, axis=-1), order
+
+
+@pytest.mark.parametrize("positions", ["last_prompt", "mean_prompt", "all_prompt", "generated"])
+def test_sae_capture_equals_a_numpy_encode_of_the_captured_residual(forced, files, positions):
+    """SAE capture (on the device, in the engine's forwards) against numpy encoding the same request's captured
+    residual at the SAE's layer; mixed with steered and plain requests, two SAEs (JumpReLU at 2, ReLU with b_dec
+    subtracted at 1) in one batch."""
+    from support import core_request
+    from engine.storage.activations import tensors_of
+
+    core, sequences, lens, _ = forced
+    saes, k = files["saes"], 5
+    requests = [
+        core_request(0, None, {"layers": [2], "positions": positions, "sae": files["jump"], "top_k": k}),
+        core_request(1, add(files["u"], [1]), {"layers": [1], "positions": positions, "sae": files["relu"],
+                                                "top_k": k}),
+        core_request(2, None, None),
+        core_request(3, {"op": "ablate", "vector": files["w"], "layers": "all"},
+                     {"layers": [2], "positions": positions, "sae": files["jump"], "top_k": 2 * k}),
+    ]
+    prompts = [sequences[i][:lens[i]] for i in range(4)]
+    core.generate(requests, prompts)
+    for request, path in ((0, "jump"), (1, "relu"), (3, "jump")):
+        sae = saes[files[path]]
+        got = tensors_of(core.recorder.pop(request))
+        layer, top_k = sae["layer"], k if request != 3 else 2 * k
+        hidden = got[layer].float().numpy().reshape(-1, HIDDEN)
+        values, indices = got[f"sae.{layer}.values"].numpy(), got[f"sae.{layer}.indices"].numpy()
+        assert indices.dtype == np.int32 and values.shape == (*got[layer].shape[:-1], top_k)
+        want_values, want_indices = numpy_top(sae, hidden, top_k)
+        np.testing.assert_allclose(values.reshape(-1, top_k), want_values, rtol=1e-4, atol=1e-4)
+        positive = want_values > 1e-3
+        assert (indices.reshape(-1, top_k)[positive] == want_indices[positive]).all()
+        assert positive.any()
+    assert core.recorder.pop(2) is None
+
+
+def test_sae_capture_through_engine_run_to_the_shards_and_load(files, tmp_path):
+    """engine-run writes the features beside the hidden states (`<id>/sae.<L>.values|indices`), and
+    engine.activations' load returns them; a capture whose SAE does not fit is that record's error."""
+    import subprocess
+    import sys
+
+    from support import PROMPTS, ROOT, read_jsonl, write_jsonl
+    from engine.storage.activations import load
+
+    records = [{"id": "s", "prompt": PROMPTS[0], "capture": {"sae": files["jump"], "top_k": 3,
+                                                              "positions": "generated"}},
+               {"id": "both", "prompt": PROMPTS[1], "capture": {"layers": [0], "sae": files["relu"], "top_k": 4,
+                                                                 "positions": "last_prompt"}},
+               {"id": "bad", "prompt": PROMPTS[2], "capture": {"sae": files["jump"], "top_k": D_SAE + 1}},
+               {"id": "plain", "prompt": PROMPTS[3]}]
+    source, out = write_jsonl(tmp_path / "in.jsonl", records), tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "engine.apps.run", "--input", str(source), "--output", str(out),
+                           "--model", "random:tiny", "--device", "cpu", "--quiet", "--max-new-tokens", "5",
+                           "--ignore-eos"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr  # the one bad record: its error beside the results
+    results = {r["id"]: r for r in read_jsonl(out)}
+    [error] = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert error["id"] == "bad" and f"SAE {files['jump']} has {D_SAE} features" in error["error"], error
+    assert results["s"]["activations"]["sae_keys"] == ["s/sae.2.indices", "s/sae.2.values"]
+    got = load(out)
+    assert sorted(got["s"]) == ["sae.2.indices", "sae.2.values"] and got["s"]["sae.2.values"].shape == (4, 3)
+    assert sorted(got["both"], key=str) == [0, "sae.1.indices", "sae.1.values"]
+    assert got["both"]["sae.1.indices"].dtype == torch.int32 and got["both"]["sae.1.values"].shape == (4,)
+    assert list(load(out, layers=[0])["both"]) == [0]
