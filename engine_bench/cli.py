@@ -18,6 +18,7 @@ from engine.config import CAPTURE_POSITIONS, DTYPES, ConfigError
 from engine.models import ModelNotFound
 from engine_bench.config import RESULTS_FILE, SYSTEMS, BenchConfig, BenchError, bench_engine, csv_list
 from engine_bench.e2e import run_e2e
+from engine_bench.interventions import INTERVENTIONS
 from engine_bench.runner import run_bench
 from engine_bench.workloads import WORKLOADS, WorkloadError
 
@@ -71,6 +72,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="also run the engine capturing activations at these layers, to measure the overhead")
     p.add_argument("--capture-positions", default="last_prompt", help=f"what that run captures: "
                    f"{', '.join(CAPTURE_POSITIONS)}")
+    p.add_argument("--interventions", type=csv_list, default=[], metavar="OPS",
+                   help="also run the engine with every record under each of these ops, one row each, in the same "
+                        "run: " + "; ".join(f"{name}: {what}" for name, what in INTERVENTIONS.items()))
     p.add_argument("--also-model", action="append", default=[], metavar="MODEL",
                    help="also run the engine on MODEL in the same run, with the same tokenizer and prompts "
                         "(repeatable): e.g. random:gemma2-2b-uncapped, random:gemma2-2b's weights with soft-capping "
@@ -104,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sample_hz=args.sample_hz, out=args.out, append_results=args.append_results,
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
         steering_layers=args.steering_layers, capture_layers=args.capture_layers,
-        capture_positions=args.capture_positions, also_models=args.also_model,
+        capture_positions=args.capture_positions, interventions=args.interventions, also_models=args.also_model,
         is_e2e=args.e2e, is_keep_alive=args.keep_alive, engine_flags_given=list(given),
     )
 

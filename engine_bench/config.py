@@ -65,6 +65,7 @@ class BenchConfig:
     steering_layers: list[int] = field(default_factory=lambda: [4, 8, 12])
     capture_layers: list[int] = field(default_factory=list)  # non-empty: one more engine row capturing these layers
     capture_positions: str = "last_prompt"
+    interventions: list[str] = field(default_factory=list)  # one more engine row per op (engine_bench.interventions)
     also_models: list[str] = field(default_factory=list)  # one more engine row per model, same run and tokenizer
     engine_label: str = "engine"  # the engine rows' system name (an also_models row names its model)
     is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
@@ -97,6 +98,12 @@ class BenchConfig:
         if min(self.capture_layers, default=0) < 0 or self.capture_positions not in CAPTURE_POSITIONS:
             raise ConfigError(f"--capture-layers {self.capture_layers} / --capture-positions {self.capture_positions}: "
                               f"give layer indices >= 0 and one of {', '.join(CAPTURE_POSITIONS)}")
+        from engine_bench.interventions import INTERVENTIONS
+
+        unknown = [name for name in self.interventions if name not in INTERVENTIONS]
+        if unknown:
+            raise ConfigError(f"--interventions {','.join(self.interventions)}: use a comma list of "
+                              f"{', '.join(INTERVENTIONS)}")
         if self.device == "auto":
             self.device = self.engine.devices[0] if self.engine.devices else self.engine.device
         if self.is_e2e:
@@ -108,9 +115,9 @@ class BenchConfig:
         if not {"engine", "hf"} & set(self.systems):
             raise ConfigError(f"--e2e --systems {','.join(self.systems)}: whole commands are engine and hf (the naive "
                               "loop has no command of its own); name one of them")
-        if self.capture_layers or self.engine.trace_dir or self.also_models:
-            raise ConfigError("--e2e times whole commands, plain or steered; drop --capture-layers, --also-model and "
-                              "--trace, or run those without --e2e")
+        if self.capture_layers or self.engine.trace_dir or self.also_models or self.interventions:
+            raise ConfigError("--e2e times whole commands, plain or steered; drop --capture-layers, --also-model, "
+                              "--interventions and --trace, or run those without --e2e")
         if self.is_keep_alive and "engine" not in self.systems:
             raise ConfigError(f"--e2e --keep-alive runs engine-run with a resident engine, but --systems "
                               f"{','.join(self.systems)} leaves engine-run out; add engine")

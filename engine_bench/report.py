@@ -221,6 +221,11 @@ def notes(report: dict) -> list[str]:
         "Ring empty: share of that window in which the engine's core had no sequence to run and waited for "
         "tokenized prompts (the core's idle_s).",
     ]
+    rates = {m["system"]: m["output_tokens_per_s"] for m in report["systems"]}
+    for system, rate in rates.items():  # steered, capturing and intervention rows against their plain engine row
+        base = system.split("+")[0]
+        if "+" in system and rates.get(base):
+            out.append(f"{system}: {rate / rates[base]:.2f}x {base}'s output tok/s, same run.")
     devices = report["settings"].get("devices") or []
     if len(devices) > 1:  # old reports have no devices setting
         out.append(f"engine-{len(devices)}dev ran one engine core per device on {len(devices)} devices "

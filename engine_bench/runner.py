@@ -44,11 +44,12 @@ def run_workload(config: BenchConfig, workload: Workload, gpu: GpuMonitor | None
               if wanted & set(config.systems)]
     if len(config.engine.devices) > 1 and "engine" in config.systems:  # the scaling ratio needs one card, same run
         engine = dataclasses.replace(config.engine, devices=[], device=config.device)
-        one_card = dataclasses.replace(config, engine=engine, steering_specs=[], capture_layers=[])
+        one_card = dataclasses.replace(config, engine=engine, steering_specs=[], capture_layers=[],
+                                       interventions=[])
         groups.insert(len(groups) - 1, (run_engine, "engine (one card)", one_card))
     for model in config.also_models if "engine" in config.systems else ():
         other = dataclasses.replace(config, engine=dataclasses.replace(config.engine, model=model, trace_dir=None),
-                                    also_models=[], steering_specs=[], capture_layers=[],
+                                    also_models=[], steering_specs=[], capture_layers=[], interventions=[],
                                     engine_label=f"engine ({model})")
         groups.append((run_engine, f"engine ({model})", other))
     done: list[dict] = []

@@ -14,6 +14,7 @@ import psutil
 from engine.models import ModelSource, hidden_size, resolve_dtype, resolve_model
 from engine.procs import MsgQueue
 from engine_bench.config import MAX_WARMUP_TOKENS, NUM_WARMUP_PROMPTS, BenchConfig, BenchError
+from engine_bench.interventions import intervention_records
 from engine_bench.messages import ChildExit, Progress, SystemDone, SystemStarted
 from engine_bench.workloads import Prompt, prompts_from_msg
 
@@ -124,6 +125,9 @@ def run_engine(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> N
             specs = random_steering_specs(engine.source, config, count, Path(folder))
             steered = [{**r, "steering": specs[i % len(specs)]} for i, r in enumerate(_engine_records(prompts))]
             runs.append((f"{base}+steer{count}@L{layers}", steered))
+        for name in config.interventions:
+            runs.append((f"{base}+{name}", intervention_records(name, _engine_records(prompts), hidden_size(
+                engine.source), config.steering_layers, config.engine.sampling.seed, Path(folder))))
         if config.capture_layers:
             capture = {"layers": config.capture_layers, "positions": config.capture_positions}
             runs.append((f"{base}+capture@L{','.join(map(str, config.capture_layers))}:{config.capture_positions}",

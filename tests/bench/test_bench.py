@@ -63,6 +63,7 @@ def test_input_file_errors_name_the_line(tokenizer, tmp_path):
     (dict(capture_layers=[1], capture_positions="first"), "--capture-positions"),
     (dict(is_e2e=True, systems=["naive"]), "--e2e --systems naive"),
     (dict(is_e2e=True, capture_layers=[1]), "--e2e times whole commands"),
+    (dict(interventions=["erase"]), "--interventions erase: use a comma list of ablate"),
     (dict(is_e2e=True, systems=["hf"], steering_specs=[2]), "leaves engine-run out"),
 ])
 def test_config_rejects_bad_values(bad, message):
@@ -300,21 +301,26 @@ def test_engine_under_steering_and_capture_adds_engine_rows(tmp_path):
     code = bench_main(["--model", "random:tiny", "--device", "cpu", "--workload", "short", "--systems", "engine",
                        "--num-prompts", "3", "--steering-specs", "3", "--steering-layers", "1,3", "--max-num-seqs", "4",
                        "--capture-layers", "0,2", "--out", str(tmp_path), "--save-outputs", "--quiet",
-                       "--trace", str(tmp_path / "trace"), "--also-model", "random:tiny"])
+                       "--trace", str(tmp_path / "trace"), "--also-model", "random:tiny",
+                       "--interventions", "ablate,clamp,sae,sae-capture,gated"])
     assert code == 0
     outputs = read_jsonl(next(tmp_path.glob("*-outputs.jsonl")))
     by_system: dict[str, dict[str, list[int]]] = {}
     for record in outputs:
         by_system.setdefault(record["system"], {})[record["id"]] = record["completion_token_ids"]
-    assert list(by_system) == ["engine", "engine+steer3@L1,3", "engine+capture@L0,2:last_prompt",
-                               "engine (random:tiny)"]
-    plain, steered, captured, again = by_system.values()
-    assert captured == plain  # capturing changes nothing it generates
+    ops = ["ablate", "clamp", "sae", "sae-capture", "gated"]
+    assert list(by_system) == ["engine", "engine+steer3@L1,3", *(f"engine+{op}" for op in ops),
+                               "engine+capture@L0,2:last_prompt", "engine (random:tiny)"]
+    plain, steered, *intervened, captured, again = by_system.values()
+    assert captured == plain == intervened[3]  # capturing (hidden states, SAE features) changes nothing it generates
+    assert all(rows != plain for op, rows in zip(ops, intervened) if op != "sae-capture")  # each op was applied
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert any(note.startswith("engine+ablate: ") and "x engine's output tok/s" in note for note in report["notes"])
     assert again == plain  # --also-model: the same model in its own engine, a row of its own
     assert [len(v) for v in steered.values()] == [len(v) for v in plain.values()] == [150] * 3
     assert steered != plain  # the vectors really were applied
     runs = read_jsonl(tmp_path / "trace" / "runs.jsonl")
-    assert [r["system"] for r in runs] == list(by_system)[:3]  # the --also-model engine writes no trace
+    assert [r["system"] for r in runs] == list(by_system)[:-1]  # the --also-model engine writes no trace
     timeline = read_jsonl(tmp_path / "trace" / "core0.jsonl")
     steps = [e for e in timeline if "step" in e]
     assert sum(e["admitted"] for e in steps) >= 3 * 3  # each run's prompts (and the warm-ups) were admitted
