@@ -165,7 +165,7 @@ def intervened_sequence(model, spec, prompt_len: int, saes: dict | None = None):
 
     def hook(module, args, output, layer):
         hidden = output[0] if isinstance(output, tuple) else output
-        h = hidden[0].float()
+        h = hidden[0].float().cpu()  # the reference's arithmetic on the CPU, whatever the model's device
         n = h.shape[0]
         for term in terms:
             when = term.get("when")
@@ -213,13 +213,13 @@ def intervened_sequence(model, spec, prompt_len: int, saes: dict | None = None):
             out = torch.where(on[:, None], out + added, out)
             normalize |= on & term.get("normalize", False)
         out = torch.where(normalize[:, None], out * norm / out.norm(dim=-1, keepdim=True), out)
-        steered = out[None].to(hidden.dtype)
+        steered = out[None].to(device=hidden.device, dtype=hidden.dtype)
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     def write_hook(module, args, output, layer):
         """Ablation at one write into the residual stream: w -= coef * (w . u) u per covering ablate term."""
         write = output[0] if isinstance(output, tuple) else output
-        w = write[0].float()
+        w = write[0].float().cpu()
         for term in terms:
             if term.get("op") != "ablate" or layer not in layers_of(term):
                 continue
@@ -227,7 +227,7 @@ def intervened_sequence(model, spec, prompt_len: int, saes: dict | None = None):
             u = u / u.norm()
             on = position_mask(term.get("positions", "all"), prompt_len, w.shape[0]) & gate_of(term, w.shape[0])
             w = w - torch.where(on, term.get("coef", 1.0) * (w @ u), 0.0)[:, None] * u
-        out = w[None].to(write.dtype)
+        out = w[None].to(device=write.device, dtype=write.dtype)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     handles = [layer_module.register_forward_hook(partial(hook, layer=layer), prepend=True)
