@@ -267,8 +267,9 @@ def test_run_then_extend_with_a_coefficient_and_a_model_runs_only_the_new_reques
     records = check_output(tmp_path, path)
     record = next(r for r in records if r["id"] == "tiny/v@L0,2*4.0/prompts/hello/s0")
     assert record["sweep"] == {"model": "tiny", "point": "v@L0,2*4.0", "vector": "v", "layers": [0, 2], "coef": 4.0,
-                               "positions": "all", "normalize": False, "norm_match": False, "prompt_set": "prompts",
-                               "prompt_id": "hello", "sample": 0}
+                               "positions": "all", "normalize": False, "norm_match": False, "op": "add", "sae": None,
+                               "feature": None, "value": None, "prompt_set": "prompts", "prompt_id": "hello",
+                               "sample": 0}
     assert record["topic"] == "greeting" and record["steering"]["coef"] == 4.0
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "done" and status["done"] == status["total"] == 10 and status["errors"] == 0
@@ -525,3 +526,92 @@ def test_report_of_a_folder_that_is_no_sweep_says_so_in_one_line(tmp_path):
         assert result.returncode == 1
         assert result.stderr == (f"engine-sweep report: {target}: no plan.json; give the output directory of an "
                                  f"engine-sweep run\n"), result.stderr
+
+
+def test_a_grid_of_ops_ablation_against_addition_clamps_and_sae_features_runs_and_reports(tmp_path):
+    """ops = add, ablate, clamp at the same layers, and an SAE's features x values and coefs: every point's records
+    carry its op's term, and the report has a row, an op column and a plot line per point."""
+    import csv
+
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "v.npy", rng.standard_normal(64).astype(np.float32))
+    (tmp_path / "layer_1").mkdir()
+    np.savez(tmp_path / "layer_1" / "params.npz", W_enc=rng.standard_normal((64, 16)).astype(np.float32),
+             W_dec=rng.standard_normal((16, 64)).astype(np.float32), b_enc=np.zeros(16, np.float32),
+             b_dec=np.zeros(64, np.float32), threshold=np.full(16, 0.1, np.float32))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"id": "hello", "prompt": "Hello there"}])
+    path = tmp_path / "sweep.toml"
+    path.write_text('''output = "out"
+models = [{model = "random:tiny", label = "tiny"}]
+prompts = ["prompts.jsonl"]
+
+[vectors]
+v = "v.npy"
+
+[saes]
+gs = "layer_1/params.npz"
+
+[grid]
+vectors = ["v"]
+layers = [[1, 2]]
+ops = ["add", "ablate", "clamp"]
+coefs = [4]
+ablate_coefs = [1, 0.5]
+clamp_values = [0]
+saes = ["gs"]
+features = [3, 7]
+feature_values = [5]
+feature_coefs = [2]
+baseline = true
+
+[generation]
+max_new_tokens = 4
+ignore_eos = true
+
+[engine]
+device = "cpu"
+max_num_seqs = 4
+''')
+    keys = ["none", "v@L1,2*4.0", "ablate:v@L1,2", "ablate:v@L1,2*0.5", "clamp:v@L1,2=0.0", "sae:gs#3=5.0",
+            "sae:gs#3*2.0", "sae:gs#7=5.0", "sae:gs#7*2.0"]
+    assert [p.key for p in Plan(load_sweep(path)).points] == keys
+    result = engine_sweep(path)
+    assert result.returncode == 0, result.stderr
+    records = {r["sweep"]["point"]: r for r in read_jsonl(tmp_path / "out" / "results.jsonl")}
+    assert set(records) == set(keys)
+    assert records["ablate:v@L1,2*0.5"]["steering"] == {"op": "ablate", "vector": str(tmp_path / "v.npy"),
+                                                        "layers": [1, 2], "coef": 0.5, "positions": "all"}
+    assert records["sae:gs#7=5.0"]["steering"]["op"] == "sae" and records["sae:gs#7=5.0"]["sweep"]["feature"] == 7
+    assert records["clamp:v@L1,2=0.0"]["steering"]["value"] == 0.0
+    completions = [records[k]["completion_token_ids"] for k in keys] if "completion_token_ids" in records["none"] \
+        else [records[k]["completion"] for k in keys]
+    assert len({json.dumps(c) for c in completions}) > 1  # the ops changed what was generated
+    written = write_report(tmp_path / "out")
+    with (tmp_path / "out" / "summary.csv").open() as f:
+        rows = {r["point"]: r for r in csv.DictReader(f)}
+    assert [rows[k]["op"] for k in keys] == ["", "add", "ablate", "ablate", "clamp", "sae", "sae", "sae", "sae"]
+    assert rows["sae:gs#3=5.0"]["value"] == "5.0" and rows["sae:gs#3=5.0"]["sae"] == "gs"
+    assert any(p.suffix == ".png" for p in written)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ('vectors = ["v"]\nops = ["erase"]\ncoefs = [1]', "grid.ops[0] is 'erase'; use add, ablate, clamp"),
+    ('vectors = ["v"]\nops = ["clamp"]', "clamp_values is missing"),
+    ('saes = ["gs"]\nfeatures = [1]', "grid.saes needs grid.features"),
+    ('saes = ["other"]\nfeatures = [1]\nfeature_values = [1]', "grid.saes[0] 'other' is not in [saes]"),
+])
+def test_bad_op_grids_name_the_field(tmp_path, grid, message):
+    np.save(tmp_path / "v.npy", np.ones(64, np.float32))
+    np.savez(tmp_path / "s.npz", W_enc=np.ones((64, 4), np.float32))
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'models = ["random:tiny"]\nprompts = ["p.jsonl"]\n[vectors]\nv = "v.npy"\n[saes]\ngs = "s.npz"\n'
+                    f'[grid]\n{grid}\n')
+    with pytest.raises(SweepError, match=re_escape(message)):
+        load_sweep(path)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

@@ -24,10 +24,14 @@ SWEEP_FIELDS = ("steering", "capture", "sweep")
 
 
 def _digest(path: str) -> str:
+    """A file's content hash; a folder's (an SAE's) over its files' names and contents."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        h.update(str(file.relative_to(path)).encode() if file != Path(path) else b"")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -82,12 +86,15 @@ class Plan:
         """What makes the records what they are (not speed settings, output place or metrics), in a form that does
         not depend on the order of the file."""
         used = {p.vector for p in self.points if p.vector is not None}
+        used_saes = {p.sae for p in self.points if p.sae is not None}
         return {
             "version": PLAN_VERSION,
             "models": {m.label: {"model": m.model, "tokenizer": m.tokenizer} for m in c.models},
             "prompts": {s.name: {"sha256": _digest(s.path), "num_prompts": len(self.prompts[s.name])}
                         for s in c.prompts},
             "vectors": {name: _digest(path) for name, path in c.vectors.items() if name in used},
+            **({"saes": {name: _digest(path) for name, path in c.saes.items() if name in used_saes}}
+               if used_saes else {}),
             "points": sorted(p.key for p in self.points),
             "samples": c.samples, "seed": c.seed, "paired_seeds": c.paired_seeds,
             "generation": dataclasses.asdict(c.generation) | {"seed": c.seed},
@@ -107,7 +114,7 @@ class Plan:
     def requests(self, model: ModelEntry) -> Iterator[tuple[int, dict]]:
         """(number, input record) of every request of one model, as engine.pipeline.reader.read_requests takes them."""
         vectors, number = self.config.vectors, 0
-        specs = {p.key: p.steering(vectors) for p in self.points}
+        specs = {p.key: p.steering(vectors, self.config.saes) for p in self.points}
         for sample in range(self.config.samples):
             for set_name, prompts in self.prompts.items():
                 for prompt_id, record in prompts:
@@ -125,7 +132,7 @@ class Plan:
         return {
             "version": PLAN_VERSION, "config_hash": self.config_hash, "sweep_file": c.source,
             "base_dir": str(Path(c.source).parent), "written": utc_now(), "settings": self.settings,
-            "metrics": [m.to_dict() for m in c.metrics], "vectors": c.vectors,
+            "metrics": [m.to_dict() for m in c.metrics], "vectors": c.vectors, "saes": c.saes,
             "prompt_files": {s.name: s.path for s in c.prompts}, "dtype": c.engine.get("dtype", "auto"),
             "models": [{"label": m.label, "model": m.model, "tokenizer": m.tokenizer,
                         "num_requests": self.num_per_model}

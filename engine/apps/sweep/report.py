@@ -248,8 +248,10 @@ def summary_rows(plan: dict, stats: dict) -> tuple[list[str], list[dict]]:
     for model in plan["models"]:
         for point in plan["points"]:
             s = stats[model["label"], point["key"]]
-            row = {"model": model["label"], "point": point["key"], "vector": point["vector"] or "",
-                   "layers": ",".join(map(str, point["layers"])), "coef": point["coef"],
+            row = {"model": model["label"], "point": point["key"], "op": point.get("op", "add") if point["vector"]
+                   or point.get("sae") else "", "vector": point["vector"] or "", "sae": point.get("sae") or "",
+                   "feature": point.get("feature"), "layers": ",".join(map(str, point["layers"])),
+                   "coef": point["coef"], "value": point.get("value"),
                    "positions": point["positions"] if isinstance(point["positions"], str)
                    else json.dumps(point["positions"], separators=(",", ":")),
                    "normalize": point["normalize"], "norm_match": point["norm_match"], "num_records": s.num_records,
@@ -293,11 +295,11 @@ def plot_metric(out: Path, plan: dict, rows: list[dict], metric: str) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steered = [r for r in rows if r["vector"] and r[metric] is not None]
+    steered = [r for r in rows if (r["vector"] or r["sae"]) and r[metric] is not None]
     if not steered:
         return None
     models = [m["label"] for m in plan["models"]]
-    vectors = list(dict.fromkeys(r["vector"] for r in steered))
+    vectors = list(dict.fromkeys(_panel(r) for r in steered))
     fig, axes = plt.subplots(len(models), len(vectors), figsize=(4.5 * len(vectors), 3.2 * len(models)),
                              squeeze=False, sharey=True)
     for i, model in enumerate(models):
@@ -306,15 +308,15 @@ def plot_metric(out: Path, plan: dict, rows: list[dict], metric: str) -> Path | 
             ax = axes[i][j]
             lines: dict[str, list[tuple[float, float]]] = {}
             for r in steered:
-                if r["model"] == model and r["vector"] == vector:
-                    lines.setdefault(_line_label(r), []).append((r["coef"], r[metric]))
+                if r["model"] == model and _panel(r) == vector:
+                    lines.setdefault(_line_label(r), []).append((_x(r), r[metric]))
             for label, points in lines.items():
                 xs, ys = zip(*sorted(points))
                 ax.plot(xs, ys, marker="o", label=label)
             if baseline is not None:
                 ax.axhline(baseline, color="grey", linestyle="--", label="unsteered")
             ax.set_title(f"{model} / {vector}", fontsize=9)
-            ax.set_xlabel("coef")
+            ax.set_xlabel("coef (add, ablate, SAE coef) / value (clamp, SAE value)")
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel(metric)
@@ -328,8 +330,21 @@ def plot_metric(out: Path, plan: dict, rows: list[dict], metric: str) -> Path | 
     return path
 
 
+def _panel(row: dict) -> str:
+    """A plot panel per vector (its add, ablate and clamp lines together) and per SAE."""
+    return row["vector"] or f"SAE {row['sae']}"
+
+
+def _x(row: dict) -> float:
+    """A point's x: the value it sets (clamp, SAE value), else its coef."""
+    return row["value"] if row.get("value") is not None else row["coef"]
+
+
 def _line_label(row: dict) -> str:
-    label = f"L{row['layers']}"
+    if row.get("op") == "sae":
+        label = f"#{row['feature']} " + ("value" if row["value"] is not None else "coef")
+        return label + (f" {row['positions']}" if row["positions"] != "all" else "")
+    label = ("" if row.get("op", "add") == "add" else f"{row['op']} ") + f"L{row['layers']}"
     if row["positions"] != "all":
         label += f" {row['positions']}"
     return label + (" normalize" if row["normalize"] else "") + (" norm_match" if row["norm_match"] else "")
@@ -337,7 +352,8 @@ def _line_label(row: dict) -> str:
 
 def markdown(plan: dict, columns: list[str], rows: list[dict], plots: list[Path]) -> str:
     done = sum(r["num_records"] for r in rows)
-    shown = [c for c in columns if c not in ("vector", "layers", "coef", "positions", "normalize", "norm_match")]
+    shown = [c for c in columns if c not in ("op", "vector", "sae", "feature", "layers", "coef", "value", "positions",
+                                             "normalize", "norm_match")]
     lines = [f"# Sweep report: {Path(plan['sweep_file']).name}", "",
              (f"Config {plan['config_hash']}; {done} of {plan['num_requests']} records done; "
               f"{len(plan['models'])} model(s) x {len(plan['points'])} grid point(s)."), "",

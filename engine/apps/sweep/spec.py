@@ -17,18 +17,20 @@ from engine.config import CaptureDefaults, ConfigError, EngineConfig, SamplingDe
 from engine.pipeline.request import RecordError, parse_steering
 from engine.apps.sweep.fields import (SweepError, bool_field, check_keys, entries, int_field, list_field, name_field,
                                       need, number_field, preview, section, str_field)
-from engine.apps.sweep.grid import Grid, grid_points
+from engine.apps.sweep.grid import SWEPT_OPS, Grid, grid_points
 
 GENERATION_KEYS = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int, "stop": list,
                    "ignore_eos": bool}
 CAPTURE_KEYS = {"layers": list, "positions": str, "dtype": str, "is_before_steering": bool}
-GRID_KEYS = ("vectors", "layers", "coefs", "positions", "normalize", "norm_match", "baseline")
-TOP_KEYS = ("output", "seed", "samples", "paired_seeds", "min_free_gb", "models", "prompts", "vectors", "grid",
-            "generation", "capture", "engine", "metrics")
+GRID_KEYS = ("vectors", "layers", "coefs", "positions", "normalize", "norm_match", "ops", "ablate_coefs",
+             "clamp_values", "saes", "features", "feature_values", "feature_coefs", "baseline")
+TOP_KEYS = ("output", "seed", "samples", "paired_seeds", "min_free_gb", "models", "prompts", "vectors", "saes",
+            "grid", "generation", "capture", "engine", "metrics")
 METRIC_KINDS = ("regex", "keywords", "function", "projection", "logprob")
 # The report's columns before the metrics' (a metric may not take one of these names).
-SUMMARY_COLUMNS = ("model", "point", "vector", "layers", "coef", "positions", "normalize", "norm_match", "num_records",
-                   "num_errors", "mean_completion_tokens", "median_completion_tokens")
+SUMMARY_COLUMNS = ("model", "point", "op", "vector", "sae", "feature", "layers", "coef", "value", "positions",
+                   "normalize", "norm_match", "num_records", "num_errors", "mean_completion_tokens",
+                   "median_completion_tokens")
 
 
 MAX_SAMPLES = 1_000_000  # samples per prompt and grid point; a plan holds every request id
@@ -77,6 +79,7 @@ class SweepConfig:
     prompts: list[PromptSet]
     vectors: dict[str, str]
     grid: Grid
+    saes: dict[str, str] = field(default_factory=dict)  # name -> an SAE's file or folder
     samples: int = 1
     seed: int = 0
     paired_seeds: bool = False
@@ -101,6 +104,9 @@ class SweepConfig:
             if name not in self.vectors:
                 known = ", ".join(self.vectors) or "none"
                 raise SweepError(f"grid.vectors[{i}] {name!r} is not in [vectors] (known: {known})")
+        for i, name in enumerate(self.grid.saes):
+            if name not in self.saes:
+                raise SweepError(f"grid.saes[{i}] {name!r} is not in [saes] (known: {', '.join(self.saes) or 'none'})")
         for i, metric in enumerate(self.metrics):
             if metric.kind == "projection" and metric.value not in self.vectors:
                 raise SweepError(f"metrics[{i}].projection {metric.value!r} is not in [vectors]")
@@ -185,6 +191,7 @@ def _build(table: dict, path: Path, output: str | None) -> SweepConfig:
         prompts=_prompts(need(table, "prompts", list, "prompts"), base),
         vectors=vectors,
         grid=_grid(grid_table),
+        saes=_saes(table.get("saes", {}), base),
         samples=int_field(table.get("samples", 1), "samples", minimum=1, maximum=MAX_SAMPLES),
         seed=int_field(table.get("seed", 0), "seed", minimum=0),
         paired_seeds=bool_field(table.get("paired_seeds", False), "paired_seeds"),
@@ -228,7 +235,7 @@ def _check_points(config: SweepConfig) -> None:
     a term that its records would be refused for; SweepError names the point."""
     for point in grid_points(config.grid):
         try:
-            parse_steering(point.steering(config.vectors), f"grid point {point.key}")
+            parse_steering(point.steering(config.vectors, config.saes), f"grid point {point.key}")
         except RecordError as exc:
             raise SweepError(str(exc)) from None
 
@@ -295,6 +302,21 @@ def _vectors(table, base: Path) -> dict[str, str]:
     return vectors
 
 
+def _saes(table, base: Path) -> dict[str, str]:
+    """[saes]: name = an SAE's file or folder (read, and checked against each model, where it runs)."""
+    if not isinstance(table, dict):
+        raise SweepError(f"saes must be a table of name = \"path\" (an SAE's params.npz, or its folder), got "
+                         f"{preview(table)}")
+    saes = {}
+    for name, value in table.items():
+        name_field(name, f"saes: the name {name!r}")
+        path = base / str_field(value, f"saes.{name}")
+        if not path.exists():
+            raise SweepError(f"saes.{name}: {path}: no such file or folder")
+        saes[name] = str(path)
+    return saes
+
+
 def _grid(table: dict) -> Grid:
     check_keys(table, GRID_KEYS, "[grid]")
     axes = {}
@@ -306,15 +328,33 @@ def _grid(table: dict) -> Grid:
             raise SweepError(f"grid.{key} is empty; give at least one value or leave the key out")
         axes[key] = values
     vectors = [str_field(v, f"grid.vectors[{i}]") for i, v in enumerate(axes.get("vectors", []))]
+    saes = [str_field(v, f"grid.saes[{i}]") for i, v in enumerate(axes.get("saes", []))]
     baseline = bool_field(table.get("baseline", False), "grid.baseline")
-    if not vectors and not baseline:
-        raise SweepError("grid.vectors is missing; name vectors from [vectors], or set grid.baseline = true for an "
-                         "unsteered run")
-    if vectors and "coefs" not in axes:
+    if not vectors and not saes and not baseline:
+        raise SweepError("grid.vectors is missing; name vectors from [vectors] (or SAEs from [saes] in grid.saes), or "
+                         "set grid.baseline = true for an unsteered run")
+    ops = [str_field(v, f"grid.ops[{i}]") for i, v in enumerate(axes.get("ops", ["add"]))]
+    for i, op in enumerate(ops):
+        if op not in SWEPT_OPS:
+            raise SweepError(f"grid.ops[{i}] is {op!r}; use {', '.join(SWEPT_OPS)} (SAE features: grid.saes, "
+                             "grid.features and grid.feature_values or grid.feature_coefs)")
+    if vectors and "add" in ops and "coefs" not in axes:
         raise SweepError("grid.coefs is missing; give a list, e.g. coefs = [0, 4, 8]")
+    if vectors and "clamp" in ops and "clamp_values" not in axes:
+        raise SweepError("grid.ops has clamp but grid.clamp_values is missing; give the projections to set, e.g. "
+                         "clamp_values = [0, 2]")
+    if saes and ("features" not in axes or not {"feature_values", "feature_coefs"} & set(axes)):
+        raise SweepError("grid.saes needs grid.features (feature indices) and grid.feature_values (activations to "
+                         "set) or grid.feature_coefs (multiples of their decoder rows to add)")
     grid = Grid(vectors=vectors,
                 layers=[_layer_set(v, f"grid.layers[{i}]") for i, v in enumerate(axes.get("layers", []))],
-                coefs=[_coef(v, f"grid.coefs[{i}]") for i, v in enumerate(axes.get("coefs", []))], baseline=baseline)
+                coefs=[_coef(v, f"grid.coefs[{i}]") for i, v in enumerate(axes.get("coefs", []))], baseline=baseline,
+                ops=list(dict.fromkeys(ops)), saes=saes)
+    for key in ("ablate_coefs", "clamp_values", "feature_values", "feature_coefs"):
+        if key in axes:
+            setattr(grid, key, [_coef(v, f"grid.{key}[{i}]") for i, v in enumerate(axes[key])])
+    if "features" in axes:
+        grid.features = [int_field(v, f"grid.features[{i}]", minimum=0) for i, v in enumerate(axes["features"])]
     if "positions" in axes:
         grid.positions = [_positions(v, f"grid.positions[{i}]") for i, v in enumerate(axes["positions"])]
     for key in ("normalize", "norm_match"):
