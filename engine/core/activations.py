@@ -67,6 +67,7 @@ class ActivationRecorder:
         self.num_layers = len(self.layers)
         self.hidden_size = model.config.get_text_config().hidden_size
         self.steering, self.device, self.num_kv_rows = steering, torch.device(device), num_kv_rows
+        self.model_dtype = next(model.parameters()).dtype
         self.dtype_name = capture.dtype
         self.dtype = getattr(torch, capture.dtype)
         self.is_before_steering = capture.is_before_steering
@@ -105,7 +106,9 @@ class ActivationRecorder:
             raise RecordError(f"capture.top_k is {spec.top_k}, but SAE {spec.sae} has {sae.d_sae} features")
         if id(sae) not in self._encoders:
             self._encoders = {key: e for key, e in self._encoders.items() if e.sae.path != sae.path}  # a rewritten file
-            self._encoders[id(sae)] = SaeEncoder(sae, self.device)
+            # on a GPU in the model's dtype (float32 on the CPU, where a bfloat16 matmul is slow)
+            dtype = self.model_dtype if self.device.type == "cuda" else torch.float32
+            self._encoders[id(sae)] = SaeEncoder(sae, self.device, dtype)
         return self._encoders[id(sae)]
 
     def _sae_layer(self, spec: CaptureSpec, encoder: SaeEncoder) -> int:

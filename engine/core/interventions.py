@@ -147,7 +147,12 @@ def apply_ops(hidden: torch.Tensor, op_rows: torch.Tensor, ops: OpTable, table: 
               gate_state: torch.Tensor) -> torch.Tensor:
     """The residual [1, T, H] after this layer's gates and slots (float32 math, the model's dtype out); op_rows
     [1, T] index `ops`, whose vector columns index `table` (float32 rows); gate_state [1, T, 1 + MAX_GATES] holds
-    the gates of this forward (column 0 is 1: "always"), written here where a row reads one."""
+    the gates of this forward (column 0 is 1: "always"), written here where a row reads one. On CUDA one Triton
+    kernel (engine.core.kernels.interventions) does the same."""
+    if hidden.is_cuda:
+        from engine.core.kernels.interventions import apply_ops_cuda
+
+        return apply_ops_cuda(hidden, op_rows, ops.ints, ops.floats, table, gate_state, MAX_SLOTS, MAX_GATES)
     ints, floats = ops.ints[op_rows], ops.floats[op_rows]  # [1, T, NUM_INTS], [1, T, NUM_FLOATS]
     x = hidden.float()
     for g in range(MAX_GATES):
@@ -168,7 +173,13 @@ def apply_ops(hidden: torch.Tensor, op_rows: torch.Tensor, ops: OpTable, table: 
 def ablate(write: torch.Tensor, op_rows: torch.Tensor, ops: OpTable, table: torch.Tensor,
            gate_state: torch.Tensor) -> None:
     """Remove the rows' ablated directions from one write into the residual stream [1, T, H], in place (float32
-    math; a token with no ablation gets `- 0`, which leaves it bit for bit)."""
+    math; a token with no ablation gets `- 0`, which leaves it bit for bit). On CUDA one Triton kernel."""
+    if write.is_cuda and write.stride(-1) == 1 and write.dim() == 3 and write.shape[0] == 1:
+        from engine.core.kernels.interventions import ablate_cuda
+
+        ablate_cuda(write, op_rows, ops.ints, ops.floats, table, gate_state,
+                    (ABLATE_INTS, ABLATE_FLOATS, MAX_ABLATIONS))
+        return
     ints = ops.ints[op_rows][..., ABLATE_INTS:]  # [1, T, 2 * MAX_ABLATIONS]
     coefs = ops.floats[op_rows][..., ABLATE_FLOATS:]  # [1, T, MAX_ABLATIONS]
     x = write.float()
