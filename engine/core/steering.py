@@ -91,8 +91,13 @@ class SteeringTable:
             self.used.append(layer)
         if uses_norm:
             self.norm_layers.add(layer)
-        self.has_ops = self.has_ops or uses_ops or uses_ablate
+        self.has_ops = self.has_ops or uses_ops
         self.has_ablate = self.has_ablate or uses_ablate
+
+    @property
+    def has_op_rows(self) -> bool:
+        """Whether the forwards carry op rows (some request has used ops or ablations)."""
+        return self.has_ops or self.has_ablate
 
     def ablate_write(self, write: torch.Tensor, layer: int) -> None:
         """A write into the residual stream at `layer` (the embeddings count as layer 0's): its tokens' ablated
@@ -109,8 +114,8 @@ class SteeringTable:
             hidden = output[0] if isinstance(output, tuple) else output
             vectors = self.vectors
             rows = vectors.cast if vectors.cast.dtype == hidden.dtype else vectors.table
-            base = hidden if inputs.ops is None else apply_ops(hidden, inputs.ops, self.ops, vectors.table,
-                                                                inputs.gates)
+            base = hidden if inputs.ops is None or not self.has_ops else apply_ops(hidden, inputs.ops, self.ops,
+                                                                                   vectors.table, inputs.gates)
             steered = base + rows[inputs.plain].to(hidden.dtype)  # row 0 is zero: unsteered tokens get +0
             if layer in self.norm_layers:
                 steered = self._norm_terms(hidden, steered, inputs.matched, inputs.normalize)
@@ -149,11 +154,11 @@ class SteeringTable:
         if not is_steered:
             return {}
         kv = self.kv_buffers
-        gates = kv.gates[None, :num_rows] if self.has_ops else None
+        gates = kv.gates[None, :num_rows] if self.has_op_rows else None
         layers = range(self.num_layers) if is_graph else self.used
         return {layer: LayerInputs(kv.plain[layer, None, :num_rows], kv.matched[layer, None, :num_rows],  # [1, B]
                                    kv.normalize[layer, None, :num_rows],
-                                   kv.ops[layer, None, :num_rows] if self.has_ops else None, gates)
+                                   kv.ops[layer, None, :num_rows] if self.has_op_rows else None, gates)
                 for layer in layers}
 
     def prefill_inputs(self, seqs, starts) -> dict:
@@ -167,7 +172,7 @@ class SteeringTable:
         if not self.used or all(seq.steering is None for seq in seqs):
             return {}
         # the LayerRows fields the hooks read: plain; matched and normalize for norm-aware hooks; ops
-        fields = [0, *((1, 2) if self.norm_layers else ()), *((3,) if self.has_ops else ())]
+        fields = [0, *((1, 2) if self.norm_layers else ()), *((3,) if self.has_op_rows else ())]
         unsteered = np.zeros((len(fields), len(self.used)), dtype=np.int64)
         values, lengths, at = [], [], 0
         for seq, offset in zip(seqs, starts):
@@ -182,7 +187,7 @@ class SteeringTable:
         device = to_device(torch.from_numpy(host), torch.int64, self.device)
         got = dict(zip(fields, device))
         gates = None
-        if self.has_ops:  # this forward's gates, column 0 "always"
+        if self.has_op_rows:  # this forward's gates, column 0 "always"
             gates = torch.zeros(1, host.shape[-1], 1 + MAX_GATES, dtype=torch.float32, device=self.device)
             gates[..., 0] = 1.0
         return {layer: LayerInputs(got[0][j], *((got[1][j], got[2][j] != 0) if 1 in got else (None, None)),

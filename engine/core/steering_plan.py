@@ -217,8 +217,9 @@ class SteeringResolver:
                              if is_addition else effects)
             gates.append(gate)
             term_layers.append(layers)
-            marks += [(layer, term.normalize or term.norm_match, not is_addition or gate is not None,
-                       term.op == "ablate") for layer in (*layers, *(() if gate is None else (gate.layer,)))]
+            uses_ops = (not is_addition and term.op != "ablate") or gate is not None  # slots or gate reads
+            marks += [(layer, term.normalize or term.norm_match, uses_ops, term.op == "ablate")
+                      for layer in (*layers, *(() if gate is None else (gate.layer,)))]
         for mark in marks:  # once every term has resolved: a spec that fails marks nothing
             self.on_steer(*mark)
         touched = {layer for layers in term_layers for layer in layers} | {g.layer for g in gates if g is not None}
