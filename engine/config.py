@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
-from engine.specs import (CAPTURE_POSITIONS, STEER_POSITIONS, CaptureSpec, RecordError,  # noqa: F401 - positions:
+from engine.specs import (ALL_LAYERS, CAPTURE_POSITIONS, STEER_POSITIONS, CaptureSpec, RecordError,  # noqa: F401 - positions:
                           SteeringSpec, load_named_specs, not_a_file, parse_steering)  # re-exported for the flags
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -121,6 +121,16 @@ def parse_layer_flag(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: give layer indices like 6 or 4,6,8") from None
 
 
+def parse_steer_layer_flag(text: str) -> list[int] | str:
+    """--steer-layer: 6, 4,6,8, or all (every decoder layer)."""
+    if text.strip() == ALL_LAYERS:
+        return ALL_LAYERS
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give layer indices like 6 or 4,6,8") from None
+
+
 def parse_steer_positions_flag(text: str) -> str | dict:
     """prompt | generated | all, or a JSON object of ranges (checked with the rest of the steering flags)."""
     if text in STEER_POSITIONS:
@@ -199,9 +209,15 @@ class SteeringDefaults:
     vector: str | None = knob(None, flag="--steer", metavar="FILE",
                               help="vector file: .safetensors, .pt, .npy or a .gguf control vector")
     # empty: the layers the vector file names (layer.<L>, a control vector's direction.<L>, rows of a 2-D array)
-    layers: list[int] = knob(factory=list, flag="--steer-layer", type=parse_layer_flag, metavar="L[,L2..]",
-                             help="decoder layer(s) whose output is steered (default: the layers the file names)")
-    coef: float = knob(1.0, flag="--steer-coef")
+    layers: list[int] | str = knob(factory=list, flag="--steer-layer", type=parse_steer_layer_flag,
+                                   metavar="L[,L2..]|all",
+                                   help="decoder layer(s) whose output is steered, or all (default: the layers the "
+                                        "file names)")
+    coef: float = knob(1.0, flag="--steer-coef", help="add: the multiple of the vector added; ablate: the fraction "
+                                                      "of its direction removed")
+    op: str = knob("add", flag="--steer-op", choices=("add", "ablate"),
+                   help="add the vector, or ablate its direction at every residual write of those layers (clamps, "
+                        "SAE features and gates: a record's steering, docs/steering.md)")
     # or ranges, as a record's term takes them: {"generated": [0, 20]}
     positions: str | dict = knob("all", flag="--steer-positions", type=parse_steer_positions_flag,
                                  metavar="prompt|generated|all|JSON",
@@ -241,10 +257,11 @@ class SteeringDefaults:
         """The job-wide steering as a record's term; without `layers` when --steer-layer is not given (the file's)."""
         if self.vector is None:
             return None
-        record = {"vector": self.vector, "layers": list(self.layers), "coef": self.coef, "positions": self.positions}
+        layers = self.layers if self.layers == ALL_LAYERS else list(self.layers)
+        record = {"vector": self.vector, "layers": layers, "coef": self.coef, "positions": self.positions}
         if not self.layers:
             del record["layers"]
-        return record
+        return record if self.op == "add" else {"op": self.op, **record}
 
     def spec(self) -> SteeringSpec | None:
         """The job-wide steering as a record's default: one term, or None for unsteered."""

@@ -114,6 +114,8 @@ def test_run_defaults_become_typed_record_defaults(tmp_path):
     assert steering.spec() == SteeringSpec((SteeringTerm(str(vector), (4, 6), 2.0, Ranges(generated=((0, 20),))),),
                                            False)
     assert SteeringDefaults().spec() is None and CaptureDefaults().spec() is None
+    ablate = SteeringDefaults(vector=str(vector), layers="all", op="ablate").spec().terms[0]  # --steer-op ablate
+    assert (ablate.op, ablate.is_all_layers, ablate.coef) == ("ablate", True, 1.0)
     capture = CaptureDefaults(layers=[2, 1, 2], positions="generated").spec()
     assert capture == CaptureSpec((1, 2), "generated")
     request = parse_record({"prompt": "a"}, 0, 1, SamplingDefaults(), steering.spec(), None, capture)

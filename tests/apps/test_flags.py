@@ -81,7 +81,7 @@ def non_default_flags(vector: str, specs: str) -> dict[str, tuple[list[str], obj
         "sampling.stop": (["--stop", "a", "--stop", "bc"], ["a", "bc"]),
         "sampling.ignore_eos": (["--ignore-eos"], True),
         "steering.vector": (["--steer", vector], vector), "steering.layers": (["--steer-layer", "2,3"], [2, 3]),
-        "steering.coef": (["--steer-coef", "2.5"], 2.5),
+        "steering.coef": (["--steer-coef", "2.5"], 2.5), "steering.op": (["--steer-op", "ablate"], "ablate"),
         "steering.positions": (["--steer-positions", "prompt"], "prompt"),
         "capture.layers": (["--capture-layers", "1,2"], [1, 2]),
         "capture.positions": (["--capture-positions", "generated"], "generated"),
