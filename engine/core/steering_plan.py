@@ -302,7 +302,9 @@ class SteeringResolver:
     def _vector_at(self, path: str, layer: int) -> np.ndarray:
         vectors = self._file(path)
         if layer not in vectors and None not in vectors:
-            raise RecordError(f"steering vector {path}: no vector for layer {layer} (it has layer.{sorted(vectors)})")
+            raise RecordError(f"steering vector {path}: no vector for layer {layer} (it has layer.{sorted(vectors)}); "
+                              "to use one of its vectors at every layer, save that one as an unnamed vector (a 1-D "
+                              ".npy), or give the layers it has")
         return vectors.get(layer, vectors.get(None))
 
     def _layer_rows(self, prepared: _Prepared, covering: tuple) -> dict[int, LayerRows]:
