@@ -466,13 +466,11 @@ def parse_capture(value, default: CaptureSpec | None) -> CaptureSpec | None:
     if sae is None and ("top_k" in value or "layer" in value):
         raise RecordError(f"field 'capture' gives {'top_k' if 'top_k' in value else 'layer'} without an SAE; "
                           f"top_k and layer go with \"sae\": {SAE_CAPTURE_EXAMPLE}")
-    fallback = () if sae is not None and "layers" not in value else None if default is None else list(default.layers)
-    layers = value.get("layers", fallback)
+    layers = [] if sae is not None and "layers" not in value else value.get(  # an SAE capture alone: no layers
+        "layers", None if default is None else list(default.layers))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if layers == () or (sae is not None and layers == []):
-        layers = []
-    elif not isinstance(layers, list) or not layers or not all(
+    if not isinstance(layers, list) or not (layers or sae is not None) or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
         raise RecordError(f"field 'capture.layers' is {json.dumps(layers)}; give a layer index >= 0 or a non-empty "
                           "list")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -607,11 +608,5 @@ def test_bad_op_grids_name_the_field(tmp_path, grid, message):
     path = tmp_path / "sweep.toml"
     path.write_text(f'models = ["random:tiny"]\nprompts = ["p.jsonl"]\n[vectors]\nv = "v.npy"\n[saes]\ngs = "s.npz"\n'
                     f'[grid]\n{grid}\n')
-    with pytest.raises(SweepError, match=re_escape(message)):
+    with pytest.raises(SweepError, match=re.escape(message)):
         load_sweep(path)
-
-
-def re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
