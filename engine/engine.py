@@ -12,11 +12,13 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
 
 from engine.bytecode import use_bytecode_cache
 from engine.config import EngineConfig
-from engine.messages import Feed, Outcome, RecordFailed, Result
+from engine.messages import Feed, Outcome, Progress, RecordFailed, Result
 from engine.models import effective_max_len, resolve_model
 from engine.pipeline.reader import error_record, read_requests
 from engine.pipeline.request import Request
@@ -24,10 +26,19 @@ from engine.pipeline.router import merged_stats, throughput_stats
 from engine.pipeline.stages import EngineError, Stages
 from engine.procs import MsgQueue
 
-__all__ = ["Engine", "EngineError"]
+__all__ = ["Engine", "EngineError", "Streamed"]
 
 FEED_BATCH = 32
 HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes while results keep arriving
+
+
+class Streamed(NamedTuple):
+    """Tokens a streaming request sampled: `ids` are its generated tokens from place `start` on (engine.messages.
+    Progress says why they may come out of order, or after the request's Outcome)."""
+
+    position: int
+    start: int
+    ids: list[int]
 
 
 class Engine:
@@ -95,8 +106,40 @@ class Engine:
             request.index = next(self._indices)
             self.pending[request.index] = (position, request)
             batch.append(request.to_wire())
+        self._feed(batch)
+
+    def _feed(self, batch: list) -> None:
         for at in range(0, len(batch), FEED_BATCH):
             self.stages.tok_in.put_until(Feed(batch[at:at + FEED_BATCH]), self._is_stuck)
+
+    def submit(self, items: list[tuple[int, Request]]) -> None:
+        """Queue (position, Request) pairs for a long-lived caller (engine-serve) that reads `poll`; safe from another
+        thread than poll's. Blocks while the tokenizers' queue is full (backpressure)."""
+        batch = []
+        for position, request in items:
+            request.index = next(self._indices)
+            self.pending[request.index] = (position, request)
+            batch.append(request.to_wire())
+        self._feed(batch)
+
+    def poll(self, timeout: float) -> list[Outcome | Streamed]:
+        """What arrived within `timeout` seconds for the submitted requests: an Outcome per finished request, and
+        the tokens of streaming ones as Streamed (a dead engine core raises EngineError here, as in run)."""
+        try:
+            msg = self.events.get(timeout=timeout)
+        except queue.Empty:
+            self._check_alive()
+            return []
+        self._check_health()
+        if isinstance(msg, Progress):
+            out = []
+            for index, start, data in msg.chunks:
+                entry = self.pending.get(index)
+                if entry is not None:
+                    out.append(Streamed(entry[0], start, np.frombuffer(data, dtype=np.int32).tolist()))
+            return out
+        outcome = self._outcome(msg)
+        return [] if outcome is None else [outcome]
 
     def _is_stuck(self) -> bool:
         """Stop waiting on the tokenizers: interrupted, or no core is left to free the ring for them."""
@@ -141,7 +184,7 @@ class Engine:
                     self._check_alive()
                     continue
                 self._check_health()
-                outcome = self._outcome(msg)
+                outcome = None if isinstance(msg, Progress) else self._outcome(msg)
                 if outcome is not None:
                     yield outcome
         finally:

@@ -35,6 +35,7 @@ class Kind(IntEnum):
     STATS = 7
     STATS_QUERY = 8
     FATAL = 9
+    PROGRESS = 10
 
 
 TYPES: dict[int, type] = {}
@@ -98,19 +99,20 @@ class CoreRequest:
     stop: list[str]
     steering: SteeringSpec | None
     capture: CaptureSpec | None = None
+    stream: bool = False  # send its tokens as they are sampled (Progress), not only when it finishes
 
     def wire(self) -> list:
         """Its fields in order, the specs in their record form (as records state them)."""
         steering = None if self.steering is None else self.steering.to_record()
         capture = None if self.capture is None else self.capture.to_record()
         return [self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                self.ignore_eos, self.stop, steering, capture]
+                self.ignore_eos, self.stop, steering, capture, self.stream]
 
     @classmethod
     def from_wire(cls, values: list) -> "CoreRequest":
-        *settings, steering, capture = values
+        *settings, steering, capture, stream = values
         return cls(*settings, None if steering is None else SteeringSpec.from_record(steering),
-                   None if capture is None else CaptureSpec.from_record(capture))
+                   None if capture is None else CaptureSpec.from_record(capture), stream)
 
 
 @dataclass(slots=True)
@@ -206,6 +208,16 @@ class Result(Message):
     completion_token_ids: list[int] | None = None  # with return_tokens
     activations: dict | None = None
     steering_layers: list[list[int]] | None = None  # FinishedSeq.steering_layers
+
+
+@message(Kind.PROGRESS)
+@dataclass(slots=True)
+class Progress(Message):
+    """Streaming requests' tokens sampled since the core last sent theirs: [index, start, int32 bytes] each, `start`
+    the first one's place among the request's generated tokens (with several decoder workers two Progress messages
+    may pass each other, and the last may come after the Result, which holds every token and the final text)."""
+
+    chunks: list[list]
 
 
 @message(Kind.RECORD_FAILED)

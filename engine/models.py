@@ -270,10 +270,19 @@ def random_config(preset: str, vocab_size: int):
 
 def hidden_size(source: ModelSource) -> int:
     """The residual-stream width of a model source (what a steering vector must match)."""
+    return int(_text_config(source)["hidden_size"])
+
+
+def num_decoder_layers(source: ModelSource) -> int:
+    """How many decoder layers a model source has (the layers steering and capture may name)."""
+    return int(_text_config(source)["num_hidden_layers"])
+
+
+def _text_config(source: ModelSource) -> dict:
     if source.preset is not None:
-        return PRESETS[source.preset]["hidden_size"]
+        return PRESETS[source.preset]
     config = json.loads((Path(source.weights_dir) / "config.json").read_text())
-    return int(config.get("text_config", config)["hidden_size"])
+    return config.get("text_config", config)
 
 
 def load_tokenizer(tokenizer_dir: str):

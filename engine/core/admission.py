@@ -23,13 +23,14 @@ class Admission:
         self.steering, self.recorder = steering, recorder
         self._is_unexpected_logged = False  # whether an admission error other than RecordError has been logged
 
-    def add(self, request: CoreRequest, prompt_ids: torch.Tensor, scheduler: Scheduler) -> None:
-        """Queue one request, or raise RecordError and keep nothing of it: whatever goes wrong while admitting one
-        request (its steering or capture, an unreadable vector file) is that request's error, not the core's.
+    def add(self, request: CoreRequest, prompt_ids: torch.Tensor, scheduler: Scheduler) -> Sequence:
+        """Queue one request as a Sequence (returned), or raise RecordError and keep nothing of it: whatever goes
+        wrong while admitting one request (its steering or capture, an unreadable vector file) is that request's
+        error, not the core's.
         Errors that may leave the device unusable (out of memory, CUDA errors: `is_device_error`) propagate, so
         the core dies of them loudly instead of running on a poisoned device."""
         try:
-            self._add(request, prompt_ids, scheduler)
+            return self._add(request, prompt_ids, scheduler)
         except RecordError:
             raise
         except Exception as exc:  # a record is the unit of failure; device errors are re-raised below
@@ -38,7 +39,7 @@ class Admission:
             self._log_unexpected(request, exc)
             raise RecordError(f"could not admit this record: {type(exc).__name__}: {exc}") from exc
 
-    def _add(self, request: CoreRequest, prompt_ids: torch.Tensor, scheduler: Scheduler) -> None:
+    def _add(self, request: CoreRequest, prompt_ids: torch.Tensor, scheduler: Scheduler) -> Sequence:
         # What resolve leaves behind if it fails half-way is shared by content, not owned by the request (cached
         # vector files and specs, table rows, hooks on layers that add zero to unsteered rows), so it is harmless.
         plan = self.steering.resolve(request.steering, int(prompt_ids.shape[0]))
@@ -46,11 +47,13 @@ class Admission:
             index=request.index, prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             seed=request.seed, ignore_eos=request.ignore_eos, stop=request.stop, steering=plan,
+            num_streamed=0 if request.stream else -1,
         )
         # The capture is registered last, when nothing after it can fail, so a refused request leaves none behind
         # (register itself checks every layer before it keeps anything).
         self.recorder.register(seq.index, request.capture)
         scheduler.add(seq)
+        return seq
 
     def _log_unexpected(self, request: CoreRequest, exc: Exception) -> None:
         """Log the first unexpected admission error with its traceback: an engine bug stays visible, once."""

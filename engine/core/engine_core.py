@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from engine.core.activations import ActivationRecorder
@@ -66,6 +67,7 @@ class EngineCore:
         self._host_tokens = [torch.zeros(kv_rows, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
                              for _ in range(2)]
         self._flip = 0
+        self.streaming: dict[int, Sequence] = {}  # the streaming sequences that have not finished, by index
         self.timing: dict = {}  # the last step's host timings (StepTrace)
 
     def close(self) -> None:
@@ -76,7 +78,22 @@ class EngineCore:
 
     def add(self, request: CoreRequest, prompt_ids: torch.Tensor) -> None:
         """Queue one request, or raise RecordError and keep nothing of it (Admission.add)."""
-        self.admission.add(request, prompt_ids, self.scheduler)
+        seq = self.admission.add(request, prompt_ids, self.scheduler)
+        if request.stream:
+            self.streaming[seq.index] = seq
+
+    def progress(self, finished: list[Sequence]) -> list[list]:
+        """The streaming sequences' tokens read since the last call, as Progress chunks [index, start, int32
+        bytes]; `finished` (the last step's) are dropped from the streaming set: their Result carries the rest."""
+        for seq in finished:
+            self.streaming.pop(seq.index, None)
+        chunks = []
+        for seq in self.streaming.values():
+            if len(seq.output_ids) > seq.num_streamed:
+                new = seq.output_ids[seq.num_streamed:]
+                chunks.append([seq.index, seq.num_streamed, np.asarray(new, dtype=np.int32).tobytes()])
+                seq.num_streamed += len(new)
+        return chunks
 
     @property
     def has_work(self) -> bool:

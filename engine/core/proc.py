@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
-from engine.messages import Finished, FinishedSeq, Ready, RecordFailed, SlotFilled, Stats, StatsQuery, Stop
+from engine.messages import Finished, FinishedSeq, Progress, Ready, RecordFailed, SlotFilled, Stats, StatsQuery, Stop
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Sequence
 from engine.core.trace import StepTrace
@@ -104,6 +104,10 @@ def run_core(config_msg: dict, source_msg: dict, ring: ShmRing, inbox: MsgQueue,
         if stepped:
             finished = core.step(on_wait=admission.take)
             stats.steps += 1
+            if core.streaming:
+                chunks = core.progress(finished)
+                if chunks:
+                    dec_q.put(Progress(chunks))
             if finished:
                 _send_finished(dec_q, core, finished)
                 if not core.has_work:

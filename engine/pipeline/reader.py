@@ -47,12 +47,8 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             request_id = obj.get("id") if isinstance(obj.get("id"), str) and is_unicode(obj["id"]) else None
             if isinstance(raw, bytes):
                 check_text(raw, obj)
-            request = parse_record(obj, -1, line, config.sampling, steering, named, capture)
+            request = checked_request(obj, line, config, steering, named, capture)
             request_id = request.id
-            clash = [k for k in request.extra if k in RESERVED_OUTPUT]
-            if clash:
-                raise RecordError(f"field(s) {clash} are output fields of the engine; rename them in the input")
-            request.check_wire()
             # before the skip, so a resume reports a repeated id as the first run did
             _check_unique(seen, request.id, line, "id" in obj)
             if request.id in skip_ids:
@@ -65,6 +61,18 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
         except Exception as exc:  # noqa: BLE001 - a record is the unit of failure; the first is logged in full
             _log_unexpected(exc)
             yield error_record(line, request_id, f"could not read this record ({type(exc).__name__}: {exc})")
+
+
+def checked_request(obj: dict, line: int, config: EngineConfig, steering, named: dict, capture) -> Request:
+    """A record (a dict) -> its Request, every check of one record done (parse_record's, no output field among its
+    pass-through fields, every value one the wire can carry); RecordError naming what is wrong. `steering`,
+    `capture`: the run's defaults; `named`: the named steering specs."""
+    request = parse_record(obj, -1, line, config.sampling, steering, named, capture)
+    clash = [k for k in request.extra if k in RESERVED_OUTPUT]
+    if clash:
+        raise RecordError(f"field(s) {clash} are output fields of the engine; rename them in the input")
+    request.check_wire()
+    return request
 
 
 def _check_unique(seen: IdIndex, request_id: str, line: int, is_explicit: bool) -> None:

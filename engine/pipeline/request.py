@@ -42,11 +42,12 @@ class Request:
     steering_name: str | None = None  # the named spec the record asked for, if any
     capture: CaptureSpec | None = None  # None: no activations
     digest: str | None = None  # record_digest of the input record, when its output keeps one
+    stream: bool = False  # the core sends its tokens as they are sampled (engine-serve's streaming responses)
 
     def to_wire(self) -> TokenizeRequest:
         """What the worker processes need of it; pass-through fields and the id stay with the parent."""
         core = CoreRequest(self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                           self.ignore_eos, self.stop, self.steering, self.capture)
+                           self.ignore_eos, self.stop, self.steering, self.capture, self.stream)
         return TokenizeRequest(self.prompt, self.messages, core)
 
     def result_record(self, result: Result) -> dict:

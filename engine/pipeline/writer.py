@@ -116,6 +116,21 @@ class JsonlWriter:
         if self._unsynced >= self.sync_every or time.monotonic() - self._last_sync > self.sync_seconds:
             self.sync()
 
+    def write_now(self, outcome: Outcome) -> dict:
+        """Write one outcome now, its activation shard durably first (a server answers once its tensors are on disk);
+        the record as written, with its activations' pointer. A result without activations is synced with later
+        ones (sync_every, sync_seconds), as in a run."""
+        record = outcome.record
+        if outcome.activations is not None:
+            pointer = self.activations.add(record["id"], outcome.activations, tensors_of(outcome.activations))
+            outcome = Outcome(outcome.position, {**record, "activations": pointer}, outcome.is_error)
+            self._flush_activations()  # the shard before the line that points at it
+            self._emit(outcome)
+            self.sync()
+        else:
+            self._emit(outcome)  # synced with the next ones (sync_every, sync_seconds)
+        return outcome.record
+
     def sync(self) -> None:
         for path, f in ((self.output, self.results), (self.errors.path, self.errors.file)):
             with _naming(path):

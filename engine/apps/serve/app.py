@@ -1,0 +1,190 @@
+"""The ASGI app of engine-serve (Starlette): OpenAI's completions, chat completions and models routes, a health
+check, and the playground page; every refusal in OpenAI's error shape, naming the field."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.apps.serve.hub import EngineHub, Event, Submitted, field_of
+from engine.apps.serve.protocol import ApiError, Job, chunk, parse_body, response, usage_chunk
+from engine.vectors import VECTOR_SUFFIXES
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+@dataclass
+class ServeSettings:
+    model_name: str  # the name clients pass as `model`
+    api_key: str | None = None  # when set, /v1 routes need `Authorization: Bearer <key>`
+    max_request_bytes: int = 1 << 20
+    vectors_dir: str | None = None  # the playground's vector picker lists the vector files under it
+
+
+def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
+    started = int(time.time())
+    names = (settings.model_name,)
+
+    async def completions(request: Request) -> Response:
+        return await _generate(request, "completion")
+
+    async def chat(request: Request) -> Response:
+        return await _generate(request, "chat")
+
+    async def _generate(request: Request, kind: str) -> Response:
+        _authorize(request, settings.api_key)
+        job = parse_body(await _body(request, settings.max_request_bytes), kind, names)
+        submitted = await hub.submit(job)
+        if not job.stream:
+            return JSONResponse(response(job, await _results(submitted)))
+        first = await submitted.queue.get()  # a record the engine refuses fails before any text: still a 4xx
+        if first.error is not None:
+            submitted.is_abandoned = True
+            raise _engine_refusal(first.error)
+        return StreamingResponse(_stream(job, submitted, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def models(request: Request) -> Response:
+        _authorize(request, settings.api_key)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": started, "owned_by": "steer-engine"} for name in names]})
+
+    async def health(request: Request) -> Response:
+        engine = hub.engine
+        body = {"status": "ok" if hub.error is None else "stopped", "model": settings.model_name,
+                "device": engine.device, "dtype": engine.dtype, "running": hub.num_running}
+        if hub.error is not None:
+            body["error"] = hub.error
+        return JSONResponse(body, status_code=200 if hub.error is None else 503)
+
+    async def playground(request: Request) -> Response:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    async def vectors(request: Request) -> Response:
+        _authorize(request, settings.api_key)
+        found = []
+        if settings.vectors_dir:
+            root = Path(settings.vectors_dir)
+            found = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.name.endswith(VECTOR_SUFFIXES))
+        return JSONResponse({"model": settings.model_name, "num_layers": hub.num_layers, "vectors": found,
+                             "needs_key": settings.api_key is not None})
+
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(ApiError(exc.status_code, message, kind=kind).body(), status_code=exc.status_code)
+
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/", playground, methods=["GET"]),
+        Route("/playground/vectors", vectors, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
+
+
+def _authorize(request: Request, key: str | None) -> None:
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if not given:
+        raise ApiError(401, "this server needs an API key: send 'Authorization: Bearer <key>' (the openai client's "
+                            "api_key)", code="invalid_api_key")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "the API key is wrong: send the key engine-serve was started with (--api-key or "
+                            "$ENGINE_API_KEY)", code="invalid_api_key")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is over `limit` bytes, whatever Content-Length says."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    data = bytearray()
+    try:
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise _too_large(len(data), limit)
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before the request body arrived") from None
+    return bytes(data)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body has {size} bytes or more; this server takes at most {limit} "
+                         f"(engine-serve --max-request-bytes)", code="request_too_large")
+
+
+def _engine_refusal(error: str) -> ApiError:
+    """A record the engine refused (a vector file it cannot read, a prompt over the context): 400 naming the field."""
+    if error.startswith("the engine stopped"):
+        return ApiError(503, error, kind="server_error")
+    return ApiError(400, error, field_of(error))
+
+
+async def _results(submitted: Submitted) -> list[dict]:
+    """Every choice's record, in choice order; the first refused record is the request's error."""
+    records: list[dict | None] = [None] * len(submitted.job.records)
+    left = len(records)
+    try:
+        while left:
+            event = await submitted.queue.get()
+            if event.error is not None:
+                raise _engine_refusal(event.error)
+            if event.record is not None:
+                records[event.index] = event.record
+                left -= 1
+    finally:
+        submitted.is_abandoned = left > 0
+    return records
+
+
+async def _stream(job: Job, submitted: Submitted, first: Event):
+    """Server-sent events: each choice's text as it comes, its finish reason, usage if asked, then [DONE]. An error
+    after text went out is sent as an error event (the status line is gone by then)."""
+    records: list[dict | None] = [None] * len(job.records)
+    left, event = len(records), first
+    try:
+        if job.kind == "chat":
+            for i in range(len(records)):
+                yield _sse(chunk(job, i, None, first=True))
+        while True:
+            if event.error is not None:
+                yield _sse(_engine_refusal(event.error).body())
+                break
+            if event.text:
+                yield _sse(chunk(job, event.index, event.text))
+            if event.record is not None:
+                records[event.index] = event.record
+                left -= 1
+                extra = {k: event.record[k] for k in ("steering", "capture") if event.record.get(k) is not None}
+                yield _sse(chunk(job, event.index, None, event.record["finish_reason"], extra=extra))
+            if not left:
+                if job.include_usage:
+                    yield _sse(usage_chunk(job, records))
+                break
+            event = await submitted.queue.get()
+        yield "data: [DONE]\n\n"
+    finally:
+        submitted.is_abandoned = left > 0
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

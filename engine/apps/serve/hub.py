@@ -1,0 +1,219 @@
+"""EngineHub: one long-lived Engine shared by every client of engine-serve.
+
+HTTP handlers (asyncio) submit Jobs; the hub turns each record into a Request (every record check the batch jobs
+make), queues them all on the engine at once, and one poll thread routes what comes back (streamed tokens,
+finished results, record errors) to the job's asyncio queue. The engine core batches the requests of every
+client together. Streamed tokens become text here, incrementally (IncrementalText).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import threading
+from dataclasses import dataclass
+
+from engine.apps.serve.protocol import ApiError, Job
+from engine.engine import Engine, EngineError, Streamed
+from engine.messages import Outcome
+from engine.models import num_decoder_layers
+from engine.pipeline.decoder_worker import decode_texts
+from engine.pipeline.reader import checked_request
+from engine.pipeline.writer import JsonlWriter
+from engine.specs import RecordError, load_named_specs
+
+log = logging.getLogger("engine")
+POLL_S = 0.05
+_FIELD = re.compile(r"field '([\w.\[\]]+)'")
+
+
+# What an engine error is about, by how it starts, where it names no field: the request field it is about.
+_TOPICS = (("steering", "steering"), ("SAE", "steering"), ("capture", "capture"), ("the prompt", "prompt"),
+           ("max_new_tokens", "max_tokens"),
+           ("this model's tokenizer has no chat template", "messages"), ("messages", "messages"))
+
+
+def field_of(message: str) -> str | None:
+    """The request field an engine error is about ("field 'steering' ..." -> steering), for the error's `param`."""
+    found = _FIELD.search(message)
+    if found:
+        return found.group(1).split(".")[0].split("[")[0]
+    return next((name for start, name in _TOPICS if message.startswith(start)), None)
+
+
+class IncrementalText:
+    """Token ids -> text as they arrive: each new piece decoded with a few tokens before it (so a word-initial space
+    or a multi-byte character split over tokens comes out right), text held back while it ends in an incomplete
+    character, and the last characters held back while they could begin a stop string (the engine cuts the final
+    text at the stop; what was sent is always a prefix of it)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.stash: dict[int, list[int]] = {}  # chunks that came before an earlier one (several decoder workers)
+        self.prefix = self.read = 0  # the decode window: ids[prefix:read] decoded already, ids[read:] not yet
+        self.text = ""  # every character decoded so far
+        self.sent = 0  # characters of it sent
+
+    def add(self, start: int, ids: list[int]) -> str:
+        """Take tokens `ids` at place `start`; the new text that can be sent now ("" if none)."""
+        self.stash[start] = ids
+        while self.stash and min(self.stash) <= len(self.ids):
+            at = min(self.stash)
+            self.ids.extend(self.stash.pop(at)[len(self.ids) - at:])
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        end = len(self.text) - self.hold
+        if end <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
+
+    def rest(self, final: str) -> str:
+        """The text still to send once the request's final text (cut at its stop string) is known."""
+        sent = self.text[:self.sent]
+        if not final.startswith(sent):
+            log.warning("a streamed completion's text differs from its final text after %d characters; the final "
+                        "text's remainder is sent", self.sent)
+            return final[min(self.sent, len(final)):]
+        return final[len(sent):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return decode_texts(self.tokenizer, [ids])[0] if ids else ""
+
+
+@dataclass
+class Event:
+    """What the hub tells a job's handler: choice `index` got `text`, finished with `record`, or failed (`error`)."""
+
+    index: int
+    text: str = ""
+    record: dict | None = None
+    error: str | None = None
+
+
+class Submitted:
+    """A job on the engine: its events arrive on `queue` (asyncio), one Event per piece of text or end of choice."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, stops: list[list[str]], tokenizer):
+        self.job, self.loop = job, loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.texts = [IncrementalText(tokenizer, s) for s in stops] if job.stream else None
+        self.is_abandoned = False  # the client went away: events are dropped
+        self.left = len(job.records)  # choices not finished yet
+
+    def put(self, event: Event) -> None:
+        if not self.is_abandoned:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class EngineHub:
+    """The engine, its poll thread and the jobs in flight; `output` (optional): a JsonlWriter every result is logged
+    to, with the activations of requests that capture (their responses say where)."""
+
+    def __init__(self, engine: Engine, tokenizer, writer: JsonlWriter | None = None):
+        self.engine, self.tokenizer, self.writer = engine, tokenizer, writer
+        self.named = load_named_specs(engine.config.steering_specs) if engine.config.steering_specs else {}
+        self.steering, self.capture = engine.config.steering.spec(), engine.config.capture.spec()
+        self.num_layers = num_decoder_layers(engine.source)
+        self._keys = itertools.count()
+        self.num_served = 0  # requests answered (jobs, not choices)
+        self._lines = itertools.count(1)
+        self._choices: dict[int, tuple[Submitted, int]] = {}  # position -> (its job, the choice's index)
+        self._submit_lock = threading.Lock()
+        self.error: str | None = None  # why the engine stopped (a dead core): every job since gets a 503
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="engine-hub", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._choices)
+
+    async def submit(self, job: Job) -> Submitted:
+        """Check every record (ApiError 400 naming the field, before anything runs), then queue them."""
+        if self.error is not None:
+            raise ApiError(503, f"the engine stopped ({self.error}); restart engine-serve", kind="server_error")
+        requests = []
+        for i, record in enumerate(job.records):
+            if record.get("capture") is not None and self.writer is None:
+                raise ApiError(400, "field 'capture' needs an output for the tensors: start engine-serve with "
+                                    "--output PATH", "capture")
+            try:
+                request = checked_request({**record, "id": f"{job.id}-{i}"}, next(self._lines), self.engine.config,
+                                          self.steering, self.named, self.capture)
+            except RecordError as exc:
+                raise ApiError(400, str(exc), field_of(str(exc))) from None
+            if request.capture is not None and self.writer is None:
+                raise ApiError(400, "this server captures activations by default (--capture-layers) but has no "
+                                    "output for them: start it with --output PATH", "capture")
+            request.stream = job.stream
+            requests.append(request)
+        submitted = Submitted(job, asyncio.get_running_loop(), [r.stop for r in requests], self.tokenizer)
+        pairs = []
+        for i, request in enumerate(requests):
+            key = next(self._keys)
+            self._choices[key] = (submitted, i)
+            pairs.append((key, request))
+        await asyncio.to_thread(self._submit, pairs)
+        return submitted
+
+    def _submit(self, pairs: list) -> None:
+        with self._submit_lock:  # one feed at a time: a job's requests stay together on the tokenizers' queue
+            self.engine.submit(pairs)
+
+    def _poll(self) -> None:
+        while not self._closing.is_set():
+            try:
+                items = self.engine.poll(POLL_S)
+            except EngineError as exc:
+                self._fail_all(str(exc))
+                return
+            for item in items:
+                entry = self._choices.get(item.position)
+                if entry is None:
+                    continue
+                submitted, index = entry
+                if isinstance(item, Streamed):
+                    text = submitted.texts[index].add(item.start, item.ids) if submitted.texts else ""
+                    if text:
+                        submitted.put(Event(index, text=text))
+                else:
+                    del self._choices[item.position]
+                    self._finish(submitted, index, item)
+                    submitted.left -= 1
+                    self.num_served += submitted.left == 0
+
+    def _finish(self, submitted: Submitted, index: int, outcome: Outcome) -> None:
+        record = outcome.record
+        if outcome.is_error:
+            submitted.put(Event(index, error=record["error"]))
+            return
+        if self.writer is not None:
+            try:
+                record = self.writer.write_now(outcome)
+            except OSError as exc:
+                submitted.put(Event(index, error=f"could not write the result to {self.writer.output}: {exc}"))
+                return
+            if "activations" in record:
+                pointer = record.pop("activations")
+                record = {**record, "capture": {"output": str(self.writer.output), "id": record["id"], **pointer}}
+        text = submitted.texts[index].rest(record["completion"]) if submitted.texts else ""
+        submitted.put(Event(index, text=text, record=record))
+
+    def _fail_all(self, error: str) -> None:
+        self.error = error
+        log.error("engine-serve: %s", error)
+        for key, (submitted, index) in list(self._choices.items()):
+            submitted.put(Event(index, error=f"the engine stopped: {error}"))
+            self._choices.pop(key, None)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,257 @@
+"""The OpenAI wire format of engine-serve: a request body -> the engine records it asks for, and results -> the
+response objects (and streamed chunks) OpenAI clients read; a bad body is an ApiError naming its field.
+
+Fields follow OpenAI's completions and chat completions APIs as researchers' harnesses send them; this engine's own
+(`steering`, `capture`, `top_k`, `ignore_eos`) ride in the same body (a client passes them with `extra_body`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+# OpenAI's defaults where a body leaves a field out.
+DEFAULT_MAX_TOKENS = 16
+DEFAULT_TEMPERATURE = 1.0
+MAX_STOPS = 4
+MAX_N = 128
+
+ENGINE_FIELDS = ("steering", "capture", "top_k", "ignore_eos")
+COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
+                 "user", "presence_penalty", "frequency_penalty", "logit_bias", *ENGINE_FIELDS)
+COMPLETION_FIELDS = (*COMMON_FIELDS, "prompt", "echo", "suffix", "best_of", "logprobs")
+CHAT_FIELDS = (*COMMON_FIELDS, "messages", "max_completion_tokens", "logprobs", "top_logprobs")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, OpenAI error type, message, and the field it names."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """One API request as the engine runs it: a record per choice (prompt x n), and how to answer."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    records: list[dict]  # in choice order: prompt 0's n choices, then prompt 1's, ...
+    prompts: list[str]  # the prompt text of each record (echo)
+    stream: bool
+    echo: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_body(raw: bytes, kind: str, model_names: tuple[str, ...]) -> Job:
+    """A request body -> its Job; ApiError (400, or 404 for an unknown model) naming the field that is wrong."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send an object")
+    allowed = COMPLETION_FIELDS if kind == "completion" else CHAT_FIELDS
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {unknown}; this server reads {', '.join(allowed)}", unknown[0])
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "field 'model' is required: a string (GET /v1/models lists them)", "model")
+    if model not in model_names:
+        raise ApiError(404, f"the model {model!r} does not exist here; this server serves {list(model_names)}",
+                       "model", code="model_not_found")
+    _refuse_unsupported(body, kind)
+    settings = _settings(body, kind)
+    n = _integer(body, "n", 1, 1, MAX_N)
+    stream = _boolean(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}):
+        raise ApiError(400, "field 'stream_options' must be an object like {\"include_usage\": true}",
+                       "stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    if kind == "completion":
+        prompts = _prompts(body)
+        echo = _boolean(body, "echo", False)
+        inputs = [{"prompt": p} for p in prompts]
+    else:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "field 'messages' is required: a non-empty list of {\"role\", \"content\"} objects",
+                           "messages")
+        prompts, echo, inputs = [""], False, [{"messages": [_message(m, i) for i, m in enumerate(messages)]}]
+    records, texts = [], []
+    for text, given in zip(prompts, inputs):
+        for choice in range(n):
+            record = {**given, **settings}
+            if "seed" in settings:  # choice i samples with seed + i, so n choices differ and each is reproducible
+                record["seed"] = settings["seed"] + choice
+            records.append(record)
+            texts.append(text)
+    return Job(kind, model, records, texts, stream, echo, include_usage)
+
+
+def _settings(body: dict, kind: str) -> dict:
+    """The engine record fields a body sets (sampling, stops, steering, capture), checked for type here; the engine's
+    own record checks (ranges, vector files, capture layers) answer for the rest."""
+    out: dict = {}
+    name = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
+    out["max_new_tokens"] = _integer(body, name, DEFAULT_MAX_TOKENS, 1, None)
+    out["temperature"] = _number(body, "temperature", DEFAULT_TEMPERATURE)
+    if "top_p" in body and body["top_p"] is not None:
+        out["top_p"] = _number(body, "top_p", 1.0)
+    if body.get("seed") is not None:
+        out["seed"] = _integer(body, "seed", 0, 0, None)
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)) or len(stops) > MAX_STOPS:
+            raise ApiError(400, f"field 'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them",
+                           "stop")
+        out["stop"] = stops
+    for name in ENGINE_FIELDS:
+        if body.get(name) is not None:
+            out[name] = body[name]
+    return out
+
+
+def _refuse_unsupported(body: dict, kind: str) -> None:
+    """Fields this server reads only at their neutral value: anything else is refused by name, not ignored."""
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "suffix": None, "logprobs": None}
+    if kind == "chat":
+        neutral.update(logprobs=False, top_logprobs=None)
+    for name, value in neutral.items():
+        if body.get(name, value) not in (value, None):
+            raise ApiError(400, f"field '{name}' = {json.dumps(body[name])} is not supported by this server yet; "
+                                f"leave it out", name)
+    if body.get("logit_bias"):
+        raise ApiError(400, "field 'logit_bias' is not supported by this server; leave it out", "logit_bias")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise ApiError(400, "field 'best_of' must equal 'n' (every choice is returned); leave it out", "best_of")
+
+
+def _prompts(body: dict) -> list[str]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) or isinstance(p, list) for p in prompt):
+        raise ApiError(400, "field 'prompt' holds token ids; this server takes text: send the prompt as a string "
+                            "(or a list of strings)", "prompt")
+    raise ApiError(400, "field 'prompt' is required: a string or a non-empty list of strings", "prompt")
+
+
+def _message(m, i: int) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ApiError(400, f"messages[{i}] must be an object with a string 'role' and 'content'", "messages")
+    content = m.get("content")
+    if isinstance(content, list):  # OpenAI's content parts: text parts joined, anything else refused
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise ApiError(400, f"messages[{i}].content holds non-text parts; this server runs text only",
+                           "messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string", "messages")
+    return {"role": m["role"], "content": content}
+
+
+def _integer(body: dict, name: str, default: int, low: int, high: int | None) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ApiError(400, f"field '{name}' is {json.dumps(value)[:40]}; it must be an integer {bounds}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"field '{name}' is {json.dumps(value)[:40]}; it must be a number", name)
+    return float(value)
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"field '{name}' is {json.dumps(value)[:40]}; it must be true or false", name)
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# -- responses
+
+def usage(results: list[dict]) -> dict:
+    """OpenAI's usage of a job's results (each prompt's tokens counted once per choice, as OpenAI counts them)."""
+    prompt = sum(r["num_prompt_tokens"] for r in results)
+    completion = sum(r["num_completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def choice(job: Job, i: int, result: dict) -> dict:
+    """Choice i of a finished job (non-streaming), with the engine's own fields: the steering it ran with and where
+    its captured tensors are."""
+    text = result["completion"]
+    if job.kind == "completion":
+        out = {"index": i, "text": job.prompts[i] + text if job.echo else text, "logprobs": None,
+               "finish_reason": result["finish_reason"]}
+    else:
+        out = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+               "finish_reason": result["finish_reason"]}
+    return {**out, **engine_fields(result)}
+
+
+def engine_fields(result: dict) -> dict:
+    out = {}
+    if result.get("steering") is not None:
+        out["steering"] = result["steering"]
+    if result.get("capture") is not None:
+        out["capture"] = result["capture"]
+    return out
+
+
+def response(job: Job, results: list[dict]) -> dict:
+    obj = "text_completion" if job.kind == "completion" else "chat.completion"
+    prefix = "cmpl" if job.kind == "completion" else "chatcmpl"
+    return {"id": f"{prefix}-{job.id}", "object": obj, "created": job.created, "model": job.model,
+            "choices": [choice(job, i, r) for i, r in enumerate(results)], "usage": usage(results)}
+
+
+def chunk(job: Job, i: int, text: str | None, finish_reason: str | None = None, first: bool = False,
+          extra: dict | None = None) -> dict:
+    """One streamed chunk of choice i: its new text (None: no text, as in a chat's role-only first chunk)."""
+    if job.kind == "completion":
+        piece = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj, prefix = "text_completion", "cmpl"
+    else:
+        delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+        piece = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj, prefix = "chat.completion.chunk", "chatcmpl"
+    return {"id": f"{prefix}-{job.id}", "object": obj, "created": job.created, "model": job.model,
+            "choices": [{**piece, **(extra or {})}]}
+
+
+def usage_chunk(job: Job, results: list[dict]) -> dict:
+    obj, prefix = ("text_completion", "cmpl") if job.kind == "completion" else ("chat.completion.chunk", "chatcmpl")
+    return {"id": f"{prefix}-{job.id}", "object": obj, "created": job.created, "model": job.model, "choices": [],
+            "usage": usage(results)}

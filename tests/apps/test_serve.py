@@ -1,0 +1,283 @@
+"""engine-serve as a client meets it: the server in a child process on a free port, the official openai client (and
+raw HTTP for what a client library would not send). Completions equal engine-run's for the same records (greedy,
+same seed), with and without steering and capture, streaming and not; concurrent clients; every bad request a 4xx
+in OpenAI's shape, the server serving on; SIGTERM drains the requests in flight."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.storage.activations import load
+from support import PROMPTS, ROOT, TINY, read_jsonl, write_jsonl
+from support.families import edit_json
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+ENGINE_ARGS = ["--model", TINY, "--device", "cpu", "--max-model-len", "96", "--max-num-seqs", "8"]
+MAX_TOKENS = 8
+
+
+class Server:
+    """engine-serve in a child process: its base URL once it says it is ready, its stderr kept."""
+
+    def __init__(self, *args, env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.apps.serve.cli", *args, "--port", "0"], cwd=ROOT,
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 240
+        while True:
+            line = self.proc.stderr.readline()
+            self.lines.append(line)
+            found = re.search(r" at (http://\S+) ", line)
+            if found:
+                self.url = found.group(1)
+                break
+            assert line and time.monotonic() < deadline, "".join(self.lines) + self.proc.stderr.read()
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+
+    def client(self, **kwargs):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             **kwargs)
+
+    def post(self, path: str, body, headers: dict | None = None) -> httpx.Response:
+        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(self.url + path, content=content, headers=headers, timeout=60)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_source):
+    """A tokenizer with a chat template (the tiny model's, plus Gemma's turn template) and a vector folder."""
+    root = tmp_path_factory.mktemp("serve")
+    tok = root / "tokenizer"
+    tok.mkdir()
+    for name in os.listdir(tiny_source.tokenizer_dir):
+        shutil.copy(Path(tiny_source.tokenizer_dir, name), tok / name)
+    edit_json(tok / "tokenizer_config.json", chat_template=CHAT_TEMPLATE)
+    (root / "vectors").mkdir()
+    torch.manual_seed(0)
+    torch.save(torch.randn(64) * 8, root / "vectors" / "joy.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    srv = Server(*ENGINE_ARGS, "--tokenizer", str(files / "tokenizer"), "--output", str(files / "served.jsonl"),
+                 "--vectors", str(files / "vectors"), "--max-request-bytes", "65536")
+    yield srv
+    assert srv.stop() == 0, "".join(srv.lines)
+
+
+def engine_run(files, records: list[dict], name: str) -> list[dict]:
+    """engine-run's results for the same records and engine settings, in input order."""
+    source = write_jsonl(files / f"{name}.jsonl", records)
+    out = files / f"{name}.out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "engine.apps.run", *ENGINE_ARGS, "--tokenizer",
+                           str(files / "tokenizer"), "--input", str(source), "--output", str(out), "--ordered",
+                           "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return read_jsonl(out)
+
+
+def steering(files, coef=6.0):
+    return [{"vector": str(files / "vectors" / "joy.pt"), "layers": [1], "coef": coef}]
+
+
+def cases(files) -> list[dict]:
+    """(prompt, seed, steering, capture) records, greedy: plain, steered, captured, and both."""
+    capture = {"layers": [1, 2], "positions": "generated"}
+    out = []
+    for i, prompt in enumerate(PROMPTS[:4]):
+        extra = [{}, {"steering": steering(files)}, {"capture": capture},
+                 {"steering": steering(files, -4.0), "capture": capture}][i]
+        out.append({"id": f"case{i}", "prompt": prompt, "max_new_tokens": MAX_TOKENS, "temperature": 0.0,
+                    "seed": 11 + i, **extra})
+    return out
+
+
+def ask(client, record: dict, stream: bool):
+    """One completion through the openai client; (text, finish_reason, the engine's fields of the choice)."""
+    extra = {k: record[k] for k in ("steering", "capture") if k in record}
+    kwargs = dict(model=TINY, prompt=record["prompt"], max_tokens=record["max_new_tokens"], temperature=0.0,
+                  seed=record["seed"], extra_body=extra)
+    if not stream:
+        choice = client.completions.create(**kwargs).choices[0]
+        return choice.text, choice.finish_reason, choice.model_extra
+    text, reason, fields = "", None, {}
+    for piece in client.completions.create(stream=True, **kwargs):
+        choice = piece.choices[0]
+        text += choice.text
+        reason = choice.finish_reason or reason
+        fields.update(choice.model_extra or {})
+    return text, reason, fields
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_completions_equal_engine_runs_with_steering_and_capture(server, files, stream):
+    records = cases(files)
+    expected = engine_run(files, records, f"cases-{stream}")
+    client = server.client()
+    mine = load(files / f"cases-{stream}.out.jsonl")
+    for record, want in zip(records, expected):
+        text, reason, fields = ask(client, record, stream)
+        assert (text, reason) == (want["completion"], want["finish_reason"]), record["id"]
+        if "steering" in record:
+            assert fields["steering"] == want["steering"]
+        if "capture" in record:
+            pointer = fields["capture"]
+            assert Path(pointer["output"]) == files / "served.jsonl" and pointer["layers"] == [1, 2]
+            got = load(pointer["output"], ids=[pointer["id"]])[pointer["id"]]
+            for layer in (1, 2):
+                torch.testing.assert_close(got[layer], mine[record["id"]][layer], rtol=1e-5, atol=1e-5)
+        else:
+            assert "capture" not in fields
+
+
+def test_chat_completions_equal_engine_runs(server, files):
+    messages = [{"role": "user", "content": "Tell me a story about a dragon."}]
+    want = engine_run(files, [{"messages": messages, "max_new_tokens": MAX_TOKENS, "temperature": 0.0, "seed": 3}],
+                      "chat")[0]
+    client = server.client()
+    reply = client.chat.completions.create(model=TINY, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                           seed=3)
+    assert reply.choices[0].message.content == want["completion"] and reply.choices[0].message.role == "assistant"
+    assert reply.usage.completion_tokens == want["num_completion_tokens"]
+    pieces = list(client.chat.completions.create(model=TINY, messages=messages, max_tokens=MAX_TOKENS,
+                                                 temperature=0, seed=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert pieces[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in pieces if p.choices) == want["completion"]
+    assert pieces[-1].usage.prompt_tokens == want["num_prompt_tokens"]
+
+
+def test_n_choices_and_prompt_lists_seed_each_choice(server, files):
+    """n choices of each prompt in a list: choice i of a prompt samples with seed + i, as an engine-run record with
+    that seed does."""
+    prompts = PROMPTS[4:6]
+    records = [{"prompt": p, "max_new_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 40 + i}
+               for p in prompts for i in range(2)]
+    want = [r["completion"] for r in engine_run(files, records, "choices")]
+    reply = server.client().completions.create(model=TINY, prompt=prompts, n=2, max_tokens=MAX_TOKENS,
+                                               temperature=1.0, seed=40)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == want and want[0] != want[1]
+
+
+def test_sixteen_concurrent_clients_are_all_answered_as_alone(server, files):
+    records = [{"prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}", "max_new_tokens": MAX_TOKENS, "seed": i}
+               for i in range(16)]
+    client = server.client()
+    alone = [ask(client, r, stream=False)[0] for r in records[:4]]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda r: ask(server.client(), r, stream=r["seed"] % 2 == 1)[0], records))
+    assert together[:4] == alone
+    assert all(together) and len(together) == 16
+
+
+BAD = [  # (body changes, status, param, words in the message)
+    ({"bogus": 1}, 400, "bogus", "unknown field"),
+    ({"max_tokens": "eight"}, 400, "max_tokens", "must be an integer"),
+    ({"temperature": [1]}, 400, "temperature", "must be a number"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"model": "gpt-4"}, 404, "model", "does not exist"),
+    ({"prompt": [1, 2, 3]}, 400, "prompt", "token ids"),
+    ({"logprobs": 5}, 400, "logprobs", "not supported"),
+    ({"steering": [{"vector": "/nonexistent/v.pt", "layers": [1], "coef": 1}]}, 400, "steering", "no such file"),
+    ({"steering": [{"vector": "VEC", "layers": [99], "coef": 1}]}, 400, "steering", "99"),
+    ({"capture": {"layers": ["x"]}}, 400, "capture", "capture"),
+    ({"prompt": "hello " * 200}, 400, "prompt", "max_model_len"),
+    ({"top_p": 7}, 400, "top_p", "top_p"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_bad_requests_get_4xx_naming_the_field_and_the_server_serves_on(server, files, stream):
+    good = {"model": TINY, "prompt": "Hello", "max_tokens": 4, "stream": stream}
+    vector = str(files / "vectors" / "joy.pt")
+    for changes, status, param, words in BAD:
+        changes = json.loads(json.dumps(changes).replace("VEC", vector))
+        reply = server.post("/v1/completions", {**good, **changes})
+        error = reply.json()["error"]
+        assert (reply.status_code, error["param"]) == (status, param), (changes, error)
+        assert words in error["message"] and error["type"], error
+    for body, status in ((b"{not json", 400), (b"[1, 2]", 400), (b"x" * 70000, 413)):
+        assert server.post("/v1/completions", body).status_code == status
+    assert httpx.get(server.url + "/v1/nowhere").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert server.post("/v1/completions", good).status_code == 200
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client().completions.create(model="other", prompt="x", max_tokens=2)
+    chat = server.post("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user"}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client().models.list()] == [TINY]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["device"] == "cpu"
+
+
+def test_an_api_key_is_required_when_set_and_sigterm_drains_the_requests_in_flight(files):
+    srv = Server(*ENGINE_ARGS, env={"ENGINE_API_KEY": "sesame"})
+    try:
+        body = {"model": TINY, "prompt": "Hello", "max_tokens": 4}
+        assert srv.post("/v1/completions", body).status_code == 401
+        wrong = srv.post("/v1/completions", body, {"Authorization": "Bearer open"})
+        assert wrong.status_code == 401 and "wrong" in wrong.json()["error"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            srv.client(api_key="open").completions.create(**body)
+        assert srv.client(api_key="sesame").completions.create(**body).choices[0].text
+        assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
+
+        # A long streamed request, then SIGTERM: it runs to its end, then the server exits 0.
+        client = srv.client(api_key="sesame")
+        stream = client.completions.create(model=TINY, prompt="Once", max_tokens=80, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        srv.proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason == "length"
+        text = first.choices[0].text + "".join(p.choices[0].text for p in rest)
+        assert srv.proc.wait(timeout=60) == 0, "".join(srv.lines)
+        assert "stopped; 2 request(s) served" in "".join(srv.lines)
+        assert text
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_embedded_model_serves_what_engine_run_generates(tmp_path):
+    srv = Server("--model", "embedded", "--device", "cpu", "--max-num-seqs", "4")
+    try:
+        prompt = "The capital of France is"
+        source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": prompt, "max_new_tokens": 12, "temperature": 0}])
+        done = subprocess.run([sys.executable, "-m", "engine.apps.run", "--model", "embedded", "--device", "cpu",
+                               "--input", str(source), "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        want = read_jsonl(tmp_path / "in.out.jsonl")[0]["completion"]
+        reply = srv.client().completions.create(model="embedded", prompt=prompt, max_tokens=12, temperature=0)
+        assert reply.choices[0].text == want and want.strip()
+    finally:
+        assert srv.stop() == 0
