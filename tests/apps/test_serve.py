@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch
 from engine.storage.activations import load
 from support import PROMPTS, ROOT, TINY, read_jsonl, write_jsonl
 from support.families import edit_json
+from support.serving import ENGINE_ARGS, Server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -30,40 +28,7 @@ pytest.importorskip("uvicorn")
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
                  "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-ENGINE_ARGS = ["--model", TINY, "--device", "cpu", "--max-model-len", "96", "--max-num-seqs", "8"]
 MAX_TOKENS = 8
-
-
-class Server:
-    """engine-serve in a child process: its base URL once it says it is ready, its stderr kept."""
-
-    def __init__(self, *args, env: dict | None = None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.apps.serve.cli", *args, "--port", "0"], cwd=ROOT,
-                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-        self.lines: list[str] = []
-        deadline = time.monotonic() + 240
-        while True:
-            line = self.proc.stderr.readline()
-            self.lines.append(line)
-            found = re.search(r" at (http://\S+) ", line)
-            if found:
-                self.url = found.group(1)
-                break
-            assert line and time.monotonic() < deadline, "".join(self.lines) + self.proc.stderr.read()
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
-
-    def client(self, **kwargs):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
-                             **kwargs)
-
-    def post(self, path: str, body, headers: dict | None = None) -> httpx.Response:
-        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + path, content=content, headers=headers, timeout=60)
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
