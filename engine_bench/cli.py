@@ -20,6 +20,7 @@ from engine_bench.config import RESULTS_FILE, SYSTEMS, BenchConfig, BenchError, 
 from engine_bench.e2e import run_e2e
 from engine_bench.interventions import INTERVENTIONS
 from engine_bench.runner import run_bench
+from engine_bench.serve import run_serve
 from engine_bench.workloads import WORKLOADS, WorkloadError
 
 
@@ -88,6 +89,13 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", action="store_true",
                    help="with --e2e, engine-run --keep-alive too: once starting its resident engine (caches warm), "
                         "then again with that engine loaded (its rows: cache warm, then loaded)")
+    p.add_argument("--serve", action="store_true",
+                   help="engine-serve under load instead: --serve-clients streaming clients send the workload's "
+                        "prompts for --serve-seconds after --serve-warmup, beside engine-run on the same prompts at "
+                        "the same concurrency and at its default (engine_bench/serve.py)")
+    p.add_argument("--serve-clients", type=int, default=64, help="--serve: concurrent streaming clients (default 64)")
+    p.add_argument("--serve-seconds", type=float, default=60.0, help="--serve: the measured window (default 60)")
+    p.add_argument("--serve-warmup", type=float, default=10.0, help="--serve: load before the window (default 10)")
     return p
 
 
@@ -109,7 +117,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         is_saving_outputs=args.save_outputs, is_quiet=args.quiet, steering_specs=args.steering_specs,
         steering_layers=args.steering_layers, capture_layers=args.capture_layers,
         capture_positions=args.capture_positions, interventions=args.interventions, also_models=args.also_model,
-        is_e2e=args.e2e, is_keep_alive=args.keep_alive, engine_flags_given=list(given),
+        is_e2e=args.e2e, is_keep_alive=args.keep_alive, engine_flags_given=list(given), is_serve=args.serve,
+        serve_clients=args.serve_clients, serve_seconds=args.serve_seconds, serve_warmup_s=args.serve_warmup,
     )
 
 
@@ -118,8 +127,11 @@ def bench_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         config = config_from_args(args)
-        if config.is_e2e:
-            reports = run_e2e(config, shlex.join(["engine-bench", *(sys.argv[1:] if argv is None else argv)]))
+        command = shlex.join(["engine-bench", *(sys.argv[1:] if argv is None else argv)])
+        if config.is_serve:
+            reports = run_serve(config, command)
+        elif config.is_e2e:
+            reports = run_e2e(config, command)
         else:
             reports = run_bench(config)
     except (BenchError, ConfigError, ModelNotFound, WorkloadError) as exc:

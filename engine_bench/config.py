@@ -71,6 +71,10 @@ class BenchConfig:
     is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
     is_keep_alive: bool = False  # --e2e: engine-run --keep-alive too, starting its resident engine, then with it loaded
     engine_flags_given: list[str] = field(default_factory=list)  # engine settings the user set: --e2e passes only these
+    is_serve: bool = False  # engine-serve under load beside engine-run (engine_bench/serve.py)
+    serve_clients: int = 64
+    serve_seconds: float = 60.0
+    serve_warmup_s: float = 10.0
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -108,6 +112,10 @@ class BenchConfig:
             self.device = self.engine.devices[0] if self.engine.devices else self.engine.device
         if self.is_e2e:
             self._check_e2e()
+        if self.is_serve and (self.is_e2e or self.serve_clients < 1 or self.serve_seconds <= 0
+                              or self.serve_warmup_s < 0):
+            raise ConfigError("--serve: give --serve-clients >= 1, --serve-seconds > 0 and --serve-warmup >= 0, "
+                              "without --e2e")
         if self.sample_hz < 10:
             raise ConfigError(f"--sample-hz {self.sample_hz}: sample at 10 Hz or more, or short idle gaps go unseen")
 
