@@ -4,6 +4,7 @@ The topology they travel (engine/pipeline's docstring draws it):
 
     parent --Feed--> tokenizer workers --SlotFilled--> (router) --> engine core --Finished--> decoder workers
     decoder workers --Result--> parent;  RecordFailed from any stage that refuses one record
+    engine core --Progress (streaming requests' new tokens, passed on by its decoders)--> parent
     engine core --Ready, Stats (via its decoders)--> parent;  parent --StatsQuery--> engine core
     any stage --Fatal--> parent;  parent --Stop--> any stage's inbox
 
