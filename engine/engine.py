@@ -122,24 +122,34 @@ class Engine:
             batch.append(request.to_wire())
         self._feed(batch)
 
-    def poll(self, timeout: float) -> list[Outcome | Streamed]:
-        """What arrived within `timeout` seconds for the submitted requests: an Outcome per finished request, and
-        the tokens of streaming ones as Streamed (a dead engine core raises EngineError here, as in run)."""
+    def poll(self, timeout: float, max_messages: int = 256) -> list[Outcome | Streamed]:
+        """What arrived for the submitted requests: an Outcome per finished request, and the tokens of streaming ones
+        as Streamed. Waits up to `timeout` seconds for the first message, then takes what else has arrived (up to
+        `max_messages`) without waiting, so a caller that fell behind catches up in one call. A dead engine core
+        raises EngineError here, as in run."""
         try:
-            msg = self.events.get(timeout=timeout)
+            msgs = [self.events.get(timeout=timeout)]
         except queue.Empty:
             self._check_alive()
             return []
+        while len(msgs) < max_messages:
+            try:
+                msgs.append(self.events.get_nowait())
+            except queue.Empty:
+                break
         self._check_health()
-        if isinstance(msg, Progress):
-            out = []
-            for index, start, data in msg.chunks:
-                entry = self.pending.get(index)
-                if entry is not None:
-                    out.append(Streamed(entry[0], start, np.frombuffer(data, dtype=np.int32).tolist()))
-            return out
-        outcome = self._outcome(msg)
-        return [] if outcome is None else [outcome]
+        out: list[Outcome | Streamed] = []
+        for msg in msgs:
+            if isinstance(msg, Progress):
+                for index, start, data in msg.chunks:
+                    entry = self.pending.get(index)
+                    if entry is not None:
+                        out.append(Streamed(entry[0], start, np.frombuffer(data, dtype=np.int32).tolist()))
+                continue
+            outcome = self._outcome(msg)
+            if outcome is not None:
+                out.append(outcome)
+        return out
 
     def _is_stuck(self) -> bool:
         """Stop waiting on the tokenizers: interrupted, or no core is left to free the ring for them."""

@@ -74,8 +74,9 @@ def run_engine_run(config: BenchConfig, prompts: Path, folder: Path, max_num_seq
 def start_server(config: BenchConfig, folder: Path) -> tuple[subprocess.Popen, str]:
     folder.mkdir(parents=True, exist_ok=True)
     log = (folder / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.apps.serve.cli", "--port", "0", *engine_flags(config)],
-                            stderr=subprocess.PIPE, text=True)
+    trace = ["--trace", config.engine.trace_dir] if config.engine.trace_dir else []
+    proc = subprocess.Popen([sys.executable, "-m", "engine.apps.serve.cli", "--port", "0", *engine_flags(config),
+                             *trace], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         line = proc.stderr.readline()

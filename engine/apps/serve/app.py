@@ -157,33 +157,57 @@ async def _results(submitted: Submitted) -> list[dict]:
 
 
 async def _stream(job: Job, submitted: Submitted, first: Event):
-    """Server-sent events: each choice's text as it comes, its finish reason, usage if asked, then [DONE]. An error
-    after text went out is sent as an error event (the status line is gone by then)."""
+    """Server-sent events: each choice's text as it comes, its finish reason, usage if asked, then [DONE]. Events
+    that queued up while the client's connection was busy go out merged, in one write. An error after text went
+    out is sent as an error event (the status line is gone by then)."""
     records: list[dict | None] = [None] * len(job.records)
-    left, event = len(records), first
+    left, events = len(records), _merged([first, *_queued(submitted)])
     try:
         if job.kind == "chat":
-            for i in range(len(records)):
-                yield _sse(chunk(job, i, None, first=True))
+            yield "".join(_sse(chunk(job, i, None, first=True)) for i in range(len(records)))
         while True:
-            if event.error is not None:
-                yield _sse(_engine_refusal(event.error).body())
+            out = []
+            for event in events:
+                if event.error is not None:
+                    out.append(_sse(_engine_refusal(event.error).body()))
+                    left = -1
+                    break
+                if event.text:
+                    out.append(_sse(chunk(job, event.index, event.text)))
+                if event.record is not None:
+                    records[event.index] = event.record
+                    left -= 1
+                    extra = {k: event.record[k] for k in ("steering", "capture") if event.record.get(k) is not None}
+                    out.append(_sse(chunk(job, event.index, None, event.record["finish_reason"], extra=extra)))
+            if left == 0 and job.include_usage:
+                out.append(_sse(usage_chunk(job, records)))
+            if left <= 0:
+                yield "".join(out) + "data: [DONE]\n\n"
+                left = 0
                 break
-            if event.text:
-                yield _sse(chunk(job, event.index, event.text))
-            if event.record is not None:
-                records[event.index] = event.record
-                left -= 1
-                extra = {k: event.record[k] for k in ("steering", "capture") if event.record.get(k) is not None}
-                yield _sse(chunk(job, event.index, None, event.record["finish_reason"], extra=extra))
-            if not left:
-                if job.include_usage:
-                    yield _sse(usage_chunk(job, records))
-                break
-            event = await submitted.queue.get()
-        yield "data: [DONE]\n\n"
+            yield "".join(out)
+            events = _merged([await submitted.queue.get(), *_queued(submitted)])
     finally:
         submitted.is_abandoned = left > 0
+
+
+def _queued(submitted: Submitted) -> list[Event]:
+    out = []
+    while not submitted.queue.empty():
+        out.append(submitted.queue.get_nowait())
+    return out
+
+
+def _merged(events: list[Event]) -> list[Event]:
+    """Consecutive events of one choice as one: their texts joined, the last one's end (record or error) kept."""
+    out: list[Event] = []
+    for event in events:
+        last = out[-1] if out else None
+        if last is not None and last.index == event.index and last.record is None and last.error is None:
+            out[-1] = Event(event.index, last.text + event.text, event.record, event.error)
+        else:
+            out.append(event)
+    return out
 
 
 def _sse(obj: dict) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -43,6 +44,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors", metavar="DIR", help="the playground's vector picker lists the vector files under DIR")
     p.add_argument("--drain-timeout", type=float, default=300.0, metavar="S",
                    help="on SIGTERM, wait at most S seconds for requests in flight (default 300)")
+    p.add_argument("--trace", metavar="DIR", help="write the engine core's loop timeline to DIR/core<N>.jsonl (what "
+                   "each step launched and waited on: engine.core.trace)")
     p.add_argument("--log-requests", action="store_true", help="log each HTTP request (uvicorn's access log)")
     add_engine_args(p)
     return p
@@ -76,6 +79,8 @@ def _serve(args) -> int:
     if args.vectors and not Path(args.vectors).is_dir():
         raise ConfigError(f"--vectors {args.vectors}: not a folder; give the folder holding the playground's vectors")
     config = config_from_args(args)
+    if args.trace:
+        config = dataclasses.replace(config, trace_dir=args.trace)
     sock = _bind(args.host, args.port)
     lock, writer = None, None
     started = time.perf_counter()

@@ -60,10 +60,18 @@ class IncrementalText:
 
     def add(self, start: int, ids: list[int]) -> str:
         """Take tokens `ids` at place `start`; the new text that can be sent now ("" if none)."""
+        self.put(start, ids)
+        return self.take()
+
+    def put(self, start: int, ids: list[int]) -> None:
+        """Take tokens `ids` at place `start` without decoding them yet (`take` decodes what came since)."""
         self.stash[start] = ids
         while self.stash and min(self.stash) <= len(self.ids):
             at = min(self.stash)
             self.ids.extend(self.stash.pop(at)[len(self.ids) - at:])
+
+    def take(self) -> str:
+        """The text of the tokens put since the last take that can be sent now ("" if none)."""
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):
@@ -108,9 +116,22 @@ class Submitted:
         self.is_abandoned = False  # the client went away: events are dropped
         self.left = len(job.records)  # choices not finished yet
 
-    def put(self, event: Event) -> None:
-        if not self.is_abandoned:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+def _hand_over(events: list[tuple[Submitted, Event]]) -> None:
+    """From the poll thread: the events to their jobs' event loops, one call per loop."""
+    by_loop: dict = {}
+    for submitted, event in events:
+        if not submitted.is_abandoned:
+            by_loop.setdefault(submitted.loop, []).append((submitted, event))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(events: list[tuple[Submitted, Event]]) -> None:
+    """In the event loop: a poll's events onto their jobs' queues (one wake-up of the loop per poll, not per event)."""
+    for submitted, event in events:
+        if not submitted.is_abandoned:
+            submitted.queue.put_nowait(event)
 
 
 class EngineHub:
@@ -175,44 +196,57 @@ class EngineHub:
             except EngineError as exc:
                 self._fail_all(str(exc))
                 return
-            for item in items:
-                entry = self._choices.get(item.position)
-                if entry is None:
-                    continue
-                submitted, index = entry
-                if isinstance(item, Streamed):
-                    text = submitted.texts[index].add(item.start, item.ids) if submitted.texts else ""
-                    if text:
-                        submitted.put(Event(index, text=text))
-                else:
-                    del self._choices[item.position]
-                    self._finish(submitted, index, item)
-                    submitted.left -= 1
-                    self.num_served += submitted.left == 0
+            if items:
+                self._route(items)
 
-    def _finish(self, submitted: Submitted, index: int, outcome: Outcome) -> None:
+    def _route(self, items: list) -> None:
+        """One poll's outcomes and streamed tokens -> events, handed to each loop at once. Tokens that came in
+        several messages are decoded together; a choice that finished in the same poll sends its text in its final
+        event (IncrementalText.rest), so its text never follows its end."""
+        events: list[tuple[Submitted, Event]] = []
+        streamed: dict[int, tuple[Submitted, int]] = {}
+        for item in items:
+            entry = self._choices.get(item.position)
+            if entry is None:
+                continue
+            submitted, index = entry
+            if isinstance(item, Streamed):
+                if submitted.texts is not None:
+                    submitted.texts[index].put(item.start, item.ids)
+                    streamed[item.position] = entry
+                continue
+            del self._choices[item.position]
+            streamed.pop(item.position, None)
+            events.append((submitted, self._finish(submitted, index, item)))
+            submitted.left -= 1
+            self.num_served += submitted.left == 0
+        for submitted, index in streamed.values():
+            text = submitted.texts[index].take()
+            if text:
+                events.append((submitted, Event(index, text=text)))
+        _hand_over(events)
+
+    def _finish(self, submitted: Submitted, index: int, outcome: Outcome) -> Event:
         record = outcome.record
         if outcome.is_error:
-            submitted.put(Event(index, error=record["error"]))
-            return
+            return Event(index, error=record["error"])
         if self.writer is not None:
             try:
                 record = self.writer.write_now(outcome)
             except OSError as exc:
-                submitted.put(Event(index, error=f"could not write the result to {self.writer.output}: {exc}"))
-                return
+                return Event(index, error=f"could not write the result to {self.writer.output}: {exc}")
             if "activations" in record:
                 pointer = record.pop("activations")
                 record = {**record, "capture": {"output": str(self.writer.output), "id": record["id"], **pointer}}
         text = submitted.texts[index].rest(record["completion"]) if submitted.texts else ""
-        submitted.put(Event(index, text=text, record=record))
+        return Event(index, text=text, record=record)
 
     def _fail_all(self, error: str) -> None:
         self.error = error
         log.error("engine-serve: %s", error)
-        for key, (submitted, index) in list(self._choices.items()):
-            submitted.put(Event(index, error=f"the engine stopped: {error}"))
-            self._choices.pop(key, None)
+        choices, self._choices = self._choices, {}
+        _hand_over([(submitted, Event(index, error=f"the engine stopped: {error}"))
+                    for submitted, index in choices.values()])
 
     def close(self) -> None:
         self._closing.set()
