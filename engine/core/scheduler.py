@@ -40,6 +40,7 @@ class Sequence:
     num_scheduled: int = 0  # tokens sampled on the device, including one the host has not read yet
     error: str | None = None  # why it ended without a result (finish_reason "error"); the core words it
     num_streamed: int = -1  # streaming: how many of its tokens the core has sent (Progress); -1: not streaming
+    queued_at: int = 0  # the scheduler's decode-step count when it was queued
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -76,6 +77,11 @@ def batch_sizes(num_rows: int) -> list[int]:
     return sorted({min(2 ** i, num_rows) for i in range(1, num_rows.bit_length() + 1)})
 
 
+# How many decode steps a few waiting requests may wait for others to join their prefill (~50 ms at a GPU's step of
+# ~2 ms; engine-bench --serve measured what it buys).
+PREFILL_WAIT_STEPS = 24
+
+
 class Scheduler:
     """Admits waiting sequences into free KV rows and hands the runner one batch per step."""
 
@@ -88,8 +94,10 @@ class Scheduler:
         self.batch_sizes = batch_sizes(num_rows)
         # Prefill once this many rows are free (or nothing runs): one prefill serves many new sequences.
         self.refill_at = max(1, num_rows // 8)
+        self.num_decodes = 0  # decode steps scheduled so far
 
     def add(self, seq: Sequence) -> None:
+        seq.queued_at = self.num_decodes
         self.waiting.append(seq)
 
     def prefill_ready(self) -> bool:
@@ -105,12 +113,23 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """The next step's batch; None when every running sequence waits for the host to read its last token."""
         if self.waiting and self._free and (len(self._free) >= self.refill_at or not self.running
-                                            or len(self.waiting) < self.refill_at):
+                                            or len(self.waiting) < self.refill_at) and not self._gathering():
             return ScheduledBatch(True, self._admit())
         active = [s for s in self.running.values() if s.needs_token]
         if not active:
             return None
+        self.num_decodes += 1
         return ScheduledBatch(False, active, bucket(max(s.row for s in active) + 1, self.batch_sizes))
+
+    def _gathering(self) -> bool:
+        """Whether to decode on while a few requests wait, so more join their prefill: a prefill's fixed cost (tens
+        of ms on a GPU, whatever its size) is paid once for all it admits, and every running sequence waits for it.
+        Sequences are decoding, the waiting ones fill neither the free rows, nor refill_at of them, nor the token
+        budget, and the oldest has waited fewer than PREFILL_WAIT_STEPS decode steps. Requests that arrive one by
+        one (a server's clients) then share prefills; a batch job's queue fills refills at once and never waits."""
+        return (bool(self.running) and len(self.waiting) < min(len(self._free), self.refill_at)
+                and self.num_decodes - self.waiting[0].queued_at < PREFILL_WAIT_STEPS
+                and sum(s.num_prompt_tokens for s in self.waiting) < self.max_prefill_tokens)
 
     def _admit(self) -> list[Sequence]:
         """Waiting sequences for one prefill, in arrival order, while their prompt tokens fit the budget together

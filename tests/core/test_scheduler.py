@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.core.scheduler import Scheduler, Sequence, batch_sizes
+from engine.core.scheduler import PREFILL_WAIT_STEPS, Scheduler, Sequence, batch_sizes
 
 
 def seq(index: int, prompt_len: int = 4, max_new: int = 3) -> Sequence:
@@ -90,3 +90,19 @@ def test_batch_buckets():
     assert batch_sizes(256) == [2, 4, 8, 16, 32, 64, 128, 256]
     assert batch_sizes(6) == [2, 4, 6]
     assert batch_sizes(1) == [1]
+
+
+def test_a_few_late_requests_wait_some_decode_steps_for_others_to_share_their_prefill():
+    s = Scheduler(num_rows=64, max_prefill_tokens=1000)  # refill_at 8
+    s.add(seq(0, max_new=100))
+    assert step(s)[0].is_prefill  # nothing runs: at once
+    s.add(seq(1, max_new=100))
+    s.add(seq(2, max_new=100))
+    kinds = [step(s)[0].is_prefill for _ in range(PREFILL_WAIT_STEPS + 1)]
+    assert kinds == [False] * PREFILL_WAIT_STEPS + [True]  # two waited PREFILL_WAIT_STEPS decode steps, then went in
+    for i in range(3, 3 + s.refill_at):
+        s.add(seq(i, max_new=100))
+    batch, _ = step(s)  # refill_at of them fill a prefill: no wait
+    assert batch.is_prefill and len(batch.seqs) == s.refill_at
+    s.add(seq(20, prompt_len=1000))
+    assert step(s)[0].is_prefill  # one that fills the token budget: no wait either
