@@ -101,19 +101,20 @@ class CoreRequest:
     steering: SteeringSpec | None
     capture: CaptureSpec | None = None
     stream: bool = False  # send its tokens as they are sampled (Progress), not only when it finishes
+    logprobs: int = -1  # -1: none; k >= 0: each generated token's log-probability and the top k alternatives
 
     def wire(self) -> list:
         """Its fields in order, the specs in their record form (as records state them)."""
         steering = None if self.steering is None else self.steering.to_record()
         capture = None if self.capture is None else self.capture.to_record()
         return [self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                self.ignore_eos, self.stop, steering, capture, self.stream]
+                self.ignore_eos, self.stop, steering, capture, self.stream, self.logprobs]
 
     @classmethod
     def from_wire(cls, values: list) -> "CoreRequest":
-        *settings, steering, capture, stream = values
+        *settings, steering, capture, stream, logprobs = values
         return cls(*settings, None if steering is None else SteeringSpec.from_record(steering),
-                   None if capture is None else CaptureSpec.from_record(capture), stream)
+                   None if capture is None else CaptureSpec.from_record(capture), stream, logprobs)
 
 
 @dataclass(slots=True)
@@ -178,6 +179,8 @@ class FinishedSeq:
     activations: dict | None = None  # engine.pipeline.activation_messages describes it
     # per steering term, the layers it steered, when a term left them to its vector file; else None
     steering_layers: list[list[int]] | None = None
+    logprobs: list[float] | None = None  # per generated token, when the request asked (CoreRequest.logprobs)
+    top_logprobs: list | None = None  # per generated token, [[id, log-probability], ...]
 
 
 @message(Kind.FINISHED)
@@ -209,6 +212,8 @@ class Result(Message):
     completion_token_ids: list[int] | None = None  # with return_tokens
     activations: dict | None = None
     steering_layers: list[list[int]] | None = None  # FinishedSeq.steering_layers
+    logprobs: list[float] | None = None  # FinishedSeq.logprobs, cut where the text was
+    top_logprobs: list | None = None
 
 
 @message(Kind.PROGRESS)

@@ -139,15 +139,18 @@ class EngineCore:
         host = self._host_tokens[self._flip][:tokens.shape[0]]
         self._flip ^= 1
         host.copy_(tokens, non_blocking=True)
+        logprobs = self.runner.logprobs
+        if logprobs is not None:  # asked for by few requests: copied as they come, on the same event
+            logprobs = tuple(None if t is None else t.to("cpu", non_blocking=True) for t in logprobs)
         captured = self.recorder.stage(batch)  # the step's activations ride on the same event
         event = None
         if tokens.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        return host, event, captured
+        return host, event, captured, logprobs
 
     def _read(self, batch, copied, on_wait: Callable[[], bool] | None = None) -> list[Sequence]:
-        host, event, captured = copied
+        host, event, captured, logprobs = copied
         waited, busy = time.perf_counter(), 0.0
         if event is not None:
             while on_wait is not None and not event.query():
@@ -161,6 +164,8 @@ class EngineCore:
         tokens = values if batch.is_prefill else [values[s.row] for s in batch.seqs]  # decode row b is KV row b
         self.recorder.collect(batch, captured)
         finished = self.scheduler.update(batch.seqs, tokens, self.eos_ids, self.stops.hit)
+        if logprobs is not None:
+            _keep_logprobs(batch, logprobs)
         for seq in finished:
             if seq.finish_reason == "error":
                 self._fail_non_finite(seq)
@@ -187,6 +192,20 @@ class EngineCore:
         while self.has_work:
             done.update((s.index, s) for s in self.step())
         return done
+
+
+def _keep_logprobs(batch, logprobs: tuple) -> None:
+    """The step's log-probabilities into the sequences that asked, for the token each took (none for a token
+    dropped because its sequence had finished)."""
+    chosen, top_values, top_ids = (None if t is None else t.tolist() for t in logprobs)
+    for i, seq in enumerate(batch.seqs):
+        if seq.num_logprobs < 0 or len(seq.output_logprobs) >= len(seq.output_ids):
+            continue
+        row = i if batch.is_prefill else seq.row
+        seq.output_logprobs.append(chosen[row])
+        if top_ids is not None:
+            seq.output_top.append([[t, v] for t, v in zip(top_ids[row][:seq.num_logprobs],
+                                                          top_values[row][:seq.num_logprobs])])
 
 
 def _step_timing(batch, started: float) -> dict:

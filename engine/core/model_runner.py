@@ -38,6 +38,7 @@ class ModelRunner:
                  compile_cache=None):
         self.model, self.steering, self.cache = model, steering, cache
         self.recorder = recorder
+        self.logprobs: tuple | None = None  # the last step's chosen_logprobs
         self.device = next(model.parameters()).device
         self.windows = _use_engine_attention(model)
         kv_rows = cache.num_rows
@@ -79,6 +80,7 @@ class ModelRunner:
         params = SamplingMetadata.build([s.sampling_row for s in seqs], self.device)
         steps = torch.zeros(len(seqs), dtype=torch.int64, device=self.device)
         tokens = self.sampler(logits, params, steps)
+        self.logprobs = chosen_logprobs(seqs, logits, tokens)
         kv_rows = to_device([s.row for s in seqs], torch.int64, self.device)
         self.inputs.tokens.index_copy_(0, kv_rows, _feedable(tokens))
         self.inputs.set_sampling(seqs, kv_rows)
@@ -125,6 +127,7 @@ class ModelRunner:
         logits = self.decode_logits(batch)
         params = self.inputs.sampling(batch.seqs, rows)
         tokens = self.sampler(logits, params, self.inputs.meta[2, :rows])
+        self.logprobs = chosen_logprobs(batch.seqs, logits, tokens)
         self.inputs.tokens[:rows] = _feedable(tokens)
         return tokens
 
@@ -179,6 +182,21 @@ def _use_engine_attention(model) -> set:
     # them (Mistral, Mixtral, Phi-3, Qwen3-MoE) every layer passes config.sliding_window to the attention when set.
     is_sliding = "sliding_attention" in layer_types if layer_types else window is not None
     return ({window} if is_sliding and window else set()) | {None}
+
+
+def chosen_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> tuple | None:
+    """When a sequence of the step asks for log-probabilities: (the sampled tokens' [B], the top-k values [B, k] and
+    ids [B, k], k the most any asks for; None for k = 0), under the model's own distribution (its logits before
+    temperature, top-k and top-p, as OpenAI and vLLM report them), in float32; else None. Rows as the logits'."""
+    k = max(s.num_logprobs for s in seqs)
+    if k < 0:
+        return None
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, _feedable(tokens)[:, None])[:, 0]
+    if not k:
+        return chosen, None, None
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return chosen, top.values, top.indices.to(torch.int32)
 
 
 def _feedable(tokens: torch.Tensor) -> torch.Tensor:

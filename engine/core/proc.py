@@ -31,9 +31,11 @@ def finished_seq(seq: Sequence, activations: dict | None = None) -> FinishedSeq:
     """What the decoders get of a finished sequence, with the layers its steering's terms steered when some term
     took them from its vector file (the result record states them)."""
     term_layers = None if seq.steering is None else seq.steering.term_layers
+    asked = seq.num_logprobs >= 0
     return FinishedSeq(seq.index, np.asarray(seq.output_ids, dtype=np.int32).tobytes(), seq.finish_reason,
                        seq.num_prompt_tokens, seq.stop, activations,
-                       None if term_layers is None else [list(layers) for layers in term_layers])
+                       None if term_layers is None else [list(layers) for layers in term_layers],
+                       seq.output_logprobs if asked else None, seq.output_top if asked and seq.num_logprobs else None)
 
 
 class SlotReader:

@@ -41,6 +41,9 @@ class Sequence:
     error: str | None = None  # why it ended without a result (finish_reason "error"); the core words it
     num_streamed: int = -1  # streaming: how many of its tokens the core has sent (Progress); -1: not streaming
     queued_at: int = 0  # the scheduler's decode-step count when it was queued
+    num_logprobs: int = -1  # -1: no log-probabilities; k >= 0: each token's, and the top k alternatives
+    output_logprobs: list = field(default_factory=list)  # per output token: its log-probability
+    output_top: list = field(default_factory=list)  # per output token: [[id, log-probability], ...] (k of them)
 
     @property
     def num_prompt_tokens(self) -> int:

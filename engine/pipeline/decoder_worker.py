@@ -39,8 +39,11 @@ def finalize(tok, items: list[FinishedSeq], return_tokens: bool) -> list[Result]
             text, count = cut
             ids, reason = ids[:count], "stop"
         activations = trim_generated(item.activations, len(ids)) if item.activations is not None else None
+        logprobs = None if item.logprobs is None else item.logprobs[:len(ids)]
+        top = None if item.top_logprobs is None else item.top_logprobs[:len(ids)]
         results.append(Result(item.index, text, reason, item.num_prompt_tokens, len(ids),
-                              ids if return_tokens else None, activations, item.steering_layers))
+                              ids if return_tokens or logprobs is not None else None, activations,
+                              item.steering_layers, logprobs, top))
     return results
 
 
