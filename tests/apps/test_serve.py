@@ -136,6 +136,24 @@ def test_chat_completions_equal_engine_runs(server, files):
     assert pieces[-1].usage.prompt_tokens == want["num_prompt_tokens"]
 
 
+def test_logprobs_are_engine_runs_with_each_token_spelled(server, files):
+    record = {"prompt": PROMPTS[1], "max_new_tokens": MAX_TOKENS, "temperature": 0.0, "seed": 5, "logprobs": 2}
+    want = engine_run(files, [record], "logprobs")[0]
+    client = server.client()
+    reply = client.completions.create(model=TINY, prompt=record["prompt"], max_tokens=MAX_TOKENS, temperature=0,
+                                      seed=5, logprobs=2)
+    lp = reply.choices[0].logprobs
+    assert lp.token_logprobs == want["completion_logprobs"] and "".join(lp.tokens) == want["completion"]
+    assert [len(top) for top in lp.top_logprobs] == [2] * MAX_TOKENS
+    assert [max(top.values()) for top in lp.top_logprobs] == lp.token_logprobs  # greedy: the top one was taken
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    chat = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=1)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 1 and t.top_logprobs[0].logprob == t.logprob for t in content)
+
+
 def test_n_choices_and_prompt_lists_seed_each_choice(server, files):
     """n choices of each prompt in a list: choice i of a prompt samples with seed + i, as an engine-run record with
     that seed does."""
@@ -167,7 +185,8 @@ BAD = [  # (body changes, status, param, words in the message)
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"model": "gpt-4"}, 404, "model", "does not exist"),
     ({"prompt": [1, 2, 3]}, 400, "prompt", "token ids"),
-    ({"logprobs": 5}, 400, "logprobs", "not supported"),
+    ({"logprobs": 50}, 400, "logprobs", "must be an integer"),
+    ({"logprobs": 2, "echo": True}, 400, "echo", "not supported"),
     ({"steering": [{"vector": "/nonexistent/v.pt", "layers": [1], "coef": 1}]}, 400, "steering", "no such file"),
     ({"steering": [{"vector": "VEC", "layers": [99], "coef": 1}]}, 400, "steering", "99"),
     ({"capture": {"layers": ["x"]}}, 400, "capture", "capture"),

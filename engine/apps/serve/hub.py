@@ -238,8 +238,22 @@ class EngineHub:
             if "activations" in record:
                 pointer = record.pop("activations")
                 record = {**record, "capture": {"output": str(self.writer.output), "id": record["id"], **pointer}}
+        if "completion_logprobs" in record:
+            record = self._spelled(record)
         text = submitted.texts[index].rest(record["completion"]) if submitted.texts else ""
         return Event(index, text=text, record=record)
+
+    def _spelled(self, record: dict) -> dict:
+        """A result with log-probabilities, its tokens and their alternatives spelled out as text (OpenAI's
+        logprobs name tokens by their text)."""
+        ids = record["completion_token_ids"]
+        tops = record.get("completion_top_logprobs")
+        texts = decode_texts(self.tokenizer, [[i] for i in ids + [t for step in tops or () for t, _ in step]])
+        out = {**record, "token_texts": texts[:len(ids)]}
+        if tops is not None:
+            alternatives = iter(texts[len(ids):])
+            out["top_texts"] = [[(next(alternatives), v) for _, v in step] for step in tops]
+        return out
 
     def _fail_all(self, error: str) -> None:
         self.error = error

@@ -17,6 +17,7 @@ DEFAULT_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
 MAX_STOPS = 4
 MAX_N = 128
+MAX_LOGPROBS = 20
 
 ENGINE_FIELDS = ("steering", "capture", "top_k", "ignore_eos")
 COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
@@ -121,14 +122,33 @@ def _settings(body: dict, kind: str) -> dict:
     for name in ENGINE_FIELDS:
         if body.get(name) is not None:
             out[name] = body[name]
+    logprobs = _logprobs(body, kind)
+    if logprobs is not None:
+        if body.get("echo"):
+            raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported by this "
+                                "server yet", "echo")
+        if body.get("stream"):
+            raise ApiError(400, "log-probabilities are not streamed by this server yet; ask for them without "
+                                "'stream'", "logprobs")
+        out["logprobs"] = logprobs
     return out
+
+
+def _logprobs(body: dict, kind: str) -> int | None:
+    """How many alternatives per token a body asks for (0: the chosen tokens' alone), None for no logprobs:
+    completions' `logprobs: k`, chat's `logprobs: true` with `top_logprobs: k`."""
+    if kind == "completion":
+        return None if body.get("logprobs") is None else _integer(body, "logprobs", 0, 0, MAX_LOGPROBS)
+    if not _boolean(body, "logprobs", False):
+        if body.get("top_logprobs") is not None:
+            raise ApiError(400, "field 'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    return _integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
 
 
 def _refuse_unsupported(body: dict, kind: str) -> None:
     """Fields this server reads only at their neutral value: anything else is refused by name, not ignored."""
-    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "suffix": None, "logprobs": None}
-    if kind == "chat":
-        neutral.update(logprobs=False, top_logprobs=None)
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "suffix": None}
     for name, value in neutral.items():
         if body.get(name, value) not in (value, None):
             raise ApiError(400, f"field '{name}' = {json.dumps(body[name])} is not supported by this server yet; "
@@ -213,12 +233,36 @@ def choice(job: Job, i: int, result: dict) -> dict:
     its captured tensors are."""
     text = result["completion"]
     if job.kind == "completion":
-        out = {"index": i, "text": job.prompts[i] + text if job.echo else text, "logprobs": None,
-               "finish_reason": result["finish_reason"]}
+        out = {"index": i, "text": job.prompts[i] + text if job.echo else text,
+               "logprobs": completion_logprobs(result), "finish_reason": result["finish_reason"]}
     else:
-        out = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        out = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": chat_logprobs(result),
                "finish_reason": result["finish_reason"]}
     return {**out, **engine_fields(result)}
+
+
+def completion_logprobs(result: dict) -> dict | None:
+    """OpenAI completions' logprobs object: tokens, token_logprobs, top_logprobs (token -> log-probability, the
+    most likely first) and text_offset, from a result record whose tokens the server has spelled (`token_texts`)."""
+    if "completion_logprobs" not in result:
+        return None
+    texts, offsets, at = result["token_texts"], [], 0
+    for piece in texts:
+        offsets.append(at)
+        at += len(piece)
+    top = [dict(step) for step in result["top_texts"]] if "top_texts" in result else None
+    return {"tokens": texts, "token_logprobs": result["completion_logprobs"], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def chat_logprobs(result: dict) -> dict | None:
+    """OpenAI chat's logprobs object: per token its text, log-probability, UTF-8 bytes and top alternatives."""
+    if "completion_logprobs" not in result:
+        return None
+    tops = result.get("top_texts") or [[] for _ in result["token_texts"]]
+    return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode()),
+                         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
+                        for text, lp, top in zip(result["token_texts"], result["completion_logprobs"], tops)]}
 
 
 def engine_fields(result: dict) -> dict:
