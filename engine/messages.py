@@ -102,19 +102,20 @@ class CoreRequest:
     capture: CaptureSpec | None = None
     stream: bool = False  # send its tokens as they are sampled (Progress), not only when it finishes
     logprobs: int = -1  # -1: none; k >= 0: each generated token's log-probability and the top k alternatives
+    prompt_logprobs: int = -1  # likewise for the prompt's tokens (after the first)
 
     def wire(self) -> list:
         """Its fields in order, the specs in their record form (as records state them)."""
         steering = None if self.steering is None else self.steering.to_record()
         capture = None if self.capture is None else self.capture.to_record()
         return [self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                self.ignore_eos, self.stop, steering, capture, self.stream, self.logprobs]
+                self.ignore_eos, self.stop, steering, capture, self.stream, self.logprobs, self.prompt_logprobs]
 
     @classmethod
     def from_wire(cls, values: list) -> "CoreRequest":
-        *settings, steering, capture, stream, logprobs = values
+        *settings, steering, capture, stream, logprobs, prompt_logprobs = values
         return cls(*settings, None if steering is None else SteeringSpec.from_record(steering),
-                   None if capture is None else CaptureSpec.from_record(capture), stream, logprobs)
+                   None if capture is None else CaptureSpec.from_record(capture), stream, logprobs, prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -181,6 +182,7 @@ class FinishedSeq:
     steering_layers: list[list[int]] | None = None
     logprobs: list[float] | None = None  # per generated token, when the request asked (CoreRequest.logprobs)
     top_logprobs: list | None = None  # per generated token, [[id, log-probability], ...]
+    prompt: dict | None = None  # with prompt_logprobs: {"ids", "logprobs" (tokens 1..), "top_logprobs"?}
 
 
 @message(Kind.FINISHED)
@@ -214,6 +216,7 @@ class Result(Message):
     steering_layers: list[list[int]] | None = None  # FinishedSeq.steering_layers
     logprobs: list[float] | None = None  # FinishedSeq.logprobs, cut where the text was
     top_logprobs: list | None = None
+    prompt: dict | None = None  # FinishedSeq.prompt
 
 
 @message(Kind.PROGRESS)

@@ -48,6 +48,7 @@ class Admission:
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             seed=request.seed, ignore_eos=request.ignore_eos, stop=request.stop, steering=plan,
             num_streamed=0 if request.stream else -1, num_logprobs=request.logprobs,
+            num_prompt_logprobs=request.prompt_logprobs,
         )
         # The capture is registered last, when nothing after it can fail, so a refused request leaves none behind
         # (register itself checks every layer before it keeps anything).

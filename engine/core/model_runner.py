@@ -111,14 +111,18 @@ class ModelRunner:
         self.steering.set_active(self.steering.prefill_inputs(seqs, starts))
         self.recorder.start_prefill(seqs, starts, owner)
         last = to_device(starts[1:] - 1, torch.int64, self.device)
+        scored = [i for i, s in enumerate(seqs[:num_prompts]) if s.num_prompt_logprobs >= 0]
+        keep = last if not scored else to_device(_kept(starts, lengths, set(scored)), torch.int64, self.device)
         self.collapse.watch(last)
         try:
-            out = self.model(input_ids=ids, position_ids=positions[None], use_cache=False, logits_to_keep=last)
+            out = self.model(input_ids=ids, position_ids=positions[None], use_cache=False, logits_to_keep=keep)
         finally:
             self.steering.set_active({})
             self.recorder.stop()
             self.collapse.stop()
-        return out.logits[0, :num_prompts]
+        if not scored:
+            return out.logits[0, :num_prompts]
+        return _score_prompts(seqs, scored, lengths, out.logits[0])[:num_prompts]
 
     # ---- decode
     @torch.inference_mode()
@@ -197,6 +201,33 @@ def chosen_logprobs(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Te
         return chosen, None, None
     top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     return chosen, top.values, top.indices.to(torch.int32)
+
+
+def _kept(starts, lengths: list[int], scored: set[int]) -> np.ndarray:
+    """The packed positions whose logits a prefill keeps: every position of a prompt whose log-probabilities were
+    asked for, the last of every other one, prompt by prompt."""
+    return np.concatenate([np.arange(start, start + n) if i in scored else np.array([start + n - 1])
+                           for i, (start, n) in enumerate(zip(starts[:-1], lengths))])
+
+
+def _score_prompts(seqs: list[Sequence], scored: list[int], lengths: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """From a prefill's kept logits (_kept's), each scored prompt's log-probabilities of its own tokens after the
+    first (position t's logits predict token t + 1) and their top-k alternatives, left on the sequence as device
+    tensors (read once it finishes); the last position's logits of every prompt, for sampling."""
+    at, last = 0, []
+    for i, (seq, n) in enumerate(zip(seqs, lengths)):
+        if i not in scored:
+            last.append(at)
+            at += 1
+            continue
+        rows = torch.log_softmax(logits[at:at + n - 1].float(), dim=-1)
+        chosen = rows.gather(-1, seq.prompt_ids[1:, None])[:, 0]
+        k = min(seq.num_prompt_logprobs, rows.shape[-1])
+        top = rows.topk(k, dim=-1) if k else None
+        seq.prompt_scores = (chosen, None if top is None else top.values, None if top is None else top.indices)
+        last.append(at + n - 1)
+        at += n
+    return logits[torch.tensor(last, device=logits.device)]
 
 
 def _feedable(tokens: torch.Tensor) -> torch.Tensor:

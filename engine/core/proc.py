@@ -35,7 +35,20 @@ def finished_seq(seq: Sequence, activations: dict | None = None) -> FinishedSeq:
     return FinishedSeq(seq.index, np.asarray(seq.output_ids, dtype=np.int32).tobytes(), seq.finish_reason,
                        seq.num_prompt_tokens, seq.stop, activations,
                        None if term_layers is None else [list(layers) for layers in term_layers],
-                       seq.output_logprobs if asked else None, seq.output_top if asked and seq.num_logprobs else None)
+                       seq.output_logprobs if asked else None, seq.output_top if asked and seq.num_logprobs else None,
+                       _prompt_scores(seq))
+
+
+def _prompt_scores(seq: Sequence) -> dict | None:
+    """A scored prompt's ids, its tokens' log-probabilities (from the second on) and their alternatives."""
+    if seq.prompt_scores is None:
+        return None
+    chosen, values, ids = seq.prompt_scores
+    out = {"ids": seq.prompt_ids.tolist(), "logprobs": chosen.tolist()}
+    if values is not None:
+        out["top_logprobs"] = [[[t, v] for t, v in zip(step_ids, step_values)]
+                               for step_ids, step_values in zip(ids.tolist(), values.tolist())]
+    return out
 
 
 class SlotReader:

@@ -44,6 +44,8 @@ class Sequence:
     num_logprobs: int = -1  # -1: no log-probabilities; k >= 0: each token's, and the top k alternatives
     output_logprobs: list = field(default_factory=list)  # per output token: its log-probability
     output_top: list = field(default_factory=list)  # per output token: [[id, log-probability], ...] (k of them)
+    num_prompt_logprobs: int = -1  # -1: none; k >= 0: each prompt token's log-probability and k alternatives
+    prompt_scores: tuple | None = None  # after its prefill: (chosen [n - 1], top values, top ids) on the device
 
     @property
     def num_prompt_tokens(self) -> int:

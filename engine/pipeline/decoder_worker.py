@@ -43,7 +43,7 @@ def finalize(tok, items: list[FinishedSeq], return_tokens: bool) -> list[Result]
         top = None if item.top_logprobs is None else item.top_logprobs[:len(ids)]
         results.append(Result(item.index, text, reason, item.num_prompt_tokens, len(ids),
                               ids if return_tokens or logprobs is not None else None, activations,
-                              item.steering_layers, logprobs, top))
+                              item.steering_layers, logprobs, top, item.prompt))
     return results
 
 

@@ -15,7 +15,8 @@ log = logging.getLogger("engine")
 
 RESERVED_OUTPUT = ("completion", "finish_reason", "num_prompt_tokens", "num_completion_tokens",
                    "completion_token_ids", "error", "line", "steering_name", "activations", "input_digest",
-                   "completion_logprobs", "completion_top_logprobs")
+                   "completion_logprobs", "completion_top_logprobs", "prompt_token_ids", "prompt_logprobs",
+                   "prompt_top_logprobs")
 
 
 def error_record(line: int | None, request_id: str | None, error: str) -> dict:

@@ -16,7 +16,7 @@ from engine.specs import (CaptureSpec, RecordError, SteeringSpec, is_finite, loa
 
 KNOWN_FIELDS = {
     "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-    "ignore_eos", "steering", "capture", "logprobs",
+    "ignore_eos", "steering", "capture", "logprobs", "prompt_logprobs",
 }
 FIELD = "field '{}'"  # how messages about a record name its fields
 MAX_LOGPROBS = 20  # alternatives per token a record may ask for (OpenAI's limit)
@@ -45,11 +45,13 @@ class Request:
     digest: str | None = None  # record_digest of the input record, when its output keeps one
     stream: bool = False  # the core sends its tokens as they are sampled (engine-serve's streaming responses)
     logprobs: int = -1  # the record's `logprobs` (k alternatives per token); -1: none asked
+    prompt_logprobs: int = -1  # the record's `prompt_logprobs`, likewise for its prompt's tokens
 
     def to_wire(self) -> TokenizeRequest:
         """What the worker processes need of it; pass-through fields and the id stay with the parent."""
         core = CoreRequest(self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                           self.ignore_eos, self.stop, self.steering, self.capture, self.stream, self.logprobs)
+                           self.ignore_eos, self.stop, self.steering, self.capture, self.stream, self.logprobs,
+                           self.prompt_logprobs)
         return TokenizeRequest(self.prompt, self.messages, core)
 
     def result_record(self, result: Result) -> dict:
@@ -71,6 +73,11 @@ class Request:
             record["completion_logprobs"] = result.logprobs
             if result.top_logprobs is not None:
                 record["completion_top_logprobs"] = result.top_logprobs
+        if result.prompt is not None:
+            record["prompt_token_ids"] = result.prompt["ids"]
+            record["prompt_logprobs"] = result.prompt["logprobs"]
+            if "top_logprobs" in result.prompt:
+                record["prompt_top_logprobs"] = result.prompt["top_logprobs"]
         if self.digest is not None:
             record["input_digest"] = self.digest
         record.update(self.extra)
@@ -95,7 +102,7 @@ class Request:
 
 # The request fields the tokenizer workers and the engine core read (Request.to_wire).
 WIRE_FIELDS = ("index", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-               "ignore_eos", "steering", "capture", "logprobs")
+               "ignore_eos", "steering", "capture", "logprobs", "prompt_logprobs")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -266,18 +273,20 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
         extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
         steering_name=spec_name,
         capture=parse_capture(obj["capture"], capture) if "capture" in obj else capture,
-        logprobs=_logprobs(obj),
+        logprobs=_logprobs(obj, "logprobs", "generated"),
+        prompt_logprobs=_logprobs(obj, "prompt_logprobs", "prompt"),
     )
 
 
-def _logprobs(obj: dict) -> int:
-    """A record's `logprobs`: absent, null or false: none; true: each token's; k: and the top k alternatives."""
-    value = obj.get("logprobs")
+def _logprobs(obj: dict, name: str, whose: str) -> int:
+    """A record's `logprobs` / `prompt_logprobs`: absent, null or false: none; true: each token's; k: and the top
+    k alternatives."""
+    value = obj.get(name)
     if value is None or value is False:
         return -1
     if value is True:
         return 0
     if not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
-        raise RecordError(f"field 'logprobs' is {json.dumps(value)[:40]}; give true (each generated token's "
+        raise RecordError(f"field '{name}' is {json.dumps(value)[:40]}; give true (each {whose} token's "
                           f"log-probability) or an integer in [0, {MAX_LOGPROBS}] (and that many alternatives)")
     return value

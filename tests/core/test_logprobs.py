@@ -52,3 +52,29 @@ def test_logprobs_equal_an_hf_forward_token_by_token(tokenizer, tiny_model):
 def test_a_bad_logprobs_field_is_that_records_error(value):
     [error] = read_requests([(1, {"prompt": "x", "logprobs": value})], tiny_config())
     assert "field 'logprobs'" in error["error"] and "[0, 20]" in error["error"]
+
+
+def test_prompt_logprobs_equal_an_hf_forward_and_leave_the_completions_as_they_were(tokenizer, tiny_model):
+    records = [{"id": f"p{i}", "prompt": p, "max_new_tokens": 4, "temperature": 0.0,
+                **({"prompt_logprobs": [True, 2][i % 2], "logprobs": 1} if i % 3 != 2 else {})}
+               for i, p in enumerate(PROMPTS)]
+    with Engine(tiny_config(max_num_seqs=3, return_tokens=True)) as engine:
+        scored = {r["id"]: r for r in engine.generate_all(records)}
+        plain = {r["id"]: r for r in engine.generate_all([{k: v for k, v in r.items() if "logprobs" not in k}
+                                                           for r in records])}
+    for record in records:
+        result = scored[record["id"]]
+        assert result["completion"] == plain[record["id"]]["completion"]
+        if "prompt_logprobs" not in record:
+            assert "prompt_logprobs" not in result
+            continue
+        ids = tokenizer(record["prompt"]).input_ids
+        assert result["prompt_token_ids"] == ids
+        with torch.no_grad():
+            want = torch.log_softmax(tiny_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        chosen = want.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(result["prompt_logprobs"]), chosen, atol=1e-4, rtol=0)
+        if record["prompt_logprobs"] is True:
+            assert "prompt_top_logprobs" not in result
+        else:
+            assert [[t for t, _ in step] for step in result["prompt_top_logprobs"]] == want.topk(2).indices.tolist()
