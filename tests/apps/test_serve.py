@@ -154,6 +154,24 @@ def test_logprobs_are_engine_runs_with_each_token_spelled(server, files):
     assert all(len(t.top_logprobs) == 1 and t.top_logprobs[0].logprob == t.logprob for t in content)
 
 
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_with_logprobs_scores_the_prompt_as_engine_run_does(server, files, max_tokens):
+    """What lm-evaluation-harness' loglikelihood requests send: echo, logprobs, max_tokens 0 or 1."""
+    prompt = PROMPTS[0]
+    want = engine_run(files, [{"prompt": prompt, "max_new_tokens": 1, "temperature": 0.0, "prompt_logprobs": 1,
+                               "logprobs": 1}], f"scored{max_tokens}")[0]
+    reply = server.client().completions.create(model=TINY, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                               echo=True, logprobs=1)
+    choice, lp = reply.choices[0], reply.choices[0].logprobs
+    kept = max_tokens  # the one generated token is kept with max_tokens 1, dropped with 0
+    assert choice.text == prompt + want["completion"][:len(want["completion"]) * kept]
+    assert lp.token_logprobs == [None, *want["prompt_logprobs"], *want["completion_logprobs"][:kept]]
+    assert len(lp.tokens) == len(want["prompt_token_ids"]) + kept and lp.top_logprobs[0] is None
+    assert [max(top.values()) for top in lp.top_logprobs[1:]] == [
+        step[0][1] for step in want["prompt_top_logprobs"] + want["completion_top_logprobs"][:kept]]
+    assert reply.usage.completion_tokens == kept
+
+
 def test_n_choices_and_prompt_lists_seed_each_choice(server, files):
     """n choices of each prompt in a list: choice i of a prompt samples with seed + i, as an engine-run record with
     that seed does."""
@@ -186,7 +204,7 @@ BAD = [  # (body changes, status, param, words in the message)
     ({"model": "gpt-4"}, 404, "model", "does not exist"),
     ({"prompt": [1, 2, 3]}, 400, "prompt", "token ids"),
     ({"logprobs": 50}, 400, "logprobs", "must be an integer"),
-    ({"logprobs": 2, "echo": True}, 400, "echo", "not supported"),
+    ({"max_tokens": 0}, 400, "max_tokens", ">= 1"),
     ({"steering": [{"vector": "/nonexistent/v.pt", "layers": [1], "coef": 1}]}, 400, "steering", "no such file"),
     ({"steering": [{"vector": "VEC", "layers": [99], "coef": 1}]}, 400, "steering", "99"),
     ({"capture": {"layers": ["x"]}}, 400, "capture", "capture"),

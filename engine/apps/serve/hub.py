@@ -245,14 +245,20 @@ class EngineHub:
 
     def _spelled(self, record: dict) -> dict:
         """A result with log-probabilities, its tokens and their alternatives spelled out as text (OpenAI's
-        logprobs name tokens by their text)."""
-        ids = record["completion_token_ids"]
-        tops = record.get("completion_top_logprobs")
-        texts = decode_texts(self.tokenizer, [[i] for i in ids + [t for step in tops or () for t, _ in step]])
-        out = {**record, "token_texts": texts[:len(ids)]}
-        if tops is not None:
-            alternatives = iter(texts[len(ids):])
-            out["top_texts"] = [[(next(alternatives), v) for _, v in step] for step in tops]
+        logprobs name tokens by their text): the completion's (`token_texts`, `top_texts`) and, when it scored
+        its prompt, the prompt's (`prompt_texts`, `prompt_top_texts`)."""
+        out = {**record}
+        for ids_name, tops_name, texts_name, top_texts_name in (
+                ("completion_token_ids", "completion_top_logprobs", "token_texts", "top_texts"),
+                ("prompt_token_ids", "prompt_top_logprobs", "prompt_texts", "prompt_top_texts")):
+            if ids_name not in record:
+                continue
+            ids, tops = record[ids_name], record.get(tops_name)
+            texts = decode_texts(self.tokenizer, [[i] for i in ids + [t for step in tops or () for t, _ in step]])
+            out[texts_name] = texts[:len(ids)]
+            if tops is not None:
+                alternatives = iter(texts[len(ids):])
+                out[top_texts_name] = [[(next(alternatives), v) for _, v in step] for step in tops]
         return out
 
     def _fail_all(self, error: str) -> None:

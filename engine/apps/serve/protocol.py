@@ -49,6 +49,7 @@ class Job:
     stream: bool
     echo: bool = False
     include_usage: bool = False
+    is_scoring: bool = False  # echo with max_tokens 0: one token is generated and dropped, the prompt is the answer
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -93,12 +94,12 @@ def parse_body(raw: bytes, kind: str, model_names: tuple[str, ...]) -> Job:
     records, texts = [], []
     for text, given in zip(prompts, inputs):
         for choice in range(n):
-            record = {**given, **settings}
+            record = {**given, **settings, "max_new_tokens": max(1, settings["max_new_tokens"])}
             if "seed" in settings:  # choice i samples with seed + i, so n choices differ and each is reproducible
                 record["seed"] = settings["seed"] + choice
             records.append(record)
             texts.append(text)
-    return Job(kind, model, records, texts, stream, echo, include_usage)
+    return Job(kind, model, records, texts, stream, echo, include_usage, settings["max_new_tokens"] == 0)
 
 
 def _settings(body: dict, kind: str) -> dict:
@@ -106,7 +107,8 @@ def _settings(body: dict, kind: str) -> dict:
     own record checks (ranges, vector files, capture layers) answer for the rest."""
     out: dict = {}
     name = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
-    out["max_new_tokens"] = _integer(body, name, DEFAULT_MAX_TOKENS, 1, None)
+    scoring = kind == "completion" and body.get("echo") is True  # max_tokens 0: the prompt scored, nothing kept
+    out["max_new_tokens"] = _integer(body, name, DEFAULT_MAX_TOKENS, 0 if scoring else 1, None)
     out["temperature"] = _number(body, "temperature", DEFAULT_TEMPERATURE)
     if "top_p" in body and body["top_p"] is not None:
         out["top_p"] = _number(body, "top_p", 1.0)
@@ -124,9 +126,8 @@ def _settings(body: dict, kind: str) -> dict:
             out[name] = body[name]
     logprobs = _logprobs(body, kind)
     if logprobs is not None:
-        if body.get("echo"):
-            raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported by this "
-                                "server yet", "echo")
+        if body.get("echo") is True:
+            out["prompt_logprobs"] = logprobs
         if body.get("stream"):
             raise ApiError(400, "log-probabilities are not streamed by this server yet; ask for them without "
                                 "'stream'", "logprobs")
@@ -234,25 +235,40 @@ def choice(job: Job, i: int, result: dict) -> dict:
     text = result["completion"]
     if job.kind == "completion":
         out = {"index": i, "text": job.prompts[i] + text if job.echo else text,
-               "logprobs": completion_logprobs(result), "finish_reason": result["finish_reason"]}
+               "logprobs": completion_logprobs(result, job.echo), "finish_reason": result["finish_reason"]}
     else:
         out = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": chat_logprobs(result),
                "finish_reason": result["finish_reason"]}
     return {**out, **engine_fields(result)}
 
 
-def completion_logprobs(result: dict) -> dict | None:
+def dropped_completion(result: dict) -> dict:
+    """A scoring request's result without the one token it generated (max_tokens 0 with echo)."""
+    out = {**result, "completion": "", "num_completion_tokens": 0, "finish_reason": "length"}
+    for name in ("completion_logprobs", "token_texts", "top_texts", "completion_token_ids"):
+        if name in out:
+            out[name] = []
+    return out
+
+
+def completion_logprobs(result: dict, echo: bool = False) -> dict | None:
     """OpenAI completions' logprobs object: tokens, token_logprobs, top_logprobs (token -> log-probability, the
-    most likely first) and text_offset, from a result record whose tokens the server has spelled (`token_texts`)."""
+    most likely first) and text_offset, from a result record whose tokens the server has spelled (`token_texts`);
+    with echo the prompt's tokens first, the first of them without a log-probability (nothing predicts it)."""
     if "completion_logprobs" not in result:
         return None
-    texts, offsets, at = result["token_texts"], [], 0
+    texts, logprobs = result["token_texts"], result["completion_logprobs"]
+    top = [dict(step) for step in result["top_texts"]] if "top_texts" in result else None
+    if echo:
+        texts = result["prompt_texts"] + texts
+        logprobs = [None, *result["prompt_logprobs"], *logprobs]
+        if top is not None:
+            top = [None, *(dict(step) for step in result["prompt_top_texts"]), *top]
+    offsets, at = [], 0
     for piece in texts:
         offsets.append(at)
         at += len(piece)
-    top = [dict(step) for step in result["top_texts"]] if "top_texts" in result else None
-    return {"tokens": texts, "token_logprobs": result["completion_logprobs"], "top_logprobs": top,
-            "text_offset": offsets}
+    return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 def chat_logprobs(result: dict) -> dict | None:
@@ -277,6 +293,8 @@ def engine_fields(result: dict) -> dict:
 def response(job: Job, results: list[dict]) -> dict:
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
     prefix = "cmpl" if job.kind == "completion" else "chatcmpl"
+    if job.is_scoring:  # the token generated to get there is not part of the answer
+        results = [dropped_completion(r) for r in results]
     return {"id": f"{prefix}-{job.id}", "object": obj, "created": job.created, "model": job.model,
             "choices": [choice(job, i, r) for i, r in enumerate(results)], "usage": usage(results)}
 
