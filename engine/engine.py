@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.bytecode import use_bytecode_cache
 from engine.config import EngineConfig
-from engine.messages import Feed, Outcome, Progress, RecordFailed, Result
+from engine.messages import Cancel, Feed, Outcome, Progress, RecordFailed, Result
 from engine.models import effective_max_len, resolve_model
 from engine.pipeline.reader import error_record, read_requests
 from engine.pipeline.request import Request
@@ -121,6 +121,15 @@ class Engine:
             self.pending[request.index] = (position, request)
             batch.append(request.to_wire())
         self._feed(batch)
+
+    def cancel(self, requests: list[Request]) -> None:
+        """End submitted requests that have not finished (their caller lost interest): each core ends those it
+        holds, and each comes back as an error Outcome (engine.messages.CANCELLED) unless it finished first."""
+        indices = [r.index for r in requests if r.index in self.pending]
+        if indices:
+            for core in self.cores:
+                if core.is_alive:
+                    core.inbox.put(Cancel(indices))
 
     def poll(self, timeout: float, max_messages: int = 256) -> list[Outcome | Streamed]:
         """What arrived for the submitted requests: an Outcome per finished request, and the tokens of streaming ones

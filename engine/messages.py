@@ -5,6 +5,7 @@ The topology they travel (engine/pipeline's docstring draws it):
     parent --Feed--> tokenizer workers --SlotFilled--> (router) --> engine core --Finished--> decoder workers
     decoder workers --Result--> parent;  RecordFailed from any stage that refuses one record
     engine core --Progress (streaming requests' new tokens, passed on by its decoders)--> parent
+    parent --Cancel--> engine cores
     engine core --Ready, Stats (via its decoders)--> parent;  parent --StatsQuery--> engine core
     any stage --Fatal--> parent;  parent --Stop--> any stage's inbox
 
@@ -37,6 +38,7 @@ class Kind(IntEnum):
     STATS_QUERY = 8
     FATAL = 9
     PROGRESS = 10
+    CANCEL = 11
 
 
 TYPES: dict[int, type] = {}
@@ -227,6 +229,18 @@ class Progress(Message):
     may pass each other, and the last may come after the Result, which holds every token and the final text)."""
 
     chunks: list[list]
+
+
+@message(Kind.CANCEL)
+@dataclass(slots=True)
+class Cancel(Message):
+    """Parent -> engine cores: end these requests now (their client went away); each core ends those it has, and
+    refuses those that reach it later, with RecordFailed (CANCELLED)."""
+
+    indices: list[int]
+
+
+CANCELLED = "cancelled: its client went away"
 
 
 @message(Kind.RECORD_FAILED)

@@ -332,10 +332,13 @@ class PrefillCapture:
             size = math.prod(shape)
             value = flat[offset:offset + size].reshape(shape).copy()
             offset += size
+            capture = requests.get(index)  # None: cancelled since its prefill was launched
             if layer is not None:
-                requests[index].prompt[layer] = value
+                if capture is not None:
+                    capture.prompt[layer] = value
             else:
-                requests[index].features.append((value, indices[at:at + size].reshape(shape).copy()))
+                if capture is not None:
+                    capture.features.append((value, indices[at:at + size].reshape(shape).copy()))
                 at += size
 
 

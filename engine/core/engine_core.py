@@ -17,7 +17,8 @@ from engine.core.activations import ActivationRecorder
 from engine.core.admission import Admission
 from engine.core.attention import unsupported_reason
 from engine.config import DEFAULT_NUM_SEQS, EngineConfig
-from engine.messages import CoreRequest
+from engine.messages import CANCELLED, CoreRequest
+from engine.pipeline.request import RecordError
 from engine.core.faults import is_device_error, non_finite_error  # noqa: F401 - is_device_error: re-exported
 from engine.core.kv_cache import KVCache, plan_rows
 from engine.core.model_runner import ModelRunner
@@ -33,6 +34,7 @@ log = logging.getLogger("engine")
 # Steering-table rows preallocated (distinct vectors before it grows): growing it re-captures the steered decode
 # graphs, so a GPU reserves many (4096 x hidden x 6 bytes: 50 MB at hidden 2048); a CPU has no graphs.
 STEERING_ROWS = {"gpu": 4096, "cpu": 1024}
+MAX_CANCELLED = 65536  # cancelled indices kept for requests not yet arrived
 
 
 class EngineCore:
@@ -68,6 +70,7 @@ class EngineCore:
                              for _ in range(2)]
         self._flip = 0
         self.streaming: dict[int, Sequence] = {}  # the streaming sequences that have not finished, by index
+        self.cancelled: set[int] = set()  # requests cancelled before they reached this core (refused on arrival)
         self.timing: dict = {}  # the last step's host timings (StepTrace)
 
     def close(self) -> None:
@@ -78,9 +81,34 @@ class EngineCore:
 
     def add(self, request: CoreRequest, prompt_ids: torch.Tensor) -> None:
         """Queue one request, or raise RecordError and keep nothing of it (Admission.add)."""
+        if request.index in self.cancelled:
+            self.cancelled.discard(request.index)
+            raise RecordError(CANCELLED)
         seq = self.admission.add(request, prompt_ids, self.scheduler)
         if request.stream:
             self.streaming[seq.index] = seq
+
+    def cancel(self, indices: list[int]) -> list[int]:
+        """End these requests now: waiting ones leave the queue, running ones their KV row (a step in flight that
+        holds one still computes it; its token is dropped as for a sequence that ended). Returns those ended here;
+        the others are refused if they arrive later (the set is bounded: the oldest indices go first)."""
+        wanted = set(indices)
+        ended = [seq for seq in self.scheduler.waiting if seq.index in wanted]
+        for seq in ended:
+            self.scheduler.waiting.remove(seq)
+        for seq in list(self.scheduler.running.values()):
+            if seq.index in wanted and seq.finish_reason is None:
+                self.scheduler.drop(seq)
+                ended.append(seq)
+        for seq in ended:
+            seq.finish_reason = "cancelled"
+            self.recorder.pop(seq.index)
+            self.streaming.pop(seq.index, None)
+        done = {seq.index for seq in ended}
+        self.cancelled |= wanted - done
+        while len(self.cancelled) > MAX_CANCELLED:
+            self.cancelled.discard(min(self.cancelled))
+        return sorted(done)
 
     def progress(self, finished: list[Sequence]) -> list[list]:
         """The streaming sequences' tokens read since the last call, as Progress chunks [index, start, int32

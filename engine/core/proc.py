@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
-from engine.messages import Finished, FinishedSeq, Progress, Ready, RecordFailed, SlotFilled, Stats, StatsQuery, Stop
+from engine.messages import (CANCELLED, Cancel, Finished, FinishedSeq, Progress, Ready, RecordFailed, SlotFilled,
+                             Stats, StatsQuery, Stop)
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Sequence
 from engine.core.trace import StepTrace
@@ -186,13 +187,17 @@ class Admission:
             case StatsQuery(id=query):
                 self.events.put(_report(self.stats, self.reader, reply_to=query))
                 return True
+            case Cancel(indices=indices):
+                for index in self.core.cancel(indices):
+                    self.events.put(RecordFailed(index, CANCELLED))
+                return True
             case SlotFilled():
                 started = time.perf_counter()
                 self.count += _admit(self.core, self.reader, msg, self.events)
                 self.seconds += time.perf_counter() - started
             case _:
                 raise TypeError(f"an engine core got a {type(msg).__name__} message; it takes SlotFilled, "
-                                f"StatsQuery and Stop")
+                                f"StatsQuery, Cancel and Stop")
         if block and self.core.has_work:
             self.stats.busy_starts = [*self.stats.busy_starts[-(MAX_BUSY_STARTS - 1):], time.monotonic()]
         return True

@@ -151,6 +151,11 @@ class Scheduler:
             self.running[seq.row] = seq
         return admitted
 
+    def drop(self, seq: Sequence) -> None:
+        """Free a running sequence's KV row now (it was cancelled)."""
+        del self.running[seq.row]
+        heapq.heappush(self._free, seq.row)
+
     def requeue(self, seqs: list[Sequence]) -> None:
         """Put admitted sequences back at the front of the queue (their prefill did not run)."""
         for seq in reversed(seqs):

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -232,6 +233,24 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_serves_on(server, 
         server.client().completions.create(model="other", prompt="x", max_tokens=2)
     chat = server.post("/v1/chat/completions", {"model": TINY, "messages": [{"role": "user"}]})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+
+
+def test_a_client_that_goes_away_ends_its_request_in_the_engine(server, files):
+    """A stream closed after its first chunk: the request leaves the engine at once (/health runs none), and never
+    finishes (the server's output never gets its result); a whole request whose client hangs up likewise."""
+    body = {"model": TINY, "prompt": "Once", "max_tokens": 90, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as reply:
+        first = next(line for line in reply.iter_lines() if line.startswith("data: "))
+    job = json.loads(first[6:])["id"].removeprefix("cmpl-")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/health").json()["running"]:
+        assert time.monotonic() < deadline, "the abandoned requests kept running"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    served = [r for r in read_jsonl(files / "served.jsonl") if r["num_completion_tokens"] == 90]
+    assert not served and job
 
 
 def test_models_and_health(server):

@@ -12,6 +12,7 @@ from engine import Engine
 from engine.core.engine_core import EngineCore
 from engine.core.scheduler import Scheduler
 from engine.messages import CoreRequest, FinishedSeq
+from engine.pipeline.request import RecordError
 from support.reference import hf_greedy, steered
 
 
@@ -123,3 +124,24 @@ def test_decoder_texts_equal_hf_batch_decode(tokenizer):
     id_lists = [rng.integers(0, len(tokenizer), 60).tolist() for _ in range(64)]
     id_lists += [tokenizer("Hello , world ! It's  a test.\n\n  x  ")["input_ids"], [], tokenizer.all_special_ids]
     assert decode_texts(tokenizer, id_lists) == tokenizer.batch_decode(id_lists, skip_special_tokens=True)
+
+
+def test_cancelled_requests_leave_at_once_and_the_rest_run_as_without_them(core, tokenizer):
+    """Core has 4 KV rows: 0-3 run, 4-6 wait. Cancel a running one, a waiting one and one not arrived yet (refused
+    when it comes); the others' tokens equal a run without any of them, and the freed row serves the queue."""
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:7]]
+    rows = [request(i, max_new_tokens=12) for i in range(7)]
+    alone = core.generate([r for r in rows if r.index not in (1, 5)], [p for i, p in enumerate(prompts)
+                                                                       if i not in (1, 5)])
+    for r, ids in zip(rows, prompts):
+        core.add(r, torch.tensor(ids))
+    done = {}
+    for _ in range(3):
+        done.update((s.index, s) for s in core.step())
+    assert sorted(core.cancel([1, 5, 99])) == [1, 5]
+    with pytest.raises(RecordError, match="cancelled"):
+        core.add(request(99), torch.tensor(prompts[0]))
+    while core.has_work:
+        done.update((s.index, s) for s in core.step())
+    assert sorted(done) == [0, 2, 3, 4, 6]
+    assert {i: s.output_ids for i, s in done.items()} == {i: s.output_ids for i, s in alone.items()}

@@ -3,6 +3,7 @@ check, and the playground page; every refusal in OpenAI's error shape, naming th
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -45,12 +46,16 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
         job = parse_body(await _body(request, settings.max_request_bytes), kind, names)
         submitted = await hub.submit(job)
         if not job.stream:
-            return JSONResponse(response(job, await _results(submitted)))
-        first = await submitted.queue.get()  # a record the engine refuses fails before any text: still a 4xx
+            return JSONResponse(response(job, await _results(hub, submitted, request)))
+        try:
+            first = await submitted.queue.get()  # a record the engine refuses fails before any text: still a 4xx
+        except BaseException:
+            hub.abandon(submitted)  # the client went away before the first token
+            raise
         if first.error is not None:
-            submitted.is_abandoned = True
+            hub.abandon(submitted)
             raise _engine_refusal(first.error)
-        return StreamingResponse(_stream(job, submitted, first), media_type="text/event-stream",
+        return StreamingResponse(_stream(hub, job, submitted, first), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def models(request: Request) -> Response:
@@ -139,24 +144,39 @@ def _engine_refusal(error: str) -> ApiError:
     return ApiError(400, error, field_of(error))
 
 
-async def _results(submitted: Submitted) -> list[dict]:
-    """Every choice's record, in choice order; the first refused record is the request's error."""
+async def _results(hub: EngineHub, submitted: Submitted, request: Request) -> list[dict]:
+    """Every choice's record, in choice order; the first refused record is the request's error. A client that goes
+    away meanwhile ends its requests in the engine."""
     records: list[dict | None] = [None] * len(submitted.job.records)
     left = len(records)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
         while left:
-            event = await submitted.queue.get()
+            got = asyncio.ensure_future(submitted.queue.get())
+            await asyncio.wait((got, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not got.done():
+                got.cancel()
+                raise ApiError(499, "the client went away")
+            event = got.result()
             if event.error is not None:
                 raise _engine_refusal(event.error)
             if event.record is not None:
                 records[event.index] = event.record
                 left -= 1
     finally:
-        submitted.is_abandoned = left > 0
+        gone.cancel()
+        if left:
+            hub.abandon(submitted)
     return records
 
 
-async def _stream(job: Job, submitted: Submitted, first: Event):
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (its body has been read by then, so only the disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(hub: EngineHub, job: Job, submitted: Submitted, first: Event):
     """Server-sent events: each choice's text as it comes, its finish reason, usage if asked, then [DONE]. Events
     that queued up while the client's connection was busy go out merged, in one write. An error after text went
     out is sent as an error event (the status line is gone by then)."""
@@ -188,7 +208,8 @@ async def _stream(job: Job, submitted: Submitted, first: Event):
             yield "".join(out)
             events = _merged([await submitted.queue.get(), *_queued(submitted)])
     finally:
-        submitted.is_abandoned = left > 0
+        if left > 0:
+            hub.abandon(submitted)
 
 
 def _queued(submitted: Submitted) -> list[Event]:

@@ -115,6 +115,7 @@ class Submitted:
         self.texts = [IncrementalText(tokenizer, s) for s in stops] if job.stream else None
         self.is_abandoned = False  # the client went away: events are dropped
         self.left = len(job.records)  # choices not finished yet
+        self.requests: list = []  # its engine Requests, in choice order
 
 
 def _hand_over(events: list[tuple[Submitted, Event]]) -> None:
@@ -177,6 +178,7 @@ class EngineHub:
             request.stream = job.stream
             requests.append(request)
         submitted = Submitted(job, asyncio.get_running_loop(), [r.stop for r in requests], self.tokenizer)
+        submitted.requests = requests
         pairs = []
         for i, request in enumerate(requests):
             key = next(self._keys)
@@ -267,6 +269,14 @@ class EngineHub:
         choices, self._choices = self._choices, {}
         _hand_over([(submitted, Event(index, error=f"the engine stopped: {error}"))
                     for submitted, index in choices.values()])
+
+    def abandon(self, submitted: Submitted) -> None:
+        """The client went away (or the job failed): drop its events and end its unfinished requests in the
+        engine, so their rows go to others."""
+        if submitted.is_abandoned:
+            return
+        submitted.is_abandoned = True
+        self.engine.cancel(submitted.requests)
 
     def close(self) -> None:
         self._closing.set()
