@@ -124,7 +124,7 @@ class CoreRequest:
 class TokenizeRequest:
     """A request as the tokenizer workers get it: text or chat messages, and what goes on to the core."""
 
-    prompt: str | None
+    prompt: str | list[int] | None  # text, or token ids as they are
     messages: list | None
     core: CoreRequest
 

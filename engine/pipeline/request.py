@@ -29,7 +29,7 @@ class Request:
     index: int
     line: int
     id: str
-    prompt: str | None
+    prompt: str | list[int] | None  # text, or token ids
     messages: list | None
     max_new_tokens: int
     temperature: float
@@ -194,6 +194,14 @@ def _get(obj: dict, name: str, default, kinds: tuple, label: str):
     return _typed(obj, name, kinds, label) if name in obj else default
 
 
+def _prompt(obj: dict) -> str | list[int]:
+    """A record's prompt: text, or a non-empty list of token ids (run as they are: no BOS is added)."""
+    prompt = obj["prompt"]
+    if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        return prompt
+    return _typed(obj, "prompt", (str,), "a string or a non-empty list of token ids")
+
+
 def _messages(obj: dict) -> list:
     messages = obj["messages"]
     ok = isinstance(messages, list) and messages and all(
@@ -241,7 +249,7 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         raise RecordError("a record needs exactly one of 'prompt' (string) or 'messages' (chat list)")
-    prompt = _typed(obj, "prompt", (str,), "a string") if has_prompt else None
+    prompt = _prompt(obj) if has_prompt else None
     messages = _messages(obj) if has_messages else None
     request_id = _get(obj, "id", str(line), (str,), "a string")
     if not request_id:

@@ -20,12 +20,22 @@ from engine.pipeline.ring import ShmRing
 
 log = logging.getLogger("engine")
 
-def encode(tok, inputs: list[tuple[str | None, list | None]]) -> list[list[int] | RecordError]:
-    """Token ids per (prompt, messages) pair: prompts via one batch encode, messages via the chat template; an input
-    the tokenizer cannot encode gets a RecordError, and the others are encoded all the same."""
-    texts = [prompt for prompt, _ in inputs if prompt is not None]
+def encode(tok, inputs: list[tuple[str | list | None, list | None]]) -> list[list[int] | RecordError]:
+    """Token ids per (prompt, messages) pair: text prompts via one batch encode, messages via the chat template,
+    token-id prompts as they are (checked against the vocabulary); an input the tokenizer cannot encode gets a
+    RecordError, and the others are encoded all the same."""
+    texts = [prompt for prompt, _ in inputs if isinstance(prompt, str)]
     encoded = iter(_encode_texts(tok, texts))
-    return [next(encoded) if prompt is not None else _encode_chat(tok, chat) for prompt, chat in inputs]
+    return [next(encoded) if isinstance(prompt, str) else _encode_chat(tok, chat) if prompt is None
+            else _checked_ids(prompt, len(tok)) for prompt, chat in inputs]
+
+
+def _checked_ids(ids: list[int], vocab_size: int) -> list[int] | RecordError:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        return RecordError(f"field 'prompt' holds token ids outside this tokenizer's vocabulary [0, {vocab_size}): "
+                           f"{bad[:5]}")
+    return ids
 
 
 def _encode_texts(tok, texts: list[str]) -> list[list[int] | RecordError]:

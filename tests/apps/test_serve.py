@@ -173,6 +173,16 @@ def test_echo_with_logprobs_scores_the_prompt_as_engine_run_does(server, files, 
     assert reply.usage.completion_tokens == kept
 
 
+def test_token_id_prompts_run_as_they_are(server, tokenizer):
+    ids = tokenizer(PROMPTS[2]).input_ids  # with its BOS, as the server tokenizes the text
+    client = server.client()
+    text = client.completions.create(model=TINY, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0)
+    both = client.completions.create(model=TINY, prompt=[ids, ids[1:]], max_tokens=MAX_TOKENS, temperature=0,
+                                     echo=True)
+    assert both.choices[0].text == tokenizer.decode(ids, skip_special_tokens=True) + text.choices[0].text
+    assert both.usage.prompt_tokens == 2 * len(ids) - 1  # the second ran without the BOS
+
+
 def test_n_choices_and_prompt_lists_seed_each_choice(server, files):
     """n choices of each prompt in a list: choice i of a prompt samples with seed + i, as an engine-run record with
     that seed does."""
@@ -203,7 +213,8 @@ BAD = [  # (body changes, status, param, words in the message)
     ({"temperature": [1]}, 400, "temperature", "must be a number"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"model": "gpt-4"}, 404, "model", "does not exist"),
-    ({"prompt": [1, 2, 3]}, 400, "prompt", "token ids"),
+    ({"prompt": [1, True]}, 400, "prompt", "token ids"),
+    ({"prompt": [10**9]}, 400, "prompt", "vocabulary"),
     ({"logprobs": 50}, 400, "logprobs", "must be an integer"),
     ({"max_tokens": 0}, 400, "max_tokens", ">= 1"),
     ({"steering": [{"vector": "/nonexistent/v.pt", "layers": [1], "coef": 1}]}, 400, "steering", "no such file"),

@@ -83,6 +83,35 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
         return JSONResponse({"model": settings.model_name, "num_layers": hub.num_layers, "vectors": found,
                              "needs_key": settings.api_key is not None})
 
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: {"prompt", "add_special_tokens"?} -> {"tokens", "count", "max_model_len"} (what
+        lm-evaluation-harness' remote tokenizer reads, so a harness tokenizes as the server does)."""
+        _authorize(request, settings.api_key)
+        body = _json_object(await _body(request, settings.max_request_bytes))
+        text, special = body.get("prompt"), body.get("add_special_tokens", True)
+        if not isinstance(text, str) or not isinstance(special, bool):
+            raise ApiError(400, "give {\"prompt\": text, \"add_special_tokens\": true|false}", "prompt")
+        ids = await asyncio.to_thread(lambda: hub.encoder.encode(text, add_special_tokens=special))
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": hub.engine.max_model_len})
+
+    async def detokenize(request: Request) -> Response:
+        _authorize(request, settings.api_key)
+        ids = _json_object(await _body(request, settings.max_request_bytes)).get("tokens")
+        if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise ApiError(400, "give {\"tokens\": [token ids]}", "tokens")
+        bad = [i for i in ids if not 0 <= i < len(hub.encoder)]
+        if bad:
+            raise ApiError(400, f"token ids outside the vocabulary [0, {len(hub.encoder)}): {bad[:5]}", "tokens")
+        return JSONResponse({"prompt": hub.encoder.decode(ids)})
+
+    async def tokenizer_info(request: Request) -> Response:
+        _authorize(request, settings.api_key)
+        tok = hub.encoder
+        named = getattr(tok, "special_tokens_map", {})
+        return JSONResponse({"bos_token": named.get("bos_token"), "eos_token": named.get("eos_token"),
+                             "pad_token": named.get("pad_token"), "chat_template": tok.chat_template,
+                             "model_max_length": hub.engine.max_model_len, "vocab_size": len(tok)})
+
     async def on_api_error(request: Request, exc: ApiError) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
@@ -99,8 +128,21 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/", playground, methods=["GET"]),
         Route("/playground/vectors", vectors, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
 
 
 def _authorize(request: Request, key: str | None) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from engine.apps.serve.protocol import ApiError, Job
 from engine.engine import Engine, EngineError, Streamed
 from engine.messages import Outcome
-from engine.models import num_decoder_layers
+from engine.models import load_tokenizer, num_decoder_layers
 from engine.pipeline.decoder_worker import decode_texts
 from engine.pipeline.reader import checked_request
 from engine.pipeline.writer import JsonlWriter
@@ -144,6 +144,7 @@ class EngineHub:
         self.named = load_named_specs(engine.config.steering_specs) if engine.config.steering_specs else {}
         self.steering, self.capture = engine.config.steering.spec(), engine.config.capture.spec()
         self.num_layers = num_decoder_layers(engine.source)
+        self._encoder = None
         self._keys = itertools.count()
         self.num_served = 0  # requests answered (jobs, not choices)
         self._lines = itertools.count(1)
@@ -155,6 +156,13 @@ class EngineHub:
         self._thread.start()
 
     @property
+    def encoder(self):
+        """The model's full tokenizer (the decoding one has no merges), loaded at its first use (/tokenize)."""
+        if self._encoder is None:
+            self._encoder = load_tokenizer(self.engine.source.tokenizer_dir)
+        return self._encoder
+
+    @property
     def num_running(self) -> int:
         return len(self._choices)
 
@@ -162,6 +170,8 @@ class EngineHub:
         """Check every record (ApiError 400 naming the field, before anything runs), then queue them."""
         if self.error is not None:
             raise ApiError(503, f"the engine stopped ({self.error}); restart engine-serve", kind="server_error")
+        if job.echo:  # a token-id prompt is echoed as its text
+            job.prompts = [p if isinstance(p, str) else decode_texts(self.tokenizer, [p])[0] for p in job.prompts]
         requests = []
         for i, record in enumerate(job.records):
             if record.get("capture") is not None and self.writer is None:

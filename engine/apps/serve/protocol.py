@@ -161,16 +161,25 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
         raise ApiError(400, "field 'best_of' must equal 'n' (every choice is returned); leave it out", "best_of")
 
 
-def _prompts(body: dict) -> list[str]:
+def _prompts(body: dict) -> list[str | list[int]]:
+    """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of such lists (token
+    ids run as they are: no BOS is added)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, int) or isinstance(p, list) for p in prompt):
-        raise ApiError(400, "field 'prompt' holds token ids; this server takes text: send the prompt as a string "
-                            "(or a list of strings)", "prompt")
-    raise ApiError(400, "field 'prompt' is required: a string or a non-empty list of strings", "prompt")
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return prompt
+        if _is_ids(prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p and _is_ids(p) for p in prompt):
+            return prompt
+    raise ApiError(400, "field 'prompt' is required: a string, a list of strings, a list of token ids or a list of "
+                        "such lists", "prompt")
+
+
+def _is_ids(values: list) -> bool:
+    return all(isinstance(i, int) and not isinstance(i, bool) for i in values)
 
 
 def _message(m, i: int) -> dict:
