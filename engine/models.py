@@ -270,15 +270,16 @@ def random_config(preset: str, vocab_size: int):
 
 def hidden_size(source: ModelSource) -> int:
     """The residual-stream width of a model source (what a steering vector must match)."""
-    return int(_text_config(source)["hidden_size"])
+    return int(text_config(source)["hidden_size"])
 
 
 def num_decoder_layers(source: ModelSource) -> int:
     """How many decoder layers a model source has (the layers steering and capture may name)."""
-    return int(_text_config(source)["num_hidden_layers"])
+    return int(text_config(source)["num_hidden_layers"])
 
 
-def _text_config(source: ModelSource) -> dict:
+def text_config(source: ModelSource) -> dict:
+    """The model's text config as a dict (a preset's, or config.json's, its text_config where it nests one)."""
     if source.preset is not None:
         return PRESETS[source.preset]
     config = json.loads((Path(source.weights_dir) / "config.json").read_text())

@@ -89,6 +89,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive", action="store_true",
                    help="with --e2e, engine-run --keep-alive too: once starting its resident engine (caches warm), "
                         "then again with that engine loaded (its rows: cache warm, then loaded)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="adapter rows: a second engine with a random rank-R LoRA on every linear layer loaded, the "
+                        "prompts with none of them on it, then every other one on it (engine_bench/lora.py)")
     p.add_argument("--serve", action="store_true",
                    help="engine-serve under load instead: --serve-clients streaming clients send the workload's "
                         "prompts for --serve-seconds after --serve-warmup, beside engine-run on the same prompts at "
@@ -118,7 +121,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         steering_layers=args.steering_layers, capture_layers=args.capture_layers,
         capture_positions=args.capture_positions, interventions=args.interventions, also_models=args.also_model,
         is_e2e=args.e2e, is_keep_alive=args.keep_alive, engine_flags_given=list(given), is_serve=args.serve,
-        serve_clients=args.serve_clients, serve_seconds=args.serve_seconds, serve_warmup_s=args.serve_warmup,
+        lora_rank=args.lora_rank, serve_clients=args.serve_clients, serve_seconds=args.serve_seconds,
+        serve_warmup_s=args.serve_warmup,
     )
 
 

@@ -71,6 +71,7 @@ class BenchConfig:
     is_e2e: bool = False  # whole commands (engine-run and the user's script) instead of the steady-state rows
     is_keep_alive: bool = False  # --e2e: engine-run --keep-alive too, starting its resident engine, then with it loaded
     engine_flags_given: list[str] = field(default_factory=list)  # engine settings the user set: --e2e passes only these
+    lora_rank: int = 0  # > 0: a second engine with a random LoRA of this rank, its 0% and 50% rows (engine_bench.lora)
     is_serve: bool = False  # engine-serve under load beside engine-run (engine_bench/serve.py)
     serve_clients: int = 64
     serve_seconds: float = 60.0
@@ -112,6 +113,9 @@ class BenchConfig:
             self.device = self.engine.devices[0] if self.engine.devices else self.engine.device
         if self.is_e2e:
             self._check_e2e()
+        if self.lora_rank < 0 or (self.lora_rank and "engine" not in self.systems):
+            raise ConfigError(f"--lora-rank {self.lora_rank}: give a rank >= 1 (0: no adapter rows) with the engine "
+                              "among --systems")
         if self.is_serve and (self.is_e2e or self.serve_clients < 1 or self.serve_seconds <= 0
                               or self.serve_warmup_s < 0):
             raise ConfigError("--serve: give --serve-clients >= 1, --serve-seconds > 0 and --serve-warmup >= 0, "

@@ -15,6 +15,7 @@ from engine.models import ModelSource, hidden_size, resolve_dtype, resolve_model
 from engine.procs import MsgQueue
 from engine_bench.config import MAX_WARMUP_TOKENS, NUM_WARMUP_PROMPTS, BenchConfig, BenchError
 from engine_bench.interventions import intervention_records
+from engine_bench.lora import NAME as LORA_NAME, lora_rows, write_random_lora
 from engine_bench.messages import ChildExit, Progress, SystemDone, SystemStarted
 from engine_bench.workloads import Prompt, prompts_from_msg
 
@@ -118,28 +119,43 @@ def run_engine(config_msg: dict, prompts_msg: list[dict], events: MsgQueue) -> N
     config = BenchConfig.from_dict(config_msg)
     prompts = prompts_from_msg(prompts_msg)
     base = config.engine_label if len(config.engine.devices) < 2 else f"engine-{len(config.engine.devices)}dev"
-    with Engine(config.engine) as engine, tempfile.TemporaryDirectory() as folder:
-        runs = [(base, _engine_records(prompts))]
-        layers = ",".join(map(str, config.steering_layers))
-        for count in config.steering_specs:
-            specs = random_steering_specs(engine.source, config, count, Path(folder))
-            steered = [{**r, "steering": specs[i % len(specs)]} for i, r in enumerate(_engine_records(prompts))]
-            runs.append((f"{base}+steer{count}@L{layers}", steered))
-        for name in config.interventions:
-            runs.append((f"{base}+{name}", intervention_records(name, _engine_records(prompts), hidden_size(
-                engine.source), config.steering_layers, config.engine.sampling.seed, Path(folder))))
-        if config.capture_layers:
-            capture = {"layers": config.capture_layers, "positions": config.capture_positions}
-            runs.append((f"{base}+capture@L{','.join(map(str, config.capture_layers))}:{config.capture_positions}",
-                         [{**r, "capture": capture} for r in _engine_records(prompts)]))
-        for system, records in runs:
-            window = _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts,
-                                       max(1, len(config.engine.devices)))
-            if config.engine.trace_dir:
-                with (Path(config.engine.trace_dir) / "runs.jsonl").open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"system": system, "prompts": len(records), "first_work": window[0],
-                                        "last_work": window[1]}) + "\n")
+    with tempfile.TemporaryDirectory() as folder:
+        with Engine(config.engine) as engine:
+            _engine_rows(engine, config, base, prompts, Path(folder), events)
+        if config.lora_rank:  # a second engine, the adapter loaded (the first has ended: one on the card at a time)
+            adapter = write_random_lora(resolve_model(config.engine.model, config.engine.tokenizer,
+                                                      config.engine.cache_dir), config.lora_rank,
+                                        Path(folder) / "lora", config.engine.sampling.seed)
+            with Engine(dataclasses.replace(config.engine, adapters={LORA_NAME: str(adapter)})) as engine:
+                for system, records in lora_rows(base, config.lora_rank, _engine_records(prompts)):
+                    _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts,
+                                      max(1, len(config.engine.devices)))
     events.put(ChildExit())
+
+
+def _engine_rows(engine, config: BenchConfig, base: str, prompts: list[Prompt], folder: Path,
+                 events: MsgQueue) -> None:
+    """The plain row, then a row per steering count, intervention and capture, on one engine."""
+    runs = [(base, _engine_records(prompts))]
+    layers = ",".join(map(str, config.steering_layers))
+    for count in config.steering_specs:
+        specs = random_steering_specs(engine.source, config, count, folder)
+        steered = [{**r, "steering": specs[i % len(specs)]} for i, r in enumerate(_engine_records(prompts))]
+        runs.append((f"{base}+steer{count}@L{layers}", steered))
+    for name in config.interventions:
+        runs.append((f"{base}+{name}", intervention_records(name, _engine_records(prompts), hidden_size(
+            engine.source), config.steering_layers, config.engine.sampling.seed, folder)))
+    if config.capture_layers:
+        capture = {"layers": config.capture_layers, "positions": config.capture_positions}
+        runs.append((f"{base}+capture@L{','.join(map(str, config.capture_layers))}:{config.capture_positions}",
+                     [{**r, "capture": capture} for r in _engine_records(prompts)]))
+    for system, records in runs:
+        window = _timed_engine_run(engine, system, records[:NUM_WARMUP_PROMPTS], records, events, prompts,
+                                   max(1, len(config.engine.devices)))
+        if config.engine.trace_dir:
+            with (Path(config.engine.trace_dir) / "runs.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"system": system, "prompts": len(records), "first_work": window[0],
+                                    "last_work": window[1]}) + "\n")
 
 
 def random_steering_specs(source: ModelSource, config: BenchConfig, count: int, folder: Path) -> list[dict]:
