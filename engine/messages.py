@@ -98,19 +98,20 @@ class CoreRequest:
     stop: list[str]
     steering: SteeringSpec | None
     capture: CaptureSpec | None = None
+    adapter: int = 0  # the LoRA adapter it runs with: engine.core.lora.LoraTable's index (0: the base model)
 
     def wire(self) -> list:
         """Its fields in order, the specs in their record form (as records state them)."""
         steering = None if self.steering is None else self.steering.to_record()
         capture = None if self.capture is None else self.capture.to_record()
         return [self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                self.ignore_eos, self.stop, steering, capture]
+                self.ignore_eos, self.stop, steering, capture, self.adapter]
 
     @classmethod
     def from_wire(cls, values: list) -> "CoreRequest":
-        *settings, steering, capture = values
+        *settings, steering, capture, adapter = values
         return cls(*settings, None if steering is None else SteeringSpec.from_record(steering),
-                   None if capture is None else CaptureSpec.from_record(capture))
+                   None if capture is None else CaptureSpec.from_record(capture), adapter)
 
 
 @dataclass(slots=True)

@@ -39,6 +39,7 @@ class Sequence:
     row: int = -1  # its KV row while it runs
     num_scheduled: int = 0  # tokens sampled on the device, including one the host has not read yet
     error: str | None = None  # why it ended without a result (finish_reason "error"); the core words it
+    adapter: int = 0  # its LoRA adapter (engine.core.lora.LoraTable's index; 0: the base model)
 
     @property
     def num_prompt_tokens(self) -> int:

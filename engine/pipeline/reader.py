@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Container, Iterable, Iterator
 
+from engine.adapters import adapter_names
 from engine.config import EngineConfig
 from engine.pipeline.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs,
                                      parse_record, record_digest)
@@ -37,6 +38,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
     """
     steering, capture = config.steering.spec(), config.capture.spec()
     named = load_named_specs(config.steering_specs) if config.steering_specs else {}
+    adapters = {name: i + 1 for i, name in enumerate(adapter_names(config.adapters))}
     seen = IdIndex()  # its temporary file goes when the generator ends or is dropped; each id keeps its line
     for line, raw in sources:
         request_id = None
@@ -47,7 +49,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             request_id = obj.get("id") if isinstance(obj.get("id"), str) and is_unicode(obj["id"]) else None
             if isinstance(raw, bytes):
                 check_text(raw, obj)
-            request = parse_record(obj, -1, line, config.sampling, steering, named, capture)
+            request = parse_record(obj, -1, line, config.sampling, steering, named, capture, adapters)
             request_id = request.id
             clash = [k for k in request.extra if k in RESERVED_OUTPUT]
             if clash:

@@ -16,7 +16,7 @@ from engine.specs import (CaptureSpec, RecordError, SteeringSpec, is_finite, loa
 
 KNOWN_FIELDS = {
     "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-    "ignore_eos", "steering", "capture",
+    "ignore_eos", "steering", "capture", "adapter",
 }
 FIELD = "field '{}'"  # how messages about a record name its fields
 
@@ -42,11 +42,13 @@ class Request:
     steering_name: str | None = None  # the named spec the record asked for, if any
     capture: CaptureSpec | None = None  # None: no activations
     digest: str | None = None  # record_digest of the input record, when its output keeps one
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
+    adapter_index: int = 0  # that adapter's index in the engine core (engine.adapters.adapter_names order + 1)
 
     def to_wire(self) -> TokenizeRequest:
         """What the worker processes need of it; pass-through fields and the id stay with the parent."""
         core = CoreRequest(self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                           self.ignore_eos, self.stop, self.steering, self.capture)
+                           self.ignore_eos, self.stop, self.steering, self.capture, self.adapter_index)
         return TokenizeRequest(self.prompt, self.messages, core)
 
     def result_record(self, result: Result) -> dict:
@@ -62,6 +64,8 @@ class Request:
                   "steering": None if steering is None else steering.to_record()}
         if self.steering_name is not None:
             record["steering_name"] = self.steering_name
+        if self.adapter is not None:
+            record["adapter"] = self.adapter
         if result.completion_token_ids is not None:
             record["completion_token_ids"] = result.completion_token_ids
         if self.digest is not None:
@@ -88,7 +92,7 @@ class Request:
 
 # The request fields the tokenizer workers and the engine core read (Request.to_wire).
 WIRE_FIELDS = ("index", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-               "ignore_eos", "steering", "capture")
+               "ignore_eos", "steering", "capture", "adapter_index")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -220,10 +224,26 @@ def _record_steering(obj: dict, default: SteeringSpec | None, named: dict[str, S
     return named[value], value
 
 
+def _record_adapter(obj: dict, adapters: dict[str, int]) -> tuple[str | None, int]:
+    """(the adapter a record names, its index): (None, 0), the base model, where it names none or null."""
+    name = obj.get("adapter")
+    if name is None:
+        return None, 0
+    if not isinstance(name, str):
+        raise RecordError(f"field 'adapter' is {json.dumps(name)[:60]}; give the name of a loaded adapter, or null "
+                          f"for the base model")
+    if name not in adapters:
+        known = ", ".join(sorted(adapters)) if adapters else "none: start the engine with --adapter NAME=DIR"
+        raise RecordError(f"field 'adapter' names {name[:60]!r}, which is not a loaded adapter (loaded: {known})")
+    return name, adapters[name]
+
+
 def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: SteeringSpec | None,
-                 named: dict[str, SteeringSpec] | None = None, capture: CaptureSpec | None = None) -> Request:
+                 named: dict[str, SteeringSpec] | None = None, capture: CaptureSpec | None = None,
+                 adapters: dict[str, int] | None = None) -> Request:
     """A decoded JSON object -> Request with defaults filled in (`steering`, `capture`: the run's, for records that
-    do not say; `named`: the --steering-specs); RecordError on any bad field."""
+    do not say; `named`: the --steering-specs; `adapters`: the loaded adapters' indices by name); RecordError on any
+    bad field."""
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         raise RecordError("a record needs exactly one of 'prompt' (string) or 'messages' (chat list)")
@@ -242,6 +262,7 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
         check_seed(seed, RecordError, FIELD)
     stop = _stop(obj)
     spec, spec_name = _record_steering(obj, steering, named or {})
+    adapter, adapter_index = _record_adapter(obj, adapters or {})
     return Request(
         index=index,
         line=line,
@@ -259,4 +280,6 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
         extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
         steering_name=spec_name,
         capture=parse_capture(obj["capture"], capture) if "capture" in obj else capture,
+        adapter=adapter,
+        adapter_index=adapter_index,
     )
