@@ -15,8 +15,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import UserError
-
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 BASE = "base"  # not an adapter's name: the base model, in a sweep's `adapter` axis
@@ -31,8 +29,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _WEIGHT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)\.weight")
 
 
-class AdapterError(UserError, ValueError):
-    """An adapter directory the engine cannot run; the message names the directory, the problem and what to do."""
+class AdapterError(ValueError):
+    """An adapter directory the engine cannot run; the message names the directory, the problem and what to do
+    (EngineConfig reports it as a ConfigError, the engine core as engine.core.lora.AdapterRefused)."""
 
 
 @dataclass(frozen=True, slots=True)

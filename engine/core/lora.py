@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from engine.adapters import AdapterError, LoraAdapter, adapter_names, read_adapter, weight_module
+from engine.config import UserError
 from engine.core.transfer import to_device
+
+
+class AdapterRefused(UserError, ValueError):
+    """An adapter the engine core cannot put in this model (its directory, targets, shapes or weights); the message
+    names its directory and what to do."""
 
 
 class LoraTable:
@@ -32,7 +38,10 @@ class LoraTable:
         self.names = adapter_names(adapters)
         self.device = torch.device(device)
         dtype = next(model.parameters()).dtype
-        loaded = [_load(read_adapter(name, adapters[name]), model) for name in self.names]
+        try:
+            loaded = [_load(read_adapter(name, adapters[name]), model) for name in self.names]
+        except AdapterError as exc:
+            raise AdapterRefused(str(exc)) from None
         widths = [max((a.shape[0] for a, _, _ in weights.values()), default=0) for weights in loaded]
         self.offsets = np.cumsum([0] + widths).tolist()  # adapter i + 1 owns columns offsets[i]:offsets[i + 1]
         self.num_columns = self.offsets[-1]
