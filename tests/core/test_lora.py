@@ -263,3 +263,21 @@ def test_engine_run_reports_a_bad_adapter_in_one_line(tmp_path, adapters):
     result = engine_run("--input", str(path), "--adapter", f"u={unfit}", "--quiet", *TINY_ARGS)
     assert result.returncode == 1 and f"--adapter u={unfit}: its target_modules" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_engine_run_with_adapters_states_them_and_resumes_only_with_the_same(tmp_path, adapters, tokenizer):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"id": "a", "prompt": PROMPTS[1], "adapter": "poet"},
+                                                            {"id": "b", "prompt": PROMPTS[1]}]))
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(path), "--output", str(out), "--return-tokens", "--ignore-eos", *TINY_ARGS]
+    result = engine_run(*args, "--adapter", f"poet={adapters['all'][0]}")
+    assert result.returncode == 0, result.stderr
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    ids = tokenizer(PROMPTS[1]).input_ids
+    assert got["a"]["adapter"] == "poet" and got["a"]["completion_token_ids"] == peft_greedy(adapters["all"][1], ids)
+    assert "adapter" not in got["b"]
+    manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
+    assert list(manifest["adapters"]) == ["poet"]
+    result = engine_run(*args, "--adapter", f"poet={adapters['rslora'][0]}")  # the same name, other weights
+    assert result.returncode == 1 and "adapters: was" in result.stderr, result.stderr
