@@ -22,11 +22,10 @@ from engine.config import ConfigError
 from engine.core.engine_core import EngineCore
 from engine.core.lora import AdapterRefused
 from engine.core.scheduler import Scheduler
+from support.lora import LINEARS, make_lora
 from support.reference import hf_greedy
 
 peft = pytest.importorskip("peft")
-
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (LoraConfig settings, seed): every linear; rsLoRA on two of them in two layers; a regex with rank and alpha
 # patterns
 ADAPTERS = {
@@ -44,13 +43,8 @@ def adapters(tmp_path_factory, tiny_model):
     """name -> (directory, PEFT's model with that adapter on a copy of the tiny model); "all-bin": "all" saved as
     adapter_model.bin."""
     root = tmp_path_factory.mktemp("adapters")
-    made = {}
-    for name, (settings, seed) in ADAPTERS.items():
-        torch.manual_seed(seed)
-        model = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(init_lora_weights=False, **settings))
-        model.eval()
-        model.save_pretrained(root / name)
-        made[name] = (str(root / name), model)
+    made = {name: (str(root / name), make_lora(tiny_model, root / name, seed, **settings))
+            for name, (settings, seed) in ADAPTERS.items()}
     made["all"][1].save_pretrained(root / "all-bin", safe_serialization=False)
     made["all-bin"] = (str(root / "all-bin"), made["all"][1])
     return made
