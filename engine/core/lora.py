@@ -101,12 +101,11 @@ class LoraTable:
         return bool(self.names) and any(s.adapter for s in seqs)
 
     def prefill_select(self, seqs, starts) -> torch.Tensor | None:
-        """The [tokens, R] selection of a packed prefill (prompt j's tokens from starts[j]; tokens past the last
-        prompt, a pad, are base), or None when no prompt has an adapter."""
+        """The [tokens, R] selection of a packed prefill (prompt j's tokens from starts[j] to starts[j + 1]), or None
+        when no prompt has an adapter."""
         if not self.uses(seqs):
             return None
-        lengths = np.diff(np.asarray(starts))
-        adapters = np.repeat(np.array([s.adapter for s in seqs[:len(lengths)]], dtype=np.int64), lengths)
+        adapters = np.repeat(np.array([s.adapter for s in seqs], dtype=np.int64), np.diff(np.asarray(starts)))
         return self.selectors[to_device(torch.from_numpy(adapters), torch.int64, self.device)]
 
     def decode_select(self, num_rows: int, is_lora: bool) -> torch.Tensor | None:

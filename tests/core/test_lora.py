@@ -149,6 +149,12 @@ def test_base_rows_are_bit_identical_to_an_engine_without_adapters(core, plain_c
     assert done[0].output_ids == alone[0].output_ids and done[2].output_ids == alone[2].output_ids
 
 
+def test_a_one_token_prompt_alone_is_padded_and_still_equals_peft(core, tiny_model, adapters):
+    # a prefill of one token in all is padded to two (engine.core.warmup.placeholder), the pad a base-model token
+    done = core.generate([core_request(0, adapter=index_of(core, "all"))], [[17]])
+    assert done[0].output_ids == peft_greedy(adapters["all"][1], [17]) != hf_greedy(tiny_model, [17], NEW_TOKENS)
+
+
 def test_rank_and_alpha_rules_are_peft_s(adapters):
     rslora = read_adapter("rslora", adapters["rslora"][0])
     assert rslora.rank_and_scale("model.layers.1.self_attn.q_proj") == (4, 8 / math.sqrt(4))
