@@ -87,7 +87,7 @@ def peft_greedy(model, ids: list[int], spec=None) -> list[int]:
     return hf_greedy(model.get_base_model(), ids, NEW_TOKENS, spec)
 
 
-@pytest.mark.parametrize("name", list(ADAPTERS) + ["all-bin"])
+@pytest.mark.parametrize("name", list(ADAPTERS))
 def test_an_adapter_equals_peft_unmerged_and_merged(core, tokenizer, tiny_model, adapters, name):
     _, model = adapters[name]
     logits = first_step_logits(core, tokenizer, [name, None, name])
@@ -97,14 +97,20 @@ def test_an_adapter_equals_peft_unmerged_and_merged(core, tokenizer, tiny_model,
             expected = model(input_ids=torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-4)
     merged = copy.deepcopy(model).merge_and_unload()
-    prompts = [tokenizer(p).input_ids for p in PROMPTS[:4]]
-    done = core.generate([core_request(i, adapter=index_of(core, name)) for i in range(4)], prompts)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[1:4]]
+    done = core.generate([core_request(i, adapter=index_of(core, name)) for i in range(len(prompts))], prompts)
     changed = 0
     for i, ids in enumerate(prompts):
         got = done[i].output_ids
         assert got == peft_greedy(model, ids) == hf_greedy(merged, ids, NEW_TOKENS), i
         changed += got != hf_greedy(tiny_model, ids, NEW_TOKENS)
     assert changed  # the adapter changes what the model says, so the comparison is not vacuous
+
+
+def test_an_adapter_saved_as_bin_loads_the_same_weights(core, tokenizer):
+    # the same numbers in other columns of the stacked layout: equal up to the GEMM's summation order
+    safetensors, torch_bin = (first_step_logits(core, tokenizer, [name, None]) for name in ("all", "all-bin"))
+    torch.testing.assert_close(safetensors, torch_bin, rtol=1e-6, atol=1e-6)
 
 
 def test_a_mixed_batch_equals_each_request_alone_and_peft(core, tokenizer, tiny_model, adapters, vector):
