@@ -269,8 +269,8 @@ def test_run_then_extend_with_a_coefficient_and_a_model_runs_only_the_new_reques
     record = next(r for r in records if r["id"] == "tiny/v@L0,2*4.0/prompts/hello/s0")
     assert record["sweep"] == {"model": "tiny", "point": "v@L0,2*4.0", "vector": "v", "layers": [0, 2], "coef": 4.0,
                                "positions": "all", "normalize": False, "norm_match": False, "op": "add", "sae": None,
-                               "feature": None, "value": None, "prompt_set": "prompts", "prompt_id": "hello",
-                               "sample": 0}
+                               "feature": None, "value": None, "adapter": None, "prompt_set": "prompts",
+                               "prompt_id": "hello", "sample": 0}
     assert record["topic"] == "greeting" and record["steering"]["coef"] == 4.0
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "done" and status["done"] == status["total"] == 10 and status["errors"] == 0
