@@ -238,6 +238,18 @@ def test_an_adapter_that_does_not_fit_the_model_is_refused_at_load(tmp_path, tin
         assert str(info.value).startswith(f"--adapter a={directory}: ") and message in str(info.value)
 
 
+def test_all_linear_targets_every_linear_but_the_output_layer(tmp_path, tiny_source, tokenizer, adapters):
+    every = _adapter_dir(tmp_path, adapters["all"][0], "every", target_modules="all-linear")
+    excluded = _adapter_dir(tmp_path, adapters["all"][0], "excluded", target_modules="all-linear",
+                            exclude_modules=["down_proj"])
+    named = EngineCore(tiny_config(adapters={"all": adapters["all"][0], "every": every}), tiny_source)
+    logits = [first_step_logits(named, tokenizer, [name, None]) for name in ("all", "every")]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(AdapterRefused, match=r"its weights are for 'model.layers.0.mlp.down_proj', which its "
+                                             r"target_modules do not target"):
+        EngineCore(tiny_config(adapters={"x": excluded}), tiny_source)
+
+
 def test_records_name_adapters_through_the_pipeline(core, tokenizer, adapters, tmp_path):
     """The whole pipeline: a record's adapter by name, its result stating it; an unknown name or a non-string is
     that record's error naming the loaded adapters; null is the base model."""
