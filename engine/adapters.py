@@ -17,7 +17,7 @@ from pathlib import Path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-BASE = "base"  # not an adapter's name: the base model, in a sweep's `adapter` axis
+BASE = "base"  # not an adapter's name: the base model, in a sweep's grid.adapters
 # adapter_config.json keys that change nothing at inference (bookkeeping, dropout, how the weights were initialised)
 IGNORED_KEYS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
                 "lora_dropout", "init_lora_weights", "megatron_core", "loftq_config", "eva_config", "corda_config",
@@ -59,13 +59,14 @@ class LoraAdapter:
         """Whether PEFT puts this LoRA on the module named `key` (its name in model.named_modules())."""
         if self.exclude_modules and _matches(self.exclude_modules, key):
             return False
-        if self.target_modules == "all-linear":
-            return is_linear
-        if isinstance(self.target_modules, str):
+        if self.target_modules == "all-linear":  # PEFT's shorthand for the names of every linear but the output layer
+            if not is_linear:
+                return False
+        elif isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, key) is not None
-        if key in self.target_modules:
+        elif key in self.target_modules:
             return True  # named whole: PEFT reads layers_to_transform only for names that end a module's name
-        if not any(key.endswith(f".{name}") for name in self.target_modules):
+        elif not any(key.endswith(f".{name}") for name in self.target_modules):
             return False
         if not self.layers_to_transform:
             return True

@@ -6,11 +6,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from engine.adapters import BASE as BASE_ADAPTER  # in grid.adapters: the base model, no adapter
 from engine.apps.sweep.fields import SweepError
 
 
 SWEPT_OPS = ("add", "ablate", "clamp")  # the ops a grid's vectors run under (SAE features have axes of their own)
-BASE_ADAPTER = "base"  # in grid.adapters: the base model, no adapter (engine.adapters.BASE)
 
 
 @dataclass(slots=True)
