@@ -140,6 +140,8 @@ def _load(adapter: LoraAdapter, model) -> dict[str, tuple[torch.Tensor, torch.Te
     if not targeted:
         raise AdapterError(f"{label}: its target_modules {_shown(adapter.target_modules)} match no module of this "
                            f"model; use an adapter trained on this model's architecture")
+    for key in targeted:
+        _check_module(key, modules[key], output, label)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         found = weight_module(key)
@@ -151,16 +153,26 @@ def _load(adapter: LoraAdapter, model) -> dict[str, tuple[torch.Tensor, torch.Te
     if stray:
         raise AdapterError(f"{label}: its weights are for {stray[0]!r}, which its target_modules do not target in "
                            f"this model (or the model has no such module); use an adapter trained on this model")
-    loaded = {}
-    for key in targeted:
-        loaded[key] = _module_weights(adapter, key, modules[key], parts.get(key, {}), label)
-    return loaded
+    return {key: _module_weights(adapter, key, modules[key], parts.get(key, {}), label) for key in targeted}
+
+
+def _check_module(key: str, module, output, label: str) -> None:
+    """AdapterError unless `module` is a linear layer that every token of a forward passes (the per-token selection
+    has a row per token): not an embedding or another kind of layer, not the output layer (run at the sampled
+    positions only), not a mixture-of-experts expert (run on the tokens routed to it)."""
+    if not isinstance(module, torch.nn.Linear):
+        raise AdapterError(f"{label}: it targets {key!r}, a {type(module).__name__}; the engine runs LoRA on "
+                           f"nn.Linear layers only (no embeddings, convolutions or fused experts): use an adapter "
+                           f"without it")
+    if module is output:
+        raise AdapterError(f"{label}: it targets the output layer {key!r}, which the engine runs at the sampled "
+                           f"positions only; use an adapter without it (PEFT's all-linear leaves it out)")
+    if ".experts." in f".{key}.":
+        raise AdapterError(f"{label}: it targets {key!r}, an expert of a mixture-of-experts layer, which runs on the "
+                           f"tokens routed to it only; use an adapter on the attention and dense layers")
 
 
 def _module_weights(adapter: LoraAdapter, key: str, module, part: dict, label: str) -> tuple:
-    if not isinstance(module, torch.nn.Linear):
-        raise AdapterError(f"{label}: it targets {key!r}, a {type(module).__name__}; the engine runs LoRA on "
-                           f"nn.Linear layers only (no embeddings or convolutions): use an adapter without it")
     missing = [f"lora_{p}" for p in ("A", "B") if p not in part]
     if missing:
         raise AdapterError(f"{label}: its weights have no {' or '.join(missing)} for {key!r}, which its config "

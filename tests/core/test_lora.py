@@ -231,7 +231,11 @@ def test_an_adapter_that_does_not_fit_the_model_is_refused_at_load(tmp_path, tin
               "match no module of this model"),
              (_adapter_dir(tmp_path, adapters["all"][0], "rank", r=4), "needs [4, 64]"),
              (_adapter_dir(tmp_path, adapters["all"][0], "fewer", target_modules=["q_proj"]),
-              "which its target_modules do not target")]
+              "which its target_modules do not target"),
+             (_adapter_dir(tmp_path, adapters["all"][0], "head", target_modules=["q_proj", "lm_head"]),
+              "it targets the output layer 'lm_head', which the engine runs at the sampled positions only"),
+             (_adapter_dir(tmp_path, adapters["all"][0], "embed", target_modules=["embed_tokens"]),
+              "it targets 'model.embed_tokens', a Gemma3TextScaledWordEmbedding; the engine runs LoRA on nn.Linear")]
     for directory, message in cases:
         with pytest.raises(AdapterRefused) as info:
             EngineCore(tiny_config(adapters={"a": directory}), tiny_source)
