@@ -86,7 +86,7 @@ def step_times(core: EngineCore, prompts: list[list[int]], buckets: list[tuple[i
         core.step()
     out = []
     for rows, columns in buckets:
-        graph = core.runner.graphs.by_key.get((rows, columns, None, False))  # the unsteered, non-capturing variant
+        graph = core.runner.graphs.by_key.get((rows, columns, None, False, False))  # unsteered, no capture, no LoRA
         if graph is None:
             continue
         graph.replay_logits()

@@ -145,6 +145,21 @@ def parse_steer_positions_flag(text: str) -> str | dict:
     return value
 
 
+class AdapterFlag(argparse.Action):
+    """--adapter NAME=DIR, repeatable: each adds one adapter to a {name: directory} mapping."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, is_pair, directory = values.partition("=")
+        if not (is_pair and name and directory):
+            raise argparse.ArgumentError(self, f"{values!r}: give NAME=DIR, e.g. --adapter poet=./adapters/poet")
+        adapters = dict(getattr(namespace, self.dest) or {})
+        if name in adapters:
+            raise argparse.ArgumentError(self, f"{name!r} is given twice ({adapters[name]} and {directory}); give "
+                                               f"each adapter its own name")
+        adapters[name] = directory
+        setattr(namespace, self.dest, adapters)
+
+
 def device_settings(text: str) -> dict:
     """A device word for one engine: a single device (auto, cpu, cuda, cuda:N) as `device`, else (all, 0,1, ...)
     as `devices` (one engine core per device)."""
@@ -338,6 +353,11 @@ class EngineConfig:
     truncate: str = knob("none", choices=TRUNCATE_MODES, help="cut prompts that are too long")
     sampling: SamplingDefaults = flag_group(SamplingDefaults, "generation defaults (a record's own fields win)")
     steering: SteeringDefaults = flag_group(SteeringDefaults, "steering (a record's 'steering' object replaces it)")
+    # name -> PEFT LoRA directory; a record's "adapter": "name" runs with it (engine.adapters, engine.core.lora)
+    adapters: dict[str, str] = knob(factory=dict, flag="--adapter", action=AdapterFlag, metavar="NAME=DIR",
+                                    after="tokenizer", help="a PEFT LoRA adapter to load beside the model "
+                                                            "(repeatable); records run with it when they say "
+                                                            "\"adapter\": \"NAME\"")
     steering_specs: str | None = knob(None, group="steering", metavar="TOML",  # a TOML file of named specs
                                       help="named specs; records then say \"steering\": \"name\"")
     capture: CaptureDefaults = flag_group(CaptureDefaults, "activation capture (a record's 'capture' field overrides "
@@ -373,6 +393,13 @@ class EngineConfig:
             try:
                 load_named_specs(self.steering_specs)
             except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.adapters:
+            from engine.adapters import AdapterError, check_adapters  # reads JSON only: no torch
+
+            try:
+                check_adapters(self.adapters)
+            except AdapterError as exc:
                 raise ConfigError(str(exc)) from None
         if not self.cache_dir:
             self.cache_dir = default_cache_dir()

@@ -105,19 +105,22 @@ class CoreRequest:
     stream: bool = False  # send its tokens as they are sampled (Progress), not only when it finishes
     logprobs: int = -1  # -1: none; k >= 0: each generated token's log-probability and the top k alternatives
     prompt_logprobs: int = -1  # likewise for the prompt's tokens (after the first)
+    adapter: int = 0  # the LoRA adapter it runs with: engine.core.lora.LoraTable's index (0: the base model)
 
     def wire(self) -> list:
         """Its fields in order, the specs in their record form (as records state them)."""
         steering = None if self.steering is None else self.steering.to_record()
         capture = None if self.capture is None else self.capture.to_record()
         return [self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
-                self.ignore_eos, self.stop, steering, capture, self.stream, self.logprobs, self.prompt_logprobs]
+                self.ignore_eos, self.stop, steering, capture, self.stream, self.logprobs, self.prompt_logprobs,
+                self.adapter]
 
     @classmethod
     def from_wire(cls, values: list) -> "CoreRequest":
-        *settings, steering, capture, stream, logprobs, prompt_logprobs = values
+        *settings, steering, capture, stream, logprobs, prompt_logprobs, adapter = values
         return cls(*settings, None if steering is None else SteeringSpec.from_record(steering),
-                   None if capture is None else CaptureSpec.from_record(capture), stream, logprobs, prompt_logprobs)
+                   None if capture is None else CaptureSpec.from_record(capture), stream, logprobs, prompt_logprobs,
+                   adapter)
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from engine.specs import parse_capture, parse_steering
 
 STEERING = parse_steering([{"vector": "v.pt", "layers": [3], "coef": 2.0, "positions": {"prompt": [-1, None]}}])
 CORE = CoreRequest(7, 16, 0.7, 0.9, 40, 2**63 - 1, False, ["\n\n"], STEERING,
-                   parse_capture({"layers": [1, 2], "positions": "generated"}, None))
+                   parse_capture({"layers": [1, 2], "positions": "generated"}, None), adapter=2)
 ACTIVATIONS = {"positions": "generated", "dtype": "float32", "is_before_steering": False,
                "layers": {3: [[2, 4], b"\x00" * 32]}}
 EXAMPLES = [

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from engine.adapters import adapters_digest
 from engine.apps.flags import add_engine_args, add_engine_flag, config_from_args
 from engine.apps.resident.channel import ResidentError, parse_duration
 from engine.apps.resident.client import ResidentEngine, open_resident
@@ -91,6 +92,8 @@ def manifest_of(config: EngineConfig) -> dict:
     }
     if config.capture.layers:  # only then, so outputs made before capture existed still resume
         manifest["capture"] = config.to_dict()["capture"]
+    if config.adapters:  # by content, not path: the same adapter moved is the same output
+        manifest["adapters"] = adapters_digest(config.adapters)
     return manifest
 
 

@@ -8,6 +8,7 @@ import torch
 
 from engine.core.activations import ActivationRecorder
 from engine.core.faults import is_device_error
+from engine.core.lora import LoraTable
 from engine.core.scheduler import Scheduler, Sequence
 from engine.core.steering import SteeringTable
 from engine.messages import CoreRequest
@@ -19,8 +20,8 @@ log = logging.getLogger("engine")
 class Admission:
     """Queues requests as Sequences with their steering resolved and their capture registered, all or nothing."""
 
-    def __init__(self, steering: SteeringTable, recorder: ActivationRecorder):
-        self.steering, self.recorder = steering, recorder
+    def __init__(self, steering: SteeringTable, recorder: ActivationRecorder, lora: LoraTable):
+        self.steering, self.recorder, self.lora = steering, recorder, lora
         self._is_unexpected_logged = False  # whether an admission error other than RecordError has been logged
 
     def add(self, request: CoreRequest, prompt_ids: torch.Tensor, scheduler: Scheduler) -> Sequence:
@@ -42,6 +43,9 @@ class Admission:
     def _add(self, request: CoreRequest, prompt_ids: torch.Tensor, scheduler: Scheduler) -> Sequence:
         # What resolve leaves behind if it fails half-way is shared by content, not owned by the request (cached
         # vector files and specs, table rows, hooks on layers that add zero to unsteered rows), so it is harmless.
+        problem = self.lora.check(request.adapter)
+        if problem is not None:
+            raise RecordError(problem)
         plan = self.steering.resolve(request.steering, int(prompt_ids.shape[0]))
         seq = Sequence(
             index=request.index, prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
@@ -49,6 +53,7 @@ class Admission:
             seed=request.seed, ignore_eos=request.ignore_eos, stop=request.stop, steering=plan,
             num_streamed=0 if request.stream else -1, num_logprobs=request.logprobs,
             num_prompt_logprobs=request.prompt_logprobs,
+            adapter=request.adapter,
         )
         # The capture is registered last, when nothing after it can fail, so a refused request leaves none behind
         # (register itself checks every layer before it keeps anything).

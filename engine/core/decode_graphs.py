@@ -1,7 +1,7 @@
 """What a decode step reads and replays: its static device inputs, indexed by KV row (DecodeInputs), and its CUDA
-graphs, one per GraphKey (rows, read_len, steering.graph_key, recorder.graph_key), captured on first use
-(DecodeGraphs). A graph reads the inputs' tensors as they were at capture, so they are written in place, never
-reallocated."""
+graphs, one per GraphKey (rows, read_len, steering.graph_key, recorder.graph_key, whether it runs LoRA), captured on
+first use (DecodeGraphs). A graph reads the inputs' tensors as they were at capture, so they are written in place,
+never reallocated."""
 
 from __future__ import annotations
 
@@ -87,15 +87,15 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, key: tuple) -> None:
-        """Capture the decode step of GraphKey `key` = (rows, read_len, steering.graph_key, recorder.graph_key), on
-        first use: a run captures the buckets it reaches, each once (~tens of ms), instead of every bucket up front.
-        A steering table that was reallocated since drops the steered graphs, which read the old one; capturing one
-        of those keys again is a re-capture, counted in graph_stats (none happen unless the table outgrows its
-        preallocated rows). Without graphs only the bookkeeping runs."""
+        """Capture the decode step of GraphKey `key` = (rows, read_len, steering.graph_key, recorder.graph_key,
+        is_lora), on first use: a run captures the buckets it reaches, each once (~tens of ms), instead of every
+        bucket up front. A steering table that was reallocated since drops the steered graphs, which read the old
+        one; capturing one of those keys again is a re-capture, counted in graph_stats (none happen unless the table
+        outgrows its preallocated rows). Without graphs only the bookkeeping runs."""
         started = time.perf_counter()
         if self.steering.version != self._steering_version:
             self._drop_steered()
-        base = (key[0], key[1], None if key[2] is None else key[2][1], key[3])  # the key without the table version
+        base = (key[0], key[1], None if key[2] is None else key[2][1], *key[3:])  # the key without the table version
         is_again = base in self._stale
         if self.use_graphs:
             self._meta[1].fill_(self._cache.trash)  # the capture's forwards write K/V: into the trash column only
@@ -112,7 +112,7 @@ class DecodeGraphs:
     def _drop_steered(self) -> None:
         for key in [k for k in self.by_key if k[2] is not None]:
             del self.by_key[key]
-            self._stale.add((key[0], key[1], key[2][1], key[3]))
+            self._stale.add((key[0], key[1], key[2][1], *key[3:]))
         self._steering_version = self.steering.version
         log.info("the steering table grew past its preallocated rows: steered decode graphs are captured again")
 

@@ -21,6 +21,7 @@ from engine.messages import CANCELLED, CoreRequest
 from engine.pipeline.request import RecordError
 from engine.core.faults import is_device_error, non_finite_error  # noqa: F401 - is_device_error: re-exported
 from engine.core.kv_cache import KVCache, plan_rows
+from engine.core.lora import LoraTable
 from engine.core.model_runner import ModelRunner
 from engine.models import ModelNotFound, ModelSource, effective_max_len
 from engine.core.scheduler import Scheduler, Sequence
@@ -57,14 +58,17 @@ class EngineCore:
         table_rows = STEERING_ROWS["cpu" if self.device == "cpu" else "gpu"]
         self.steering = SteeringTable(self.model, self.device, kv_rows, capacity=table_rows)
         self.recorder = ActivationRecorder(self.model, self.steering, self.device, kv_rows, config.capture)
+        self.lora = LoraTable(self.model, config.adapters, self.device, kv_rows)  # hooks before the layers compile
+        if self.lora.is_loaded:
+            self.phases.done("adapters")
         self.compile_cache = open_compile_cache(config, self.model.config, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.steering, self.cache, use_graphs=not config.enforce_eager,
                                   recorder=self.recorder, max_prefill_tokens=self.max_prefill_tokens,
-                                  phases=self.phases, compile_cache=self.compile_cache)
+                                  phases=self.phases, compile_cache=self.compile_cache, lora=self.lora)
         if self.compile_cache is not None:
             self.compile_cache.seal()
         self.scheduler = Scheduler(kv_rows, self.max_prefill_tokens)
-        self.admission = Admission(self.steering, self.recorder)
+        self.admission = Admission(self.steering, self.recorder, self.lora)
         self._inflight: tuple | None = None  # the last launched step, whose tokens the host has not read
         self._host_tokens = [torch.zeros(kv_rows, dtype=torch.int64, pin_memory=self.device.startswith("cuda"))
                              for _ in range(2)]

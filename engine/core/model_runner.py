@@ -19,6 +19,7 @@ from engine.core.attention import CONTEXT, decode_masks
 from engine.core.decode_graphs import DecodeGraphs, DecodeInputs
 from engine.core.faults import CollapseCheck
 from engine.core.kv_cache import KVCache
+from engine.core.lora import LoraTable
 from engine.core.sampler import Sampler, SamplingMetadata
 from engine.core.scheduler import ScheduledBatch, Sequence, bucket
 from engine.core.steering import SteeringTable
@@ -35,10 +36,11 @@ class ModelRunner:
 
     def __init__(self, model, steering: SteeringTable, cache: KVCache, use_graphs: bool,
                  recorder: ActivationRecorder, max_prefill_tokens: int, phases: Phases | None = None,
-                 compile_cache=None):
+                 compile_cache=None, lora: LoraTable | None = None):
         self.model, self.steering, self.cache = model, steering, cache
         self.recorder = recorder
         self.logprobs: tuple | None = None  # the last step's chosen_logprobs
+        self.lora = lora if lora is not None else LoraTable(model, {}, next(model.parameters()).device, cache.num_rows)
         self.device = next(model.parameters()).device
         self.windows = _use_engine_attention(model)
         kv_rows = cache.num_rows
@@ -58,7 +60,7 @@ class ModelRunner:
             phases.done("compile")
         self.graphs = DecodeGraphs(self._decode_forward, steering, self.inputs.meta, cache, self.use_graphs)
         if self.use_graphs:  # the largest unsteered bucket now: its pool memory is then there for every later graph
-            self.graphs.capture((cache.num_rows, self.read_lens[-1], None, False))
+            self.graphs.capture((cache.num_rows, self.read_lens[-1], None, False, False))
         phases.done("capture")
         warm_sampler(self)
         phases.done("sampler")
@@ -85,6 +87,7 @@ class ModelRunner:
         self.inputs.tokens.index_copy_(0, kv_rows, _feedable(tokens))
         self.inputs.set_sampling(seqs, kv_rows)
         self.steering.assign(seqs)
+        self.lora.assign(seqs, kv_rows)
         return tokens
 
     @torch.inference_mode()
@@ -109,6 +112,7 @@ class ModelRunner:
         CONTEXT.spans = list(zip(starts[:-1].tolist(), lengths))
         CONTEXT.cu_lens, CONTEXT.prompt_of = to_device(starts, torch.int32, self.device), owner
         self.steering.set_active(self.steering.prefill_inputs(seqs, starts))
+        self.lora.set_active(self.lora.prefill_select(seqs, starts))
         self.recorder.start_prefill(seqs, starts, owner)
         last = to_device(starts[1:] - 1, torch.int64, self.device)
         scored = [i for i, s in enumerate(seqs[:num_prompts]) if s.num_prompt_logprobs >= 0]
@@ -118,6 +122,7 @@ class ModelRunner:
             out = self.model(input_ids=ids, position_ids=positions[None], use_cache=False, logits_to_keep=keep)
         finally:
             self.steering.set_active({})
+            self.lora.set_active(None)
             self.recorder.stop()
             self.collapse.stop()
         if not scored:
@@ -139,7 +144,7 @@ class ModelRunner:
         rows = batch.num_rows
         read_len = bucket(max(s.num_tokens for s in batch.seqs), self.read_lens)
         key = (rows, read_len, self.steering.graph_key(any(s.steering is not None for s in batch.seqs)),
-               self.recorder.graph_key(batch))
+               self.recorder.graph_key(batch), self.lora.uses(batch.seqs))
         if key not in self.graphs:
             self.graphs.capture(key)  # before this step's inputs are set: a capture's forwards overwrite them
         self.inputs.stage(batch, self.cache.trash)
@@ -149,13 +154,14 @@ class ModelRunner:
         return self.graphs.replay(key)
 
     def _decode_forward(self, key: tuple, is_graph: bool) -> torch.Tensor:
-        rows, read_len, steer_key, is_capturing = key
+        rows, read_len, steer_key, is_capturing, is_lora = key
         inputs = self.inputs
         positions = inputs.meta[0, :rows]
         CONTEXT.cache, CONTEXT.is_prefill, CONTEXT.rows = self.cache, False, inputs.row_ids[:rows]
         CONTEXT.write_pos, CONTEXT.read_len, CONTEXT.positions = inputs.meta[1, :rows], read_len, positions
         CONTEXT.masks = decode_masks(positions, read_len, self.windows)
         self.steering.set_active(self.steering.decode_inputs(rows, steer_key is not None, is_graph))
+        self.lora.set_active(self.lora.decode_select(rows, is_lora))
         self.recorder.start_decode(rows, is_capturing, is_graph)
         self.collapse.watch(None)
         try:
@@ -163,6 +169,7 @@ class ModelRunner:
                              logits_to_keep=0)  # the rows' tokens packed in one row, as a prefill's: all kept
         finally:
             self.steering.set_active({})
+            self.lora.set_active(None)
             self.recorder.stop()
             self.collapse.stop()
         # In the model's dtype: the greedy argmax and the fused sampler read it as is (casting 512 x 256k logits to

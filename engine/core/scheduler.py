@@ -46,6 +46,7 @@ class Sequence:
     output_top: list = field(default_factory=list)  # per output token: [[id, log-probability], ...] (k of them)
     num_prompt_logprobs: int = -1  # -1: none; k >= 0: each prompt token's log-probability and k alternatives
     prompt_scores: tuple | None = None  # after its prefill: (chosen [n - 1], top values, top ids) on the device
+    adapter: int = 0  # its LoRA adapter (engine.core.lora.LoraTable's index; 0: the base model)
 
     @property
     def num_prompt_tokens(self) -> int:

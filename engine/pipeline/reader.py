@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Container, Iterable, Iterator
 
+from engine.adapters import adapter_names
 from engine.config import EngineConfig
 from engine.pipeline.request import (Request, RecordError, check_text, decode_line, is_unicode, load_named_specs,
                                      parse_record, record_digest)
@@ -39,6 +40,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
     """
     steering, capture = config.steering.spec(), config.capture.spec()
     named = load_named_specs(config.steering_specs) if config.steering_specs else {}
+    adapters = adapter_indices(config)
     seen = IdIndex()  # its temporary file goes when the generator ends or is dropped; each id keeps its line
     for line, raw in sources:
         request_id = None
@@ -49,7 +51,7 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             request_id = obj.get("id") if isinstance(obj.get("id"), str) and is_unicode(obj["id"]) else None
             if isinstance(raw, bytes):
                 check_text(raw, obj)
-            request = checked_request(obj, line, config, steering, named, capture)
+            request = checked_request(obj, line, config, steering, named, capture, adapters)
             request_id = request.id
             # before the skip, so a resume reports a repeated id as the first run did
             _check_unique(seen, request.id, line, "id" in obj)
@@ -65,11 +67,17 @@ def read_requests(sources: Iterable[tuple[int, object]], config: EngineConfig, s
             yield error_record(line, request_id, f"could not read this record ({type(exc).__name__}: {exc})")
 
 
-def checked_request(obj: dict, line: int, config: EngineConfig, steering, named: dict, capture) -> Request:
+def adapter_indices(config: EngineConfig) -> dict[str, int]:
+    """Each loaded adapter's name -> its index in the engine core (0 is the base model)."""
+    return {name: i + 1 for i, name in enumerate(adapter_names(config.adapters))}
+
+
+def checked_request(obj: dict, line: int, config: EngineConfig, steering, named: dict, capture,
+                    adapters: dict[str, int]) -> Request:
     """A record (a dict) -> its Request, every check of one record done (parse_record's, no output field among its
     pass-through fields, every value one the wire can carry); RecordError naming what is wrong. `steering`,
-    `capture`: the run's defaults; `named`: the named steering specs."""
-    request = parse_record(obj, -1, line, config.sampling, steering, named, capture)
+    `capture`: the run's defaults; `named`: the named steering specs; `adapters`: adapter_indices'."""
+    request = parse_record(obj, -1, line, config.sampling, steering, named, capture, adapters)
     clash = [k for k in request.extra if k in RESERVED_OUTPUT]
     if clash:
         raise RecordError(f"field(s) {clash} are output fields of the engine; rename them in the input")

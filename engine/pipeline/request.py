@@ -16,7 +16,7 @@ from engine.specs import (CaptureSpec, RecordError, SteeringSpec, is_finite, loa
 
 KNOWN_FIELDS = {
     "id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-    "ignore_eos", "steering", "capture", "logprobs", "prompt_logprobs",
+    "ignore_eos", "steering", "capture", "logprobs", "prompt_logprobs", "adapter",
 }
 FIELD = "field '{}'"  # how messages about a record name its fields
 MAX_LOGPROBS = 20  # alternatives per token a record may ask for (OpenAI's limit)
@@ -46,12 +46,14 @@ class Request:
     stream: bool = False  # the core sends its tokens as they are sampled (engine-serve's streaming responses)
     logprobs: int = -1  # the record's `logprobs` (k alternatives per token); -1: none asked
     prompt_logprobs: int = -1  # the record's `prompt_logprobs`, likewise for its prompt's tokens
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base model)
+    adapter_index: int = 0  # that adapter's index in the engine core (engine.adapters.adapter_names order + 1)
 
     def to_wire(self) -> TokenizeRequest:
         """What the worker processes need of it; pass-through fields and the id stay with the parent."""
         core = CoreRequest(self.index, self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
                            self.ignore_eos, self.stop, self.steering, self.capture, self.stream, self.logprobs,
-                           self.prompt_logprobs)
+                           self.prompt_logprobs, self.adapter_index)
         return TokenizeRequest(self.prompt, self.messages, core)
 
     def result_record(self, result: Result) -> dict:
@@ -67,6 +69,8 @@ class Request:
                   "steering": None if steering is None else steering.to_record()}
         if self.steering_name is not None:
             record["steering_name"] = self.steering_name
+        if self.adapter is not None:
+            record["adapter"] = self.adapter
         if result.completion_token_ids is not None:
             record["completion_token_ids"] = result.completion_token_ids
         if result.logprobs is not None:
@@ -102,7 +106,7 @@ class Request:
 
 # The request fields the tokenizer workers and the engine core read (Request.to_wire).
 WIRE_FIELDS = ("index", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-               "ignore_eos", "steering", "capture", "logprobs", "prompt_logprobs")
+               "ignore_eos", "steering", "capture", "logprobs", "prompt_logprobs", "adapter_index")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -242,10 +246,26 @@ def _record_steering(obj: dict, default: SteeringSpec | None, named: dict[str, S
     return named[value], value
 
 
+def _record_adapter(obj: dict, adapters: dict[str, int]) -> tuple[str | None, int]:
+    """(the adapter a record names, its index): (None, 0), the base model, where it names none or null."""
+    name = obj.get("adapter")
+    if name is None:
+        return None, 0
+    if not isinstance(name, str):
+        raise RecordError(f"field 'adapter' is {json.dumps(name)[:60]}; give the name of a loaded adapter, or null "
+                          f"for the base model")
+    if name not in adapters:
+        known = ", ".join(sorted(adapters)) if adapters else "none: start the engine with --adapter NAME=DIR"
+        raise RecordError(f"field 'adapter' names {name[:60]!r}, which is not a loaded adapter (loaded: {known})")
+    return name, adapters[name]
+
+
 def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, steering: SteeringSpec | None,
-                 named: dict[str, SteeringSpec] | None = None, capture: CaptureSpec | None = None) -> Request:
+                 named: dict[str, SteeringSpec] | None = None, capture: CaptureSpec | None = None,
+                 adapters: dict[str, int] | None = None) -> Request:
     """A decoded JSON object -> Request with defaults filled in (`steering`, `capture`: the run's, for records that
-    do not say; `named`: the --steering-specs); RecordError on any bad field."""
+    do not say; `named`: the --steering-specs; `adapters`: the loaded adapters' indices by name); RecordError on any
+    bad field."""
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         raise RecordError("a record needs exactly one of 'prompt' (string) or 'messages' (chat list)")
@@ -264,6 +284,7 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
         check_seed(seed, RecordError, FIELD)
     stop = _stop(obj)
     spec, spec_name = _record_steering(obj, steering, named or {})
+    adapter, adapter_index = _record_adapter(obj, adapters or {})
     return Request(
         index=index,
         line=line,
@@ -283,6 +304,8 @@ def parse_record(obj: dict, index: int, line: int, defaults: SamplingDefaults, s
         capture=parse_capture(obj["capture"], capture) if "capture" in obj else capture,
         logprobs=_logprobs(obj, "logprobs", "generated"),
         prompt_logprobs=_logprobs(obj, "prompt_logprobs", "prompt"),
+        adapter=adapter,
+        adapter_index=adapter_index,
     )
 
 

@@ -59,13 +59,18 @@ def steering_files(tmp_path):
     np.save(vector, np.ones(64, dtype=np.float32))
     specs = tmp_path / "specs.toml"
     specs.write_text(f'[joy]\nvector = "{vector}"\nlayers = [1]\n')
-    return str(vector), str(specs)
+    adapter = tmp_path / "adapter"  # what EngineConfig reads of an adapter (its weights: in the engine core)
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    return str(vector), str(specs), str(adapter)
 
 
-def non_default_flags(vector: str, specs: str) -> dict[str, tuple[list[str], object]]:
+def non_default_flags(vector: str, specs: str, adapter: str) -> dict[str, tuple[list[str], object]]:
     """Per field (group.name or name): the argv that sets it to a value other than its default, and that value."""
     return {
         "model": (["--model", "random:tiny"], "random:tiny"), "tokenizer": (["--tokenizer", "tok.json"], "tok.json"),
+        "adapters": (["--adapter", f"a={adapter}", "--adapter", f"b={adapter}"], {"a": adapter, "b": adapter}),
         "dtype": (["--dtype", "float16"], "float16"), "device": (["--device", "cpu"], "cpu"),
         "max_num_seqs": (["--max-num-seqs", "7"], 7), "max_model_len": (["--max-model-len", "300"], 300),
         "max_prefill_tokens": (["--max-prefill-tokens", "512"], 512),

@@ -269,8 +269,8 @@ def test_run_then_extend_with_a_coefficient_and_a_model_runs_only_the_new_reques
     record = next(r for r in records if r["id"] == "tiny/v@L0,2*4.0/prompts/hello/s0")
     assert record["sweep"] == {"model": "tiny", "point": "v@L0,2*4.0", "vector": "v", "layers": [0, 2], "coef": 4.0,
                                "positions": "all", "normalize": False, "norm_match": False, "op": "add", "sae": None,
-                               "feature": None, "value": None, "prompt_set": "prompts", "prompt_id": "hello",
-                               "sample": 0}
+                               "feature": None, "value": None, "adapter": None, "prompt_set": "prompts",
+                               "prompt_id": "hello", "sample": 0}
     assert record["topic"] == "greeting" and record["steering"]["coef"] == 4.0
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "done" and status["done"] == status["total"] == 10 and status["errors"] == 0
@@ -609,4 +609,57 @@ def test_bad_op_grids_name_the_field(tmp_path, grid, message):
     path.write_text(f'models = ["random:tiny"]\nprompts = ["p.jsonl"]\n[vectors]\nv = "v.npy"\n[saes]\ngs = "s.npz"\n'
                     f'[grid]\n{grid}\n')
     with pytest.raises(SweepError, match=re.escape(message)):
+        load_sweep(path)
+
+
+def _adapter_sweep(tmp_path, tiny_model) -> Path:
+    pytest.importorskip("peft")
+    from support.lora import LINEARS, make_lora
+
+    make_lora(tiny_model, tmp_path / "poet", seed=1, r=8, lora_alpha=16, target_modules=LINEARS)
+    path = make_sweep(tmp_path, coefs="[4]", extra='return_tokens = true\n\n[adapters]\npoet = "poet"\n')
+    text = path.read_text().replace("baseline = true\n", 'baseline = true\nadapters = ["base", "poet"]\n')
+    path.write_text(text.replace("temperature = 0.9", "temperature = 0.0"))  # greedy: an adapter's tokens differ
+    return path
+
+
+def test_an_adapter_axis_runs_every_point_under_each_adapter(tmp_path, tiny_model):
+    from engine import Engine
+    from engine.config import SamplingDefaults
+    from support import tiny_config
+
+    path = _adapter_sweep(tmp_path, tiny_model)
+    plan = Plan(load_sweep(path))
+    assert [p.key for p in plan.points] == ["none", "none+adapter:poet", "v@L1*4.0", "v@L1*4.0+adapter:poet",
+                                            "v@L0,2*4.0", "v@L0,2*4.0+adapter:poet"]
+    assert list(plan.settings["adapters"]) == ["poet"]
+    result = engine_sweep(path)
+    assert result.returncode == 0, result.stderr
+    records = {r["id"]: r for r in read_jsonl(tmp_path / "out" / RESULTS)}
+    assert len(records) == 6 * 2 * 2
+    poet = records["tiny/v@L1*4.0+adapter:poet/prompts/hello/s0"]
+    assert poet["adapter"] == "poet" and poet["sweep"]["adapter"] == "poet"
+    assert "adapter" not in records["tiny/v@L1*4.0/prompts/hello/s0"]
+    # the adapter record is what the engine makes of that record with that adapter (its seed, its steering)
+    again = {"prompt": "Hello there", "seed": poet["seed"], "steering": poet["steering"]}
+    sampling = SamplingDefaults(max_new_tokens=4, ignore_eos=True)
+    with Engine(tiny_config(adapters={"poet": str(tmp_path / "poet")}, sampling=sampling)) as engine:
+        with_adapter, without = engine.generate_all([{**again, "adapter": "poet"}, again])
+    assert with_adapter["completion_token_ids"] == poet["completion_token_ids"] != without["completion_token_ids"]
+    rows = {r["point"]: r for r in read_csv(tmp_path / "out" / "summary.csv")}
+    assert rows["none+adapter:poet"]["adapter"] == "poet" and rows["none"]["adapter"] == ""
+    assert rows["v@L1*4.0+adapter:poet"]["num_records"] == "4"
+
+
+def test_bad_adapters_in_a_sweep_name_the_field(tmp_path, tiny_model):
+    path = _adapter_sweep(tmp_path, tiny_model)
+    text = path.read_text()
+    path.write_text(text.replace('adapters = ["base", "poet"]', 'adapters = ["base", "poem"]'))
+    with pytest.raises(SweepError, match=r"grid.adapters\[1\] 'poem' is not in \[adapters\] \(known: poet; "):
+        load_sweep(path)
+    path.write_text(text.replace('poet = "poet"', 'poet = "nowhere"'))
+    with pytest.raises(SweepError, match=r"adapters.poet: --adapter poet=.*nowhere: no such directory"):
+        load_sweep(path)
+    path.write_text(text.replace('max_num_seqs = 4', 'max_num_seqs = 4\nadapters = {poet = "poet"}'))
+    with pytest.raises(SweepError, match=r"unknown key\(s\) \['adapters'\] in \[engine\]"):
         load_sweep(path)

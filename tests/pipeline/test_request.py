@@ -176,3 +176,20 @@ def test_named_specs_take_ranges_and_norm_flags(tmp_path):
     path.write_text('[bad]\nvector = "a.npy"\nlayers = [3]\npositions = {generated = [-1]}\n')
     with pytest.raises(ValueError, match=r"\[bad\].positions.generated is \[-1\]; generated positions count"):
         load_named_specs(str(path))
+
+
+def test_an_adapter_name_resolves_to_its_index_and_a_name_not_loaded_is_an_error():
+    adapters = {"poet": 1, "lawyer": 2}
+    r = parse_record({"prompt": "hi", "adapter": "lawyer"}, 0, 3, DEFAULTS, None, adapters=adapters)
+    assert (r.adapter, r.adapter_index, r.to_wire().core.adapter) == ("lawyer", 2, 2)
+    assert "adapter" not in r.extra
+    for obj in ({"prompt": "hi"}, {"prompt": "hi", "adapter": None}):
+        r = parse_record(obj, 0, 3, DEFAULTS, None, adapters=adapters)
+        assert (r.adapter, r.to_wire().core.adapter) == (None, 0)
+    with pytest.raises(RecordError, match=r"field 'adapter' names 'poem', which is not a loaded adapter \(loaded: "
+                                          r"lawyer, poet\)"):
+        parse_record({"prompt": "hi", "adapter": "poem"}, 0, 3, DEFAULTS, None, adapters=adapters)
+    with pytest.raises(RecordError, match=r"\(loaded: none: start the engine with --adapter NAME=DIR\)"):
+        parse({"prompt": "hi", "adapter": "poet"})
+    with pytest.raises(RecordError, match=r"field 'adapter' is \[\"poet\"\]; give the name of a loaded adapter"):
+        parse_record({"prompt": "hi", "adapter": ["poet"]}, 0, 3, DEFAULTS, None, adapters=adapters)

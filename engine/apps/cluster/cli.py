@@ -125,6 +125,8 @@ def _absolute_paths(config: EngineConfig) -> dict:
         fixed["steering_specs"] = str(Path(config.steering_specs).resolve())
     if config.steering.vector:
         fixed["steering"] = {**config.to_dict()["steering"], "vector": str(Path(config.steering.vector).resolve())}
+    if config.adapters:
+        fixed["adapters"] = {name: str(Path(directory).resolve()) for name, directory in config.adapters.items()}
     if config.model != "embedded" and not config.model.startswith("random:") and Path(config.model).exists():
         fixed["model"] = str(Path(config.model).resolve())
     return fixed

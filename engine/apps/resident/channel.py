@@ -15,6 +15,7 @@ import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from engine.adapters import adapters_digest
 from engine.config import EngineConfig, default_cache_dir
 
 # Read only by the reader, per record: a resident engine serves any value of them.
@@ -46,6 +47,8 @@ def settings_key(config: EngineConfig) -> str:
     """What a resident engine must share with a run to serve it: every engine setting but the per-record defaults,
     the folder relative paths start from, the interpreter, the engine's own code and the environment it reads."""
     settings = {k: v for k, v in config.to_dict().items() if k not in PER_JOB_SETTINGS}
+    if config.adapters:  # by content too: an adapter written again is another engine (its weights are loaded)
+        settings["adapter_digests"] = adapters_digest(config.adapters)
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
     body = {"settings": settings, "cwd": os.getcwd(), "python": sys.executable, "code": _code_stamp(), "env": env}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -20,7 +20,7 @@ from engine.engine import Engine, EngineError, Streamed
 from engine.messages import Outcome
 from engine.models import load_tokenizer, num_decoder_layers
 from engine.pipeline.decoder_worker import decode_texts
-from engine.pipeline.reader import checked_request
+from engine.pipeline.reader import adapter_indices, checked_request
 from engine.pipeline.writer import JsonlWriter
 from engine.specs import RecordError, load_named_specs
 
@@ -144,6 +144,7 @@ class EngineHub:
         self.named = load_named_specs(engine.config.steering_specs) if engine.config.steering_specs else {}
         self.steering, self.capture = engine.config.steering.spec(), engine.config.capture.spec()
         self.num_layers = num_decoder_layers(engine.source)
+        self.adapters = adapter_indices(engine.config)
         self._encoder = None
         self._keys = itertools.count()
         self.num_served = 0  # requests answered (jobs, not choices)
@@ -179,7 +180,7 @@ class EngineHub:
                                     "--output PATH", "capture")
             try:
                 request = checked_request({**record, "id": f"{job.id}-{i}"}, next(self._lines), self.engine.config,
-                                          self.steering, self.named, self.capture)
+                                          self.steering, self.named, self.capture, self.adapters)
             except RecordError as exc:
                 raise ApiError(400, str(exc), field_of(str(exc))) from None
             if request.capture is not None and self.writer is None:

@@ -11,7 +11,7 @@ from engine.config import DTYPES, TRUNCATE_MODES, ConfigError, EngineConfig, dev
 
 # EngineConfig's flags a sweep file sets elsewhere, so [engine] refuses them: the model and its tokenizer per [models]
 # entry, steering through [vectors] and [grid].
-SET_ELSEWHERE = ("model", "tokenizer", "steering_specs")
+SET_ELSEWHERE = ("model", "tokenizer", "steering_specs", "adapters")
 # EngineConfig fields a sweep file may set under [engine], with their types: every engine flag but those.
 ENGINE_KEYS = engine_keys(exclude=SET_ELSEWHERE)
 # Of those, the ones that change what a record is (part of the config hash); the rest only change speed.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from engine.adapters import BASE as BASE_ADAPTER  # in grid.adapters: the base model, no adapter
 from engine.apps.sweep.fields import SweepError
 
 
@@ -19,7 +21,8 @@ class Grid:
 
     Each vector runs under each of `ops`: add (x coefs, normalize, norm_match), ablate (x ablate_coefs, the fraction
     removed) and clamp (x clamp_values), each x positions. SAE points: each of `saes` x features x (feature_values:
-    the activation set, and feature_coefs: coef times its decoder row added) x positions, at the SAE's layer."""
+    the activation set, and feature_coefs: coef times its decoder row added) x positions, at the SAE's layer. Every
+    point (the baseline too) runs under each of `adapters` ("base": the model without one)."""
 
     vectors: list[str]
     layers: list[list[int]]
@@ -36,6 +39,7 @@ class Grid:
     features: list[int] = field(default_factory=list)
     feature_values: list[float] = field(default_factory=list)
     feature_coefs: list[float] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=lambda: [BASE_ADAPTER])
 
     def layer_sets(self, vector: str) -> list[list[int]]:
         """The layer sets `vector` is steered at: the grid's, or the one its file names."""
@@ -57,11 +61,12 @@ class GridPoint:
     sae: str | None = None  # op sae: the SAE's name, its feature, and the activation set (else coef is added)
     feature: int | None = None
     value: float | None = None  # op clamp: the projection set; op sae: the feature's activation set
+    adapter: str | None = None  # the LoRA adapter (a name of the sweep's [adapters]); None: the base model
 
     def axes(self) -> dict:
         return {"vector": self.vector, "layers": self.layers, "coef": self.coef, "positions": self.positions,
                 "normalize": self.normalize, "norm_match": self.norm_match, "op": self.op, "sae": self.sae,
-                "feature": self.feature, "value": self.value}
+                "feature": self.feature, "value": self.value, "adapter": self.adapter}
 
     def steering(self, vectors: dict[str, str], saes: dict[str, str] | None = None) -> dict | None:
         """The point's steering term as a record gives it (None: the baseline)."""
@@ -128,6 +133,10 @@ def grid_points(grid: Grid) -> list[GridPoint]:
             key = op_point_key("sae", sae, [], number, positions, feature, is_value)
             points.append(GridPoint(key, None, [], None if is_value else number, positions, op="sae", sae=sae,
                                     feature=feature, value=number if is_value else None))
+    if grid.adapters != [BASE_ADAPTER]:  # each point under each adapter; the base model's keys stay as they are
+        points = [dataclasses.replace(point, key=point.key + ("" if name == BASE_ADAPTER else f"+adapter:{name}"),
+                                      adapter=None if name == BASE_ADAPTER else name)
+                  for point in points for name in grid.adapters]
     seen = set()
     for point in points:
         if point.key in seen:

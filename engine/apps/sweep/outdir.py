@@ -37,13 +37,13 @@ def settings_diff(old, new, path: str = "") -> list[str]:
 
 def extension_problems(old: dict, new: dict) -> list[str]:
     """Why `new` is not `old` plus more requests (empty: --extend may run it, redoing nothing)."""
-    grown = ("models", "prompts", "vectors", "points", "samples")
+    grown = ("models", "prompts", "vectors", "adapters", "points", "samples")
     problems = [line for key in sorted(set(old) | set(new)) if key not in grown
                 for line in settings_diff(old.get(key), new.get(key), key)]
-    for section in ("models", "prompts", "vectors"):
-        for name, value in old[section].items():
-            if new[section].get(name) != value:
-                problems.append(f"{section}.{name}: {'removed' if name not in new[section] else 'changed'}")
+    for section in ("models", "prompts", "vectors", "adapters"):  # adapters: only in plans that use one
+        for name, value in old.get(section, {}).items():
+            if new.get(section, {}).get(name) != value:
+                problems.append(f"{section}.{name}: {'removed' if name not in new.get(section, {}) else 'changed'}")
     removed = [key for key in old["points"] if key not in new["points"]]
     if removed:
         problems.append(f"points: removed {', '.join(removed)}")
@@ -110,9 +110,9 @@ def _compare(out: Path, plan: Plan, force: bool, extend: bool) -> str:
         problems = extension_problems(old, plan.settings)
         if not problems:
             return "extend"
-        raise SweepError(f"--extend adds grid points, prompt sets, vectors, models or samples, but this sweep also "
-                         f"changes what was run: {'; '.join(problems[:8])}. Use a new output directory, or pass "
-                         f"--force to set the old results aside and start again.")
+        raise SweepError(f"--extend adds grid points, prompt sets, vectors, adapters, models or samples, but this "
+                         f"sweep also changes what was run: {'; '.join(problems[:8])}. Use a new output directory, or "
+                         f"pass --force to set the old results aside and start again.")
     raise SweepError(f"the sweep file changed since {out} was started ({shown}). Run the file it was started with "
                      f"to resume, pass --extend to run only the added requests (when nothing already run changes), "
                      f"--force to set the old results aside and start again, or use a new output directory.")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from engine.adapters import adapters_digest
 from engine.pipeline.request import RecordError, decode_line, derive_seed
 from engine.apps.sweep.fields import SweepError, preview
 from engine.apps.sweep.grid import GridPoint, grid_points
@@ -20,7 +21,7 @@ from engine.apps.sweep.spec import ENGINE_DEFAULTS, ENGINE_MEANING, ModelEntry, 
 
 PLAN_VERSION = 1
 # Prompt-record fields the sweep sets itself; a prompt file may not carry them.
-SWEEP_FIELDS = ("steering", "capture", "sweep")
+SWEEP_FIELDS = ("steering", "capture", "sweep", "adapter")
 
 
 def _digest(path: str) -> str:
@@ -87,6 +88,7 @@ class Plan:
         not depend on the order of the file."""
         used = {p.vector for p in self.points if p.vector is not None}
         used_saes = {p.sae for p in self.points if p.sae is not None}
+        used_adapters = {p.adapter for p in self.points if p.adapter is not None}
         return {
             "version": PLAN_VERSION,
             "models": {m.label: {"model": m.model, "tokenizer": m.tokenizer} for m in c.models},
@@ -95,6 +97,8 @@ class Plan:
             "vectors": {name: _digest(path) for name, path in c.vectors.items() if name in used},
             **({"saes": {name: _digest(path) for name, path in c.saes.items() if name in used_saes}}
                if used_saes else {}),
+            **({"adapters": adapters_digest({name: c.adapters[name] for name in used_adapters})}
+               if used_adapters else {}),
             "points": sorted(p.key for p in self.points),
             "samples": c.samples, "seed": c.seed, "paired_seeds": c.paired_seeds,
             "generation": dataclasses.asdict(c.generation) | {"seed": c.seed},
@@ -125,14 +129,15 @@ class Plan:
                                "prompt_id": prompt_id, "sample": sample}
                         yield number, {**record, "id": request_id,
                                        "seed": self.seed(request_id, set_name, prompt_id, sample),
-                                       "steering": specs[point.key], "sweep": tag}
+                                       "steering": specs[point.key], "sweep": tag,
+                                       **({"adapter": point.adapter} if point.adapter is not None else {})}
 
     def to_json(self) -> dict:
         c = self.config
         return {
             "version": PLAN_VERSION, "config_hash": self.config_hash, "sweep_file": c.source,
             "base_dir": str(Path(c.source).parent), "written": utc_now(), "settings": self.settings,
-            "metrics": [m.to_dict() for m in c.metrics], "vectors": c.vectors, "saes": c.saes,
+            "metrics": [m.to_dict() for m in c.metrics], "vectors": c.vectors, "saes": c.saes, "adapters": c.adapters,
             "prompt_files": {s.name: s.path for s in c.prompts}, "dtype": c.engine.get("dtype", "auto"),
             "models": [{"label": m.label, "model": m.model, "tokenizer": m.tokenizer,
                         "num_requests": self.num_per_model}

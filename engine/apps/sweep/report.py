@@ -248,7 +248,8 @@ def summary_rows(plan: dict, stats: dict) -> tuple[list[str], list[dict]]:
     for model in plan["models"]:
         for point in plan["points"]:
             s = stats[model["label"], point["key"]]
-            row = {"model": model["label"], "point": point["key"], "op": point.get("op", "add") if point["vector"]
+            row = {"model": model["label"], "point": point["key"], "adapter": point.get("adapter") or "",
+                   "op": point.get("op", "add") if point["vector"]
                    or point.get("sae") else "", "vector": point["vector"] or "", "sae": point.get("sae") or "",
                    "feature": point.get("feature"), "layers": ",".join(map(str, point["layers"])),
                    "coef": point["coef"], "value": point.get("value"),
@@ -343,17 +344,20 @@ def _x(row: dict) -> float:
 def _line_label(row: dict) -> str:
     if row.get("op") == "sae":
         label = f"#{row['feature']} " + ("value" if row["value"] is not None else "coef")
-        return label + (f" {row['positions']}" if row["positions"] != "all" else "")
+        label += f" {row['positions']}" if row["positions"] != "all" else ""
+        return label + (f" {row['adapter']}" if row.get("adapter") else "")
     label = ("" if row.get("op", "add") == "add" else f"{row['op']} ") + f"L{row['layers']}"
     if row["positions"] != "all":
         label += f" {row['positions']}"
-    return label + (" normalize" if row["normalize"] else "") + (" norm_match" if row["norm_match"] else "")
+    label += (" normalize" if row["normalize"] else "") + (" norm_match" if row["norm_match"] else "")
+    return label + (f" {row['adapter']}" if row.get("adapter") else "")
 
 
 def markdown(plan: dict, columns: list[str], rows: list[dict], plots: list[Path]) -> str:
     done = sum(r["num_records"] for r in rows)
-    shown = [c for c in columns if c not in ("op", "vector", "sae", "feature", "layers", "coef", "value", "positions",
-                                             "normalize", "norm_match")]
+    hidden = ("op", "vector", "sae", "feature", "layers", "coef", "value", "positions", "normalize", "norm_match",
+              *(() if any(r.get("adapter") for r in rows) else ("adapter",)))  # the point names them all
+    shown = [c for c in columns if c not in hidden]
     lines = [f"# Sweep report: {Path(plan['sweep_file']).name}", "",
              (f"Config {plan['config_hash']}; {done} of {plan['num_requests']} records done; "
               f"{len(plan['models'])} model(s) x {len(plan['points'])} grid point(s)."), "",

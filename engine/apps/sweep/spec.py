@@ -17,19 +17,20 @@ from engine.config import CaptureDefaults, ConfigError, EngineConfig, SamplingDe
 from engine.pipeline.request import RecordError, parse_steering
 from engine.apps.sweep.fields import (SweepError, bool_field, check_keys, entries, int_field, list_field, name_field,
                                       need, number_field, preview, section, str_field)
-from engine.apps.sweep.grid import SWEPT_OPS, Grid, grid_points
+from engine.apps.sweep.grid import BASE_ADAPTER, SWEPT_OPS, Grid, grid_points
+from engine.adapters import AdapterError, read_adapter
 
 GENERATION_KEYS = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int, "stop": list,
                    "ignore_eos": bool}
 CAPTURE_KEYS = {"layers": list, "positions": str, "dtype": str, "is_before_steering": bool}
 GRID_KEYS = ("vectors", "layers", "coefs", "positions", "normalize", "norm_match", "ops", "ablate_coefs",
-             "clamp_values", "saes", "features", "feature_values", "feature_coefs", "baseline")
+             "clamp_values", "saes", "features", "feature_values", "feature_coefs", "adapters", "baseline")
 TOP_KEYS = ("output", "seed", "samples", "paired_seeds", "min_free_gb", "models", "prompts", "vectors", "saes",
-            "grid", "generation", "capture", "engine", "metrics")
+            "adapters", "grid", "generation", "capture", "engine", "metrics")
 METRIC_KINDS = ("regex", "keywords", "function", "projection", "logprob")
 # The report's columns before the metrics' (a metric may not take one of these names).
-SUMMARY_COLUMNS = ("model", "point", "op", "vector", "sae", "feature", "layers", "coef", "value", "positions",
-                   "normalize", "norm_match", "num_records", "num_errors", "mean_completion_tokens",
+SUMMARY_COLUMNS = ("model", "point", "adapter", "op", "vector", "sae", "feature", "layers", "coef", "value",
+                   "positions", "normalize", "norm_match", "num_records", "num_errors", "mean_completion_tokens",
                    "median_completion_tokens")
 
 
@@ -80,6 +81,7 @@ class SweepConfig:
     vectors: dict[str, str]
     grid: Grid
     saes: dict[str, str] = field(default_factory=dict)  # name -> an SAE's file or folder
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> a PEFT LoRA directory (every model loads it)
     samples: int = 1
     seed: int = 0
     paired_seeds: bool = False
@@ -107,6 +109,11 @@ class SweepConfig:
         for i, name in enumerate(self.grid.saes):
             if name not in self.saes:
                 raise SweepError(f"grid.saes[{i}] {name!r} is not in [saes] (known: {', '.join(self.saes) or 'none'})")
+        for i, name in enumerate(self.grid.adapters):
+            if name != BASE_ADAPTER and name not in self.adapters:
+                known = ", ".join(self.adapters) or "none"
+                raise SweepError(f"grid.adapters[{i}] {name!r} is not in [adapters] (known: {known}; "
+                                 f"\"{BASE_ADAPTER}\" is the model without one)")
         for i, metric in enumerate(self.metrics):
             if metric.kind == "projection" and metric.value not in self.vectors:
                 raise SweepError(f"metrics[{i}].projection {metric.value!r} is not in [vectors]")
@@ -123,8 +130,9 @@ class SweepConfig:
         settings = {k: v for k, v in self.engine.items() if k not in ("devices", "device")} | device_settings(device)
         if any(m.kind == "logprob" for m in self.metrics):  # the report scores the completion's own tokens
             settings["return_tokens"] = True
+        adapters = {name: self.adapters[name] for name in self.grid.adapters if name != BASE_ADAPTER}
         return EngineConfig(model=model.model, tokenizer=model.tokenizer, sampling=self.sampling(),
-                            capture=self.capture, **settings)
+                            capture=self.capture, adapters=adapters, **settings)
 
     def devices(self) -> list[str]:
         """Where models run, one model per entry at a time: `engine.devices` if given (an entry like "0,1" or "all"
@@ -192,6 +200,7 @@ def _build(table: dict, path: Path, output: str | None) -> SweepConfig:
         vectors=vectors,
         grid=_grid(grid_table),
         saes=_saes(table.get("saes", {}), base),
+        adapters=_adapters(table.get("adapters", {}), base),
         samples=int_field(table.get("samples", 1), "samples", minimum=1, maximum=MAX_SAMPLES),
         seed=int_field(table.get("seed", 0), "seed", minimum=0),
         paired_seeds=bool_field(table.get("paired_seeds", False), "paired_seeds"),
@@ -317,6 +326,21 @@ def _saes(table, base: Path) -> dict[str, str]:
     return saes
 
 
+def _adapters(table, base: Path) -> dict[str, str]:
+    """[adapters]: name = a PEFT LoRA directory, its settings checked now (its fit to each model where it runs)."""
+    if not isinstance(table, dict):
+        raise SweepError(f"adapters must be a table of name = \"directory\" (PEFT LoRA adapters), got {preview(table)}")
+    adapters = {}
+    for name, value in table.items():
+        directory = str(base / str_field(value, f"adapters.{name}"))
+        try:
+            read_adapter(name, directory)
+        except AdapterError as exc:
+            raise SweepError(f"adapters.{name}: {exc}") from None
+        adapters[name] = directory
+    return adapters
+
+
 def _grid(table: dict) -> Grid:
     check_keys(table, GRID_KEYS, "[grid]")
     axes = {}
@@ -360,6 +384,8 @@ def _grid(table: dict) -> Grid:
     for key in ("normalize", "norm_match"):
         if key in axes:
             setattr(grid, key, [bool_field(v, f"grid.{key}[{i}]") for i, v in enumerate(axes[key])])
+    if "adapters" in axes:
+        grid.adapters = [str_field(v, f"grid.adapters[{i}]") for i, v in enumerate(axes["adapters"])]
     return grid
 
 
