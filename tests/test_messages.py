@@ -8,9 +8,9 @@ import multiprocessing as mp
 import msgpack
 import pytest
 
-from engine.messages import (TYPES, CoreRequest, Fatal, Feed, Finished, FinishedSeq, Kind, Message, Progress,
-                             Ready, RecordFailed, Result, SlotFilled, Stats, StatsQuery, Stop, TokenizeRequest, decode,
-                             encode, message)
+from engine.messages import (TYPES, Cancel, CoreRequest, Fatal, Feed, Finished, FinishedSeq, Kind, Message,
+                             Progress, Ready, RecordFailed, Result, SlotFilled, Stats, StatsQuery, Stop,
+                             TokenizeRequest, decode, encode, message)
 from engine.procs import MsgQueue
 from engine.specs import parse_capture, parse_steering
 
@@ -24,6 +24,7 @@ EXAMPLES = [
     Feed([TokenizeRequest("hi", None, CORE), TokenizeRequest(None, [{"role": "user", "content": "x"}], CORE)]),
     SlotFilled(3, 41, [CORE, dataclasses.replace(CORE, index=8, steering=None, capture=None, stream=True)]),
     Progress([[7, 0, b"\x01\x00\x00\x00"], [8, 3, b""]]),
+    Cancel([7, 9]),
     Finished([FinishedSeq(7, b"\x01\x00\x00\x00", "length", 12, [], ACTIVATIONS, [[1, 3], [0]]),
               FinishedSeq(8, b"", "stop", 3, ["x"])]),
     Result(7, "text", "stop", 12, 1, [5], ACTIVATIONS, [[1, 3], [0]]),

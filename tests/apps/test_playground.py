@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from support import TINY
+from support.lora import LINEARS, make_lora
 from support.serving import ENGINE_ARGS, Server
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -17,11 +18,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_model):
     vectors = tmp_path_factory.mktemp("playground")
     torch.manual_seed(1)
     torch.save(torch.randn(64) * 40, vectors / "loud.pt")
-    srv = Server(*ENGINE_ARGS, "--vectors", str(vectors))
+    make_lora(tiny_model, vectors.parent / "poet", seed=3, r=8, lora_alpha=16, target_modules=LINEARS)
+    srv = Server(*ENGINE_ARGS, "--vectors", str(vectors), "--adapter", f"poet={vectors.parent / 'poet'}")
     yield srv
     assert srv.stop() == 0, "".join(srv.lines)
 
@@ -49,6 +51,15 @@ def test_the_playground_generates_steered_and_unsteered_side_by_side(server):
             assert base and steered and steered != base
             assert third == steered  # the same coefficient and seed
             assert "coefficient 8" in page.text_content("#title-steered")
+
+            page.fill("#coef2", "")  # the third column: the adapter, unsteered
+            page.select_option("#adapter", "poet")
+            page.click("#generate")
+            page.wait_for_function("['done', 'error'].includes(document.getElementById('status').textContent) || "
+                                   "document.getElementById('status').className === 'error'", timeout=60000)
+            assert page.text_content("#status") == "done", page.text_content("#status")
+            assert page.text_content("#out-base") == base and page.text_content("#out-steered") == steered
+            assert page.text_content("#out-third") not in ("", base) and "poet" in page.text_content("#title-third")
 
             page.fill("#layer", "99")  # a layer the model lacks: the server's message, shown on the page
             page.click("#generate")

@@ -21,6 +21,7 @@ import torch
 from engine.storage.activations import load
 from support import PROMPTS, ROOT, TINY, read_jsonl, write_jsonl
 from support.families import edit_json
+from support.lora import LINEARS, make_lora
 from support.serving import ENGINE_ARGS, Server
 
 openai = pytest.importorskip("openai")
@@ -33,8 +34,9 @@ MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_source):
-    """A tokenizer with a chat template (the tiny model's, plus Gemma's turn template) and a vector folder."""
+def files(tmp_path_factory, tiny_source, tiny_model):
+    """A tokenizer with a chat template (the tiny model's, plus Gemma's turn template), a vector folder and a PEFT
+    LoRA adapter."""
     root = tmp_path_factory.mktemp("serve")
     tok = root / "tokenizer"
     tok.mkdir()
@@ -44,12 +46,18 @@ def files(tmp_path_factory, tiny_source):
     (root / "vectors").mkdir()
     torch.manual_seed(0)
     torch.save(torch.randn(64) * 8, root / "vectors" / "joy.pt")
+    make_lora(tiny_model, root / "poet", seed=3, r=8, lora_alpha=16, target_modules=LINEARS)
     return root
+
+
+def engine_args(files) -> list[str]:
+    """The engine settings the server and engine-run share: the tiny model, the chat tokenizer, the adapter."""
+    return [*ENGINE_ARGS, "--tokenizer", str(files / "tokenizer"), "--adapter", f"poet={files / 'poet'}"]
 
 
 @pytest.fixture(scope="module")
 def server(files):
-    srv = Server(*ENGINE_ARGS, "--tokenizer", str(files / "tokenizer"), "--output", str(files / "served.jsonl"),
+    srv = Server(*engine_args(files), "--output", str(files / "served.jsonl"),
                  "--vectors", str(files / "vectors"), "--max-request-bytes", "65536")
     yield srv
     assert srv.stop() == 0, "".join(srv.lines)
@@ -59,9 +67,9 @@ def engine_run(files, records: list[dict], name: str) -> list[dict]:
     """engine-run's results for the same records and engine settings, in input order."""
     source = write_jsonl(files / f"{name}.jsonl", records)
     out = files / f"{name}.out.jsonl"
-    done = subprocess.run([sys.executable, "-m", "engine.apps.run", *ENGINE_ARGS, "--tokenizer",
-                           str(files / "tokenizer"), "--input", str(source), "--output", str(out), "--ordered",
-                           "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "engine.apps.run", *engine_args(files), "--input", str(source),
+                           "--output", str(out), "--ordered", "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     return read_jsonl(out)
 
@@ -264,8 +272,25 @@ def test_a_client_that_goes_away_ends_its_request_in_the_engine(server, files):
     assert not served and job
 
 
+def test_an_adapter_serves_as_a_model_of_its_own_and_by_the_body_field(server, files):
+    record = {"prompt": PROMPTS[4], "max_new_tokens": MAX_TOKENS, "temperature": 0.0, "seed": 2}
+    base, poet = (r["completion"] for r in engine_run(files, [record, {**record, "adapter": "poet"}], "adapters"))
+    client = server.client()
+    kwargs = dict(prompt=record["prompt"], max_tokens=MAX_TOKENS, temperature=0, seed=2)
+    by_model = client.completions.create(model="poet", **kwargs).choices[0]
+    by_field = client.completions.create(model=TINY, extra_body={"adapter": "poet"}, **kwargs).choices[0]
+    assert by_model.text == by_field.text == poet != base
+    assert by_model.model_extra["adapter"] == "poet"
+    assert client.completions.create(model=TINY, **kwargs).choices[0].text == base
+    models = {m.id: m for m in client.models.list()}
+    assert models["poet"].model_extra["parent"] == TINY
+    wrong = server.post("/v1/completions", {"model": TINY, "prompt": "x", "adapter": "lawyer"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "adapter"
+    assert "poet" in wrong.json()["error"]["message"]
+
+
 def test_models_and_health(server):
-    assert [m.id for m in server.client().models.list()] == [TINY]
+    assert [m.id for m in server.client().models.list()] == [TINY, "poet"]
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["device"] == "cpu"
 

@@ -34,6 +34,7 @@ class ServeSettings:
 def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
     started = int(time.time())
     names = (settings.model_name,)
+    adapters = tuple(hub.adapters)  # each loaded adapter is a model too, as vLLM serves LoRA adapters
 
     async def completions(request: Request) -> Response:
         return await _generate(request, "completion")
@@ -43,7 +44,7 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
 
     async def _generate(request: Request, kind: str) -> Response:
         _authorize(request, settings.api_key)
-        job = parse_body(await _body(request, settings.max_request_bytes), kind, names)
+        job = parse_body(await _body(request, settings.max_request_bytes), kind, names, adapters)
         submitted = await hub.submit(job)
         if not job.stream:
             return JSONResponse(response(job, await _results(hub, submitted, request)))
@@ -60,8 +61,11 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
 
     async def models(request: Request) -> Response:
         _authorize(request, settings.api_key)
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": started, "owned_by": "steer-engine"} for name in names]})
+        base = [{"id": name, "object": "model", "created": started, "owned_by": "steer-engine", "root": name,
+                 "parent": None} for name in names]
+        loras = [{"id": name, "object": "model", "created": started, "owned_by": "steer-engine",
+                  "root": hub.engine.config.adapters[name], "parent": settings.model_name} for name in adapters]
+        return JSONResponse({"object": "list", "data": base + loras})
 
     async def health(request: Request) -> Response:
         engine = hub.engine
@@ -81,7 +85,7 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
             root = Path(settings.vectors_dir)
             found = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.name.endswith(VECTOR_SUFFIXES))
         return JSONResponse({"model": settings.model_name, "num_layers": hub.num_layers, "vectors": found,
-                             "needs_key": settings.api_key is not None})
+                             "adapters": list(adapters), "needs_key": settings.api_key is not None})
 
     async def tokenize(request: Request) -> Response:
         """vLLM's /tokenize: {"prompt", "add_special_tokens"?} -> {"tokens", "count", "max_model_len"} (what
@@ -239,7 +243,8 @@ async def _stream(hub: EngineHub, job: Job, submitted: Submitted, first: Event):
                 if event.record is not None:
                     records[event.index] = event.record
                     left -= 1
-                    extra = {k: event.record[k] for k in ("steering", "capture") if event.record.get(k) is not None}
+                    extra = {k: event.record[k] for k in ("steering", "capture", "adapter")
+                         if event.record.get(k) is not None}
                     out.append(_sse(chunk(job, event.index, None, event.record["finish_reason"], extra=extra)))
             if left == 0 and job.include_usage:
                 out.append(_sse(usage_chunk(job, records)))

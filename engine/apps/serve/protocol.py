@@ -19,7 +19,7 @@ MAX_STOPS = 4
 MAX_N = 128
 MAX_LOGPROBS = 20
 
-ENGINE_FIELDS = ("steering", "capture", "top_k", "ignore_eos")
+ENGINE_FIELDS = ("steering", "capture", "top_k", "ignore_eos", "adapter")
 COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options",
                  "user", "presence_penalty", "frequency_penalty", "logit_bias", *ENGINE_FIELDS)
 COMPLETION_FIELDS = (*COMMON_FIELDS, "prompt", "echo", "suffix", "best_of", "logprobs")
@@ -54,8 +54,10 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def parse_body(raw: bytes, kind: str, model_names: tuple[str, ...]) -> Job:
-    """A request body -> its Job; ApiError (400, or 404 for an unknown model) naming the field that is wrong."""
+def parse_body(raw: bytes, kind: str, model_names: tuple[str, ...], adapters: tuple[str, ...] = ()) -> Job:
+    """A request body -> its Job; ApiError (400, or 404 for an unknown model) naming the field that is wrong.
+    `model` names the base model (model_names) or a loaded adapter (`adapters`), which then runs, as vLLM serves
+    LoRA adapters; the body's own `adapter` may name one too."""
     try:
         body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -69,11 +71,16 @@ def parse_body(raw: bytes, kind: str, model_names: tuple[str, ...]) -> Job:
     model = body.get("model")
     if not isinstance(model, str):
         raise ApiError(400, "field 'model' is required: a string (GET /v1/models lists them)", "model")
-    if model not in model_names:
-        raise ApiError(404, f"the model {model!r} does not exist here; this server serves {list(model_names)}",
-                       "model", code="model_not_found")
+    if model not in model_names and model not in adapters:
+        raise ApiError(404, f"the model {model!r} does not exist here; this server serves "
+                            f"{list(model_names) + list(adapters)}", "model", code="model_not_found")
+    if model in adapters and body.get("adapter") not in (None, model):
+        raise ApiError(400, f"'model' names adapter {model!r} and 'adapter' names {body['adapter']!r}; name one",
+                       "adapter")
     _refuse_unsupported(body, kind)
     settings = _settings(body, kind)
+    if model in adapters:
+        settings["adapter"] = model
     n = _integer(body, "n", 1, 1, MAX_N)
     stream = _boolean(body, "stream", False)
     options = body.get("stream_options")
@@ -296,6 +303,8 @@ def engine_fields(result: dict) -> dict:
         out["steering"] = result["steering"]
     if result.get("capture") is not None:
         out["capture"] = result["capture"]
+    if result.get("adapter") is not None:
+        out["adapter"] = result["adapter"]
     return out
 
 
