@@ -115,8 +115,8 @@ def _core(model: str = GPU_MODEL, **overrides):
     from engine.core.engine_core import EngineCore
     from engine.models import resolve_model
 
-    config = tiny_config(model=model, tokenizer=GPU_TOKENIZER, device="cuda", dtype="bfloat16", max_num_seqs=16,
-                         **overrides)
+    config = tiny_config(**{"model": model, "tokenizer": GPU_TOKENIZER, "device": "cuda", "dtype": "bfloat16",
+                            "max_num_seqs": 16, **overrides})
     return EngineCore(config, resolve_model(config.model, config.tokenizer, config.cache_dir))
 
 
