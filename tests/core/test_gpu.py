@@ -289,14 +289,14 @@ def test_adapters_mixed_with_base_rows_in_the_graphs_agree_with_peft_until_a_nea
 
     source = resolve_model(GPU_MODEL, GPU_TOKENIZER, tiny_config().cache_dir)
     tok = load_hf_tokenizer(source.tokenizer_dir)
-    base = load_model(source, torch.float32, "cpu", vocab_size=len(tok))
+    base = load_model(source, torch.float32, "cuda", vocab_size=len(tok))  # built where the engine builds it
     peft_model = make_lora(base, tmp_path / "poet", seed=3, r=8, lora_alpha=16, target_modules=LINEARS)
     core = _core(dtype="float32", adapters={"poet": str(tmp_path / "poet")})
     ids = [tok(p).input_ids for p in PROMPTS]
     done = core.generate([core_request(i, max_new_tokens=24, adapter=i % 2) for i in range(len(ids))], ids)
     differs = 0
     for i, prompt_ids in enumerate(ids):
-        ref = (peft_model if i % 2 else base).to("cuda")
+        ref = peft_model if i % 2 else base
         ref.generation_config.eos_token_id = None
         x = torch.tensor([prompt_ids], device="cuda")
         out = ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
