@@ -75,7 +75,8 @@ def bench_parser() -> argparse.ArgumentParser:
                    f"{', '.join(CAPTURE_POSITIONS)}")
     p.add_argument("--interventions", type=csv_list, default=[], metavar="OPS",
                    help="also run the engine with every record under each of these ops, one row each, in the same "
-                        "run: " + "; ".join(f"{name}: {what}" for name, what in INTERVENTIONS.items()))
+                        "run: " + "; ".join(f"{name}: {what}" for name, what in INTERVENTIONS.items())
+                   .replace("%", "%%"))  # argparse formats help with %
     p.add_argument("--also-model", action="append", default=[], metavar="MODEL",
                    help="also run the engine on MODEL in the same run, with the same tokenizer and prompts "
                         "(repeatable): e.g. random:gemma2-2b-uncapped, random:gemma2-2b's weights with soft-capping "

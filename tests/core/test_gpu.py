@@ -294,6 +294,7 @@ def test_adapters_mixed_with_base_rows_in_the_graphs_agree_with_peft_until_a_nea
     core = _core(dtype="float32", adapters={"poet": str(tmp_path / "poet")})
     ids = [tok(p).input_ids for p in PROMPTS]
     done = core.generate([core_request(i, max_new_tokens=24, adapter=i % 2) for i in range(len(ids))], ids)
+    assert core.lora.shared_hits  # k, v and up reused q's and gate's x A^T in the compiled layers
     differs = 0
     for i, prompt_ids in enumerate(ids):
         ref = peft_model if i % 2 else base

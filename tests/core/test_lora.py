@@ -107,6 +107,18 @@ def test_an_adapter_equals_peft_unmerged_and_merged(core, tokenizer, tiny_model,
     assert changed  # the adapter changes what the model says, so the comparison is not vacuous
 
 
+def test_linears_reading_one_input_share_one_x_times_a(core, tokenizer):
+    # q/k/v of each attention and gate/up of each MLP: one stacked A each; k, v and up reuse the first's product
+    layers = core.model.config.num_hidden_layers
+    width = core.lora.num_columns
+    assert sorted(a.shape[0] for a in core.lora.group_a) == [2 * width] * layers + [3 * width] * layers
+    before = core.lora.shared_hits
+    first_step_logits(core, tokenizer, [None, None])
+    assert core.lora.shared_hits == before  # a base-only forward runs no LoRA
+    first_step_logits(core, tokenizer, ["all", None])  # equal to PEFT: test_an_adapter_equals_peft_unmerged_...
+    assert core.lora.shared_hits - before == 3 * layers
+
+
 def test_an_adapter_saved_as_bin_loads_the_same_weights(core, tokenizer):
     # the same numbers in other columns of the stacked layout: equal up to the GEMM's summation order
     safetensors, torch_bin = (first_step_logits(core, tokenizer, [name, None]) for name in ("all", "all-bin"))
