@@ -11,7 +11,8 @@ where `select` [tokens, R] is 1 on the columns of the adapter of each token's re
 base-model token gets exactly zero added. One GEMM for every adapter's A, one for every B, whichever adapters the
 batch mixes. Linears that read one input (q/k/v of an attention, gate/up of an MLP: SHARED_INPUT) keep their A's
 stacked as one tensor, and the first of them to run computes x A^T for all of them in one GEMM and one masking,
-which the others reuse: 15 kernels a Gemma layer instead of 21 (a decode step's LoRA cost is these small kernels').
+which the others reuse; on CUDA the masking rides in the expand (one Triton kernel: engine.core.kernels.lora). A
+Gemma layer runs 11 LoRA kernels instead of 21, and a decode step's LoRA cost is these small kernels' count.
 
 `select` is one tensor per forward, shared by every hooked linear: built per prompt token for a prefill, and for
 decode the rows of a static [num_kv_rows, R] buffer (`kv_select`), written when a sequence is admitted, so a captured
@@ -151,10 +152,10 @@ class LoraTable:
             return
         flat = out.view(-1, out.shape[-1])
         x = x.reshape(-1, x.shape[-1])
+        fused = flat.is_cuda  # the masking inside the expand: one kernel (engine.core.kernels.lora)
         group, place = self.places[index]
         if group is None:
             t = torch.mm(x, a.t())
-            t.mul_(select)
         else:
             width = self.num_columns
             key = (self.forward_id, group, x.data_ptr(), tuple(x.shape), tuple(x.stride()))
@@ -162,9 +163,17 @@ class LoraTable:
                 self.shared_hits += 1
             else:
                 shared = torch.mm(x, self.group_a[group].t())
-                shared.view(x.shape[0], -1, width).mul_(select[:, None])
+                if not fused:
+                    shared.view(x.shape[0], -1, width).mul_(select[:, None])
                 self._shared = (key, shared)
             t = self._shared[1][:, place * width:(place + 1) * width]
+        if fused:
+            from engine.core.kernels.lora import masked_expand_cuda
+
+            masked_expand_cuda(flat, t, select, b)
+            return
+        if group is None:
+            t.mul_(select)
         flat.addmm_(t, b.t())
 
 

@@ -280,6 +280,27 @@ def test_a_broken_forward_ends_only_its_request_inside_the_graphs(tmp_path):
         assert seq.finish_reason == "error" and "non-finite" in seq.error, (seq.finish_reason, seq.output_ids)
 
 
+def test_the_lora_expand_kernel_equals_the_torch_form():
+    """engine.core.kernels.lora: out += (t * select) B^T, t a column slice of a wider tensor as a shared x A^T is;
+    rows whose selection is all zero (base-model tokens) left bit for bit."""
+    from engine.core.kernels.lora import masked_expand_cuda
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for rows, width, size in ((1, 8, 256), (37, 16, 2048), (256, 24, 16384), (700, 48, 300)):
+            gen = torch.Generator(device="cuda").manual_seed(rows)
+            wide = torch.randn(rows, 3 * width, device="cuda", generator=gen).to(dtype)
+            t = wide[:, width:2 * width]
+            select = torch.zeros(rows, width, device="cuda", dtype=dtype)
+            select[1::2, : width // 2] = 1  # odd rows on the first half of the columns, even rows on none
+            b = torch.randn(size, width, device="cuda", generator=gen).to(dtype)
+            out = torch.randn(rows, size, device="cuda", generator=gen).to(dtype)
+            want = (out.float() + (t.float() * select.float()) @ b.float().t()).to(dtype)
+            before = out.clone()
+            masked_expand_cuda(out, t, select, b)
+            torch.testing.assert_close(out, want, rtol=tol, atol=tol * width)
+            assert torch.equal(out[0::2], before[0::2]), (dtype, rows)
+
+
 def test_adapters_mixed_with_base_rows_in_the_graphs_agree_with_peft_until_a_near_tie(tmp_path):
     """A PEFT LoRA on the GPU: a batch mixing base and adapter rows, run through the compiled layers and decode
     graphs in float32, greedy, agrees with PEFT's own model (adapter rows) and the base model (base rows) token for
