@@ -33,12 +33,15 @@ HEALTH_CHECK_S = 0.5  # how often a running engine looks for dead processes whil
 
 
 class Streamed(NamedTuple):
-    """Tokens a streaming request sampled: `ids` are its generated tokens from place `start` on (engine.messages.
-    Progress says why they may come out of order, or after the request's Outcome)."""
+    """Tokens a streaming request sampled: `ids` are its generated tokens from place `start` on, with their
+    log-probabilities and top alternatives when it asked (engine.messages.Progress says why they may come out of
+    order, or after the request's Outcome)."""
 
     position: int
     start: int
     ids: list[int]
+    logprobs: list[float] | None = None
+    top: list[list] | None = None
 
 
 class Engine:
@@ -150,10 +153,11 @@ class Engine:
         out: list[Outcome | Streamed] = []
         for msg in msgs:
             if isinstance(msg, Progress):
-                for index, start, data in msg.chunks:
+                for index, start, data, logprobs, top in msg.chunks:
                     entry = self.pending.get(index)
                     if entry is not None:
-                        out.append(Streamed(entry[0], start, np.frombuffer(data, dtype=np.int32).tolist()))
+                        out.append(Streamed(entry[0], start, np.frombuffer(data, dtype=np.int32).tolist(), logprobs,
+                                            top))
                 continue
             outcome = self._outcome(msg)
             if outcome is not None:

@@ -227,9 +227,11 @@ class Result(Message):
 @message(Kind.PROGRESS)
 @dataclass(slots=True)
 class Progress(Message):
-    """Streaming requests' tokens sampled since the core last sent theirs: [index, start, int32 bytes] each, `start`
-    the first one's place among the request's generated tokens (with several decoder workers two Progress messages
-    may pass each other, and the last may come after the Result, which holds every token and the final text)."""
+    """Streaming requests' tokens sampled since the core last sent theirs: [index, start, int32 bytes, logprobs,
+    top] each, `start` the first one's place among the request's generated tokens, `logprobs` their
+    log-probabilities and `top` their [[id, log-probability], ...] alternatives, each None unless the request asked
+    (with several decoder workers two Progress messages may pass each other, and the last may come after the
+    Result, which holds every token, log-probability and the final text)."""
 
     chunks: list[list]
 

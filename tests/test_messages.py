@@ -23,7 +23,7 @@ EXAMPLES = [
     Stop(),
     Feed([TokenizeRequest("hi", None, CORE), TokenizeRequest(None, [{"role": "user", "content": "x"}], CORE)]),
     SlotFilled(3, 41, [CORE, dataclasses.replace(CORE, index=8, steering=None, capture=None, stream=True)]),
-    Progress([[7, 0, b"\x01\x00\x00\x00"], [8, 3, b""]]),
+    Progress([[7, 0, b"\x01\x00\x00\x00", None, None], [8, 3, b"\x02\x00\x00\x00", [-0.5], [[[2, -0.5]]]]]),
     Cancel([7, 9]),
     Finished([FinishedSeq(7, b"\x01\x00\x00\x00", "length", 12, [], ACTIVATIONS, [[1, 3], [0]]),
               FinishedSeq(8, b"", "stop", 3, ["x"])]),

@@ -116,15 +116,20 @@ class EngineCore:
 
     def progress(self, finished: list[Sequence]) -> list[list]:
         """The streaming sequences' tokens read since the last call, as Progress chunks [index, start, int32
-        bytes]; `finished` (the last step's) are dropped from the streaming set: their Result carries the rest."""
+        bytes, their log-probabilities, their top alternatives] (the last two None unless it asked for them);
+        `finished` (the last step's) are dropped from the streaming set: their Result carries the rest."""
         for seq in finished:
             self.streaming.pop(seq.index, None)
         chunks = []
         for seq in self.streaming.values():
-            if len(seq.output_ids) > seq.num_streamed:
-                new = seq.output_ids[seq.num_streamed:]
-                chunks.append([seq.index, seq.num_streamed, np.asarray(new, dtype=np.int32).tobytes()])
-                seq.num_streamed += len(new)
+            end = len(seq.output_ids) if seq.num_logprobs < 0 else len(seq.output_logprobs)
+            if end > seq.num_streamed:
+                start = seq.num_streamed
+                asked = seq.num_logprobs >= 0
+                chunks.append([seq.index, start, np.asarray(seq.output_ids[start:end], dtype=np.int32).tobytes(),
+                               seq.output_logprobs[start:end] if asked else None,
+                               seq.output_top[start:end] if asked and seq.num_logprobs else None])
+                seq.num_streamed = end
         return chunks
 
     @property

@@ -163,6 +163,41 @@ def test_logprobs_are_engine_runs_with_each_token_spelled(server, files):
     assert all(len(t.top_logprobs) == 1 and t.top_logprobs[0].logprob == t.logprob for t in content)
 
 
+def test_streamed_logprobs_are_the_whole_answers_token_by_token(server):
+    """Each chunk's logprobs are those of the tokens that came with it: joined, the non-streamed answer's (tokens,
+    log-probabilities, alternatives, text offsets), over a request long enough that some come before its end."""
+    client = server.client()
+    asked = dict(model=TINY, prompt="Once upon a time", max_tokens=48, temperature=0, logprobs=2)
+    whole = client.completions.create(**asked).choices[0]
+    pieces = [p.choices[0] for p in client.completions.create(stream=True, **asked)]
+    scored = [p.logprobs for p in pieces if p.logprobs is not None]
+    assert len(scored) >= 2  # some logprobs came as the tokens were sampled, not only with the result
+    joined = {name: [v for lp in scored for v in getattr(lp, name)]
+              for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == {name: getattr(whole.logprobs, name) for name in joined}
+    assert "".join(p.text for p in pieces) == whole.text == "".join(joined["tokens"])
+    chat = dict(model=TINY, messages=[{"role": "user", "content": "Hi"}], max_tokens=24, temperature=0,
+                logprobs=True, top_logprobs=1)
+    want = client.chat.completions.create(**chat).choices[0].logprobs.content
+    got = [t for p in client.chat.completions.create(stream=True, **chat)
+           if p.choices and p.choices[0].logprobs is not None for t in p.choices[0].logprobs.content]
+    assert [t.model_dump() for t in got] == [t.model_dump() for t in want]
+
+
+def test_echo_streams_the_prompt_first_and_a_scored_prompt_streams_nothing_else(server):
+    client = server.client()
+    for max_tokens in (0, 4):
+        asked = dict(model=TINY, prompt=PROMPTS[2], max_tokens=max_tokens, temperature=0, echo=True)
+        whole = client.completions.create(**asked)
+        pieces = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **asked))
+        assert pieces[0].choices[0].text == PROMPTS[2]
+        assert "".join(p.choices[0].text for p in pieces if p.choices) == whole.choices[0].text
+        assert pieces[-1].usage.completion_tokens == whole.usage.completion_tokens == max_tokens
+    refused = server.post("/v1/completions", {**asked, "logprobs": 1, "stream": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    assert "ask without 'stream'" in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_echo_with_logprobs_scores_the_prompt_as_engine_run_does(server, files, max_tokens):
     """What lm-evaluation-harness' loglikelihood requests send: echo, logprobs, max_tokens 0 or 1."""

@@ -17,7 +17,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from engine.apps.serve.hub import EngineHub, Event, Submitted, field_of
-from engine.apps.serve.protocol import ApiError, Job, chunk, parse_body, response, usage_chunk
+from engine.apps.serve.protocol import ApiError, Job, chunk, parse_body, response, stream_logprobs, usage_chunk
 from engine.vectors import VECTOR_SUFFIXES
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -227,10 +227,13 @@ async def _stream(hub: EngineHub, job: Job, submitted: Submitted, first: Event):
     that queued up while the client's connection was busy go out merged, in one write. An error after text went
     out is sent as an error event (the status line is gone by then)."""
     records: list[dict | None] = [None] * len(job.records)
+    offsets = [0] * len(records)  # per choice: characters of token text its streamed logprobs covered
     left, events = len(records), _merged([first, *_queued(submitted)])
     try:
         if job.kind == "chat":
             yield "".join(_sse(chunk(job, i, None, first=True)) for i in range(len(records)))
+        elif job.echo:  # the prompt first, as OpenAI echoes it
+            yield "".join(_sse(chunk(job, i, job.prompts[i])) for i in range(len(records)))
         while True:
             out = []
             for event in events:
@@ -238,8 +241,12 @@ async def _stream(hub: EngineHub, job: Job, submitted: Submitted, first: Event):
                     out.append(_sse(_engine_refusal(event.error).body()))
                     left = -1
                     break
-                if event.text:
-                    out.append(_sse(chunk(job, event.index, event.text)))
+                scored, logprobs = event.scored, None
+                if scored is not None:
+                    logprobs = stream_logprobs(job, scored.texts, scored.logprobs, scored.tops, offsets[event.index])
+                    offsets[event.index] += sum(len(t) for t in scored.texts)
+                if event.text or logprobs is not None:
+                    out.append(_sse(chunk(job, event.index, event.text, logprobs=logprobs)))
                 if event.record is not None:
                     records[event.index] = event.record
                     left -= 1
@@ -272,7 +279,9 @@ def _merged(events: list[Event]) -> list[Event]:
     for event in events:
         last = out[-1] if out else None
         if last is not None and last.index == event.index and last.record is None and last.error is None:
-            out[-1] = Event(event.index, last.text + event.text, event.record, event.error)
+            scored = last.scored if event.scored is None else event.scored if last.scored is None else \
+                last.scored + event.scored
+            out[-1] = Event(event.index, last.text + event.text, event.record, event.error, scored)
         else:
             out.append(event)
     return out

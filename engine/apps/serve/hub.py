@@ -15,7 +15,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from engine.apps.serve.protocol import ApiError, Job
+from engine.apps.serve.protocol import ApiError, Job, dropped_completion
 from engine.engine import Engine, EngineError, Streamed
 from engine.messages import Outcome
 from engine.models import load_tokenizer, num_decoder_layers
@@ -47,13 +47,17 @@ class IncrementalText:
     """Token ids -> text as they arrive: each new piece decoded with a few tokens before it (so a word-initial space
     or a multi-byte character split over tokens comes out right), text held back while it ends in an incomplete
     character, and the last characters held back while they could begin a stop string (the engine cuts the final
-    text at the stop; what was sent is always a prefix of it)."""
+    text at the stop; what was sent is always a prefix of it). A request that asked for log-probabilities has them
+    beside its ids (`scores`: per token its log-probability and [[id, log-probability], ...] alternatives or None),
+    sent in token order as they come (`take_scored`)."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer = tokenizer
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
-        self.stash: dict[int, list[int]] = {}  # chunks that came before an earlier one (several decoder workers)
+        self.scores: list[tuple | None] = []  # per token of `ids`: (log-probability, alternatives) or None
+        self.scored_sent = 0  # tokens of `ids` whose scores were taken
+        self.stash: dict[int, tuple] = {}  # chunks that came before an earlier one (several decoder workers)
         self.prefix = self.read = 0  # the decode window: ids[prefix:read] decoded already, ids[read:] not yet
         self.text = ""  # every character decoded so far
         self.sent = 0  # characters of it sent
@@ -63,12 +67,23 @@ class IncrementalText:
         self.put(start, ids)
         return self.take()
 
-    def put(self, start: int, ids: list[int]) -> None:
-        """Take tokens `ids` at place `start` without decoding them yet (`take` decodes what came since)."""
-        self.stash[start] = ids
+    def put(self, start: int, ids: list[int], scores: list[tuple] | None = None) -> None:
+        """Take tokens `ids` at place `start` (and their scores) without decoding them yet (`take` decodes what came
+        since)."""
+        self.stash[start] = (ids, scores or [None] * len(ids))
         while self.stash and min(self.stash) <= len(self.ids):
             at = min(self.stash)
-            self.ids.extend(self.stash.pop(at)[len(self.ids) - at:])
+            ids, scores = self.stash.pop(at)
+            self.ids.extend(ids[len(self.ids) - at:])
+            self.scores.extend(scores[len(self.scores) - at:])
+
+    def take_scored(self) -> tuple[list[int], list[tuple]]:
+        """The ids and scores of the scored tokens put since the last call, in order (none after a token without)."""
+        start = end = self.scored_sent
+        while end < len(self.scores) and self.scores[end] is not None:
+            end += 1
+        self.scored_sent = end
+        return self.ids[start:end], self.scores[start:end]
 
     def take(self) -> str:
         """The text of the tokens put since the last take that can be sent now ("" if none)."""
@@ -98,12 +113,38 @@ class IncrementalText:
 
 @dataclass
 class Event:
-    """What the hub tells a job's handler: choice `index` got `text`, finished with `record`, or failed (`error`)."""
+    """What the hub tells a job's handler: choice `index` got `text` (and, streaming with log-probabilities, the
+    `scored` tokens that came with it), finished with `record`, or failed (`error`)."""
 
     index: int
     text: str = ""
     record: dict | None = None
     error: str | None = None
+    scored: Scored | None = None
+
+
+@dataclass
+class Scored:
+    """Generated tokens with their log-probabilities, spelled: per token its text, log-probability and top
+    alternatives [(text, log-probability), ...] (None: none asked)."""
+
+    texts: list[str]
+    logprobs: list[float]
+    tops: list[list[tuple[str, float]]] | None
+
+    def __add__(self, other: Scored) -> Scored:
+        tops = None if self.tops is None or other.tops is None else self.tops + other.tops
+        return Scored(self.texts + other.texts, self.logprobs + other.logprobs, tops)
+
+
+def spell(tokenizer, ids: list[int], tops: list | None) -> tuple[list[str], list | None]:
+    """Token ids and their [[id, log-probability], ...] alternatives as text, each token alone (OpenAI's logprobs
+    name tokens by their text), in one batched decode."""
+    texts = decode_texts(tokenizer, [[i] for i in ids + [t for step in tops or () for t, _ in step]])
+    if tops is None:
+        return texts[:len(ids)], None
+    alternatives = iter(texts[len(ids):])
+    return texts[:len(ids)], [[(next(alternatives), v) for _, v in step] for step in tops]
 
 
 class Submitted:
@@ -186,7 +227,7 @@ class EngineHub:
             if request.capture is not None and self.writer is None:
                 raise ApiError(400, "this server captures activations by default (--capture-layers) but has no "
                                     "output for them: start it with --output PATH", "capture")
-            request.stream = job.stream
+            request.stream = job.stream and not job.is_scoring  # a scoring job's one token is dropped, not sent
             requests.append(request)
         submitted = Submitted(job, asyncio.get_running_loop(), [r.stop for r in requests], self.tokenizer)
         submitted.requests = requests
@@ -225,7 +266,9 @@ class EngineHub:
             submitted, index = entry
             if isinstance(item, Streamed):
                 if submitted.texts is not None:
-                    submitted.texts[index].put(item.start, item.ids)
+                    scores = None if item.logprobs is None else list(zip(item.logprobs, item.top or [None] * len(
+                        item.ids)))
+                    submitted.texts[index].put(item.start, item.ids, scores)
                     streamed[item.position] = entry
                 continue
             del self._choices[item.position]
@@ -235,9 +278,19 @@ class EngineHub:
             self.num_served += submitted.left == 0
         for submitted, index in streamed.values():
             text = submitted.texts[index].take()
-            if text:
-                events.append((submitted, Event(index, text=text)))
+            scored = self._scored(submitted.texts[index])
+            if text or scored is not None:
+                events.append((submitted, Event(index, text=text, scored=scored)))
         _hand_over(events)
+
+    def _scored(self, text: IncrementalText) -> Scored | None:
+        """The scored tokens a streaming choice got since it last sent some, spelled (None: none)."""
+        ids, scores = text.take_scored()
+        if not ids:
+            return None
+        tops = None if scores[0][1] is None else [top for _, top in scores]
+        texts, top_texts = spell(self.tokenizer, ids, tops)
+        return Scored(texts, [lp for lp, _ in scores], top_texts)
 
     def _finish(self, submitted: Submitted, index: int, outcome: Outcome) -> Event:
         record = outcome.record
@@ -253,8 +306,19 @@ class EngineHub:
                 record = {**record, "capture": {"output": str(self.writer.output), "id": record["id"], **pointer}}
         if "completion_logprobs" in record:
             record = self._spelled(record)
-        text = submitted.texts[index].rest(record["completion"]) if submitted.texts else ""
-        return Event(index, text=text, record=record)
+        if submitted.job.is_scoring:
+            record = dropped_completion(record)
+        if not submitted.texts:
+            return Event(index, record=record)
+        text = submitted.texts[index].rest(record["completion"])
+        scored = None
+        if "completion_logprobs" in record:  # the scores Progress did not bring, from the result itself
+            sent = submitted.texts[index].scored_sent
+            tops = record.get("top_texts")
+            if sent < len(record["completion_logprobs"]):
+                scored = Scored(record["token_texts"][sent:], record["completion_logprobs"][sent:],
+                                None if tops is None else tops[sent:])
+        return Event(index, text=text, record=record, scored=scored)
 
     def _spelled(self, record: dict) -> dict:
         """A result with log-probabilities, its tokens and their alternatives spelled out as text (OpenAI's
@@ -264,14 +328,10 @@ class EngineHub:
         for ids_name, tops_name, texts_name, top_texts_name in (
                 ("completion_token_ids", "completion_top_logprobs", "token_texts", "top_texts"),
                 ("prompt_token_ids", "prompt_top_logprobs", "prompt_texts", "prompt_top_texts")):
-            if ids_name not in record:
-                continue
-            ids, tops = record[ids_name], record.get(tops_name)
-            texts = decode_texts(self.tokenizer, [[i] for i in ids + [t for step in tops or () for t, _ in step]])
-            out[texts_name] = texts[:len(ids)]
-            if tops is not None:
-                alternatives = iter(texts[len(ids):])
-                out[top_texts_name] = [[(next(alternatives), v) for _, v in step] for step in tops]
+            if ids_name in record:
+                out[texts_name], top_texts = spell(self.tokenizer, record[ids_name], record.get(tops_name))
+                if top_texts is not None:
+                    out[top_texts_name] = top_texts
         return out
 
     def _fail_all(self, error: str) -> None:

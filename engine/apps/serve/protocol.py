@@ -134,10 +134,10 @@ def _settings(body: dict, kind: str) -> dict:
     logprobs = _logprobs(body, kind)
     if logprobs is not None:
         if body.get("echo") is True:
+            if body.get("stream"):
+                raise ApiError(400, "the prompt's log-probabilities (echo with logprobs) are not streamed: the "
+                                    "prompt is scored with the whole answer; ask without 'stream'", "logprobs")
             out["prompt_logprobs"] = logprobs
-        if body.get("stream"):
-            raise ApiError(400, "log-probabilities are not streamed by this server yet; ask for them without "
-                                "'stream'", "logprobs")
         out["logprobs"] = logprobs
     return out
 
@@ -273,28 +273,39 @@ def completion_logprobs(result: dict, echo: bool = False) -> dict | None:
     with echo the prompt's tokens first, the first of them without a log-probability (nothing predicts it)."""
     if "completion_logprobs" not in result:
         return None
-    texts, logprobs = result["token_texts"], result["completion_logprobs"]
-    top = [dict(step) for step in result["top_texts"]] if "top_texts" in result else None
+    texts, logprobs, tops = result["token_texts"], result["completion_logprobs"], result.get("top_texts")
     if echo:
         texts = result["prompt_texts"] + texts
         logprobs = [None, *result["prompt_logprobs"], *logprobs]
-        if top is not None:
-            top = [None, *(dict(step) for step in result["prompt_top_texts"]), *top]
-    offsets, at = [], 0
+        if tops is not None:
+            tops = [None, *result["prompt_top_texts"], *tops]
+    return completion_logprobs_of(texts, logprobs, tops)
+
+
+def completion_logprobs_of(texts: list[str], logprobs: list, tops: list | None, offset: int = 0) -> dict:
+    """The completions logprobs object of these tokens (each's text, log-probability and [(text, log-probability),
+    ...] alternatives), the first at character `offset` of the choice's text."""
+    offsets = []
     for piece in texts:
-        offsets.append(at)
-        at += len(piece)
-    return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+        offsets.append(offset)
+        offset += len(piece)
+    return {"tokens": texts, "token_logprobs": logprobs,
+            "top_logprobs": None if tops is None else [None if step is None else dict(step) for step in tops],
+            "text_offset": offsets}
 
 
 def chat_logprobs(result: dict) -> dict | None:
     """OpenAI chat's logprobs object: per token its text, log-probability, UTF-8 bytes and top alternatives."""
     if "completion_logprobs" not in result:
         return None
-    tops = result.get("top_texts") or [[] for _ in result["token_texts"]]
+    return chat_logprobs_of(result["token_texts"], result["completion_logprobs"], result.get("top_texts"))
+
+
+def chat_logprobs_of(texts: list[str], logprobs: list[float], tops: list | None) -> dict:
+    tops = tops or [[] for _ in texts]
     return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode()),
                          "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
-                        for text, lp, top in zip(result["token_texts"], result["completion_logprobs"], tops)]}
+                        for text, lp, top in zip(texts, logprobs, tops)]}
 
 
 def engine_fields(result: dict) -> dict:
@@ -318,17 +329,26 @@ def response(job: Job, results: list[dict]) -> dict:
 
 
 def chunk(job: Job, i: int, text: str | None, finish_reason: str | None = None, first: bool = False,
-          extra: dict | None = None) -> dict:
-    """One streamed chunk of choice i: its new text (None: no text, as in a chat's role-only first chunk)."""
+          extra: dict | None = None, logprobs: dict | None = None) -> dict:
+    """One streamed chunk of choice i: its new text (None: no text, as in a chat's role-only first chunk) and the
+    logprobs object of the tokens that came with it (stream_logprobs)."""
     if job.kind == "completion":
-        piece = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        piece = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj, prefix = "text_completion", "cmpl"
     else:
         delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-        piece = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        piece = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj, prefix = "chat.completion.chunk", "chatcmpl"
     return {"id": f"{prefix}-{job.id}", "object": obj, "created": job.created, "model": job.model,
             "choices": [{**piece, **(extra or {})}]}
+
+
+def stream_logprobs(job: Job, texts: list[str], logprobs: list[float], tops: list | None, offset: int) -> dict:
+    """A streamed chunk's logprobs object for the tokens it brings, in the job's kind's shape (completions: with
+    text offsets from `offset`, the characters of token text the choice streamed before)."""
+    if job.kind == "completion":
+        return completion_logprobs_of(texts, logprobs, tops, offset)
+    return chat_logprobs_of(texts, logprobs, tops)
 
 
 def usage_chunk(job: Job, results: list[dict]) -> dict:
