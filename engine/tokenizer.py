@@ -23,7 +23,9 @@ GENERIC_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
 GEMMA_CLASS = "GemmaTokenizer"
 GEMMA_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"})
 # transformers 5.x MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS: for these model types AutoTokenizer ignores the
-# declared class and picks its own, which this module cannot know. tests/pipeline/test_tokenizer.py checks the copy.
+# declared class and picks its own, which this module cannot know, so they load through transformers. The union of
+# the 5.x releases' lists (5.25 dropped camembertv2-base, which 5.17 forces): one too many only takes the slower
+# path to the same tokenizer. tests/pipeline/test_tokenizer.py checks it holds the installed release's list.
 FORCED_CLASS_MODEL_TYPES = frozenset("""
     arctic chatlm ernie4_5 ernie4_5_moe fuyu h2ovl_chat hyperclovax hyperclovax_vlm hyperclovax_vision_v2 internlm2
     internlm3 iquestcoder jamba llava llava_next minicpm3 minicpmv minimax_m2 modernbert modernbert-decoder molmo

@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -87,11 +88,14 @@ def start_server(config: BenchConfig, folder: Path) -> tuple[subprocess.Popen, s
         if not line or time.monotonic() > deadline:
             proc.kill()
             raise BenchError(f"engine-serve did not start: see {folder / 'serve.log'}")
-    # The rest of its stderr goes on to the log from a thread of this process.
-    import threading
-
-    threading.Thread(target=lambda: [log.write(x) or log.flush() for x in proc.stderr], daemon=True).start()
+    threading.Thread(target=_copy_lines, args=(proc.stderr, log), daemon=True).start()  # the rest of its stderr
     return proc, found.group(1)
+
+
+def _copy_lines(source, log) -> None:
+    for line in source:
+        log.write(line)
+        log.flush()
 
 
 def stop_server(proc: subprocess.Popen) -> int:

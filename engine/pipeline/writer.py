@@ -91,7 +91,8 @@ class JsonlWriter:
             self._emit(self._held.pop(self._next))
             self._next += 1
 
-    def _emit(self, outcome: Outcome) -> None:
+    def _emit(self, outcome: Outcome) -> dict:
+        """Write (or hold, behind its activation shard) one outcome's line; the record as written."""
         record = outcome.record
         if outcome.activations is not None:
             pointer = self.activations.add(record["id"], outcome.activations, tensors_of(outcome.activations))
@@ -115,21 +116,17 @@ class JsonlWriter:
         self._unsynced += 1
         if self._unsynced >= self.sync_every or time.monotonic() - self._last_sync > self.sync_seconds:
             self.sync()
+        return record
 
     def write_now(self, outcome: Outcome) -> dict:
         """Write one outcome now, its activation shard durably first (a server answers once its tensors are on disk);
         the record as written, with its activations' pointer. A result without activations is synced with later
         ones (sync_every, sync_seconds), as in a run."""
-        record = outcome.record
+        record = self._emit(outcome)  # without activations: synced with the next ones (sync_every, sync_seconds)
         if outcome.activations is not None:
-            pointer = self.activations.add(record["id"], outcome.activations, tensors_of(outcome.activations))
-            outcome = Outcome(outcome.position, {**record, "activations": pointer}, outcome.is_error)
-            self._flush_activations()  # the shard before the line that points at it
-            self._emit(outcome)
+            self._flush_activations()  # the shard, then the line that points at it
             self.sync()
-        else:
-            self._emit(outcome)  # synced with the next ones (sync_every, sync_seconds)
-        return outcome.record
+        return record
 
     def sync(self) -> None:
         for path, f in ((self.output, self.results), (self.errors.path, self.errors.file)):

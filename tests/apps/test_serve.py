@@ -373,3 +373,14 @@ def test_the_embedded_model_serves_what_engine_run_generates(tmp_path):
         assert reply.choices[0].text == want and want.strip()
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("flags, words", [(["--drain-timeout", "-1"], "--drain-timeout -1.0: give the seconds"),
+                                          (["--max-request-bytes", "10"], "--max-request-bytes 10: give at least"),
+                                          (["--vectors", "/nowhere"], "--vectors /nowhere: not a folder")])
+def test_a_bad_start_up_flag_is_one_line_before_anything_starts(capsys, flags, words):
+    from engine.apps.serve.cli import serve_main
+
+    assert serve_main(["--model", TINY, "--device", "cpu", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("engine-serve: ") and words in err and "Traceback" not in err

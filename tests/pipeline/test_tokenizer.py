@@ -218,7 +218,7 @@ def test_copied_transformers_facts_are_current():
     from transformers import GemmaTokenizer
     from transformers.models.auto.tokenization_auto import MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
 
-    assert FORCED_CLASS_MODEL_TYPES == MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+    assert FORCED_CLASS_MODEL_TYPES >= MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS  # the union over 5.x releases
     backend = GemmaTokenizer().backend_tokenizer
     built = json.loads(backend.to_str())
     expected = _gemma_pipeline("<unk>")

@@ -17,7 +17,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from engine.apps.serve.hub import EngineHub, Event, Submitted, field_of
-from engine.apps.serve.protocol import ApiError, Job, chunk, parse_body, response, stream_logprobs, usage_chunk
+from engine.apps.serve.protocol import (ApiError, Job, chunk, json_object, parse_body, response, stream_logprobs,
+                                        usage_chunk)
 from engine.vectors import VECTOR_SUFFIXES
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -91,7 +92,7 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
         """vLLM's /tokenize: {"prompt", "add_special_tokens"?} -> {"tokens", "count", "max_model_len"} (what
         lm-evaluation-harness' remote tokenizer reads, so a harness tokenizes as the server does)."""
         _authorize(request, settings.api_key)
-        body = _json_object(await _body(request, settings.max_request_bytes))
+        body = json_object(await _body(request, settings.max_request_bytes))
         text, special = body.get("prompt"), body.get("add_special_tokens", True)
         if not isinstance(text, str) or not isinstance(special, bool):
             raise ApiError(400, "give {\"prompt\": text, \"add_special_tokens\": true|false}", "prompt")
@@ -100,7 +101,7 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
 
     async def detokenize(request: Request) -> Response:
         _authorize(request, settings.api_key)
-        ids = _json_object(await _body(request, settings.max_request_bytes)).get("tokens")
+        ids = json_object(await _body(request, settings.max_request_bytes)).get("tokens")
         if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
             raise ApiError(400, "give {\"tokens\": [token ids]}", "tokens")
         bad = [i for i in ids if not 0 <= i < len(hub.encoder)]
@@ -137,16 +138,6 @@ def create_app(hub: EngineHub, settings: ServeSettings) -> Starlette:
         Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
-
-
-def _json_object(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
 
 
 def _authorize(request: Request, key: str | None) -> None:

@@ -76,6 +76,8 @@ def _serve(args) -> int:
         return EXIT_FATAL
     if args.max_request_bytes < 1024:
         raise ConfigError(f"--max-request-bytes {args.max_request_bytes}: give at least 1024")
+    if not args.drain_timeout >= 0:  # NaN too
+        raise ConfigError(f"--drain-timeout {args.drain_timeout}: give the seconds to wait on SIGTERM, 0 or more")
     if args.vectors and not Path(args.vectors).is_dir():
         raise ConfigError(f"--vectors {args.vectors}: not a folder; give the folder holding the playground's vectors")
     config = config_from_args(args)

@@ -150,13 +150,13 @@ def spell(tokenizer, ids: list[int], tops: list | None) -> tuple[list[str], list
 class Submitted:
     """A job on the engine: its events arrive on `queue` (asyncio), one Event per piece of text or end of choice."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, stops: list[list[str]], tokenizer):
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, requests: list, tokenizer):
         self.job, self.loop = job, loop
+        self.requests = requests  # its engine Requests, in choice order
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.texts = [IncrementalText(tokenizer, s) for s in stops] if job.stream else None
+        self.texts = [IncrementalText(tokenizer, r.stop) for r in requests] if job.stream else None
         self.is_abandoned = False  # the client went away: events are dropped
         self.left = len(job.records)  # choices not finished yet
-        self.requests: list = []  # its engine Requests, in choice order
 
 
 def _hand_over(events: list[tuple[Submitted, Event]]) -> None:
@@ -229,8 +229,7 @@ class EngineHub:
                                     "output for them: start it with --output PATH", "capture")
             request.stream = job.stream and not job.is_scoring  # a scoring job's one token is dropped, not sent
             requests.append(request)
-        submitted = Submitted(job, asyncio.get_running_loop(), [r.stop for r in requests], self.tokenizer)
-        submitted.requests = requests
+        submitted = Submitted(job, asyncio.get_running_loop(), requests, self.tokenizer)
         pairs = []
         for i, request in enumerate(requests):
             key = next(self._keys)

@@ -54,16 +54,22 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def parse_body(raw: bytes, kind: str, model_names: tuple[str, ...], adapters: tuple[str, ...] = ()) -> Job:
-    """A request body -> its Job; ApiError (400, or 404 for an unknown model) naming the field that is wrong.
-    `model` names the base model (model_names) or a loaded adapter (`adapters`), which then runs, as vLLM serves
-    LoRA adapters; the body's own `adapter` may name one too."""
+def json_object(raw: bytes) -> dict:
+    """A request body as a JSON object (NaN and Infinity refused: they are not JSON); ApiError 400 otherwise."""
     try:
         body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send an object")
+    return body
+
+
+def parse_body(raw: bytes, kind: str, model_names: tuple[str, ...], adapters: tuple[str, ...] = ()) -> Job:
+    """A request body -> its Job; ApiError (400, or 404 for an unknown model) naming the field that is wrong.
+    `model` names the base model (model_names) or a loaded adapter (`adapters`), which then runs, as vLLM serves
+    LoRA adapters; the body's own `adapter` may name one too."""
+    body = json_object(raw)
     allowed = COMPLETION_FIELDS if kind == "completion" else CHAT_FIELDS
     unknown = sorted(set(body) - set(allowed))
     if unknown:
