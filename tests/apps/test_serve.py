@@ -184,6 +184,27 @@ def test_streamed_logprobs_are_the_whole_answers_token_by_token(server):
     assert [t.model_dump() for t in got] == [t.model_dump() for t in want]
 
 
+def test_a_stream_ends_at_its_stop_string_as_the_whole_answer_does(server):
+    """The core scans for stop strings every few tokens, so tokens past a stop reach the server before the sequence
+    ends; the stream sends neither their text nor their logprobs."""
+    client = server.client()
+    asked = dict(model=TINY, prompt=["Once upon a time", "Hello"], max_tokens=20, temperature=1.0, seed=3, n=2,
+                 logprobs=1, stop=["e"])
+    whole = {c.index: (c.text, c.logprobs.tokens, c.logprobs.token_logprobs, c.finish_reason)
+             for c in client.completions.create(**asked).choices}
+    assert len(whole) == 4 and all(reason == "stop" and len(tokens) < 20 for _, tokens, _, reason in whole.values())
+    streamed = {i: ["", [], [], None] for i in whole}
+    for piece in client.completions.create(stream=True, **asked):
+        for c in piece.choices:
+            got = streamed[c.index]
+            got[0] += c.text
+            if c.logprobs is not None:
+                got[1] += c.logprobs.tokens
+                got[2] += c.logprobs.token_logprobs
+            got[3] = c.finish_reason or got[3]
+    assert {i: tuple(got) for i, got in streamed.items()} == whole
+
+
 def test_echo_streams_the_prompt_first_and_a_scored_prompt_streams_nothing_else(server):
     client = server.client()
     for max_tokens in (0, 4):

@@ -46,17 +46,22 @@ def field_of(message: str) -> str | None:
 class IncrementalText:
     """Token ids -> text as they arrive: each new piece decoded with a few tokens before it (so a word-initial space
     or a multi-byte character split over tokens comes out right), text held back while it ends in an incomplete
-    character, and the last characters held back while they could begin a stop string (the engine cuts the final
-    text at the stop; what was sent is always a prefix of it). A request that asked for log-probabilities has them
-    beside its ids (`scores`: per token its log-probability and [[id, log-probability], ...] alternatives or None),
-    sent in token order as they come (`take_scored`)."""
+    character, and the last characters held back while they could begin a stop string. Once a stop string is in
+    the text, nothing after it is sent: the core scans for stops every few tokens, so tokens past one keep coming
+    until it ends the sequence, and the final text is cut at the stop (what was sent is always a prefix of it). A
+    request that asked for log-probabilities has them beside its ids (`scores`: per token its log-probability and
+    [[id, log-probability], ...] alternatives or None), sent in token order as their text is decoded, up to the
+    tokens decoded before a stop string appeared (`take_scored`; the result brings the rest)."""
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer = tokenizer
+        self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.scores: list[tuple | None] = []  # per token of `ids`: (log-probability, alternatives) or None
         self.scored_sent = 0  # tokens of `ids` whose scores were taken
+        self.scored_end = 0  # tokens of `ids` decoded into `text` with no stop string in it: scores can go out
+        self.stopped_at: int | None = None  # where the first stop string starts in `text`, once one is there
         self.stash: dict[int, tuple] = {}  # chunks that came before an earlier one (several decoder workers)
         self.prefix = self.read = 0  # the decode window: ids[prefix:read] decoded already, ids[read:] not yet
         self.text = ""  # every character decoded so far
@@ -78,21 +83,30 @@ class IncrementalText:
             self.scores.extend(scores[len(self.scores) - at:])
 
     def take_scored(self) -> tuple[list[int], list[tuple]]:
-        """The ids and scores of the scored tokens put since the last call, in order (none after a token without)."""
+        """The ids and scores of the scored tokens decoded since the last call with no stop string in their text, in
+        order (none after a token without)."""
         start = end = self.scored_sent
-        while end < len(self.scores) and self.scores[end] is not None:
+        while end < self.scored_end and self.scores[end] is not None:
             end += 1
         self.scored_sent = end
         return self.ids[start:end], self.scores[start:end]
 
     def take(self) -> str:
         """The text of the tokens put since the last take that can be sent now ("" if none)."""
+        if self.stopped_at is not None:
+            return ""
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd"):
+            searched = max(0, len(self.text) - self.hold)
             self.text += now[len(before):]
             self.prefix, self.read = self.read, len(self.ids)
-        end = len(self.text) - self.hold
+            hits = [at for at in (self.text.find(s, searched) for s in self.stops) if at >= 0]
+            if hits:
+                self.stopped_at = min(hits)
+            else:
+                self.scored_end = self.read
+        end = len(self.text) - self.hold if self.stopped_at is None else self.stopped_at
         if end <= self.sent:
             return ""
         piece, self.sent = self.text[self.sent:end], end
