@@ -61,7 +61,7 @@ class LoraTable:
         # per hooked linear (its index in `where`): (its group of shared-input linears or None, its place in it)
         self.places: list[tuple[int | None, int]] = []
         self.group_a: list[torch.Tensor] = []  # per group: its linears' A stacked, [members * R, in]
-        self._shared: tuple | None = None  # (forward id, group, x's address and shape, x A^T masked) last computed
+        self._shared: tuple | None = None  # ((forward id, group, x's address and shape), x A^T, x) last computed
         self.shared_hits = 0  # how many linears reused a group's x A^T (the tests read it)
         modules = dict(model.named_modules())
         targeted = sorted({key for weights in loaded for key in weights})
@@ -165,7 +165,9 @@ class LoraTable:
                 shared = torch.mm(x, self.group_a[group].t())
                 if not fused:
                     shared.view(x.shape[0], -1, width).mul_(select[:, None])
-                self._shared = (key, shared)
+                # x is kept with it: while the entry lives its memory cannot be freed and handed to another input
+                # of the same shape (a sibling that reads another tensor must not match by address)
+                self._shared = (key, shared, x)
             t = self._shared[1][:, place * width:(place + 1) * width]
         if fused:
             from engine.core.kernels.lora import masked_expand_cuda

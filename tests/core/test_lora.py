@@ -119,6 +119,28 @@ def test_linears_reading_one_input_share_one_x_times_a(core, tokenizer):
     assert core.lora.shared_hits - before == 3 * layers
 
 
+def test_siblings_that_read_different_tensors_each_use_their_own(core, tokenizer, adapters):
+    # q_proj and k_proj fed tensors of their own (pre-hooks), q's freed before k's is made, so k's may be allocated
+    # where q's was: a shared x A^T matched by address alone would be q's
+    _, model = adapters["all"]
+
+    def hooked(root):
+        attention = [m for name, m in root.named_modules() if name.endswith("self_attn")]
+        return [h for m in attention for h in (m.q_proj.register_forward_pre_hook(lambda _, a: (a[0] * 2,)),
+                                               m.k_proj.register_forward_pre_hook(lambda _, a: (a[0] * -3,)))]
+
+    handles = hooked(core.model) + hooked(model)
+    try:
+        logits = first_step_logits(core, tokenizer, ["all"])
+        ids = tokenizer(PROMPTS[0]).input_ids
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_an_adapter_saved_as_bin_loads_the_same_weights(core, tokenizer):
     # the same numbers in other columns of the stacked layout: equal up to the GEMM's summation order
     safetensors, torch_bin = (first_step_logits(core, tokenizer, [name, None]) for name in ("all", "all-bin"))
