@@ -284,7 +284,8 @@ BAD = [  # (body changes, status, param, words in the message)
     ({"steering": [{"vector": "/nonexistent/v.pt", "layers": [1], "coef": 1}]}, 400, "steering", "no such file"),
     ({"steering": [{"vector": "VEC", "layers": [99], "coef": 1}]}, 400, "steering", "99"),
     ({"capture": {"layers": ["x"]}}, 400, "capture", "capture"),
-    ({"prompt": "hello " * 200}, 400, "prompt", "max_model_len"),
+    ({"prompt": "hello " * 200}, 400, "prompt", "lower max_tokens, or start engine-serve with --truncate"),
+    ({"max_tokens": 500}, 400, "max_tokens", "max_tokens=500 leaves no room"),
     ({"top_p": 7}, 400, "top_p", "top_p"),
 ]
 

@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine.apps.serve.hub import EngineHub, Event, Submitted, field_of
+from engine.apps.serve.hub import EngineHub, Event, Submitted, refusal
 from engine.apps.serve.protocol import (ApiError, Job, chunk, json_object, parse_body, response, stream_logprobs,
                                         usage_chunk)
 from engine.vectors import VECTOR_SUFFIXES
@@ -178,7 +178,7 @@ def _engine_refusal(error: str) -> ApiError:
     """A record the engine refused (a vector file it cannot read, a prompt over the context): 400 naming the field."""
     if error.startswith("the engine stopped"):
         return ApiError(503, error, kind="server_error")
-    return ApiError(400, error, field_of(error))
+    return refusal(error)
 
 
 async def _results(hub: EngineHub, submitted: Submitted, request: Request) -> list[dict]:

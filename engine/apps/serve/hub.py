@@ -31,8 +31,16 @@ _FIELD = re.compile(r"field '([\w.\[\]]+)'")
 
 # What an engine error is about, by how it starts, where it names no field: the request field it is about.
 _TOPICS = (("steering", "steering"), ("SAE", "steering"), ("capture", "capture"), ("the prompt", "prompt"),
-           ("max_new_tokens", "max_tokens"),
+           ("max_tokens", "max_tokens"),
            ("this model's tokenizer has no chat template", "messages"), ("messages", "messages"))
+
+
+def refusal(message: str) -> ApiError:
+    """An engine record error as the server's 400: in the API's words (its max_tokens is the engine's
+    max_new_tokens; --truncate is the server's start-up flag), naming the field it is about."""
+    message = message.replace("max_new_tokens", "max_tokens").replace(
+        "or pass --truncate left|right", "or start engine-serve with --truncate left|right")
+    return ApiError(400, message, field_of(message))
 
 
 def field_of(message: str) -> str | None:
@@ -237,7 +245,7 @@ class EngineHub:
                 request = checked_request({**record, "id": f"{job.id}-{i}"}, next(self._lines), self.engine.config,
                                           self.steering, self.named, self.capture, self.adapters)
             except RecordError as exc:
-                raise ApiError(400, str(exc), field_of(str(exc))) from None
+                raise refusal(str(exc)) from None
             if request.capture is not None and self.writer is None:
                 raise ApiError(400, "this server captures activations by default (--capture-layers) but has no "
                                     "output for them: start it with --output PATH", "capture")
