@@ -123,7 +123,7 @@ def _read_config(path: Path, label: str) -> dict:
     except FileNotFoundError:
         raise AdapterError(f"{label}: no {CONFIG_FILE} there, so it is no PEFT adapter; give the folder PEFT's "
                            f"save_pretrained wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AdapterError(f"{label}: cannot read {path} ({exc}); give a PEFT adapter with a valid {CONFIG_FILE}") \
             from None
     if not isinstance(settings, dict):

@@ -129,6 +129,9 @@ def decode_line(raw: bytes, line: int) -> dict:
         obj = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise RecordError(f"line {line} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise RecordError(f"line {line} nests JSON arrays or objects too deeply to read; give a record of a "
+                          f"prompt and its settings") from None
     except RecordError as exc:
         raise RecordError(f"line {line}: {exc}") from None
     if not isinstance(obj, dict):

@@ -183,6 +183,7 @@ def test_parts_are_stable_and_ids_stay_together():
     assert part_of("r7", 4) == part_of("r7", 4) and {part_of(f"r{i}", 4) for i in range(100)} == {0, 1, 2, 3}
     assert line_id(3, b'{"prompt": "x"}') == "3" and line_id(3, b'{"id": "a", "prompt": "x"}') == "a"
     assert line_id(3, b'{"id": 5, "prompt": "x"}') == "3" and line_id(4, b'{"id": "b", bad json') == "4"
+    assert line_id(5, b'{"id": "c", "prompt": ' + b"[" * 50000) == "5"  # too deep for Python's parser
 
 
 def test_without_ray_the_message_says_how_to_install(tmp_path, monkeypatch, capsys):

@@ -98,6 +98,9 @@ def test_bad_pairs_name_the_line(tmp_path):
         read_pairs(path)
     with pytest.raises(ExtractError, match="no such file"):
         read_pairs(tmp_path / "missing.jsonl")
+    path = write_jsonl(tmp_path / "deep.jsonl", [{"positive": "a", "negative": "b"}, "[" * 50000])
+    with pytest.raises(ExtractError, match="line 2: nests JSON too deeply"):
+        read_pairs(path)
 
 
 def test_cli_errors_exit_1_with_the_reason(tmp_path, capsys):

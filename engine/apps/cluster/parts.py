@@ -48,7 +48,7 @@ def line_id(line: int, raw: bytes) -> str:
         return str(line)
     try:
         obj = json.loads(raw)
-    except ValueError:  # not JSON or not UTF-8: rejected later, with the reason
+    except (ValueError, RecursionError):  # not JSON, not UTF-8 or nested too deeply: rejected later, with the reason
         return str(line)
     if isinstance(obj, dict) and isinstance(obj.get("id"), str):
         return obj["id"]

@@ -57,6 +57,9 @@ def _parse_pair(path: Path, number: int, line: str) -> dict:
         pair = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ExtractError(f"--pairs {path} line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ExtractError(f"--pairs {path} line {number}: nests JSON too deeply to read; give a pair of prompts") \
+            from None
     missing = [side for side in SIDES if not isinstance(pair, dict) or side not in pair]
     if missing:
         raise ExtractError(f"--pairs {path} line {number}: missing {' and '.join(repr(m) for m in missing)}; each "

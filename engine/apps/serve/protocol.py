@@ -60,6 +60,8 @@ def json_object(raw: bytes) -> dict:
         body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON arrays or objects too deeply to read") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send an object")
     return body

@@ -173,7 +173,7 @@ def _read_table(path: Path) -> dict:
         else:
             with path.open("rb") as f:
                 table = tomllib.load(f)
-    except (OSError, ValueError) as exc:  # JSON / TOML / UTF-8 errors, and JSON integers too long to read
+    except (OSError, ValueError, RecursionError) as exc:  # JSON / TOML / UTF-8, JSON integers too long, too deep
         raise SweepError(f"cannot read it ({exc})") from None
     if not isinstance(table, dict):
         raise SweepError("the file must hold a table (a JSON object)")
