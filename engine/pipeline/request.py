@@ -134,6 +134,9 @@ def decode_line(raw: bytes, line: int) -> dict:
                           f"prompt and its settings") from None
     except RecordError as exc:
         raise RecordError(f"line {line}: {exc}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise RecordError(f"line {line} holds a number too long to read ({exc}); give numbers of usual size") \
+            from None
     if not isinstance(obj, dict):
         raise RecordError(f"line {line} is a JSON {type(obj).__name__}, expected an object with a 'prompt' or "
                           "'messages'")

@@ -101,6 +101,9 @@ def test_bad_pairs_name_the_line(tmp_path):
     path = write_jsonl(tmp_path / "deep.jsonl", [{"positive": "a", "negative": "b"}, "[" * 50000])
     with pytest.raises(ExtractError, match="line 2: nests JSON too deeply"):
         read_pairs(path)
+    path.write_text('{"positive": "a", "negative": "b", "n": ' + "1" * 5000 + "}\n")
+    with pytest.raises(ExtractError, match="line 1: cannot read it .*digits"):
+        read_pairs(path)
 
 
 def test_cli_errors_exit_1_with_the_reason(tmp_path, capsys):

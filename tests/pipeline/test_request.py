@@ -75,6 +75,8 @@ def test_decode_line_errors_name_the_line():
         decode_line(b"[1, 2]", 6)
     with pytest.raises(RecordError, match="line 7 nests JSON arrays or objects too deeply"):
         decode_line(b'{"prompt": ' + b"[" * 50000, 7)  # Python's parser recurses: RecursionError, not a JSON error
+    with pytest.raises(RecordError, match="line 8 holds a number too long to read"):
+        decode_line(b'{"prompt": "a", "seed": ' + b"1" * 5000 + b"}", 8)  # ValueError, not a JSON error
 
 
 def test_steering_normalised_and_null_disables_job_steering():

@@ -60,6 +60,8 @@ def _parse_pair(path: Path, number: int, line: str) -> dict:
     except RecursionError:
         raise ExtractError(f"--pairs {path} line {number}: nests JSON too deeply to read; give a pair of prompts") \
             from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise ExtractError(f"--pairs {path} line {number}: cannot read it ({exc}); give a pair of prompts") from None
     missing = [side for side in SIDES if not isinstance(pair, dict) or side not in pair]
     if missing:
         raise ExtractError(f"--pairs {path} line {number}: missing {' and '.join(repr(m) for m in missing)}; each "
