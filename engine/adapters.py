@@ -9,11 +9,12 @@ adapter runs exactly as PEFT runs it, or not at all.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.storage.files import JsonUnreadable, parse_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -119,11 +120,11 @@ def read_adapter(name, directory) -> LoraAdapter:
 
 def _read_config(path: Path, label: str) -> dict:
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
+        settings = parse_json(path.read_bytes())
     except FileNotFoundError:
         raise AdapterError(f"{label}: no {CONFIG_FILE} there, so it is no PEFT adapter; give the folder PEFT's "
                            f"save_pretrained wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except (OSError, JsonUnreadable) as exc:
         raise AdapterError(f"{label}: cannot read {path} ({exc}); give a PEFT adapter with a valid {CONFIG_FILE}") \
             from None
     if not isinstance(settings, dict):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
+from engine.storage.files import JsonUnreadable, parse_json
 from engine.specs import (ALL_LAYERS, CAPTURE_POSITIONS, STEER_POSITIONS, CaptureSpec, RecordError,  # noqa: F401 - positions:
                           SteeringSpec, load_named_specs, not_a_file, parse_steering)  # re-exported for the flags
 
@@ -136,8 +136,8 @@ def parse_steer_positions_flag(text: str) -> str | dict:
     if text in STEER_POSITIONS:
         return text
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+        value = parse_json(text)
+    except JsonUnreadable:
         value = None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(STEER_POSITIONS)}, or a JSON object of "

@@ -10,9 +10,9 @@ rank, or none, holds zeros there). A forward hook on the linear adds
 where `select` [tokens, R] is 1 on the columns of the adapter of each token's request and 0 elsewhere, so a
 base-model token gets exactly zero added. One GEMM for every adapter's A, one for every B, whichever adapters the
 batch mixes. Linears that read one input (q/k/v of an attention, gate/up of an MLP: SHARED_INPUT) keep their A's
-stacked as one tensor, and the first of them to run computes x A^T for all of them in one GEMM and one masking,
-which the others reuse; on CUDA the masking rides in the expand (one Triton kernel: engine.core.kernels.lora). A
-Gemma layer runs 11 LoRA kernels instead of 21, and a decode step's LoRA cost is these small kernels' count.
+stacked as one tensor, and the first of them to run computes x A^T for all of them in one GEMM, which the others
+reuse; on CUDA the masking rides in the expand (one Triton kernel: engine.core.kernels.lora). A Gemma layer runs 11
+LoRA kernels instead of 21, and a decode step's LoRA cost is these small kernels' count.
 
 `select` is one tensor per forward, shared by every hooked linear: built per prompt token for a prefill, and for
 decode the rows of a static [num_kv_rows, R] buffer (`kv_select`), written when a sequence is admitted, so a captured
@@ -56,12 +56,11 @@ class LoraTable:
             self.selectors[i + 1, self.offsets[i]:self.offsets[i + 1]] = 1
         self.kv_select = torch.zeros(num_kv_rows, self.num_columns, dtype=dtype, device=device)
         self.active: torch.Tensor | None = None  # this forward's [tokens, R] selection; None: no LoRA
-        self.forward_id = 0  # counts set_active calls: a shared x A^T is reused within its own forward only
-        self.num_modules = 0
         # per hooked linear (its index in `where`): (its group of shared-input linears or None, its place in it)
         self.places: list[tuple[int | None, int]] = []
         self.group_a: list[torch.Tensor] = []  # per group: its linears' A stacked, [members * R, in]
-        self._shared: tuple | None = None  # ((forward id, group, x's address and shape), x A^T, x) last computed
+        # the x A^T last computed for a group in this forward: ((group, x's address, shape, strides), x A^T, x)
+        self._shared: tuple | None = None
         self.shared_hits = 0  # how many linears reused a group's x A^T (the tests read it)
         modules = dict(model.named_modules())
         targeted = sorted({key for weights in loaded for key in weights})
@@ -103,7 +102,6 @@ class LoraTable:
         module.register_buffer("engine_lora", torch.tensor([id(self), len(self.places)]), persistent=False)
         module.register_forward_hook(_lora_hook)
         self.places.append((group, place))
-        self.num_modules += 1
 
     def index(self, name: str | None) -> int:
         """The index a request's adapter name travels as (0: the base model)."""
@@ -141,8 +139,7 @@ class LoraTable:
     def set_active(self, select: torch.Tensor | None) -> None:
         """The selection of the next forward; None turns LoRA off."""
         self.active = select
-        self.forward_id += 1
-        self._shared = None
+        self._shared = None  # a shared x A^T serves its own forward only
 
     def lora_add(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: int) -> None:
         """out += ((x A^T) * select) B^T, in place, for the current forward (nothing when it runs no LoRA); linear
@@ -152,31 +149,25 @@ class LoraTable:
             return
         flat = out.view(-1, out.shape[-1])
         x = x.reshape(-1, x.shape[-1])
-        fused = flat.is_cuda  # the masking inside the expand: one kernel (engine.core.kernels.lora)
         group, place = self.places[index]
         if group is None:
             t = torch.mm(x, a.t())
         else:
             width = self.num_columns
-            key = (self.forward_id, group, x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            key = (group, x.data_ptr(), tuple(x.shape), tuple(x.stride()))
             if self._shared is not None and self._shared[0] == key:
                 self.shared_hits += 1
             else:
-                shared = torch.mm(x, self.group_a[group].t())
-                if not fused:
-                    shared.view(x.shape[0], -1, width).mul_(select[:, None])
                 # x is kept with it: while the entry lives its memory cannot be freed and handed to another input
                 # of the same shape (a sibling that reads another tensor must not match by address)
-                self._shared = (key, shared, x)
+                self._shared = (key, torch.mm(x, self.group_a[group].t()), x)
             t = self._shared[1][:, place * width:(place + 1) * width]
-        if fused:
+        if flat.is_cuda:  # the masking inside the expand: one kernel (engine.core.kernels.lora)
             from engine.core.kernels.lora import masked_expand_cuda
 
             masked_expand_cuda(flat, t, select, b)
-            return
-        if group is None:
-            t.mul_(select)
-        flat.addmm_(t, b.t())
+        else:
+            flat.addmm_(t * select, b.t())
 
 
 # Sibling linears that one module calls on the same input, by their names in the transformers models (a group is

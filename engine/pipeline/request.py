@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from engine.messages import CoreRequest, Feed, Result, TokenizeRequest, encode
+from engine.storage.files import JsonUnreadable, parse_json
 from engine.config import MAX_SEED, SamplingDefaults, check_sampling, check_seed, check_stop
 from engine.specs import (CaptureSpec, RecordError, SteeringSpec, is_finite, load_named_specs,  # noqa: F401 - re-exported
                           not_a_file, parse_capture, parse_steering, shown)
@@ -126,17 +127,9 @@ def decode_line(raw: bytes, line: int) -> dict:
     if line == 1:
         text = text.removeprefix("\ufeff")  # the byte-order mark some editors put at the start of a file
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"line {line} is not valid JSON: {exc.msg} at column {exc.colno}") from None
-    except RecursionError:
-        raise RecordError(f"line {line} nests JSON arrays or objects too deeply to read; give a record of a "
-                          f"prompt and its settings") from None
-    except RecordError as exc:
-        raise RecordError(f"line {line}: {exc}") from None
-    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise RecordError(f"line {line} holds a number too long to read ({exc}); give numbers of usual size") \
-            from None
+        obj = parse_json(text)
+    except JsonUnreadable as exc:
+        raise RecordError(f"line {line} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise RecordError(f"line {line} is a JSON {type(obj).__name__}, expected an object with a 'prompt' or "
                           "'messages'")
@@ -147,11 +140,6 @@ def check_text(raw: bytes, obj: dict) -> None:
     """RecordError naming the first string of a decoded line that is not Unicode text (a lone surrogate)."""
     if _SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape can make such a string: the common case is free
         _check_text(obj, "")
-
-
-def _no_constant(name: str):
-    raise RecordError(f"{name} is not a JSON number (the JSON standard has no NaN or Infinity); write a number, "
-                      f"null or a string")
 
 
 def _check_text(value, where: str) -> None:

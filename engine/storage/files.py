@@ -1,5 +1,5 @@
 """Durable-file helpers, one copy each: atomic writes with a directory fsync, complete-line reading, moving files
-aside, an exclusive lock per file, free-space checks."""
+aside, an exclusive lock per file, free-space checks; and the one reader of JSON that comes from outside."""
 
 from __future__ import annotations
 
@@ -14,6 +14,36 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+
+
+class JsonUnreadable(ValueError):
+    """Text that is not JSON this process can read; the message says why, worded to follow "is not valid JSON: "."""
+
+
+def parse_json(text: str | bytes, constants: bool = False):
+    """json.loads for input from outside (records, request bodies, user files): every way that fails is
+    JsonUnreadable, so one except clause covers them: a syntax error, bytes that are not UTF-8, NaN or Infinity (not
+    JSON; with `constants` they read as floats, for a caller whose own checks name the field that holds one),
+    nesting deeper than Python's parser recurses (RecursionError) and an integer of more digits than Python converts
+    (a plain ValueError)."""
+    try:
+        return json.loads(text, parse_constant=None if constants else _no_constant)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
+        raise JsonUnreadable(f"{exc.msg} at {where}") from None
+    except UnicodeDecodeError as exc:
+        raise JsonUnreadable(f"it is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except RecursionError:
+        raise JsonUnreadable("it nests arrays or objects too deeply to read") from None
+    except JsonUnreadable:
+        raise
+    except ValueError as exc:
+        raise JsonUnreadable(f"it holds a number too long to read ({exc})") from None
+
+
+def _no_constant(name: str):
+    raise JsonUnreadable(f"{name} is not a JSON number (the JSON standard has no NaN or Infinity); write a number, "
+                         f"null or a string")
 
 
 def fsync_path(path: Path) -> None:

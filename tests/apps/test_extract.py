@@ -99,10 +99,10 @@ def test_bad_pairs_name_the_line(tmp_path):
     with pytest.raises(ExtractError, match="no such file"):
         read_pairs(tmp_path / "missing.jsonl")
     path = write_jsonl(tmp_path / "deep.jsonl", [{"positive": "a", "negative": "b"}, "[" * 50000])
-    with pytest.raises(ExtractError, match="line 2: nests JSON too deeply"):
+    with pytest.raises(ExtractError, match="line 2: not valid JSON: it nests arrays or objects too deeply"):
         read_pairs(path)
     path.write_text('{"positive": "a", "negative": "b", "n": ' + "1" * 5000 + "}\n")
-    with pytest.raises(ExtractError, match="line 1: cannot read it .*digits"):
+    with pytest.raises(ExtractError, match="line 1: not valid JSON: it holds a number too long to read .*digits"):
         read_pairs(path)
 
 

@@ -73,9 +73,9 @@ def test_decode_line_errors_name_the_line():
         decode_line(b'{"prompt": "\xff"}', 5)
     with pytest.raises(RecordError, match="line 6 is a JSON list"):
         decode_line(b"[1, 2]", 6)
-    with pytest.raises(RecordError, match="line 7 nests JSON arrays or objects too deeply"):
+    with pytest.raises(RecordError, match="line 7 is not valid JSON: it nests arrays or objects too deeply"):
         decode_line(b'{"prompt": ' + b"[" * 50000, 7)  # Python's parser recurses: RecursionError, not a JSON error
-    with pytest.raises(RecordError, match="line 8 holds a number too long to read"):
+    with pytest.raises(RecordError, match="line 8 is not valid JSON: it holds a number too long to read"):
         decode_line(b'{"prompt": "a", "seed": ' + b"1" * 5000 + b"}", 8)  # ValueError, not a JSON error
 
 

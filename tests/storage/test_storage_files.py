@@ -16,11 +16,13 @@ import pytest
 
 from engine.procs import stop_signals
 from engine.storage.files import (
+    JsonUnreadable,
     aside_path,
     commit_file,
     complete_lines,
     complete_records,
     move_aside,
+    parse_json,
     write_atomic,
 )
 
@@ -145,3 +147,19 @@ def test_stop_signals_in_another_thread_keep_the_process_handlers():
     thread.start()
     thread.join()
     assert errors == [True]
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"a": 1,', "Expecting property name enclosed in double quotes at column 9"),
+    ('{"a":\n oops}', "Expecting value at line 2 column 2"),
+    (b'{"a": "\xff"}', "it is not UTF-8 (byte 0xff at offset 7)"),
+    ('{"a": NaN}', "NaN is not a JSON number"),
+    ('{"a": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"a": ' + "[" * 50000, "it nests arrays or objects too deeply to read"),  # RecursionError in Python's parser
+    ('{"a": ' + "7" * 5000 + "}", "it holds a number too long to read"),  # a plain ValueError
+])
+def test_every_way_json_from_outside_fails_is_one_error(text, words):
+    with pytest.raises(JsonUnreadable) as info:
+        parse_json(text)
+    assert words in str(info.value)
+    assert parse_json('{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}

@@ -16,6 +16,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.storage.files import JsonUnreadable, parse_json
+
 JOB_FILE, STATUS_FILE, RESULTS, COMPLETE = "cluster.json", "status.json", "results.jsonl", "complete.json"
 JOB_VERSION = 1
 INSTALL_HINT = "pip install 'steer-engine[ray]' (in a checkout: pip install -e '.[ray]')"
@@ -47,8 +49,8 @@ def line_id(line: int, raw: bytes) -> str:
     if b'"id"' not in raw:  # most inputs carry no ids: no need to parse
         return str(line)
     try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):  # not JSON, not UTF-8 or nested too deeply: rejected later, with the reason
+        obj = parse_json(raw)
+    except JsonUnreadable:  # rejected later, with the reason
         return str(line)
     if isinstance(obj, dict) and isinstance(obj.get("id"), str):
         return obj["id"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from engine.storage.files import JsonUnreadable, parse_json
 from engine.config import (
     EngineConfig,
 )
@@ -54,14 +55,9 @@ def _lines_of(path: Path) -> list[tuple[int, str]]:
 
 def _parse_pair(path: Path, number: int, line: str) -> dict:
     try:
-        pair = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ExtractError(f"--pairs {path} line {number}: not JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise ExtractError(f"--pairs {path} line {number}: nests JSON too deeply to read; give a pair of prompts") \
-            from None
-    except ValueError as exc:  # an integer of more digits than Python converts
-        raise ExtractError(f"--pairs {path} line {number}: cannot read it ({exc}); give a pair of prompts") from None
+        pair = parse_json(line)
+    except JsonUnreadable as exc:
+        raise ExtractError(f"--pairs {path} line {number}: not valid JSON: {exc}") from None
     missing = [side for side in SIDES if not isinstance(pair, dict) or side not in pair]
     if missing:
         raise ExtractError(f"--pairs {path} line {number}: missing {' and '.join(repr(m) for m in missing)}; each "

@@ -12,6 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from engine.storage.files import JsonUnreadable, parse_json
+
 # OpenAI's defaults where a body leaves a field out.
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
@@ -55,13 +57,11 @@ class Job:
 
 
 def json_object(raw: bytes) -> dict:
-    """A request body as a JSON object (NaN and Infinity refused: they are not JSON); ApiError 400 otherwise."""
+    """A request body as a JSON object; ApiError 400 otherwise."""
     try:
-        body = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ApiError(400, "the request body nests JSON arrays or objects too deeply to read") from None
+        body = parse_json(raw)
+    except JsonUnreadable as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send an object")
     return body
@@ -238,10 +238,6 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ApiError(400, f"field '{name}' is {json.dumps(value)[:40]}; it must be true or false", name)
     return value
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 # -- responses

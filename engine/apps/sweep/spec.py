@@ -6,11 +6,11 @@ A sweep file names models, prompt files, vectors, the grid, samples and generati
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.storage.files import parse_json
 from engine.apps.sweep.engine_table import (ENGINE_DEFAULTS, ENGINE_KEYS, ENGINE_MEANING,  # noqa: F401 - re-exported
                                             SET_ELSEWHERE, engine_settings)
 from engine.config import CaptureDefaults, ConfigError, EngineConfig, SamplingDefaults, device_settings
@@ -169,11 +169,11 @@ def _read_table(path: Path) -> dict:
         raise SweepError("no such file")
     try:
         if path.suffix == ".json":
-            table = json.loads(path.read_text(encoding="utf-8"))
+            table = parse_json(path.read_bytes(), constants=True)  # a NaN is named by its field's check
         else:
             with path.open("rb") as f:
                 table = tomllib.load(f)
-    except (OSError, ValueError, RecursionError) as exc:  # JSON / TOML / UTF-8, JSON integers too long, too deep
+    except (OSError, ValueError) as exc:  # TOML errors and JsonUnreadable are ValueErrors
         raise SweepError(f"cannot read it ({exc})") from None
     if not isinstance(table, dict):
         raise SweepError("the file must hold a table (a JSON object)")
